@@ -1,1 +1,189 @@
-fn main() {}
+//! `ferrocd`: an etcd v3 compatible server. Flags and defaults follow etcd's.
+
+use clap::Parser;
+use ferrocd_net::node::Limits;
+use ferrocd_net::server::{self, NodeConfig, Shutdown};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(name = "ferrocd", version, about = "A drop-in etcd v3 server, shard-per-core")]
+struct Flags {
+    /// Human-readable name for this member.
+    #[arg(long, default_value = "default")]
+    name: String,
+    /// Path to the data directory (default: <name>.ferrocd).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Comma-separated URLs to listen on for client traffic.
+    #[arg(long, default_value = "http://localhost:2379")]
+    listen_client_urls: String,
+    /// Comma-separated client URLs advertised to the cluster.
+    #[arg(long, default_value = "http://localhost:2379")]
+    advertise_client_urls: String,
+    /// Comma-separated URLs to listen on for peer traffic.
+    #[arg(long, default_value = "http://localhost:2380")]
+    listen_peer_urls: String,
+    /// Comma-separated peer URLs advertised to the cluster.
+    #[arg(long, default_value = "http://localhost:2380")]
+    initial_advertise_peer_urls: String,
+    /// Initial cluster configuration for bootstrapping (name=peer-url,...).
+    #[arg(long, default_value = "default=http://localhost:2380")]
+    initial_cluster: String,
+    /// Initial cluster state: new or existing.
+    #[arg(long, default_value = "new", value_parser = ["new", "existing"])]
+    initial_cluster_state: String,
+    /// Initial cluster token for the cluster during bootstrap.
+    #[arg(long, default_value = "etcd-cluster")]
+    initial_cluster_token: String,
+    /// Backend size limit in bytes before the NOSPACE alarm (0 = default 2 GiB).
+    #[arg(long, default_value_t = 0)]
+    quota_backend_bytes: i64,
+    /// Maximum client request size in bytes the server will accept.
+    #[arg(long, default_value_t = 1536 * 1024)]
+    max_request_bytes: usize,
+    /// Maximum number of operations permitted in a transaction.
+    #[arg(long, default_value_t = 128)]
+    max_txn_ops: usize,
+    /// Number of committed transactions to trigger a snapshot to disk.
+    #[arg(long, default_value_t = 100_000)]
+    snapshot_count: u64,
+    /// Time (in milliseconds) of a heartbeat interval.
+    #[arg(long, default_value_t = 100)]
+    heartbeat_interval: u64,
+    /// Time (in milliseconds) for an election to timeout.
+    #[arg(long, default_value_t = 1000)]
+    election_timeout: u64,
+    /// Interpret auto-compaction-retention as 'periodic' or 'revision'.
+    #[arg(long, default_value = "periodic", value_parser = ["periodic", "revision"])]
+    auto_compaction_mode: String,
+    /// Auto compaction retention (0 = off).
+    #[arg(long, default_value = "0")]
+    auto_compaction_retention: String,
+    /// Log level: debug, info, warn, error, panic, fatal.
+    #[arg(long, default_value = "info")]
+    log_level: String,
+    /// Number of shards the keyspace is split into (fixed when the data dir is created).
+    #[arg(long)]
+    shards: Option<usize>,
+    #[command(flatten)]
+    tls: TlsFlags,
+}
+
+/// etcd's TLS flags: accepted so scripts parse, refused until TLS is implemented.
+#[derive(clap::Args, Debug)]
+struct TlsFlags {
+    #[arg(long)]
+    cert_file: Option<String>,
+    #[arg(long)]
+    key_file: Option<String>,
+    #[arg(long)]
+    trusted_ca_file: Option<String>,
+    #[arg(long)]
+    client_cert_auth: bool,
+    #[arg(long)]
+    auto_tls: bool,
+    #[arg(long)]
+    peer_cert_file: Option<String>,
+    #[arg(long)]
+    peer_key_file: Option<String>,
+    #[arg(long)]
+    peer_trusted_ca_file: Option<String>,
+    #[arg(long)]
+    peer_client_cert_auth: bool,
+    #[arg(long)]
+    peer_auto_tls: bool,
+}
+
+impl TlsFlags {
+    fn any(&self) -> bool {
+        let files = [&self.cert_file, &self.key_file, &self.trusted_ca_file, &self.peer_cert_file, &self.peer_key_file, &self.peer_trusted_ca_file];
+        files.iter().any(|f| f.is_some()) || self.client_cert_auth || self.auto_tls || self.peer_client_cert_auth || self.peer_auto_tls
+    }
+}
+
+/// Resolves `http://host:port` URLs to socket addresses (the first address of each host).
+fn parse_urls(flag: &str, urls: &str) -> Result<Vec<SocketAddr>, String> {
+    urls.split(',')
+        .map(|url| {
+            let url = url.trim();
+            let host_port = url.strip_prefix("http://").ok_or_else(|| match url.starts_with("https://") {
+                true => format!("--{flag}: {url}: TLS is not supported yet"),
+                false => format!("--{flag}: {url}: expected a URL like http://127.0.0.1:2379"),
+            })?;
+            let host_port = host_port.trim_end_matches('/');
+            let mut addrs = host_port.to_socket_addrs().map_err(|e| format!("--{flag}: {url}: {e}"))?;
+            addrs.next().ok_or_else(|| format!("--{flag}: {url}: host has no address"))
+        })
+        .collect()
+}
+
+fn config(flags: &Flags) -> Result<NodeConfig, String> {
+    if flags.tls.any() {
+        return Err("TLS flags are not supported yet: ferrocd serves plain http only".into());
+    }
+    let members = flags.initial_cluster.split(',').filter(|m| !m.trim().is_empty()).count();
+    if members > 1 {
+        return Err(format!("--initial-cluster names {members} members: clustering is not supported yet (single member only)"));
+    }
+    if flags.auto_compaction_retention.trim_start_matches('0').trim_start_matches('.').trim_start_matches('0') != "" {
+        return Err("--auto-compaction-retention: auto compaction is not supported yet; compact explicitly".into());
+    }
+    if flags.max_txn_ops == 0 || flags.max_request_bytes == 0 {
+        return Err("--max-txn-ops and --max-request-bytes must be positive".into());
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let shards = flags.shards.unwrap_or(cpus);
+    if shards == 0 || shards > 256 {
+        return Err(format!("--shards {shards}: must be between 1 and 256"));
+    }
+    parse_urls("listen-peer-urls", &flags.listen_peer_urls)?;
+    Ok(NodeConfig {
+        name: flags.name.clone(),
+        data_dir: flags.data_dir.clone().unwrap_or_else(|| PathBuf::from(format!("{}.ferrocd", flags.name))),
+        shards,
+        cores: shards.min(cpus),
+        listen_client: parse_urls("listen-client-urls", &flags.listen_client_urls)?,
+        limits: Limits { max_txn_ops: flags.max_txn_ops, max_request_bytes: flags.max_request_bytes },
+    })
+}
+
+/// Blocks SIGINT and SIGTERM in every thread and turns their arrival into a shutdown request.
+fn watch_signals(shutdown: Shutdown) {
+    // SAFETY: plain libc calls on a local, initialised sigset; called before any other thread
+    // starts, so every thread spawned later inherits the mask and only `sigwait` sees them.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        std::thread::spawn(move || {
+            let mut signal = 0;
+            libc::sigwait(&set, &mut signal);
+            eprintln!("ferrocd: received signal {signal}, shutting down");
+            shutdown.request();
+        });
+    }
+}
+
+fn main() -> ExitCode {
+    let flags = Flags::parse();
+    let config = match config(&flags) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("ferrocd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let shutdown = Shutdown::default();
+    watch_signals(shutdown.clone());
+    match server::run(config, shutdown) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferrocd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,1 +1,8 @@
-//! placeholder
+//! The client-facing server: the etcd v3 gRPC services, the HTTP endpoints, and the node they
+//! drive (shards on cores, routing, the meta group).
+
+pub mod http;
+pub mod kv;
+pub mod node;
+pub mod server;
+pub mod transport;

@@ -1,0 +1,410 @@
+//! Binary encoding of the MVCC payloads that the WAL carries.
+//!
+//! Layout (version 1). Fixed-width integers are little-endian; `uvar` is an
+//! unsigned LEB128 varint in its shortest form (low 7-bit group first).
+//!
+//! ```text
+//! payload  = format:u8 (= 1) tag:u8 body
+//! tag 1    = Changes: main:i64 count:uvar change*count
+//! change   = sub:uvar kind:u8 key_len:uvar key
+//!            kind 0: delete
+//!            kind 1: put without lease:  value_len:uvar value
+//!            kind 2: put with a lease:   value_len:uvar value lease:i64 (non-zero)
+//! tag 2    = Compact: rev:i64
+//! ```
+//!
+//! A typical small put costs 4 bytes of framing besides key and value (sub,
+//! kind, two lengths). Decoding accepts exactly what encoding produces: every
+//! length is bounds-checked, varints must be minimal, revisions must be
+//! positive, subs strictly increasing, and no bytes may follow the payload. It
+//! returns an error on any other input and never panics.
+
+use std::fmt;
+
+use super::{Change, Effect};
+
+const FORMAT_VERSION: u8 = 1;
+const TAG_CHANGES: u8 = 1;
+const TAG_COMPACT: u8 = 2;
+const KIND_DELETE: u8 = 0;
+const KIND_PUT: u8 = 1;
+const KIND_PUT_WITH_LEASE: u8 = 2;
+/// Smallest encoded change (sub, kind and key length of one byte each, empty
+/// key): bounds the capacity reserved for a claimed change count.
+const MIN_CHANGE_BYTES: usize = 3;
+/// A u64 needs at most ten 7-bit groups.
+const MAX_VARINT_BYTES: usize = 10;
+
+/// What one WAL record of a shard's MVCC state says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LogPayload {
+    /// The changes of one request, to be passed to `Store::apply(main, &changes)`.
+    Changes { main: i64, changes: Vec<Change> },
+    /// A compaction, to be passed to `Store::compact(rev)`.
+    Compact { rev: i64 },
+}
+
+/// Why bytes are not a valid [`LogPayload`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    /// The input ends inside a field.
+    Truncated,
+    /// The format byte names a version this build does not know.
+    UnsupportedFormat(u8),
+    UnknownTag(u8),
+    UnknownChangeKind(u8),
+    /// A varint is longer than its shortest form or exceeds 64 bits.
+    BadVarint,
+    /// A field holds a value outside its domain.
+    Invalid(&'static str),
+    /// This many bytes follow a complete payload.
+    TrailingBytes(usize),
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DecodeError::Truncated => write!(f, "truncated mvcc payload"),
+            DecodeError::UnsupportedFormat(v) => write!(f, "unsupported mvcc payload format {v}"),
+            DecodeError::UnknownTag(t) => write!(f, "unknown mvcc payload tag {t}"),
+            DecodeError::UnknownChangeKind(k) => write!(f, "unknown mvcc change kind {k}"),
+            DecodeError::BadVarint => write!(f, "malformed varint in mvcc payload"),
+            DecodeError::Invalid(what) => write!(f, "invalid mvcc payload: {what}"),
+            DecodeError::TrailingBytes(n) => write!(f, "{n} trailing bytes after mvcc payload"),
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+/// Encodes `payload` into a new buffer.
+pub fn encode(payload: &LogPayload) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_into(payload, &mut out);
+    out
+}
+
+/// Appends the encoding of `payload` to `out`. Panics if the payload breaks
+/// the invariants that [`decode`] checks (a caller bug, not a data error).
+pub fn encode_into(payload: &LogPayload, out: &mut Vec<u8>) {
+    out.push(FORMAT_VERSION);
+    match payload {
+        LogPayload::Changes { main, changes } => {
+            assert!(*main > 0, "encoding changes at revision {main}");
+            out.push(TAG_CHANGES);
+            out.extend_from_slice(&main.to_le_bytes());
+            put_uvar(out, changes.len() as u64);
+            let mut previous_sub = -1;
+            for change in changes {
+                assert!(
+                    change.sub > previous_sub,
+                    "encoding sub {} after {previous_sub}",
+                    change.sub
+                );
+                previous_sub = change.sub;
+                encode_change(change, out);
+            }
+        }
+        LogPayload::Compact { rev } => {
+            assert!(*rev > 0, "encoding compaction at revision {rev}");
+            out.push(TAG_COMPACT);
+            out.extend_from_slice(&rev.to_le_bytes());
+        }
+    }
+}
+
+fn encode_change(change: &Change, out: &mut Vec<u8>) {
+    // `sub` is non-negative: the caller asserted it is above the previous one (>= -1).
+    put_uvar(out, change.sub as u64);
+    match &change.effect {
+        Effect::Delete { key } => {
+            out.push(KIND_DELETE);
+            put_bytes(out, key);
+        }
+        Effect::Put { key, value, lease } => {
+            out.push(if *lease == 0 {
+                KIND_PUT
+            } else {
+                KIND_PUT_WITH_LEASE
+            });
+            put_bytes(out, key);
+            put_bytes(out, value);
+            if *lease != 0 {
+                out.extend_from_slice(&lease.to_le_bytes());
+            }
+        }
+    }
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    put_uvar(out, bytes.len() as u64);
+    out.extend_from_slice(bytes);
+}
+
+fn put_uvar(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+/// Decodes one payload that must span all of `bytes`.
+pub fn decode(bytes: &[u8]) -> Result<LogPayload, DecodeError> {
+    let mut reader = Reader { rest: bytes };
+    let format = reader.u8()?;
+    if format != FORMAT_VERSION {
+        return Err(DecodeError::UnsupportedFormat(format));
+    }
+    let payload = match reader.u8()? {
+        TAG_CHANGES => decode_changes(&mut reader)?,
+        TAG_COMPACT => LogPayload::Compact {
+            rev: reader.revision()?,
+        },
+        tag => return Err(DecodeError::UnknownTag(tag)),
+    };
+    match reader.rest.len() {
+        0 => Ok(payload),
+        n => Err(DecodeError::TrailingBytes(n)),
+    }
+}
+
+fn decode_changes(reader: &mut Reader<'_>) -> Result<LogPayload, DecodeError> {
+    let main = reader.revision()?;
+    let count = reader.uvar()?;
+    // A garbage count must not reserve more than the input could hold.
+    let capacity = usize::try_from(count)
+        .unwrap_or(usize::MAX)
+        .min(reader.rest.len() / MIN_CHANGE_BYTES);
+    let mut changes = Vec::with_capacity(capacity);
+    let mut previous_sub = -1;
+    for _ in 0..count {
+        let change = decode_change(reader)?;
+        if change.sub <= previous_sub {
+            return Err(DecodeError::Invalid("subs not strictly increasing"));
+        }
+        previous_sub = change.sub;
+        changes.push(change);
+    }
+    Ok(LogPayload::Changes { main, changes })
+}
+
+fn decode_change(reader: &mut Reader<'_>) -> Result<Change, DecodeError> {
+    let sub =
+        i64::try_from(reader.uvar()?).map_err(|_| DecodeError::Invalid("sub above i64::MAX"))?;
+    let kind = reader.u8()?;
+    let key = reader.bytes()?.to_vec();
+    let effect = match kind {
+        KIND_DELETE => Effect::Delete { key },
+        KIND_PUT => Effect::Put {
+            key,
+            value: reader.bytes()?.to_vec(),
+            lease: 0,
+        },
+        KIND_PUT_WITH_LEASE => {
+            let value = reader.bytes()?.to_vec();
+            let lease = reader.i64()?;
+            if lease == 0 {
+                return Err(DecodeError::Invalid("explicit zero lease"));
+            }
+            Effect::Put { key, value, lease }
+        }
+        kind => return Err(DecodeError::UnknownChangeKind(kind)),
+    };
+    Ok(Change { sub, effect })
+}
+
+/// A bounds-checked cursor over the input.
+struct Reader<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, len: usize) -> Result<&'a [u8], DecodeError> {
+        if len > self.rest.len() {
+            return Err(DecodeError::Truncated);
+        }
+        let (taken, rest) = self.rest.split_at(len);
+        self.rest = rest;
+        Ok(taken)
+    }
+
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn i64(&mut self) -> Result<i64, DecodeError> {
+        let bytes = self.take(8)?;
+        Ok(i64::from_le_bytes(bytes.try_into().expect("took 8 bytes")))
+    }
+
+    fn revision(&mut self) -> Result<i64, DecodeError> {
+        match self.i64()? {
+            rev if rev > 0 => Ok(rev),
+            _ => Err(DecodeError::Invalid("revision not positive")),
+        }
+    }
+
+    fn uvar(&mut self) -> Result<u64, DecodeError> {
+        let mut value = 0u64;
+        for index in 0..MAX_VARINT_BYTES {
+            let byte = self.u8()?;
+            let group = u64::from(byte & 0x7f);
+            let shift = 7 * index as u32;
+            // The tenth group may only hold the single top bit of a u64.
+            if shift == 63 && group > 1 {
+                return Err(DecodeError::BadVarint);
+            }
+            value |= group << shift;
+            if byte & 0x80 == 0 {
+                // A zero final group after the first byte is an overlong form.
+                return if index > 0 && group == 0 {
+                    Err(DecodeError::BadVarint)
+                } else {
+                    Ok(value)
+                };
+            }
+        }
+        Err(DecodeError::BadVarint)
+    }
+
+    fn bytes(&mut self) -> Result<&'a [u8], DecodeError> {
+        let len = usize::try_from(self.uvar()?).map_err(|_| DecodeError::Truncated)?;
+        self.take(len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(sub: i64, key: &[u8], value: &[u8], lease: i64) -> Change {
+        Change {
+            sub,
+            effect: Effect::Put {
+                key: key.to_vec(),
+                value: value.to_vec(),
+                lease,
+            },
+        }
+    }
+
+    #[test]
+    fn small_put_has_documented_layout() {
+        let payload = LogPayload::Changes {
+            main: 5,
+            changes: vec![put(0, b"k", b"vv", 0)],
+        };
+        let bytes = encode(&payload);
+        assert_eq!(
+            bytes,
+            [1, 1, 5, 0, 0, 0, 0, 0, 0, 0, 1, 0, KIND_PUT, 1, b'k', 2, b'v', b'v']
+        );
+        assert_eq!(decode(&bytes), Ok(payload));
+    }
+
+    #[test]
+    fn lease_and_delete_round_trip() {
+        let payload = LogPayload::Changes {
+            main: i64::MAX,
+            changes: vec![
+                put(3, b"a", b"", -9),
+                Change {
+                    sub: 300,
+                    effect: Effect::Delete { key: b"b".to_vec() },
+                },
+            ],
+        };
+        assert_eq!(decode(&encode(&payload)), Ok(payload));
+        let compact = LogPayload::Compact { rev: 42 };
+        assert_eq!(decode(&encode(&compact)), Ok(compact));
+    }
+
+    #[test]
+    fn varint_edges() {
+        for value in [0, 1, 127, 128, 16_383, 16_384, u64::MAX >> 1, u64::MAX] {
+            let mut out = Vec::new();
+            put_uvar(&mut out, value);
+            let mut reader = Reader { rest: &out };
+            assert_eq!(reader.uvar(), Ok(value));
+            assert!(reader.rest.is_empty());
+        }
+        let overlong: &[u8] = &[0x80, 0x00];
+        assert_eq!(
+            Reader { rest: overlong }.uvar(),
+            Err(DecodeError::BadVarint)
+        );
+        let overflow: &[u8] = &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02];
+        assert_eq!(
+            Reader { rest: overflow }.uvar(),
+            Err(DecodeError::BadVarint)
+        );
+        let unterminated: &[u8] = &[0x80; 11];
+        assert_eq!(
+            Reader { rest: unterminated }.uvar(),
+            Err(DecodeError::BadVarint)
+        );
+    }
+
+    #[test]
+    fn rejects_malformed_payloads() {
+        let compact = encode(&LogPayload::Compact { rev: 1 });
+        let mut trailing = compact.clone();
+        trailing.push(0);
+        assert_eq!(decode(&trailing), Err(DecodeError::TrailingBytes(1)));
+        assert_eq!(decode(&compact[..5]), Err(DecodeError::Truncated));
+        assert_eq!(decode(&[]), Err(DecodeError::Truncated));
+        assert_eq!(decode(&[2, 2]), Err(DecodeError::UnsupportedFormat(2)));
+        assert_eq!(decode(&[1, 9]), Err(DecodeError::UnknownTag(9)));
+        let zero_rev = [1, TAG_COMPACT, 0, 0, 0, 0, 0, 0, 0, 0];
+        assert_eq!(
+            decode(&zero_rev),
+            Err(DecodeError::Invalid("revision not positive"))
+        );
+        // Two changes with sub 0: not strictly increasing.
+        let mut dup = vec![1, TAG_CHANGES, 1, 0, 0, 0, 0, 0, 0, 0, 2];
+        dup.extend_from_slice(&[0, KIND_DELETE, 1, b'a', 0, KIND_DELETE, 1, b'b']);
+        assert_eq!(
+            decode(&dup),
+            Err(DecodeError::Invalid("subs not strictly increasing"))
+        );
+        let zero_lease = [
+            1,
+            TAG_CHANGES,
+            1,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            1,
+            0,
+            KIND_PUT_WITH_LEASE,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ];
+        assert_eq!(
+            decode(&zero_lease),
+            Err(DecodeError::Invalid("explicit zero lease"))
+        );
+        let bad_kind = [1, TAG_CHANGES, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 7, 0];
+        assert_eq!(decode(&bad_kind), Err(DecodeError::UnknownChangeKind(7)));
+    }
+
+    #[test]
+    fn huge_claimed_count_is_rejected_without_allocating_it() {
+        let mut bytes = vec![1, TAG_CHANGES, 1, 0, 0, 0, 0, 0, 0, 0];
+        put_uvar(&mut bytes, u64::MAX);
+        assert_eq!(decode(&bytes), Err(DecodeError::Truncated));
+    }
+}

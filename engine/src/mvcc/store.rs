@@ -1,0 +1,270 @@
+//! The per-shard multi-version key-value store.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
+use super::history::KeyHistory;
+use super::{Change, Effect, KeyValue, KvRef, Revision};
+
+/// The answer to [`Store::range`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RangeResult {
+    /// Visible keys in ascending key order, at most `limit` of them when
+    /// `limit > 0`.
+    pub kvs: Vec<KeyValue>,
+    /// Number of visible keys in the range, ignoring `limit`.
+    pub count: i64,
+}
+
+/// Size of what the store holds, for quota checks and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Keys with at least one retained change (live or not).
+    pub keys: usize,
+    /// Retained changes, tombstones included.
+    pub versions: usize,
+    /// Key bytes (once per key) plus value bytes (once per version).
+    pub payload_bytes: u64,
+}
+
+/// The multi-version state of one shard. See the module documentation.
+#[derive(Default)]
+pub struct Store {
+    keys: BTreeMap<Box<[u8]>, KeyHistory>,
+    latest_revision: i64,
+    compacted_revision: i64,
+    /// Where the pending compaction (at `compacted_revision`) resumes: the
+    /// first key `>=` this one. `None` when no compaction is pending.
+    compact_cursor: Option<Box<[u8]>>,
+    stats: StoreStats,
+}
+
+impl Store {
+    /// Pass as the read revision to read the newest state. A shard's
+    /// `latest_revision` may lag the cluster's revision (it only counts changes
+    /// to this shard) and may even be below a cluster-wide compaction.
+    pub const LATEST: i64 = i64::MAX;
+
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The highest `main` revision applied (0 when nothing was).
+    pub fn latest_revision(&self) -> i64 {
+        self.latest_revision
+    }
+
+    /// Reads below this revision are no longer possible (0 when never compacted).
+    pub fn compacted_revision(&self) -> i64 {
+        self.compacted_revision
+    }
+
+    /// Whether a compaction has been started and not finished.
+    pub fn is_compacting(&self) -> bool {
+        self.compact_cursor.is_some()
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        self.stats
+    }
+
+    /// Applies the changes of one request at revision `main`, in order, and
+    /// returns for each change the key as it was just before it (etcd's
+    /// `prev_kv`): `None` for a put that creates the key.
+    ///
+    /// Panics unless `main` is above every revision applied or compacted, the
+    /// subs are non-negative and strictly increasing, and every deleted key is
+    /// live. An empty `changes` only advances `latest_revision`.
+    pub fn apply(&mut self, main: i64, changes: &[Change]) -> Vec<Option<KeyValue>> {
+        assert!(
+            main > self.latest_revision && main > self.compacted_revision,
+            "apply at {main}: latest revision {}, compacted revision {}",
+            self.latest_revision,
+            self.compacted_revision
+        );
+        let mut prev_kvs = Vec::with_capacity(changes.len());
+        let mut previous_sub = -1;
+        for change in changes {
+            assert!(
+                change.sub > previous_sub,
+                "apply at {main}: sub {} after sub {previous_sub}",
+                change.sub
+            );
+            previous_sub = change.sub;
+            let rev = Revision {
+                main,
+                sub: change.sub,
+            };
+            prev_kvs.push(self.apply_effect(rev, &change.effect));
+        }
+        self.latest_revision = main;
+        prev_kvs
+    }
+
+    fn apply_effect(&mut self, rev: Revision, effect: &Effect) -> Option<KeyValue> {
+        match effect {
+            Effect::Put { key, value, lease } => {
+                let history = self.history_for_put(key);
+                let prev = history.latest(key).map(|kv| kv.to_key_value());
+                history.put(rev, value, *lease);
+                self.stats.payload_bytes += value.len() as u64;
+                self.stats.versions += 1;
+                prev
+            }
+            Effect::Delete { key } => {
+                let history = self
+                    .keys
+                    .get_mut(key.as_slice())
+                    .unwrap_or_else(|| panic!("delete at {rev:?} of an absent key"));
+                let prev = history.latest(key).map(|kv| kv.to_key_value());
+                // Asserts that the key is live.
+                history.delete(rev);
+                self.stats.versions += 1;
+                prev
+            }
+        }
+    }
+
+    /// The history of `key`, created (and accounted) when the key is new.
+    fn history_for_put(&mut self, key: &[u8]) -> &mut KeyHistory {
+        // Look up before inserting so that a put to an existing key does not
+        // allocate an owned copy of the key.
+        if !self.keys.contains_key(key) {
+            self.stats.keys += 1;
+            self.stats.payload_bytes += key.len() as u64;
+            self.keys.insert(key.into(), KeyHistory::default());
+        }
+        self.keys.get_mut(key).expect("inserted above")
+    }
+
+    /// The key as visible at `rev`.
+    pub fn get(&self, key: &[u8], rev: i64) -> Option<KeyValue> {
+        self.range_iter(key, &[], rev)
+            .next()
+            .map(|kv| kv.to_key_value())
+    }
+
+    /// The keys visible at `rev` in the range given etcd's way: `range_end`
+    /// empty is the single key `key`, `b"\0"` is every key `>= key`, otherwise
+    /// `[key, range_end)`. `limit == 0` means no limit.
+    pub fn range(&self, key: &[u8], range_end: &[u8], rev: i64, limit: usize) -> RangeResult {
+        let mut result = RangeResult::default();
+        for kv in self.range_iter(key, range_end, rev) {
+            result.count += 1;
+            if limit == 0 || result.kvs.len() < limit {
+                result.kvs.push(kv.to_key_value());
+            }
+        }
+        result
+    }
+
+    /// Borrowed views of the keys visible at `rev` in the range (as in
+    /// [`Store::range`]), ascending; `.rev()` gives descending order. Panics if
+    /// `rev` is below the compacted revision.
+    pub fn range_iter<'a>(
+        &'a self,
+        key: &[u8],
+        range_end: &[u8],
+        rev: i64,
+    ) -> impl DoubleEndedIterator<Item = KvRef<'a>> + 'a {
+        assert!(
+            rev >= self.compacted_revision,
+            "read at {rev} below compacted revision {}",
+            self.compacted_revision
+        );
+        // The map's range iterator does not borrow the bounds, so the result
+        // outlives `key` and `range_end`.
+        let keys = key_bounds(key, range_end).map(|bounds| self.keys.range::<[u8], _>(bounds));
+        keys.into_iter()
+            .flatten()
+            .filter_map(move |(key, history)| history.visible_at(key, rev))
+    }
+
+    /// Compacts at `rev` to completion. See [`Store::compact_step`].
+    pub fn compact(&mut self, rev: i64) {
+        const KEYS_PER_STEP: usize = 1024;
+        while !self.compact_step(rev, KEYS_PER_STEP) {}
+    }
+
+    /// Advances compaction at `rev` by at most `max_keys` keys; returns whether
+    /// it is complete. The first call with a `rev` above the compacted revision
+    /// starts it (reads below `rev` are refused from then on); later calls with
+    /// the same `rev` continue it. A newer compaction supersedes a pending one,
+    /// since compacting at the higher revision removes everything the lower
+    /// would. Changes applied between steps are above `rev` and not affected.
+    ///
+    /// Panics if `rev` is below the compacted revision or `max_keys` is 0.
+    pub fn compact_step(&mut self, rev: i64, max_keys: usize) -> bool {
+        assert!(max_keys > 0, "compaction step of zero keys");
+        assert!(
+            rev >= self.compacted_revision,
+            "compaction at {rev} below compacted revision {}",
+            self.compacted_revision
+        );
+        if rev > self.compacted_revision {
+            self.compacted_revision = rev;
+            self.compact_cursor = Some(Box::default());
+        }
+        if let Some(start) = self.compact_cursor.take() {
+            self.compact_cursor = self.compact_keys(&start, max_keys);
+        }
+        self.compact_cursor.is_none()
+    }
+
+    /// Compacts up to `max_keys` keys from `start` on; returns the key to resume
+    /// at, if any are left.
+    fn compact_keys(&mut self, start: &[u8], max_keys: usize) -> Option<Box<[u8]>> {
+        let rev = self.compacted_revision;
+        let mut emptied = Vec::new();
+        let mut resume = None;
+        let bounds = (Bound::Included(start), Bound::Unbounded);
+        for (done, (key, history)) in self.keys.range_mut::<[u8], _>(bounds).enumerate() {
+            if done == max_keys {
+                resume = Some(key.clone());
+                break;
+            }
+            let removed = history.compact(rev);
+            self.stats.versions -= removed.versions;
+            self.stats.payload_bytes -= removed.value_bytes;
+            if history.is_empty() {
+                emptied.push(key.clone());
+            }
+        }
+        for key in emptied {
+            self.keys.remove(&key);
+            self.stats.keys -= 1;
+            self.stats.payload_bytes -= key.len() as u64;
+        }
+        resume
+    }
+
+    /// A CRC-32 of every change with `main <= rev` that survives the current
+    /// compaction, in key order, then revision order. Equal histories give
+    /// equal hashes whatever the progress of a pending compaction (etcd's
+    /// `HashKV` contract). Panics if `rev` is below the compacted revision.
+    pub fn hash(&self, rev: i64) -> u32 {
+        assert!(
+            rev >= self.compacted_revision,
+            "hash at {rev} below compacted revision {}",
+            self.compacted_revision
+        );
+        let mut hasher = crc32fast::Hasher::new();
+        for (key, history) in &self.keys {
+            history.hash_into(&mut hasher, key, self.compacted_revision, rev);
+        }
+        hasher.finalize()
+    }
+}
+
+/// Lower and upper bound of a key range, as `BTreeMap::range` takes them.
+type KeyBounds<'k> = (Bound<&'k [u8]>, Bound<&'k [u8]>);
+
+/// The map bounds for an etcd key range; `None` when it is empty.
+fn key_bounds<'k>(key: &'k [u8], range_end: &'k [u8]) -> Option<KeyBounds<'k>> {
+    match range_end {
+        [] => Some((Bound::Included(key), Bound::Included(key))),
+        [0] => Some((Bound::Included(key), Bound::Unbounded)),
+        end if end > key => Some((Bound::Included(key), Bound::Excluded(end))),
+        _ => None,
+    }
+}

@@ -1,0 +1,55 @@
+//! The errors a KV request can end with, as etcd reports them (gRPC code and message).
+
+use std::fmt;
+use tonic::{Code, Status};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvError {
+    EmptyKey,
+    KeyNotFound,
+    ValueProvided,
+    LeaseProvided,
+    TooManyOps,
+    DuplicateKey,
+    RequestTooLarge,
+    LeaseNotFound,
+    Compacted,
+    FutureRev,
+    /// The node is shutting down or a shard stopped: the request may be retried elsewhere.
+    Stopped,
+}
+
+impl KvError {
+    /// etcd's gRPC code and message for this error (api/v3rpc/rpctypes).
+    pub fn code_and_message(self) -> (Code, &'static str) {
+        use KvError::*;
+        match self {
+            EmptyKey => (Code::InvalidArgument, "etcdserver: key is not provided"),
+            KeyNotFound => (Code::InvalidArgument, "etcdserver: key not found"),
+            ValueProvided => (Code::InvalidArgument, "etcdserver: value is provided"),
+            LeaseProvided => (Code::InvalidArgument, "etcdserver: lease is provided"),
+            TooManyOps => (Code::InvalidArgument, "etcdserver: too many operations in txn request"),
+            DuplicateKey => (Code::InvalidArgument, "etcdserver: duplicate key given in txn request"),
+            RequestTooLarge => (Code::InvalidArgument, "etcdserver: request is too large"),
+            LeaseNotFound => (Code::NotFound, "etcdserver: requested lease not found"),
+            Compacted => (Code::OutOfRange, "etcdserver: mvcc: required revision has been compacted"),
+            FutureRev => (Code::OutOfRange, "etcdserver: mvcc: required revision is a future revision"),
+            Stopped => (Code::Unavailable, "etcdserver: server stopped"),
+        }
+    }
+}
+
+impl fmt::Display for KvError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.code_and_message().1)
+    }
+}
+
+impl std::error::Error for KvError {}
+
+impl From<KvError> for Status {
+    fn from(e: KvError) -> Status {
+        let (code, message) = e.code_and_message();
+        Status::new(code, message)
+    }
+}

@@ -1,0 +1,190 @@
+//! The data directory and start-up recovery.
+//!
+//! Layout of `--data-dir`:
+//! ```text
+//! member.conf          format, shard count, cluster id, member id (written once, atomically)
+//! wal/shard-000/ ...   one WAL per shard: entries for writes confined to that shard
+//! wal/meta/            the meta group's WAL: cross-shard writes and compactions
+//! ```
+//! Recovery reads every log, replays each shard's own entries merged by revision with the meta
+//! entries that touch it, then applies the newest compaction. A torn tail is cut by the WAL
+//! reader; any other corruption stops start-up with the file and offset.
+
+use ferrocd_engine::mvcc::codec::{decode, LogPayload};
+use ferrocd_engine::mvcc::{Change, Store};
+use ferrocd_engine::wal::{read_dir, RecordKind};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+const CONF_FILE: &str = "member.conf";
+const FORMAT_VERSION: u32 = 1;
+
+/// Identity recorded in the data dir when it is created.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub shards: usize,
+    pub cluster_id: u64,
+    pub member_id: u64,
+}
+
+pub fn shard_wal_dir(data_dir: &Path, shard: usize) -> PathBuf {
+    data_dir.join("wal").join(format!("shard-{shard:03}"))
+}
+
+pub fn meta_wal_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("wal").join("meta")
+}
+
+/// Opens the identity of an existing data dir, or creates one for `shards` shards.
+/// A data dir created with another shard count is refused: keys are placed by shard.
+pub fn open_identity(data_dir: &Path, shards: usize, name: &str) -> Result<Identity, String> {
+    let conf = data_dir.join(CONF_FILE);
+    if conf.exists() {
+        let identity = read_identity(&conf)?;
+        if identity.shards != shards {
+            return Err(format!(
+                "data dir {} was created with --shards {}; it cannot be opened with --shards {shards}",
+                data_dir.display(),
+                identity.shards
+            ));
+        }
+        return Ok(identity);
+    }
+    fs::create_dir_all(data_dir).map_err(|e| format!("cannot create data dir {}: {e}", data_dir.display()))?;
+    let identity = Identity { shards, cluster_id: fresh_id(name, 1), member_id: fresh_id(name, 2) };
+    write_identity(data_dir, &identity)
+        .map_err(|e| format!("cannot write {}: {e}", conf.display()))?;
+    Ok(identity)
+}
+
+fn read_identity(conf: &Path) -> Result<Identity, String> {
+    let text = fs::read_to_string(conf).map_err(|e| format!("cannot read {}: {e}", conf.display()))?;
+    let field = |name: &str| -> Result<&str, String> {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.strip_prefix('=')))
+            .ok_or_else(|| format!("{}: missing `{name}`", conf.display()))
+    };
+    let bad = |name: &str| format!("{}: malformed `{name}`", conf.display());
+    let format: u32 = field("format")?.parse().map_err(|_| bad("format"))?;
+    if format != FORMAT_VERSION {
+        return Err(format!("{}: unsupported format {format}", conf.display()));
+    }
+    Ok(Identity {
+        shards: field("shards")?.parse().map_err(|_| bad("shards"))?,
+        cluster_id: u64::from_str_radix(field("cluster_id")?, 16).map_err(|_| bad("cluster_id"))?,
+        member_id: u64::from_str_radix(field("member_id")?, 16).map_err(|_| bad("member_id"))?,
+    })
+}
+
+/// Writes the identity to a temporary file, syncs it, renames it into place, syncs the dir.
+fn write_identity(data_dir: &Path, id: &Identity) -> std::io::Result<()> {
+    let tmp = data_dir.join(format!("{CONF_FILE}.tmp"));
+    let mut file = fs::File::create(&tmp)?;
+    writeln!(file, "format={FORMAT_VERSION}")?;
+    writeln!(file, "shards={}", id.shards)?;
+    writeln!(file, "cluster_id={:016x}", id.cluster_id)?;
+    writeln!(file, "member_id={:016x}", id.member_id)?;
+    file.sync_all()?;
+    fs::rename(&tmp, data_dir.join(CONF_FILE))?;
+    fs::File::open(data_dir)?.sync_all()
+}
+
+/// A non-zero id that differs between data dirs (time, process and name mixed by FNV-1a).
+fn fresh_id(name: &str, salt: u64) -> u64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let seed = format!("{name}/{nanos}/{}/{salt}", std::process::id());
+    super::fnv1a(seed.as_bytes()).max(1)
+}
+
+/// The state rebuilt from the logs.
+pub struct Recovered {
+    pub stores: Vec<Store>,
+    /// The highest revision in any log (1 for an empty store, as etcd).
+    pub current_rev: i64,
+    pub compacted_rev: i64,
+    /// The next entry index of each shard's WAL, then the meta WAL's.
+    pub next_index: Vec<u64>,
+}
+
+/// One log's entries.
+struct LogContents {
+    payloads: Vec<LogPayload>,
+    next_index: u64,
+}
+
+fn read_log(dir: &Path) -> Result<LogContents, String> {
+    if !dir.exists() {
+        return Ok(LogContents { payloads: Vec::new(), next_index: 1 });
+    }
+    let recovered = read_dir(dir).map_err(|e| format!("recovering WAL {}: {e}", dir.display()))?;
+    if let Some(torn) = &recovered.torn_tail {
+        eprintln!("ferrocd: WAL {}: cut a torn tail: {torn:?}", dir.display());
+    }
+    let mut payloads = Vec::new();
+    let mut next_index = 1;
+    for record in recovered.records.iter().filter(|r| r.kind == RecordKind::Entry) {
+        let payload = decode(&record.data)
+            .map_err(|e| format!("WAL {}: entry {} does not decode: {e}", dir.display(), record.index))?;
+        payloads.push(payload);
+        next_index = record.index + 1;
+    }
+    Ok(LogContents { payloads, next_index })
+}
+
+pub fn recover(data_dir: &Path, shards: usize, shard_of: impl Fn(&[u8]) -> usize) -> Result<Recovered, String> {
+    let meta = read_log(&meta_wal_dir(data_dir))?;
+    let mut per_shard: Vec<Vec<(i64, Vec<Change>)>> = vec![Vec::new(); shards];
+    let mut next_index = Vec::with_capacity(shards + 1);
+    for (shard, entries) in per_shard.iter_mut().enumerate() {
+        let log = read_log(&shard_wal_dir(data_dir, shard))?;
+        for payload in log.payloads {
+            match payload {
+                LogPayload::Changes { main, changes } => entries.push((main, changes)),
+                LogPayload::Compact { .. } => return Err(format!("shard {shard} WAL holds a compaction entry")),
+            }
+        }
+        next_index.push(log.next_index);
+    }
+    next_index.push(meta.next_index);
+    let mut compacted_rev = 0;
+    for payload in meta.payloads {
+        match payload {
+            LogPayload::Changes { main, changes } => split_by_shard(main, changes, &shard_of, &mut per_shard),
+            LogPayload::Compact { rev } => compacted_rev = compacted_rev.max(rev),
+        }
+    }
+    let mut current_rev = 1;
+    let stores = per_shard
+        .into_iter()
+        .map(|mut entries| {
+            entries.sort_by_key(|(main, _)| *main);
+            let mut store = Store::new();
+            for (main, changes) in entries {
+                current_rev = current_rev.max(main);
+                store.apply(main, &changes);
+            }
+            store
+        })
+        .collect::<Vec<_>>();
+    let mut stores = stores;
+    if compacted_rev > 0 {
+        stores.iter_mut().for_each(|s| s.compact(compacted_rev));
+    }
+    Ok(Recovered { stores, current_rev, compacted_rev, next_index })
+}
+
+fn split_by_shard(
+    main: i64,
+    changes: Vec<Change>,
+    shard_of: &impl Fn(&[u8]) -> usize,
+    per_shard: &mut [Vec<(i64, Vec<Change>)>],
+) {
+    let mut parts: Vec<Vec<Change>> = vec![Vec::new(); per_shard.len()];
+    for change in changes {
+        parts[shard_of(change.effect.key())].push(change);
+    }
+    for (shard, part) in parts.into_iter().enumerate().filter(|(_, p)| !p.is_empty()) {
+        per_shard[shard].push((main, part));
+    }
+}

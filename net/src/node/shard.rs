@@ -1,0 +1,265 @@
+//! One shard on its core: its MVCC store, its WAL (the shard group's log), and the loop that
+//! serves the messages routed to it.
+//!
+//! Writes whose keys all live on this shard are evaluated here, synchronously, against the
+//! latest state (including writes still on their way to disk); the resulting changes are
+//! applied to the store at once, then appended to the WAL, and acknowledged once the revision
+//! is visible (durable here and everywhere below it). Reads at a visible revision never see
+//! the not-yet-durable changes because the store is multi-version.
+//!
+//! The meta group (cross-shard writes) *holds* a shard: the shard makes its pending writes
+//! durable, parks new writes, lets the meta group read its latest state, and resumes when the
+//! meta group releases it with the changes it committed for this shard.
+
+use super::apply::{self, Revs, View};
+use super::errors::KvError;
+use super::Shared;
+use ferrocd_api::etcdserverpb::{TxnRequest, TxnResponse};
+use ferrocd_engine::mvcc::codec::{encode, LogPayload};
+use ferrocd_engine::mvcc::{Change, KeyValue, Store};
+use ferrocd_engine::wal::{Record, Wal};
+use futures::channel::oneshot;
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::sync::Arc;
+
+/// The Raft term of every entry while groups have one voter.
+pub const SINGLE_VOTER_TERM: u64 = 1;
+
+pub type Reply<T> = oneshot::Sender<Result<T, KvError>>;
+
+/// The result of a range read on one shard: up to `limit` kvs in key order, and the number of
+/// live keys in the range.
+pub struct ShardRange {
+    pub kvs: Vec<KeyValue>,
+    pub count: i64,
+}
+
+/// A range read: `(key, range_end)` and, for historical reads, a revision.
+pub type Span = (Vec<u8>, Vec<u8>);
+
+pub enum ShardMsg {
+    /// A read at a visible revision.
+    Read { key: Vec<u8>, end: Vec<u8>, rev: i64, limit: usize, count_only: bool, reply: Reply<ShardRange> },
+    /// A write whose keys all live on this shard.
+    Write { txn: TxnRequest, put_first_checks_lease: bool, reply: Reply<TxnResponse> },
+    /// Meta group: make pending writes durable, then park writes until `Release`.
+    Hold { reply: oneshot::Sender<()> },
+    /// Meta group, while held: the latest state of `spans`, and `historical` reads.
+    Gather { spans: Vec<Span>, historical: Vec<(Vec<u8>, Vec<u8>, i64)>, reply: oneshot::Sender<Gathered> },
+    /// Meta group: apply the changes it committed for this shard at `rev`, then resume writes.
+    Release { rev: i64, changes: Vec<Change>, reply: oneshot::Sender<()> },
+    /// Meta group: drop history below `rev` (already durable in the meta log).
+    Compact { rev: i64, reply: oneshot::Sender<()> },
+}
+
+/// What a held shard reports for `Gather`.
+pub struct Gathered {
+    pub latest: Vec<KeyValue>,
+    /// One result per historical read requested, in order.
+    pub historical: Vec<Vec<KeyValue>>,
+}
+
+/// A view of a shard's store at its latest state.
+pub struct StoreView<'a>(pub &'a Store);
+
+impl View for StoreView<'_> {
+    fn latest(&self, key: &[u8], end: &[u8]) -> Vec<KeyValue> {
+        self.0.range(key, end, Store::LATEST, 0).kvs
+    }
+    fn at(&self, key: &[u8], end: &[u8], rev: i64) -> Vec<KeyValue> {
+        self.0.range(key, end, rev, 0).kvs
+    }
+}
+
+pub struct Shard {
+    id: usize,
+    shared: Arc<Shared>,
+    store: RefCell<Store>,
+    wal: Wal,
+    /// The next WAL entry index.
+    next_index: Cell<u64>,
+    /// Revisions applied to the store but not yet durable, oldest first, with a done flag.
+    pending: RefCell<VecDeque<(i64, bool)>>,
+    /// Notified when `pending` empties.
+    drained: event_listener::Event,
+}
+
+impl Shard {
+    pub fn new(id: usize, shared: Arc<Shared>, store: Store, wal: Wal, next_index: u64) -> Rc<Shard> {
+        Rc::new(Shard {
+            id,
+            shared,
+            store: RefCell::new(store),
+            wal,
+            next_index: Cell::new(next_index),
+            pending: RefCell::new(VecDeque::new()),
+            drained: event_listener::Event::new(),
+        })
+    }
+
+    /// Serves messages until every sender is gone, then waits for pending writes.
+    pub async fn run(self: Rc<Self>, rx: async_channel::Receiver<ShardMsg>) {
+        let mut parked: VecDeque<ShardMsg> = VecDeque::new();
+        let mut held = false;
+        loop {
+            let msg = match parked.pop_front().filter(|_| !held) {
+                Some(msg) => msg,
+                None => match rx.recv().await {
+                    Ok(msg) => msg,
+                    Err(_) => break,
+                },
+            };
+            match msg {
+                ShardMsg::Read { key, end, rev, limit, count_only, reply } => {
+                    let _ = reply.send(self.read(&key, &end, rev, limit, count_only));
+                }
+                msg @ ShardMsg::Write { .. } if held => parked.push_back(msg),
+                ShardMsg::Write { txn, put_first_checks_lease, reply } => {
+                    self.write(&txn, put_first_checks_lease, reply)
+                }
+                ShardMsg::Hold { reply } => {
+                    self.wait_drained().await;
+                    held = true;
+                    let _ = reply.send(());
+                }
+                ShardMsg::Gather { spans, historical, reply } => {
+                    assert!(held, "gather on shard {} that is not held", self.id);
+                    let _ = reply.send(self.gather(&spans, &historical));
+                }
+                ShardMsg::Release { rev, changes, reply } => {
+                    assert!(held, "release of shard {} that is not held", self.id);
+                    if !changes.is_empty() {
+                        self.store.borrow_mut().apply(rev, &changes);
+                    }
+                    held = false;
+                    let _ = reply.send(());
+                }
+                ShardMsg::Compact { rev, reply } => {
+                    self.store.borrow_mut().compact(rev);
+                    let _ = reply.send(());
+                }
+            }
+        }
+        assert!(parked.is_empty() || held, "parked writes are only left behind by a held shard");
+        self.wait_drained().await;
+    }
+
+    fn read(&self, key: &[u8], end: &[u8], rev: i64, limit: usize, count_only: bool) -> Result<ShardRange, KvError> {
+        let store = self.store.borrow();
+        if rev < store.compacted_revision() {
+            return Err(KvError::Compacted);
+        }
+        if count_only {
+            let count = store.range_iter(key, end, rev).count() as i64;
+            return Ok(ShardRange { kvs: Vec::new(), count });
+        }
+        let result = store.range(key, end, rev, limit);
+        Ok(ShardRange { kvs: result.kvs, count: result.count })
+    }
+
+    fn gather(&self, spans: &[Span], historical: &[(Vec<u8>, Vec<u8>, i64)]) -> Gathered {
+        let store = self.store.borrow();
+        let view = StoreView(&store);
+        let latest = spans.iter().flat_map(|(key, end)| view.latest(key, end)).collect();
+        let historical = historical
+            .iter()
+            .map(|(key, end, rev)| {
+                // A compacted revision fails the txn later (only if that op is on its path).
+                if *rev < store.compacted_revision() {
+                    Vec::new()
+                } else {
+                    view.at(key, end, *rev)
+                }
+            })
+            .collect();
+        Gathered { latest, historical }
+    }
+
+    fn write(self: &Rc<Self>, txn: &TxnRequest, put_first_checks_lease: bool, reply: Reply<TxnResponse>) {
+        let seq = &self.shared.seq;
+        let revs = Revs { current: seq.latest_taken(), compacted: self.shared.compacted() };
+        let has_pending = !self.pending.borrow().is_empty();
+        let outcome = {
+            let store = self.store.borrow();
+            apply::evaluate_txn(
+                &StoreView(&store),
+                txn,
+                revs,
+                &|_lease| false,
+                put_first_checks_lease,
+                &mut || seq.take(self.id, has_pending),
+            )
+        };
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                // The verdict may rest on writes not yet durable: answer once they are.
+                self.answer_when_visible(revs.current, Err(e), reply);
+                return;
+            }
+        };
+        let Some(rev) = outcome.rev else {
+            self.answer_when_visible(revs.current, Ok(outcome.response), reply);
+            return;
+        };
+        self.store.borrow_mut().apply(rev, &outcome.changes);
+        self.pending.borrow_mut().push_back((rev, false));
+        let index = self.next_index.get();
+        self.next_index.set(index + 1);
+        let payload = encode(&LogPayload::Changes { main: rev, changes: outcome.changes });
+        let record = Record::entry(SINGLE_VOTER_TERM, index, payload);
+        let shard = self.clone();
+        let response = outcome.response;
+        glommio::spawn_local(async move {
+            if let Err(e) = shard.wal.append(&[record]).await {
+                fatal(&format!("shard {} WAL append failed: {e}", shard.id));
+            }
+            shard.settle(rev);
+            shard.shared.seq.wait_visible(rev).await;
+            let _ = reply.send(Ok(response));
+        })
+        .detach();
+    }
+
+    fn answer_when_visible<T: 'static>(&self, rev: i64, answer: Result<T, KvError>, reply: Reply<T>) {
+        let shared = self.shared.clone();
+        glommio::spawn_local(async move {
+            shared.seq.wait_visible(rev).await;
+            let _ = reply.send(answer);
+        })
+        .detach();
+    }
+
+    /// Marks `rev` durable and publishes the lowest revision still pending.
+    fn settle(&self, rev: i64) {
+        let mut pending = self.pending.borrow_mut();
+        let slot = pending.iter_mut().find(|(r, _)| *r == rev).expect("settled revision is pending");
+        slot.1 = true;
+        while pending.front().is_some_and(|(_, done)| *done) {
+            pending.pop_front();
+        }
+        self.shared.seq.settle(self.id, pending.front().map(|(r, _)| *r));
+        if pending.is_empty() {
+            self.drained.notify(usize::MAX);
+        }
+    }
+
+    async fn wait_drained(&self) {
+        while !self.pending.borrow().is_empty() {
+            let listener = self.drained.listen();
+            if self.pending.borrow().is_empty() {
+                break;
+            }
+            listener.await;
+        }
+    }
+}
+
+/// A failed WAL write or fsync leaves the log in an unknown state: like etcd, stop the process
+/// rather than acknowledge anything more.
+pub fn fatal(message: &str) -> ! {
+    eprintln!("ferrocd: fatal: {message}");
+    std::process::abort()
+}

@@ -1,0 +1,219 @@
+//! Starting and stopping a node: one glommio executor per core, each owning its shards (and
+//! core 0 the meta group), each accepting client connections on every listen address
+//! (SO_REUSEPORT), until shutdown.
+
+use crate::http::{health_handler, version_handler, Health, PATH_HEALTH, PATH_VERSION};
+use crate::kv::KvService;
+use crate::node::meta::Meta;
+use crate::node::recovery::{self, Recovered};
+use crate::node::shard::Shard;
+use crate::node::{fnv1a, Limits, Node, Shared, INBOX_CAPACITY};
+use crate::transport::{self, max_grpc_message_bytes, Routes, ServerConfig};
+use event_listener::Event;
+use ferrocd_api::etcdserverpb::kv_server::KvServer;
+use ferrocd_engine::mvcc::Store;
+use ferrocd_engine::wal::{Wal, WalOptions};
+use ferrocd_raft::sequencer::Sequencer;
+use glommio::{LocalExecutorBuilder, Placement};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub shards: usize,
+    /// Executors (threads); each owns the shards `s` with `s % cores == core`.
+    pub cores: usize,
+    pub listen_client: Vec<SocketAddr>,
+    pub limits: Limits,
+}
+
+/// Tells a running node to stop; cloneable, usable from any thread.
+#[derive(Clone)]
+pub struct Shutdown {
+    signal: Arc<Event>,
+    requested: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Shutdown { signal: Arc::new(Event::new()), requested: Arc::default() }
+    }
+}
+
+impl Shutdown {
+    pub fn request(&self) {
+        self.requested.store(true, Ordering::SeqCst);
+        self.signal.notify(usize::MAX);
+    }
+
+    async fn wait(&self) {
+        while !self.requested.load(Ordering::SeqCst) {
+            let listener = self.signal.listen();
+            if self.requested.load(Ordering::SeqCst) {
+                break;
+            }
+            listener.await;
+        }
+    }
+}
+
+/// Recovers the data dir, starts the cores and blocks until `shutdown` is requested and every
+/// core has drained. Errors are start-up errors, worded for the operator.
+pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
+    assert!(config.shards > 0 && config.cores > 0, "at least one shard and one core");
+    std::fs::create_dir_all(&config.data_dir)
+        .and_then(|()| config.data_dir.canonicalize())
+        .map(|dir| config.data_dir = dir)
+        .map_err(|e| format!("cannot use data dir {}: {e}", config.data_dir.display()))?;
+    let identity = recovery::open_identity(&config.data_dir, config.shards, &config.name)?;
+    let shard_of = |key: &[u8]| (fnv1a(key) % config.shards as u64) as usize;
+    let Recovered { stores, current_rev, compacted_rev, next_index } =
+        recovery::recover(&config.data_dir, config.shards, shard_of)?;
+    // Bind every address once here so a busy port is reported before anything starts.
+    for addr in &config.listen_client {
+        std::net::TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    }
+
+    let (shard_txs, shard_rxs): (Vec<_>, Vec<_>) =
+        (0..config.shards).map(|_| async_channel::bounded(INBOX_CAPACITY)).unzip();
+    let (meta_tx, meta_rx) = async_channel::bounded(INBOX_CAPACITY);
+    let shared = Arc::new(Shared::new(
+        Sequencer::new(config.shards + 1, current_rev),
+        shard_txs,
+        meta_tx,
+        compacted_rev,
+        identity,
+        config.limits.clone(),
+    ));
+    eprintln!(
+        "ferrocd: member {:016x} of cluster {:016x}: {} shards on {} cores, revision {current_rev}, serving clients on {:?}",
+        identity.member_id, identity.cluster_id, config.shards, config.cores, config.listen_client
+    );
+
+    let mut owned: Vec<Vec<(usize, Store, async_channel::Receiver<_>)>> = (0..config.cores).map(|_| Vec::new()).collect();
+    for (shard, (store, rx)) in stores.into_iter().zip(shard_rxs).enumerate() {
+        owned[shard % config.cores].push((shard, store, rx));
+    }
+    let serving = Arc::new((AtomicUsize::new(config.cores), Event::new()));
+    let mut meta_rx = Some(meta_rx);
+    let mut handles = Vec::new();
+    for (core, shards) in owned.into_iter().enumerate() {
+        let core_setup = CoreSetup {
+            core,
+            shards,
+            meta: if core == 0 { meta_rx.take() } else { None },
+            next_index: next_index.clone(),
+            shared: shared.clone(),
+            config: config.clone(),
+            shutdown: shutdown.clone(),
+            serving: serving.clone(),
+        };
+        let handle = LocalExecutorBuilder::new(Placement::Unbound)
+            .name(&format!("ferrocd-core-{core}"))
+            .spawn(move || core_setup.run())
+            .map_err(|e| format!("cannot start executor for core {core}: {e}"))?;
+        handles.push(handle);
+    }
+    drop(shared);
+    let mut failure = None;
+    for handle in handles {
+        match handle.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failure = Some(e),
+            Err(e) => failure = Some(format!("executor failed: {e}")),
+        }
+    }
+    failure.map_or(Ok(()), Err)
+}
+
+struct CoreSetup {
+    core: usize,
+    shards: Vec<(usize, Store, async_channel::Receiver<crate::node::shard::ShardMsg>)>,
+    meta: Option<async_channel::Receiver<crate::node::meta::MetaMsg>>,
+    next_index: Vec<u64>,
+    shared: Arc<Shared>,
+    config: NodeConfig,
+    shutdown: Shutdown,
+    serving: Arc<(AtomicUsize, Event)>,
+}
+
+impl CoreSetup {
+    /// Serves until shutdown. A core that cannot start stops the whole node.
+    async fn run(self) -> Result<(), String> {
+        let (shutdown, serving) = (self.shutdown.clone(), self.serving.clone());
+        let result = self.start_and_serve().await;
+        if result.is_err() {
+            shutdown.request();
+            let (count, event) = &*serving;
+            count.fetch_sub(1, Ordering::SeqCst);
+            event.notify(usize::MAX);
+        }
+        result
+    }
+
+    async fn start_and_serve(self) -> Result<(), String> {
+        let data_dir = &self.config.data_dir;
+        let mut tasks = Vec::new();
+        for (id, store, rx) in self.shards {
+            let dir = recovery::shard_wal_dir(data_dir, id);
+            let (wal, _) = Wal::open(&dir, WalOptions::default())
+                .await
+                .map_err(|e| format!("cannot open WAL {}: {e}", dir.display()))?;
+            let shard = Shard::new(id, self.shared.clone(), store, wal, self.next_index[id]);
+            tasks.push(glommio::spawn_local(shard.run(rx)).detach());
+        }
+        if let Some(rx) = self.meta {
+            let dir = recovery::meta_wal_dir(data_dir);
+            let (wal, _) = Wal::open(&dir, WalOptions::default())
+                .await
+                .map_err(|e| format!("cannot open WAL {}: {e}", dir.display()))?;
+            let meta = Meta::new(self.shared.clone(), wal, self.next_index[self.shared.shards.len()]);
+            tasks.push(glommio::spawn_local(meta.run(rx)).detach());
+        }
+        let node = Node::new(self.shared.clone());
+        let kv = KvServer::new(KvService::new(node))
+            .max_decoding_message_size(max_grpc_message_bytes(self.config.limits.max_request_bytes));
+        let routes = Routes::new()
+            .add_grpc(kv)
+            .add_http(PATH_HEALTH, health_handler(|_query| async { Health::ok() }))
+            .add_http(PATH_VERSION, version_handler());
+        let server_config = ServerConfig::default();
+        let mut servers = Vec::new();
+        for addr in &self.config.listen_client {
+            let listener = transport::bind(*addr).map_err(|e| format!("core {}: cannot listen on {addr}: {e}", self.core))?;
+            let (routes, config, shutdown) = (routes.clone(), server_config.clone(), self.shutdown.clone());
+            servers.push(glommio::spawn_local(async move {
+                transport::serve(listener, routes, &config, shutdown.wait()).await;
+            }));
+        }
+        for server in servers {
+            server.await;
+        }
+        // Other cores may still route requests to this core's shards until they stop serving.
+        let (count, event) = &*self.serving;
+        count.fetch_sub(1, Ordering::SeqCst);
+        event.notify(usize::MAX);
+        while count.load(Ordering::SeqCst) > 0 {
+            let listener = event.listen();
+            if count.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            listener.await;
+        }
+        if self.core == 0 {
+            // Nothing sends any more: let every inbox drain and close.
+            self.shared.meta.close();
+            self.shared.shards.iter().for_each(|tx| {
+                tx.close();
+            });
+        }
+        for task in tasks {
+            task.await;
+        }
+        Ok(())
+    }
+}

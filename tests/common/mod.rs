@@ -1,0 +1,379 @@
+//! Shared harness for the integration tests: spawns a real server process (etcd from PATH, or
+//! the `ferrocd` binary built with these tests) on 127.0.0.1 with its own temporary data dir,
+//! waits until it answers a real request, and kills it when dropped.
+//!
+//! Each test binary compiles this module separately and uses a different subset of it.
+#![allow(dead_code)]
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, ConnectOptions, KvClient};
+use tempfile::TempDir;
+
+/// Environment variable that picks the server under test: `etcd` or `ferrocd` (the default).
+/// `FERROCD_TEST_SERVER=etcd` runs every comparison etcd against etcd, which validates the
+/// harness and the tests themselves.
+pub const SERVER_ENV: &str = "FERROCD_TEST_SERVER";
+
+/// How long a server may take from spawn to answering its first request.
+const READY_TIMEOUT_MS: u64 = 20_000;
+/// Pause between two readiness probes (polling a real request, not a fixed sleep).
+const READY_POLL_INTERVAL_MS: u64 = 50;
+/// Per-probe limits, so one hung probe cannot eat the whole readiness deadline.
+const PROBE_CONNECT_TIMEOUT_MS: u64 = 500;
+const PROBE_REQUEST_TIMEOUT_MS: u64 = 1_000;
+/// Start attempts when the picked ports were taken by someone else in the meantime.
+const MAX_START_ATTEMPTS: usize = 5;
+/// How long a SIGTERM'd server may take to exit before it gets SIGKILL.
+const GRACEFUL_STOP_TIMEOUT_MS: u64 = 10_000;
+/// Pause between two `try_wait` polls while waiting for a child to exit.
+const EXIT_POLL_INTERVAL_MS: u64 = 10;
+/// Timeout of a request made by a test client: large enough for a fsync'd write of a big
+/// value on a slow disk, small enough that a hung server fails the test instead of hanging it.
+const CLIENT_REQUEST_TIMEOUT_MS: u64 = 30_000;
+/// Responses of a Txn with several full-range reads of ~100 KiB values exceed tonic's
+/// default 4 MiB decoding limit.
+const CLIENT_MAX_DECODING_BYTES: usize = 64 * 1024 * 1024;
+/// How much of the server log is printed when a test fails.
+const LOG_TAIL_BYTES: usize = 8 * 1024;
+
+/// Which server binary to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Flavor {
+    /// The reference: real etcd found on PATH.
+    Etcd,
+    /// The `ferrocd` binary of this package, with extra command-line arguments.
+    Ferrocd(Vec<String>),
+}
+
+impl Flavor {
+    fn program(&self) -> &str {
+        match self {
+            Flavor::Etcd => "etcd",
+            Flavor::Ferrocd(_) => env!("CARGO_BIN_EXE_ferrocd"),
+        }
+    }
+
+    fn extra_args(&self) -> &[String] {
+        match self {
+            Flavor::Etcd => &[],
+            Flavor::Ferrocd(args) => args,
+        }
+    }
+}
+
+/// A running server process with its own data dir and log file.
+pub struct Server {
+    flavor: Flavor,
+    /// Holds the data dir and the log; removed when the server is dropped.
+    root: TempDir,
+    client_port: u16,
+    peer_port: u16,
+    child: Option<Child>,
+}
+
+impl Server {
+    /// A real etcd from PATH.
+    pub async fn etcd() -> Server {
+        Server::spawn(Flavor::Etcd).await
+    }
+
+    /// The `ferrocd` binary built with these tests, with extra arguments (e.g. `--shards 4`).
+    pub async fn ferrocd(extra_args: &[&str]) -> Server {
+        let args = extra_args.iter().map(|arg| arg.to_string()).collect();
+        Server::spawn(Flavor::Ferrocd(args)).await
+    }
+
+    /// The server under test, chosen by `FERROCD_TEST_SERVER` (`etcd` or `ferrocd`, default
+    /// `ferrocd`); `ferrocd_args` only apply to ferrocd.
+    pub async fn subject(ferrocd_args: &[&str]) -> Server {
+        match std::env::var(SERVER_ENV).as_deref() {
+            Ok("etcd") => Server::etcd().await,
+            Ok("ferrocd") | Err(std::env::VarError::NotPresent) => {
+                Server::ferrocd(ferrocd_args).await
+            }
+            other => panic!("{SERVER_ENV} must be `etcd` or `ferrocd`, got {other:?}"),
+        }
+    }
+
+    async fn spawn(flavor: Flavor) -> Server {
+        let root = tempfile::Builder::new()
+            .prefix("ferrocd-test-")
+            .tempdir()
+            .expect("create temp dir");
+        let (client_port, peer_port) = pick_two_free_ports();
+        let mut server = Server {
+            flavor,
+            root,
+            client_port,
+            peer_port,
+            child: None,
+        };
+        server.start().await;
+        server
+    }
+
+    /// `http://127.0.0.1:PORT`, the client URL.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    pub fn flavor(&self) -> &Flavor {
+        &self.flavor
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.root.path().join("data")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.root.path().join("server.log")
+    }
+
+    /// Everything the server printed so far, across restarts.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// A client connected to this server, with generous request timeouts and message limits.
+    pub async fn client(&self) -> Client {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_millis(READY_TIMEOUT_MS))
+            .with_timeout(Duration::from_millis(CLIENT_REQUEST_TIMEOUT_MS));
+        Client::connect([self.endpoint()], Some(options))
+            .await
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", self.endpoint()))
+    }
+
+    /// A KV client that accepts responses up to `CLIENT_MAX_DECODING_BYTES`.
+    pub async fn kv_client(&self) -> KvClient {
+        self.client()
+            .await
+            .kv_client()
+            .max_decoding_message_size(CLIENT_MAX_DECODING_BYTES)
+    }
+
+    /// Starts the server again on its existing data dir (after `kill9` or `stop`).
+    ///
+    /// Ports are picked by binding port 0 and releasing it, so another process can take one
+    /// between the release and the server's own bind. That race is tiny; when it happens the
+    /// server exits complaining about an address in use, and we retry with fresh ports.
+    pub async fn start(&mut self) {
+        assert!(self.child.is_none(), "start() while the server is running");
+        for attempt in 1..=MAX_START_ATTEMPTS {
+            self.spawn_child();
+            match self.wait_ready().await {
+                Ok(()) => return,
+                Err(StartError::AddressInUse) if attempt < MAX_START_ATTEMPTS => {
+                    (self.client_port, self.peer_port) = pick_two_free_ports();
+                }
+                Err(error) => panic!(
+                    "{:?} did not start: {error:?}\n{}",
+                    self.flavor,
+                    self.log_tail()
+                ),
+            }
+        }
+        unreachable!("the last attempt either returns or panics");
+    }
+
+    /// SIGKILL, then reap the child: a crash at an arbitrary instant.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Killing an already exited child fails harmlessly; `wait` still reaps it.
+            let _ = child.kill();
+            child.wait().expect("wait for killed server");
+        }
+    }
+
+    /// SIGTERM, then wait up to `GRACEFUL_STOP_TIMEOUT_MS` for a clean exit (SIGKILL after).
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let pid = libc::pid_t::try_from(child.id()).expect("pid fits pid_t");
+        // SAFETY: kill(2) with a pid we spawned and have not reaped yet, so it cannot name
+        // another process; no memory is involved.
+        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+        assert_eq!(rc, 0, "SIGTERM to server pid {pid}");
+        let deadline = Instant::now() + Duration::from_millis(GRACEFUL_STOP_TIMEOUT_MS);
+        while Instant::now() < deadline {
+            if child.try_wait().expect("poll server exit").is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(EXIT_POLL_INTERVAL_MS));
+        }
+        let _ = child.kill();
+        child.wait().expect("wait for killed server");
+        panic!(
+            "server pid {pid} ignored SIGTERM for {GRACEFUL_STOP_TIMEOUT_MS} ms\n{}",
+            self.log_tail()
+        );
+    }
+
+    /// Graceful stop, then start on the same data dir.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.start().await;
+    }
+
+    /// Crash (SIGKILL), then start on the same data dir.
+    pub async fn crash_restart(&mut self) {
+        self.kill9();
+        self.start().await;
+    }
+
+    fn spawn_child(&mut self) {
+        let log = self.open_log();
+        let stderr = log.try_clone().expect("clone log handle");
+        let child = Command::new(self.flavor.program())
+            .args(self.args())
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", self.flavor.program()));
+        self.child = Some(child);
+    }
+
+    /// Opens the log for appending and writes a marker, so restarts are told apart.
+    fn open_log(&self) -> File {
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("open server log");
+        writeln!(
+            log,
+            "=== harness: starting {:?} client port {} peer port {}",
+            self.flavor, self.client_port, self.peer_port
+        )
+        .expect("write server log");
+        log
+    }
+
+    /// etcd's own flags; ferrocd accepts the same ones (design brief, section 1).
+    fn args(&self) -> Vec<String> {
+        let client_url = self.endpoint();
+        let peer_url = format!("http://127.0.0.1:{}", self.peer_port);
+        let mut args: Vec<String> = vec![
+            "--name".into(),
+            "node1".into(),
+            "--data-dir".into(),
+            path_arg(&self.data_dir()),
+            "--listen-client-urls".into(),
+            client_url.clone(),
+            "--advertise-client-urls".into(),
+            client_url,
+            "--listen-peer-urls".into(),
+            peer_url.clone(),
+            "--initial-advertise-peer-urls".into(),
+            peer_url.clone(),
+            "--initial-cluster".into(),
+            format!("node1={peer_url}"),
+        ];
+        args.extend(self.flavor.extra_args().iter().cloned());
+        args
+    }
+
+    /// Polls a real request until it succeeds, the child exits, or the deadline passes.
+    async fn wait_ready(&mut self) -> Result<(), StartError> {
+        let deadline = Instant::now() + Duration::from_millis(READY_TIMEOUT_MS);
+        loop {
+            if let Some(status) = self.reap_if_exited() {
+                return Err(self.classify_exit(status));
+            }
+            // A probe can reach another process that took our port while our server is
+            // dying from the bind failure, so the child must still be alive after it.
+            if self.probe().await {
+                return match self.reap_if_exited() {
+                    Some(status) => Err(self.classify_exit(status)),
+                    None => Ok(()),
+                };
+            }
+            if Instant::now() >= deadline {
+                self.kill9();
+                return Err(StartError::NotReady);
+            }
+            tokio::time::sleep(Duration::from_millis(READY_POLL_INTERVAL_MS)).await;
+        }
+    }
+
+    fn reap_if_exited(&mut self) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut().expect("server child");
+        let status = child.try_wait().expect("poll server child")?;
+        self.child = None;
+        Some(status)
+    }
+
+    fn classify_exit(&self, status: std::process::ExitStatus) -> StartError {
+        if self.log().to_lowercase().contains("address already in use") {
+            StartError::AddressInUse
+        } else {
+            StartError::Exited(status)
+        }
+    }
+
+    /// One Range request with short timeouts: it proves the gRPC KV path answers.
+    async fn probe(&self) -> bool {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_millis(PROBE_CONNECT_TIMEOUT_MS))
+            .with_timeout(Duration::from_millis(PROBE_REQUEST_TIMEOUT_MS));
+        let Ok(mut client) = Client::connect([self.endpoint()], Some(options)).await else {
+            return false;
+        };
+        client.get("harness-readiness-probe", None).await.is_ok()
+    }
+
+    fn log_tail(&self) -> String {
+        let log = self.log();
+        let start = log.len().saturating_sub(LOG_TAIL_BYTES);
+        let start = (start..=log.len())
+            .find(|&i| log.is_char_boundary(i))
+            .unwrap_or(log.len());
+        format!(
+            "--- last {} bytes of {} ---\n{}\n--- end of log ---",
+            log.len() - start,
+            self.log_path().display(),
+            &log[start..]
+        )
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "{:?} at {}:\n{}",
+                self.flavor,
+                self.endpoint(),
+                self.log_tail()
+            );
+        }
+        self.kill9();
+    }
+}
+
+#[derive(Debug)]
+enum StartError {
+    AddressInUse,
+    Exited(std::process::ExitStatus),
+    NotReady,
+}
+
+/// Two distinct free ports: both listeners are held until both ports are known.
+fn pick_two_free_ports() -> (u16, u16) {
+    let first = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    let second = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    let port = |l: &TcpListener| l.local_addr().expect("local addr").port();
+    (port(&first), port(&second))
+}
+
+fn path_arg(path: &Path) -> String {
+    path.to_str().expect("temp paths are UTF-8").to_string()
+}

@@ -1,0 +1,38 @@
+//! Runs `tests/etcdctl_interop.sh` (etcdctl through every KV command family, exact outputs)
+//! against a fresh server: once against real etcd, which keeps the script's expectations
+//! honest, and once against the server under test (`FERROCD_TEST_SERVER`, default ferrocd).
+
+mod common;
+
+use std::process::Command;
+
+use common::Server;
+
+fn run_script(server: &Server) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/etcdctl_interop.sh");
+    let output = Command::new("bash")
+        .arg(script)
+        .arg(server.endpoint())
+        .output()
+        .expect("run bash");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!("{stdout}");
+    assert!(
+        output.status.success(),
+        "etcdctl interop against {:?} failed ({}):\n{stdout}\n{stderr}",
+        server.flavor(),
+        output.status
+    );
+    assert!(stdout.contains("all etcdctl checks passed"), "{stdout}");
+}
+
+#[tokio::test]
+async fn etcdctl_script_matches_real_etcd() {
+    run_script(&Server::etcd().await);
+}
+
+#[tokio::test]
+async fn etcdctl_script_against_subject() {
+    run_script(&Server::subject(&[]).await);
+}
