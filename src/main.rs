@@ -8,7 +8,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser, Debug)]
-#[command(name = "ferrocd", version, about = "A drop-in etcd v3 server, shard-per-core")]
+#[command(
+    name = "ferrocd",
+    version,
+    about = "A drop-in etcd v3 server, shard-per-core"
+)]
 struct Flags {
     /// Human-readable name for this member.
     #[arg(long, default_value = "default")]
@@ -98,8 +102,19 @@ struct TlsFlags {
 
 impl TlsFlags {
     fn any(&self) -> bool {
-        let files = [&self.cert_file, &self.key_file, &self.trusted_ca_file, &self.peer_cert_file, &self.peer_key_file, &self.peer_trusted_ca_file];
-        files.iter().any(|f| f.is_some()) || self.client_cert_auth || self.auto_tls || self.peer_client_cert_auth || self.peer_auto_tls
+        let files = [
+            &self.cert_file,
+            &self.key_file,
+            &self.trusted_ca_file,
+            &self.peer_cert_file,
+            &self.peer_key_file,
+            &self.peer_trusted_ca_file,
+        ];
+        files.iter().any(|f| f.is_some())
+            || self.client_cert_auth
+            || self.auto_tls
+            || self.peer_client_cert_auth
+            || self.peer_auto_tls
     }
 }
 
@@ -108,14 +123,35 @@ fn parse_urls(flag: &str, urls: &str) -> Result<Vec<SocketAddr>, String> {
     urls.split(',')
         .map(|url| {
             let url = url.trim();
-            let host_port = url.strip_prefix("http://").ok_or_else(|| match url.starts_with("https://") {
-                true => format!("--{flag}: {url}: TLS is not supported yet"),
-                false => format!("--{flag}: {url}: expected a URL like http://127.0.0.1:2379"),
-            })?;
+            let host_port =
+                url.strip_prefix("http://")
+                    .ok_or_else(|| match url.starts_with("https://") {
+                        true => format!("--{flag}: {url}: TLS is not supported yet"),
+                        false => {
+                            format!("--{flag}: {url}: expected a URL like http://127.0.0.1:2379")
+                        }
+                    })?;
             let host_port = host_port.trim_end_matches('/');
-            let mut addrs = host_port.to_socket_addrs().map_err(|e| format!("--{flag}: {url}: {e}"))?;
-            addrs.next().ok_or_else(|| format!("--{flag}: {url}: host has no address"))
+            let mut addrs = host_port
+                .to_socket_addrs()
+                .map_err(|e| format!("--{flag}: {url}: {e}"))?;
+            addrs
+                .next()
+                .ok_or_else(|| format!("--{flag}: {url}: host has no address"))
         })
+        .collect()
+}
+
+/// etcd's retention is a number with an optional unit (`0`, `1h`, `30m`); zero turns it off.
+fn retention_is_off(retention: &str) -> bool {
+    let number = retention.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    number.parse::<f64>().is_ok_and(|v| v == 0.0)
+}
+
+fn split_urls(urls: &str) -> Vec<String> {
+    urls.split(',')
+        .map(|u| u.trim().to_string())
+        .filter(|u| !u.is_empty())
         .collect()
 }
 
@@ -123,12 +159,19 @@ fn config(flags: &Flags) -> Result<NodeConfig, String> {
     if flags.tls.any() {
         return Err("TLS flags are not supported yet: ferrocd serves plain http only".into());
     }
-    let members = flags.initial_cluster.split(',').filter(|m| !m.trim().is_empty()).count();
+    let members = flags
+        .initial_cluster
+        .split(',')
+        .filter(|m| !m.trim().is_empty())
+        .count();
     if members > 1 {
         return Err(format!("--initial-cluster names {members} members: clustering is not supported yet (single member only)"));
     }
-    if flags.auto_compaction_retention.trim_start_matches('0').trim_start_matches('.').trim_start_matches('0') != "" {
-        return Err("--auto-compaction-retention: auto compaction is not supported yet; compact explicitly".into());
+    if !retention_is_off(&flags.auto_compaction_retention) {
+        return Err(
+            "--auto-compaction-retention: auto compaction is not supported yet; compact explicitly"
+                .into(),
+        );
     }
     if flags.max_txn_ops == 0 || flags.max_request_bytes == 0 {
         return Err("--max-txn-ops and --max-request-bytes must be positive".into());
@@ -141,11 +184,19 @@ fn config(flags: &Flags) -> Result<NodeConfig, String> {
     parse_urls("listen-peer-urls", &flags.listen_peer_urls)?;
     Ok(NodeConfig {
         name: flags.name.clone(),
-        data_dir: flags.data_dir.clone().unwrap_or_else(|| PathBuf::from(format!("{}.ferrocd", flags.name))),
+        data_dir: flags
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("{}.ferrocd", flags.name))),
         shards,
         cores: shards.min(cpus),
         listen_client: parse_urls("listen-client-urls", &flags.listen_client_urls)?,
-        limits: Limits { max_txn_ops: flags.max_txn_ops, max_request_bytes: flags.max_request_bytes },
+        advertise_client_urls: split_urls(&flags.advertise_client_urls),
+        advertise_peer_urls: split_urls(&flags.initial_advertise_peer_urls),
+        limits: Limits {
+            max_txn_ops: flags.max_txn_ops,
+            max_request_bytes: flags.max_request_bytes,
+        },
     })
 }
 

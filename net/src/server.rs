@@ -2,6 +2,7 @@
 //! core 0 the meta group), each accepting client connections on every listen address
 //! (SO_REUSEPORT), until shutdown.
 
+use crate::cluster::{ClusterService, MemberInfo};
 use crate::http::{health_handler, version_handler, Health, PATH_HEALTH, PATH_VERSION};
 use crate::kv::KvService;
 use crate::node::meta::Meta;
@@ -10,7 +11,9 @@ use crate::node::shard::Shard;
 use crate::node::{fnv1a, Limits, Node, Shared, INBOX_CAPACITY};
 use crate::transport::{self, max_grpc_message_bytes, Routes, ServerConfig};
 use event_listener::Event;
+use ferrocd_api::etcdserverpb::cluster_server::ClusterServer;
 use ferrocd_api::etcdserverpb::kv_server::KvServer;
+use ferrocd_api::etcdserverpb::maintenance_server::MaintenanceServer;
 use ferrocd_engine::mvcc::Store;
 use ferrocd_engine::wal::{Wal, WalOptions};
 use ferrocd_raft::sequencer::Sequencer;
@@ -28,6 +31,8 @@ pub struct NodeConfig {
     /// Executors (threads); each owns the shards `s` with `s % cores == core`.
     pub cores: usize,
     pub listen_client: Vec<SocketAddr>,
+    pub advertise_client_urls: Vec<String>,
+    pub advertise_peer_urls: Vec<String>,
     pub limits: Limits,
 }
 
@@ -40,7 +45,10 @@ pub struct Shutdown {
 
 impl Default for Shutdown {
     fn default() -> Self {
-        Shutdown { signal: Arc::new(Event::new()), requested: Arc::default() }
+        Shutdown {
+            signal: Arc::new(Event::new()),
+            requested: Arc::default(),
+        }
     }
 }
 
@@ -64,22 +72,30 @@ impl Shutdown {
 /// Recovers the data dir, starts the cores and blocks until `shutdown` is requested and every
 /// core has drained. Errors are start-up errors, worded for the operator.
 pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
-    assert!(config.shards > 0 && config.cores > 0, "at least one shard and one core");
+    assert!(
+        config.shards > 0 && config.cores > 0,
+        "at least one shard and one core"
+    );
     std::fs::create_dir_all(&config.data_dir)
         .and_then(|()| config.data_dir.canonicalize())
         .map(|dir| config.data_dir = dir)
         .map_err(|e| format!("cannot use data dir {}: {e}", config.data_dir.display()))?;
     let identity = recovery::open_identity(&config.data_dir, config.shards, &config.name)?;
     let shard_of = |key: &[u8]| (fnv1a(key) % config.shards as u64) as usize;
-    let Recovered { stores, current_rev, compacted_rev, next_index } =
-        recovery::recover(&config.data_dir, config.shards, shard_of)?;
+    let Recovered {
+        stores,
+        current_rev,
+        compacted_rev,
+        next_index,
+    } = recovery::recover(&config.data_dir, config.shards, shard_of)?;
     // Bind every address once here so a busy port is reported before anything starts.
     for addr in &config.listen_client {
         std::net::TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     }
 
-    let (shard_txs, shard_rxs): (Vec<_>, Vec<_>) =
-        (0..config.shards).map(|_| async_channel::bounded(INBOX_CAPACITY)).unzip();
+    let (shard_txs, shard_rxs): (Vec<_>, Vec<_>) = (0..config.shards)
+        .map(|_| async_channel::bounded(INBOX_CAPACITY))
+        .unzip();
     let (meta_tx, meta_rx) = async_channel::bounded(INBOX_CAPACITY);
     let shared = Arc::new(Shared::new(
         Sequencer::new(config.shards + 1, current_rev),
@@ -94,7 +110,8 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
         identity.member_id, identity.cluster_id, config.shards, config.cores, config.listen_client
     );
 
-    let mut owned: Vec<Vec<(usize, Store, async_channel::Receiver<_>)>> = (0..config.cores).map(|_| Vec::new()).collect();
+    let mut owned: Vec<Vec<(usize, Store, async_channel::Receiver<_>)>> =
+        (0..config.cores).map(|_| Vec::new()).collect();
     for (shard, (store, rx)) in stores.into_iter().zip(shard_rxs).enumerate() {
         owned[shard % config.cores].push((shard, store, rx));
     }
@@ -132,7 +149,11 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
 
 struct CoreSetup {
     core: usize,
-    shards: Vec<(usize, Store, async_channel::Receiver<crate::node::shard::ShardMsg>)>,
+    shards: Vec<(
+        usize,
+        Store,
+        async_channel::Receiver<crate::node::shard::ShardMsg>,
+    )>,
     meta: Option<async_channel::Receiver<crate::node::meta::MetaMsg>>,
     next_index: Vec<u64>,
     shared: Arc<Shared>,
@@ -171,21 +192,37 @@ impl CoreSetup {
             let (wal, _) = Wal::open(&dir, WalOptions::default())
                 .await
                 .map_err(|e| format!("cannot open WAL {}: {e}", dir.display()))?;
-            let meta = Meta::new(self.shared.clone(), wal, self.next_index[self.shared.shards.len()]);
+            let meta = Meta::new(
+                self.shared.clone(),
+                wal,
+                self.next_index[self.shared.shards.len()],
+            );
             tasks.push(glommio::spawn_local(meta.run(rx)).detach());
         }
         let node = Node::new(self.shared.clone());
-        let kv = KvServer::new(KvService::new(node))
-            .max_decoding_message_size(max_grpc_message_bytes(self.config.limits.max_request_bytes));
+        let kv = KvServer::new(KvService::new(node.clone())).max_decoding_message_size(
+            max_grpc_message_bytes(self.config.limits.max_request_bytes),
+        );
+        let member = MemberInfo {
+            name: self.config.name.clone(),
+            peer_urls: self.config.advertise_peer_urls.clone(),
+            client_urls: self.config.advertise_client_urls.clone(),
+            data_dir: self.config.data_dir.clone(),
+        };
+        let cluster = ClusterService::new(node.clone(), member);
         let routes = Routes::new()
             .add_grpc(kv)
+            .add_grpc(ClusterServer::new(cluster.clone()))
+            .add_grpc(MaintenanceServer::new(cluster))
             .add_http(PATH_HEALTH, health_handler(|_query| async { Health::ok() }))
             .add_http(PATH_VERSION, version_handler());
         let server_config = ServerConfig::default();
         let mut servers = Vec::new();
         for addr in &self.config.listen_client {
-            let listener = transport::bind(*addr).map_err(|e| format!("core {}: cannot listen on {addr}: {e}", self.core))?;
-            let (routes, config, shutdown) = (routes.clone(), server_config.clone(), self.shutdown.clone());
+            let listener = transport::bind(*addr)
+                .map_err(|e| format!("core {}: cannot listen on {addr}: {e}", self.core))?;
+            let (routes, config, shutdown) =
+                (routes.clone(), server_config.clone(), self.shutdown.clone());
             servers.push(glommio::spawn_local(async move {
                 transport::serve(listener, routes, &config, shutdown.wait()).await;
             }));

@@ -61,9 +61,16 @@ impl Sequencer {
     pub fn take(&self, writer: WriterId, has_pending: bool) -> i64 {
         let floor = &self.floors[writer];
         if has_pending {
-            assert!(floor.load(SeqCst) != NONE_PENDING, "writer {writer} has no pending revision");
+            assert!(
+                floor.load(SeqCst) != NONE_PENDING,
+                "writer {writer} has no pending revision"
+            );
         } else {
-            assert_eq!(floor.load(SeqCst), NONE_PENDING, "writer {writer} has a pending revision");
+            assert_eq!(
+                floor.load(SeqCst),
+                NONE_PENDING,
+                "writer {writer} has a pending revision"
+            );
             floor.store(self.counter.load(SeqCst) + 1, SeqCst);
         }
         self.counter.fetch_add(1, SeqCst) + 1
@@ -74,7 +81,12 @@ impl Sequencer {
     pub fn settle(&self, writer: WriterId, next_pending: Option<i64>) {
         self.floors[writer].store(next_pending.unwrap_or(NONE_PENDING), SeqCst);
         let counter = self.counter.load(SeqCst);
-        let lowest_floor = self.floors.iter().map(|f| f.load(SeqCst)).min().unwrap_or(NONE_PENDING);
+        let lowest_floor = self
+            .floors
+            .iter()
+            .map(|f| f.load(SeqCst))
+            .min()
+            .unwrap_or(NONE_PENDING);
         let watermark = counter.min(lowest_floor.saturating_sub(1));
         if self.visible.fetch_max(watermark, SeqCst) < watermark {
             self.advanced.notify(usize::MAX);
@@ -136,7 +148,11 @@ mod tests {
         let a = seq.take(0, false); // 2, stays pending
         let b = seq.take(1, false); // 3
         seq.settle(1, None);
-        assert_eq!(seq.visible(), 1, "rev {b} settled but rev {a} is still pending");
+        assert_eq!(
+            seq.visible(),
+            1,
+            "rev {b} settled but rev {a} is still pending"
+        );
         seq.settle(0, None);
         assert_eq!(seq.visible(), 3);
     }
@@ -163,8 +179,11 @@ mod tests {
         let seq = Arc::new(Sequencer::new(WRITERS, 1));
         // Each writer records, for each revision, that it is settled; a checker thread asserts
         // that everything at or below the watermark is settled.
-        let settled: Arc<Vec<AtomicI64>> =
-            Arc::new((0..=(WRITERS * ROUNDS + 1)).map(|_| AtomicI64::new(0)).collect());
+        let settled: Arc<Vec<AtomicI64>> = Arc::new(
+            (0..=(WRITERS * ROUNDS + 1))
+                .map(|_| AtomicI64::new(0))
+                .collect(),
+        );
         let writers: Vec<_> = (0..WRITERS)
             .map(|w| {
                 let (seq, settled) = (seq.clone(), settled.clone());
@@ -184,7 +203,11 @@ mod tests {
                 while seq.visible() < last {
                     let visible = seq.visible();
                     for rev in 2..=visible {
-                        assert_eq!(settled[rev as usize].load(SeqCst), 1, "rev {rev} visible early");
+                        assert_eq!(
+                            settled[rev as usize].load(SeqCst),
+                            1,
+                            "rev {rev} visible early"
+                        );
                     }
                 }
             })

@@ -29,6 +29,33 @@ pub trait View {
     fn at(&self, key: &[u8], end: &[u8], rev: i64) -> Vec<KeyValue>;
 }
 
+/// A historical range read inside a txn: `(key, range_end, revision)`.
+pub type HistoricalRead = (Vec<u8>, Vec<u8>, i64);
+
+/// A view assembled from the state of the key ranges a request names (gathered from shards).
+#[derive(Default)]
+pub struct GatheredView {
+    pub latest: BTreeMap<Vec<u8>, KeyValue>,
+    pub historical: Vec<(HistoricalRead, Vec<KeyValue>)>,
+}
+
+impl View for GatheredView {
+    fn latest(&self, key: &[u8], end: &[u8]) -> Vec<KeyValue> {
+        let from = self.latest.range(key.to_vec()..).map(|(_, kv)| kv);
+        from.take_while(|kv| in_range(&kv.key, key, end))
+            .cloned()
+            .collect()
+    }
+
+    /// A read that was not gathered (its revision was out of range) finds nothing; evaluation
+    /// reports the bad revision before any op could use it.
+    fn at(&self, key: &[u8], end: &[u8], rev: i64) -> Vec<KeyValue> {
+        let wanted = (key.to_vec(), end.to_vec(), rev);
+        let found = self.historical.iter().find(|(read, _)| *read == wanted);
+        found.map(|(_, kvs)| kvs.clone()).unwrap_or_default()
+    }
+}
+
 /// The revisions a request is evaluated at.
 #[derive(Clone, Copy, Debug)]
 pub struct Revs {
@@ -137,7 +164,9 @@ fn check_intervals(ops: &[RequestOp]) -> Result<(BTreeSet<Vec<u8>>, Vec<DelSpan>
         .collect();
     let mut puts = BTreeSet::new();
     for op in ops {
-        let Some(Request::RequestTxn(t)) = &op.request else { continue };
+        let Some(Request::RequestTxn(t)) = &op.request else {
+            continue;
+        };
         let (puts_then, dels_then) = check_intervals(&t.success)?;
         let (puts_else, dels_else) = check_intervals(&t.failure)?;
         for k in &puts_then {
@@ -157,7 +186,9 @@ fn check_intervals(ops: &[RequestOp]) -> Result<(BTreeSet<Vec<u8>>, Vec<DelSpan>
         dels.extend(dels_else);
     }
     for op in ops {
-        let Some(Request::RequestPut(p)) = &op.request else { continue };
+        let Some(Request::RequestPut(p)) = &op.request else {
+            continue;
+        };
         if puts.contains(&p.key) || deleted(&dels, &p.key) {
             return Err(KvError::DuplicateKey);
         }
@@ -168,7 +199,11 @@ fn check_intervals(ops: &[RequestOp]) -> Result<(BTreeSet<Vec<u8>>, Vec<DelSpan>
 
 /// Every `(key, range_end)` a txn may read or write, in both branches, nested txns included.
 pub fn txn_spans(r: &TxnRequest, out: &mut Vec<DelSpan>) {
-    out.extend(r.compare.iter().map(|c| (c.key.clone(), c.range_end.clone())));
+    out.extend(
+        r.compare
+            .iter()
+            .map(|c| (c.key.clone(), c.range_end.clone())),
+    );
     for op in r.success.iter().chain(&r.failure) {
         match &op.request {
             Some(Request::RequestRange(q)) => out.push((q.key.clone(), q.range_end.clone())),
@@ -182,15 +217,18 @@ pub fn txn_spans(r: &TxnRequest, out: &mut Vec<DelSpan>) {
 
 /// Whether a txn can change anything (etcd's `!isTxnReadonly`).
 pub fn txn_may_write(r: &TxnRequest) -> bool {
-    r.success.iter().chain(&r.failure).any(|op| match &op.request {
-        Some(Request::RequestPut(_)) | Some(Request::RequestDeleteRange(_)) => true,
-        Some(Request::RequestTxn(t)) => txn_may_write(t),
-        _ => false,
-    })
+    r.success
+        .iter()
+        .chain(&r.failure)
+        .any(|op| match &op.request {
+            Some(Request::RequestPut(_)) | Some(Request::RequestDeleteRange(_)) => true,
+            Some(Request::RequestTxn(t)) => txn_may_write(t),
+            _ => false,
+        })
 }
 
 /// Historical range reads `(key, range_end, revision)` a txn contains.
-pub fn txn_historical_ranges(r: &TxnRequest, out: &mut Vec<(Vec<u8>, Vec<u8>, i64)>) {
+pub fn txn_historical_ranges(r: &TxnRequest, out: &mut Vec<HistoricalRead>) {
     for op in r.success.iter().chain(&r.failure) {
         match &op.request {
             Some(Request::RequestRange(q)) if q.revision > 0 => {
@@ -234,7 +272,11 @@ pub fn check_read_rev(rev: i64, revs: Revs) -> Result<(), KvError> {
 /// etcd's `checkRequestRange` for ranges inside a txn: any revision below the first readable
 /// one (-1 before the first compaction), negative ones included, counts as compacted.
 fn check_txn_read_rev(rev: i64, revs: Revs) -> Result<(), KvError> {
-    let first_rev = if revs.compacted == 0 { -1 } else { revs.compacted };
+    let first_rev = if revs.compacted == 0 {
+        -1
+    } else {
+        revs.compacted
+    };
     if rev > revs.current {
         return Err(KvError::FutureRev);
     }
@@ -247,7 +289,12 @@ fn check_txn_read_rev(rev: i64, revs: Revs) -> Result<(), KvError> {
 /// Turns the key-ordered result of a range (`total` = live keys in range) into etcd's response.
 /// `kvs` may hold more than [`fetch_limit`]; like etcd, only that many (in key order) are
 /// filtered and sorted, even when the sort target is not the key.
-pub fn finish_range(r: &RangeRequest, mut kvs: Vec<KeyValue>, total: i64, header_rev: i64) -> RangeResponse {
+pub fn finish_range(
+    r: &RangeRequest,
+    mut kvs: Vec<KeyValue>,
+    total: i64,
+    header_rev: i64,
+) -> RangeResponse {
     if r.count_only {
         kvs.clear();
     }
@@ -311,7 +358,10 @@ pub fn to_pb(kv: KeyValue, keys_only: bool) -> mvccpb::KeyValue {
 
 /// A header carrying only a revision, as etcd sets on responses nested in a txn.
 pub fn revision_header(rev: i64) -> ResponseHeader {
-    ResponseHeader { revision: rev, ..Default::default() }
+    ResponseHeader {
+        revision: rev,
+        ..Default::default()
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -335,13 +385,27 @@ pub fn evaluate_txn(
     check_path(view, r, &path, revs, lease_exists, put_first_checks_lease)?;
     let changes_something = path_changes(view, r, &path);
     let rev = changes_something.then(take_rev);
-    let mut exec = Exec { view, revs, rev, writes: BTreeMap::new(), changes: Vec::new() };
+    let mut exec = Exec {
+        view,
+        revs,
+        rev,
+        writes: BTreeMap::new(),
+        changes: Vec::new(),
+    };
     let mut cursor = 0;
     let mut response = exec.txn(r, &path, &mut cursor);
     assert_eq!(cursor, path.len(), "every compare decision is consumed");
-    assert_eq!(exec.changes.is_empty(), rev.is_none(), "a revision is taken iff something changes");
+    assert_eq!(
+        exec.changes.is_empty(),
+        rev.is_none(),
+        "a revision is taken iff something changes"
+    );
     response.header = Some(revision_header(rev.unwrap_or(revs.current)));
-    Ok(Outcome { response, rev, changes: exec.changes })
+    Ok(Outcome {
+        response,
+        rev,
+        changes: exec.changes,
+    })
 }
 
 /// etcd's `compareToPath`: every compare on the chosen path, evaluated before any op runs.
@@ -364,7 +428,12 @@ fn branch(r: &TxnRequest, succeeded: bool) -> &[RequestOp] {
 }
 
 /// Visits the ops on the chosen path in execution order.
-fn walk_path<'a>(r: &'a TxnRequest, path: &[bool], cursor: &mut usize, f: &mut dyn FnMut(&'a RequestOp)) {
+fn walk_path<'a>(
+    r: &'a TxnRequest,
+    path: &[bool],
+    cursor: &mut usize,
+    f: &mut dyn FnMut(&'a RequestOp),
+) {
     let ok = path[*cursor];
     *cursor += 1;
     for op in branch(r, ok) {
@@ -387,9 +456,13 @@ fn compare_holds(view: &dyn View, c: &Compare) -> bool {
 
 fn compare_kv(c: &Compare, target: CompareTarget, kv: &KeyValue) -> bool {
     let ord = match (target, &c.target_union) {
-        (CompareTarget::Value, Some(TargetUnion::Value(v))) => kv.value.as_slice().cmp(v.as_slice()),
+        (CompareTarget::Value, Some(TargetUnion::Value(v))) => {
+            kv.value.as_slice().cmp(v.as_slice())
+        }
         (CompareTarget::Value, _) => kv.value.as_slice().cmp(&[][..]),
-        (CompareTarget::Create, u) => kv.create_revision.cmp(&int_target(u, CompareTarget::Create)),
+        (CompareTarget::Create, u) => kv
+            .create_revision
+            .cmp(&int_target(u, CompareTarget::Create)),
         (CompareTarget::Mod, u) => kv.mod_revision.cmp(&int_target(u, CompareTarget::Mod)),
         (CompareTarget::Version, u) => kv.version.cmp(&int_target(u, CompareTarget::Version)),
         (CompareTarget::Lease, u) => kv.lease.cmp(&int_target(u, CompareTarget::Lease)),
@@ -429,8 +502,12 @@ fn check_path(
             return;
         }
         result = match &op.request {
-            Some(Request::RequestPut(p)) => check_put_state(view, p, lease_exists, put_first_checks_lease),
-            Some(Request::RequestRange(q)) if q.revision != 0 => check_txn_read_rev(q.revision, revs),
+            Some(Request::RequestPut(p)) => {
+                check_put_state(view, p, lease_exists, put_first_checks_lease)
+            }
+            Some(Request::RequestRange(q)) if q.revision != 0 => {
+                check_txn_read_rev(q.revision, revs)
+            }
             _ => Ok(()),
         };
     });
@@ -467,7 +544,9 @@ fn path_changes(view: &dyn View, r: &TxnRequest, path: &[bool]) -> bool {
         Some(Request::RequestDeleteRange(d)) => dels.push(d),
         _ => {}
     });
-    puts || dels.iter().any(|d| !view.latest(&d.key, &d.range_end).is_empty())
+    puts || dels
+        .iter()
+        .any(|d| !view.latest(&d.key, &d.range_end).is_empty())
 }
 
 /// Executes the ops of a chosen path, reading its own writes.
@@ -504,7 +583,11 @@ impl Exec<'_> {
                 }),
             })
             .collect();
-        TxnResponse { header: None, succeeded: ok, responses }
+        TxnResponse {
+            header: None,
+            succeeded: ok,
+            responses,
+        }
     }
 
     /// etcd gives a nested txn an empty header (revision 0).
@@ -516,8 +599,12 @@ impl Exec<'_> {
 
     /// The latest state of `[key, end)` including this txn's writes, by key.
     fn latest(&self, key: &[u8], end: &[u8]) -> Vec<KeyValue> {
-        let mut merged: BTreeMap<Vec<u8>, KeyValue> =
-            self.view.latest(key, end).into_iter().map(|kv| (kv.key.clone(), kv)).collect();
+        let mut merged: BTreeMap<Vec<u8>, KeyValue> = self
+            .view
+            .latest(key, end)
+            .into_iter()
+            .map(|kv| (kv.key.clone(), kv))
+            .collect();
         for (k, w) in self.writes.iter().filter(|(k, _)| in_range(k, key, end)) {
             match w {
                 Some(kv) => merged.insert(k.clone(), kv.clone()),
@@ -552,25 +639,46 @@ impl Exec<'_> {
             Some(prev) => (prev.create_revision, prev.version + 1),
             None => (rev, 1),
         };
-        let kv = KeyValue { key: p.key.clone(), create_revision, mod_revision: rev, version, value, lease };
-        self.record(Effect::Put { key: p.key.clone(), value: kv.value.clone(), lease });
+        let kv = KeyValue {
+            key: p.key.clone(),
+            create_revision,
+            mod_revision: rev,
+            version,
+            value,
+            lease,
+        };
+        self.record(Effect::Put {
+            key: p.key.clone(),
+            value: kv.value.clone(),
+            lease,
+        });
         self.writes.insert(p.key.clone(), Some(kv));
         PutResponse {
             header: Some(revision_header(rev)),
-            prev_kv: if p.prev_kv { prev.map(|kv| to_pb(kv, false)) } else { None },
+            prev_kv: if p.prev_kv {
+                prev.map(|kv| to_pb(kv, false))
+            } else {
+                None
+            },
         }
     }
 
     fn delete(&mut self, d: &DeleteRangeRequest) -> DeleteRangeResponse {
         let victims = self.latest(&d.key, &d.range_end);
         for kv in &victims {
-            self.record(Effect::Delete { key: kv.key.clone() });
+            self.record(Effect::Delete {
+                key: kv.key.clone(),
+            });
             self.writes.insert(kv.key.clone(), None);
         }
         DeleteRangeResponse {
             header: Some(revision_header(self.read_rev())),
             deleted: victims.len() as i64,
-            prev_kvs: if d.prev_kv { victims.into_iter().map(|kv| to_pb(kv, false)).collect() } else { Vec::new() },
+            prev_kvs: if d.prev_kv {
+                victims.into_iter().map(|kv| to_pb(kv, false)).collect()
+            } else {
+                Vec::new()
+            },
         }
     }
 
@@ -591,7 +699,13 @@ pub fn delete_as_txn(d: DeleteRangeRequest) -> TxnRequest {
 }
 
 fn one_op_txn(request: Request) -> TxnRequest {
-    TxnRequest { compare: Vec::new(), success: vec![RequestOp { request: Some(request) }], failure: Vec::new() }
+    TxnRequest {
+        compare: Vec::new(),
+        success: vec![RequestOp {
+            request: Some(request),
+        }],
+        failure: Vec::new(),
+    }
 }
 
 #[cfg(test)]
@@ -611,18 +725,25 @@ mod tests {
 
     fn put(k: &str, v: &str) -> RequestOp {
         RequestOp {
-            request: Some(Request::RequestPut(PutRequest { key: k.into(), value: v.into(), ..Default::default() })),
+            request: Some(Request::RequestPut(PutRequest {
+                key: k.into(),
+                value: v.into(),
+                ..Default::default()
+            })),
         }
     }
 
     fn run(store: &mut Store, r: &TxnRequest, current: &mut i64) -> TxnResponse {
-        let revs = Revs { current: *current, compacted: 0 };
-        let mut next = *current + 1;
-        let out = evaluate_txn(&StoreView(store), r, revs, &|_| false, false, &mut || next).unwrap();
+        let revs = Revs {
+            current: *current,
+            compacted: 0,
+        };
+        let next = *current + 1;
+        let out =
+            evaluate_txn(&StoreView(store), r, revs, &|_| false, false, &mut || next).unwrap();
         if let Some(rev) = out.rev {
             store.apply(rev, &out.changes);
             *current = rev;
-            next += 1;
         }
         out.response
     }
@@ -633,19 +754,39 @@ mod tests {
         let mut current = 1;
         let txn = TxnRequest {
             success: vec![
-                RequestOp { request: Some(Request::RequestRange(RangeRequest { key: "a".into(), ..Default::default() })) },
+                RequestOp {
+                    request: Some(Request::RequestRange(RangeRequest {
+                        key: "a".into(),
+                        ..Default::default()
+                    })),
+                },
                 put("a", "1"),
-                RequestOp { request: Some(Request::RequestRange(RangeRequest { key: "a".into(), ..Default::default() })) },
+                RequestOp {
+                    request: Some(Request::RequestRange(RangeRequest {
+                        key: "a".into(),
+                        ..Default::default()
+                    })),
+                },
             ],
             ..Default::default()
         };
         let resp = run(&mut store, &txn, &mut current);
         assert_eq!(current, 2);
         assert_eq!(resp.header.unwrap().revision, 2);
-        let Some(Response::ResponseRange(before)) = &resp.responses[0].response else { panic!() };
-        assert_eq!((before.count, before.header.as_ref().unwrap().revision), (0, 1));
-        let Some(Response::ResponseRange(after)) = &resp.responses[2].response else { panic!() };
-        assert_eq!((after.count, after.header.as_ref().unwrap().revision), (1, 2));
+        let Some(Response::ResponseRange(before)) = &resp.responses[0].response else {
+            panic!()
+        };
+        assert_eq!(
+            (before.count, before.header.as_ref().unwrap().revision),
+            (0, 1)
+        );
+        let Some(Response::ResponseRange(after)) = &resp.responses[2].response else {
+            panic!()
+        };
+        assert_eq!(
+            (after.count, after.header.as_ref().unwrap().revision),
+            (1, 2)
+        );
         assert_eq!(after.kvs[0].mod_revision, 2);
     }
 
@@ -653,7 +794,14 @@ mod tests {
     fn a_delete_of_nothing_takes_no_revision() {
         let mut store = Store::new();
         let mut current = 1;
-        let resp = run(&mut store, &delete_as_txn(DeleteRangeRequest { key: "x".into(), ..Default::default() }), &mut current);
+        let resp = run(
+            &mut store,
+            &delete_as_txn(DeleteRangeRequest {
+                key: "x".into(),
+                ..Default::default()
+            }),
+            &mut current,
+        );
         assert_eq!(current, 1);
         assert_eq!(resp.header.unwrap().revision, 1);
     }
@@ -667,9 +815,16 @@ mod tests {
                 ..Default::default()
             })),
         };
-        let txn = TxnRequest { success: vec![del, put("a1", "v")], ..Default::default() };
+        let txn = TxnRequest {
+            success: vec![del, put("a1", "v")],
+            ..Default::default()
+        };
         assert_eq!(check_txn(&txn, 128), Err(KvError::DuplicateKey));
-        let both_branches = TxnRequest { success: vec![put("k", "1")], failure: vec![put("k", "2")], ..Default::default() };
+        let both_branches = TxnRequest {
+            success: vec![put("k", "1")],
+            failure: vec![put("k", "2")],
+            ..Default::default()
+        };
         assert_eq!(check_txn(&both_branches, 128), Ok(()));
     }
 

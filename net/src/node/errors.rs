@@ -28,12 +28,24 @@ impl KvError {
             KeyNotFound => (Code::InvalidArgument, "etcdserver: key not found"),
             ValueProvided => (Code::InvalidArgument, "etcdserver: value is provided"),
             LeaseProvided => (Code::InvalidArgument, "etcdserver: lease is provided"),
-            TooManyOps => (Code::InvalidArgument, "etcdserver: too many operations in txn request"),
-            DuplicateKey => (Code::InvalidArgument, "etcdserver: duplicate key given in txn request"),
+            TooManyOps => (
+                Code::InvalidArgument,
+                "etcdserver: too many operations in txn request",
+            ),
+            DuplicateKey => (
+                Code::InvalidArgument,
+                "etcdserver: duplicate key given in txn request",
+            ),
             RequestTooLarge => (Code::InvalidArgument, "etcdserver: request is too large"),
             LeaseNotFound => (Code::NotFound, "etcdserver: requested lease not found"),
-            Compacted => (Code::OutOfRange, "etcdserver: mvcc: required revision has been compacted"),
-            FutureRev => (Code::OutOfRange, "etcdserver: mvcc: required revision is a future revision"),
+            Compacted => (
+                Code::OutOfRange,
+                "etcdserver: mvcc: required revision has been compacted",
+            ),
+            FutureRev => (
+                Code::OutOfRange,
+                "etcdserver: mvcc: required revision is a future revision",
+            ),
             Stopped => (Code::Unavailable, "etcdserver: server stopped"),
         }
     }

@@ -12,38 +12,28 @@
 //! Recovery replays the meta log's changes into the shards they belong to, merged with each
 //! shard's own log by revision; a meta entry is on disk whole or not at all.
 
-use super::apply::{self, in_range, Revs, View};
+use super::apply::{self, GatheredView, HistoricalRead, Revs};
 use super::errors::KvError;
 use super::shard::{fatal, Gathered, ShardMsg, Span, SINGLE_VOTER_TERM};
 use super::Shared;
 use ferrocd_api::etcdserverpb::{TxnRequest, TxnResponse};
 use ferrocd_engine::mvcc::codec::{encode, LogPayload};
-use ferrocd_engine::mvcc::{Change, KeyValue};
+use ferrocd_engine::mvcc::Change;
 use ferrocd_engine::wal::{Record, Wal};
 use futures::channel::oneshot;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 pub enum MetaMsg {
-    Write { txn: TxnRequest, put_first_checks_lease: bool, reply: oneshot::Sender<Result<TxnResponse, KvError>> },
-    Compact { rev: i64, reply: oneshot::Sender<Result<(), KvError>> },
-}
-
-/// The state of the key ranges a request names, gathered from held shards.
-struct GatheredView {
-    latest: BTreeMap<Vec<u8>, KeyValue>,
-    historical: Vec<((Vec<u8>, Vec<u8>, i64), Vec<KeyValue>)>,
-}
-
-impl View for GatheredView {
-    fn latest(&self, key: &[u8], end: &[u8]) -> Vec<KeyValue> {
-        self.latest.range(key.to_vec()..).map(|(_, kv)| kv).take_while(|kv| in_range(&kv.key, key, end)).cloned().collect()
-    }
-    fn at(&self, key: &[u8], end: &[u8], rev: i64) -> Vec<KeyValue> {
-        let wanted = (key.to_vec(), end.to_vec(), rev);
-        let found = self.historical.iter().find(|(read, _)| *read == wanted);
-        found.map(|(_, kvs)| kvs.clone()).expect("every historical read of a txn is gathered")
-    }
+    Write {
+        txn: TxnRequest,
+        put_first_checks_lease: bool,
+        reply: oneshot::Sender<Result<TxnResponse, KvError>>,
+    },
+    Compact {
+        rev: i64,
+        reply: oneshot::Sender<Result<(), KvError>>,
+    },
 }
 
 pub struct Meta {
@@ -54,7 +44,11 @@ pub struct Meta {
 
 impl Meta {
     pub fn new(shared: Arc<Shared>, wal: Wal, next_index: u64) -> Meta {
-        Meta { shared, wal, next_index }
+        Meta {
+            shared,
+            wal,
+            next_index,
+        }
     }
 
     /// The meta group's writer slot in the sequencer (after the shards').
@@ -65,7 +59,11 @@ impl Meta {
     pub async fn run(mut self, rx: async_channel::Receiver<MetaMsg>) {
         while let Ok(msg) = rx.recv().await {
             match msg {
-                MetaMsg::Write { txn, put_first_checks_lease, reply } => {
+                MetaMsg::Write {
+                    txn,
+                    put_first_checks_lease,
+                    reply,
+                } => {
                     let result = self.write(&txn, put_first_checks_lease).await;
                     let _ = reply.send(result);
                 }
@@ -76,7 +74,11 @@ impl Meta {
         }
     }
 
-    async fn write(&mut self, txn: &TxnRequest, put_first_checks_lease: bool) -> Result<TxnResponse, KvError> {
+    async fn write(
+        &mut self,
+        txn: &TxnRequest,
+        put_first_checks_lease: bool,
+    ) -> Result<TxnResponse, KvError> {
         let mut spans = Vec::new();
         apply::txn_spans(txn, &mut spans);
         let mut historical = Vec::new();
@@ -84,23 +86,37 @@ impl Meta {
         let involved = self.shared.shards_for(&spans);
         for &shard in &involved {
             let (reply, done) = oneshot::channel();
-            self.shared.send_shard(shard, ShardMsg::Hold { reply }).await?;
+            self.shared
+                .send_shard(shard, ShardMsg::Hold { reply })
+                .await?;
             done.await.map_err(|_| KvError::Stopped)?;
         }
         let view = self.gather(&involved, &spans, &historical).await?;
         let shared = self.shared.clone();
         let seq = &shared.seq;
-        let revs = Revs { current: seq.latest_taken(), compacted: self.shared.compacted() };
+        let revs = Revs {
+            current: seq.latest_taken(),
+            compacted: self.shared.compacted(),
+        };
         let writer = Meta::writer_id(&self.shared);
-        let outcome = apply::evaluate_txn(&view, txn, revs, &|_lease| false, put_first_checks_lease, &mut || {
-            seq.take(writer, false)
-        });
+        let outcome = apply::evaluate_txn(
+            &view,
+            txn,
+            revs,
+            &|_lease| false,
+            put_first_checks_lease,
+            &mut || seq.take(writer, false),
+        );
         let (rev, changes, result) = match outcome {
             Ok(o) => (o.rev, o.changes, Ok(o.response)),
             Err(e) => (None, Vec::new(), Err(e)),
         };
         if let Some(rev) = rev {
-            self.append(LogPayload::Changes { main: rev, changes: changes.clone() }).await;
+            self.append(LogPayload::Changes {
+                main: rev,
+                changes: changes.clone(),
+            })
+            .await;
         }
         self.release(&involved, rev.unwrap_or(0), changes).await?;
         if rev.is_some() {
@@ -110,14 +126,28 @@ impl Meta {
         result
     }
 
-    async fn gather(&self, involved: &[usize], spans: &[Span], historical: &[(Vec<u8>, Vec<u8>, i64)]) -> Result<GatheredView, KvError> {
-        let mut view = GatheredView { latest: BTreeMap::new(), historical: historical.iter().map(|h| (h.clone(), Vec::new())).collect() };
+    async fn gather(
+        &self,
+        involved: &[usize],
+        spans: &[Span],
+        historical: &[HistoricalRead],
+    ) -> Result<GatheredView, KvError> {
+        let historical_slots = historical.iter().map(|h| (h.clone(), Vec::new())).collect();
+        let mut view = GatheredView {
+            latest: BTreeMap::new(),
+            historical: historical_slots,
+        };
         for &shard in involved {
             let (reply, done) = oneshot::channel();
-            let msg = ShardMsg::Gather { spans: spans.to_vec(), historical: historical.to_vec(), reply };
+            let msg = ShardMsg::Gather {
+                spans: spans.to_vec(),
+                historical: historical.to_vec(),
+                reply,
+            };
             self.shared.send_shard(shard, msg).await?;
             let Gathered { latest, historical } = done.await.map_err(|_| KvError::Stopped)?;
-            view.latest.extend(latest.into_iter().map(|kv| (kv.key.clone(), kv)));
+            view.latest
+                .extend(latest.into_iter().map(|kv| (kv.key.clone(), kv)));
             for (slot, kvs) in view.historical.iter_mut().zip(historical) {
                 slot.1.extend(kvs);
             }
@@ -128,18 +158,38 @@ impl Meta {
         Ok(view)
     }
 
-    async fn release(&self, involved: &[usize], rev: i64, changes: Vec<Change>) -> Result<(), KvError> {
+    async fn release(
+        &self,
+        involved: &[usize],
+        rev: i64,
+        changes: Vec<Change>,
+    ) -> Result<(), KvError> {
         let mut per_shard: BTreeMap<usize, Vec<Change>> = BTreeMap::new();
         for change in changes {
-            per_shard.entry(self.shared.shard_of(change.effect.key())).or_default().push(change);
+            per_shard
+                .entry(self.shared.shard_of(change.effect.key()))
+                .or_default()
+                .push(change);
         }
         for &shard in involved {
             let changes = per_shard.remove(&shard).unwrap_or_default();
             let (reply, done) = oneshot::channel();
-            self.shared.send_shard(shard, ShardMsg::Release { rev, changes, reply }).await?;
+            self.shared
+                .send_shard(
+                    shard,
+                    ShardMsg::Release {
+                        rev,
+                        changes,
+                        reply,
+                    },
+                )
+                .await?;
             done.await.map_err(|_| KvError::Stopped)?;
         }
-        assert!(per_shard.is_empty(), "a change for a shard that was not held");
+        assert!(
+            per_shard.is_empty(),
+            "a change for a shard that was not held"
+        );
         Ok(())
     }
 
@@ -154,7 +204,9 @@ impl Meta {
         self.shared.set_compacted(rev);
         for shard in 0..self.shared.shards.len() {
             let (reply, done) = oneshot::channel();
-            self.shared.send_shard(shard, ShardMsg::Compact { rev, reply }).await?;
+            self.shared
+                .send_shard(shard, ShardMsg::Compact { rev, reply })
+                .await?;
             done.await.map_err(|_| KvError::Stopped)?;
         }
         Ok(())

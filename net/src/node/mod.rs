@@ -11,20 +11,18 @@ pub mod meta;
 pub mod recovery;
 pub mod shard;
 
-use apply::{Revs, View};
+use apply::{GatheredView, Revs};
 use errors::KvError;
 use ferrocd_api::etcdserverpb::{
     response_op::Response, CompactionRequest, CompactionResponse, DeleteRangeRequest,
     DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, ResponseHeader,
     TxnRequest, TxnResponse,
 };
-use ferrocd_engine::mvcc::KeyValue;
 use ferrocd_raft::sequencer::Sequencer;
 use futures::channel::oneshot;
 use meta::MetaMsg;
 use prost::Message;
 use shard::{ShardMsg, ShardRange, Span};
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
@@ -34,7 +32,9 @@ pub const INBOX_CAPACITY: usize = 4096;
 /// FNV-1a, 64 bit: the stable hash that places keys on shards (it is part of the on-disk
 /// format: changing it would move keys between shards of existing data dirs).
 pub fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// Limits and identity the KV path needs.
@@ -63,7 +63,14 @@ impl Shared {
         identity: recovery::Identity,
         limits: Limits,
     ) -> Shared {
-        Shared { seq, shards, meta, compacted: AtomicI64::new(compacted), identity, limits }
+        Shared {
+            seq,
+            shards,
+            meta,
+            compacted: AtomicI64::new(compacted),
+            identity,
+            limits,
+        }
     }
 
     pub fn shard_of(&self, key: &[u8]) -> usize {
@@ -91,34 +98,19 @@ impl Shared {
     }
 
     pub async fn send_shard(&self, shard: usize, msg: ShardMsg) -> Result<(), KvError> {
-        self.shards[shard].send(msg).await.map_err(|_| KvError::Stopped)
+        self.shards[shard]
+            .send(msg)
+            .await
+            .map_err(|_| KvError::Stopped)
     }
 
-    fn header(&self, revision: i64) -> ResponseHeader {
+    pub fn header(&self, revision: i64) -> ResponseHeader {
         ResponseHeader {
             cluster_id: self.identity.cluster_id,
             member_id: self.identity.member_id,
             revision,
             raft_term: shard::SINGLE_VOTER_TERM,
         }
-    }
-}
-
-/// A view of committed state at one revision, gathered from shards by reads.
-struct ReadView {
-    latest: BTreeMap<Vec<u8>, KeyValue>,
-    historical: Vec<((Vec<u8>, Vec<u8>, i64), Vec<KeyValue>)>,
-}
-
-impl View for ReadView {
-    fn latest(&self, key: &[u8], end: &[u8]) -> Vec<KeyValue> {
-        let from = self.latest.range(key.to_vec()..).map(|(_, kv)| kv);
-        from.take_while(|kv| apply::in_range(&kv.key, key, end)).cloned().collect()
-    }
-    fn at(&self, key: &[u8], end: &[u8], rev: i64) -> Vec<KeyValue> {
-        let wanted = (key.to_vec(), end.to_vec(), rev);
-        let found = self.historical.iter().find(|(read, _)| *read == wanted);
-        found.map(|(_, kvs)| kvs.clone()).unwrap_or_default()
     }
 }
 
@@ -138,7 +130,10 @@ impl Node {
     }
 
     fn revs(&self) -> Revs {
-        Revs { current: self.shared.seq.visible(), compacted: self.shared.compacted() }
+        Revs {
+            current: self.shared.seq.visible(),
+            compacted: self.shared.compacted(),
+        }
     }
 
     fn check_size(&self, request: &impl Message) -> Result<(), KvError> {
@@ -152,25 +147,48 @@ impl Node {
         apply::check_range(&r)?;
         let revs = self.revs();
         apply::check_read_rev(r.revision, revs)?;
-        let rev = if r.revision > 0 { r.revision } else { revs.current };
+        let rev = if r.revision > 0 {
+            r.revision
+        } else {
+            revs.current
+        };
         let limit = apply::fetch_limit(&r);
-        let raw = self.read(&r.key, &r.range_end, rev, limit, r.count_only).await?;
+        let raw = self
+            .read(&r.key, &r.range_end, rev, limit, r.count_only)
+            .await?;
         let mut response = apply::finish_range(&r, raw.kvs, raw.count, revs.current);
         response.header = Some(self.shared.header(revs.current));
         Ok(response)
     }
 
     /// Reads `[key, end)` at `rev` from every shard that may hold it and merges by key.
-    async fn read(&self, key: &[u8], end: &[u8], rev: i64, limit: usize, count_only: bool) -> Result<ShardRange, KvError> {
+    async fn read(
+        &self,
+        key: &[u8],
+        end: &[u8],
+        rev: i64,
+        limit: usize,
+        count_only: bool,
+    ) -> Result<ShardRange, KvError> {
         let shards = self.shared.shards_for(&[(key.to_vec(), end.to_vec())]);
         let mut replies = Vec::with_capacity(shards.len());
         for shard in shards {
             let (reply, answer) = oneshot::channel();
-            let msg = ShardMsg::Read { key: key.to_vec(), end: end.to_vec(), rev, limit, count_only, reply };
+            let msg = ShardMsg::Read {
+                key: key.to_vec(),
+                end: end.to_vec(),
+                rev,
+                limit,
+                count_only,
+                reply,
+            };
             self.shared.send_shard(shard, msg).await?;
             replies.push(answer);
         }
-        let mut merged = ShardRange { kvs: Vec::new(), count: 0 };
+        let mut merged = ShardRange {
+            kvs: Vec::new(),
+            count: 0,
+        };
         for answer in replies {
             let part = answer.await.map_err(|_| KvError::Stopped)??;
             merged.count += part.count;
@@ -188,18 +206,31 @@ impl Node {
         self.check_size(&r)?;
         let response = self.write(apply::put_as_txn(r), true).await?;
         let header = response.header;
-        match response.responses.into_iter().next().and_then(|op| op.response) {
+        match response
+            .responses
+            .into_iter()
+            .next()
+            .and_then(|op| op.response)
+        {
             Some(Response::ResponsePut(put)) => Ok(PutResponse { header, ..put }),
             _ => unreachable!("a one-put txn answers with a put response"),
         }
     }
 
-    pub async fn delete_range(&self, r: DeleteRangeRequest) -> Result<DeleteRangeResponse, KvError> {
+    pub async fn delete_range(
+        &self,
+        r: DeleteRangeRequest,
+    ) -> Result<DeleteRangeResponse, KvError> {
         apply::check_delete(&r)?;
         self.check_size(&r)?;
         let response = self.write(apply::delete_as_txn(r), false).await?;
         let header = response.header;
-        match response.responses.into_iter().next().and_then(|op| op.response) {
+        match response
+            .responses
+            .into_iter()
+            .next()
+            .and_then(|op| op.response)
+        {
             Some(Response::ResponseDeleteRange(del)) => Ok(DeleteRangeResponse { header, ..del }),
             _ => unreachable!("a one-delete txn answers with a delete response"),
         }
@@ -215,16 +246,37 @@ impl Node {
     }
 
     /// Routes a write to its shard when all its keys live on one, else to the meta group.
-    async fn write(&self, txn: TxnRequest, put_first_checks_lease: bool) -> Result<TxnResponse, KvError> {
+    async fn write(
+        &self,
+        txn: TxnRequest,
+        put_first_checks_lease: bool,
+    ) -> Result<TxnResponse, KvError> {
         let mut spans = Vec::new();
         apply::txn_spans(&txn, &mut spans);
         let shards = self.shared.shards_for(&spans);
         let (reply, answer) = oneshot::channel();
         if let [shard] = shards[..] {
-            self.shared.send_shard(shard, ShardMsg::Write { txn, put_first_checks_lease, reply }).await?;
+            self.shared
+                .send_shard(
+                    shard,
+                    ShardMsg::Write {
+                        txn,
+                        put_first_checks_lease,
+                        reply,
+                    },
+                )
+                .await?;
         } else {
-            let msg = MetaMsg::Write { txn, put_first_checks_lease, reply };
-            self.shared.meta.send(msg).await.map_err(|_| KvError::Stopped)?;
+            let msg = MetaMsg::Write {
+                txn,
+                put_first_checks_lease,
+                reply,
+            };
+            self.shared
+                .meta
+                .send(msg)
+                .await
+                .map_err(|_| KvError::Stopped)?;
         }
         let mut response = answer.await.map_err(|_| KvError::Stopped)??;
         let revision = response.header.map_or(0, |h| h.revision);
@@ -239,10 +291,11 @@ impl Node {
         apply::txn_spans(r, &mut spans);
         let mut reads = Vec::new();
         apply::txn_historical_ranges(r, &mut reads);
-        let mut view = ReadView { latest: BTreeMap::new(), historical: Vec::new() };
+        let mut view = GatheredView::default();
         for (key, end) in spans {
             let part = self.read(&key, &end, revs.current, 0, false).await?;
-            view.latest.extend(part.kvs.into_iter().map(|kv| (kv.key.clone(), kv)));
+            view.latest
+                .extend(part.kvs.into_iter().map(|kv| (kv.key.clone(), kv)));
         }
         for (key, end, rev) in reads {
             // Bad revisions are reported by evaluation, only if the read is on the chosen path.
@@ -262,8 +315,17 @@ impl Node {
 
     pub async fn compact(&self, r: CompactionRequest) -> Result<CompactionResponse, KvError> {
         let (reply, answer) = oneshot::channel();
-        self.shared.meta.send(MetaMsg::Compact { rev: r.revision, reply }).await.map_err(|_| KvError::Stopped)?;
+        self.shared
+            .meta
+            .send(MetaMsg::Compact {
+                rev: r.revision,
+                reply,
+            })
+            .await
+            .map_err(|_| KvError::Stopped)?;
         answer.await.map_err(|_| KvError::Stopped)??;
-        Ok(CompactionResponse { header: Some(self.shared.header(self.shared.seq.visible())) })
+        Ok(CompactionResponse {
+            header: Some(self.shared.header(self.shared.seq.visible())),
+        })
     }
 }

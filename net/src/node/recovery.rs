@@ -51,18 +51,27 @@ pub fn open_identity(data_dir: &Path, shards: usize, name: &str) -> Result<Ident
         }
         return Ok(identity);
     }
-    fs::create_dir_all(data_dir).map_err(|e| format!("cannot create data dir {}: {e}", data_dir.display()))?;
-    let identity = Identity { shards, cluster_id: fresh_id(name, 1), member_id: fresh_id(name, 2) };
+    fs::create_dir_all(data_dir)
+        .map_err(|e| format!("cannot create data dir {}: {e}", data_dir.display()))?;
+    let identity = Identity {
+        shards,
+        cluster_id: fresh_id(name, 1),
+        member_id: fresh_id(name, 2),
+    };
     write_identity(data_dir, &identity)
         .map_err(|e| format!("cannot write {}: {e}", conf.display()))?;
     Ok(identity)
 }
 
 fn read_identity(conf: &Path) -> Result<Identity, String> {
-    let text = fs::read_to_string(conf).map_err(|e| format!("cannot read {}: {e}", conf.display()))?;
+    let text =
+        fs::read_to_string(conf).map_err(|e| format!("cannot read {}: {e}", conf.display()))?;
     let field = |name: &str| -> Result<&str, String> {
         text.lines()
-            .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.strip_prefix('=')))
+            .find_map(|line| {
+                line.strip_prefix(name)
+                    .and_then(|rest| rest.strip_prefix('='))
+            })
             .ok_or_else(|| format!("{}: missing `{name}`", conf.display()))
     };
     let bad = |name: &str| format!("{}: malformed `{name}`", conf.display());
@@ -92,7 +101,9 @@ fn write_identity(data_dir: &Path, id: &Identity) -> std::io::Result<()> {
 
 /// A non-zero id that differs between data dirs (time, process and name mixed by FNV-1a).
 fn fresh_id(name: &str, salt: u64) -> u64 {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
     let seed = format!("{name}/{nanos}/{}/{salt}", std::process::id());
     super::fnv1a(seed.as_bytes()).max(1)
 }
@@ -115,7 +126,10 @@ struct LogContents {
 
 fn read_log(dir: &Path) -> Result<LogContents, String> {
     if !dir.exists() {
-        return Ok(LogContents { payloads: Vec::new(), next_index: 1 });
+        return Ok(LogContents {
+            payloads: Vec::new(),
+            next_index: 1,
+        });
     }
     let recovered = read_dir(dir).map_err(|e| format!("recovering WAL {}: {e}", dir.display()))?;
     if let Some(torn) = &recovered.torn_tail {
@@ -123,16 +137,32 @@ fn read_log(dir: &Path) -> Result<LogContents, String> {
     }
     let mut payloads = Vec::new();
     let mut next_index = 1;
-    for record in recovered.records.iter().filter(|r| r.kind == RecordKind::Entry) {
-        let payload = decode(&record.data)
-            .map_err(|e| format!("WAL {}: entry {} does not decode: {e}", dir.display(), record.index))?;
+    for record in recovered
+        .records
+        .iter()
+        .filter(|r| r.kind == RecordKind::Entry)
+    {
+        let payload = decode(&record.data).map_err(|e| {
+            format!(
+                "WAL {}: entry {} does not decode: {e}",
+                dir.display(),
+                record.index
+            )
+        })?;
         payloads.push(payload);
         next_index = record.index + 1;
     }
-    Ok(LogContents { payloads, next_index })
+    Ok(LogContents {
+        payloads,
+        next_index,
+    })
 }
 
-pub fn recover(data_dir: &Path, shards: usize, shard_of: impl Fn(&[u8]) -> usize) -> Result<Recovered, String> {
+pub fn recover(
+    data_dir: &Path,
+    shards: usize,
+    shard_of: impl Fn(&[u8]) -> usize,
+) -> Result<Recovered, String> {
     let meta = read_log(&meta_wal_dir(data_dir))?;
     let mut per_shard: Vec<Vec<(i64, Vec<Change>)>> = vec![Vec::new(); shards];
     let mut next_index = Vec::with_capacity(shards + 1);
@@ -141,7 +171,9 @@ pub fn recover(data_dir: &Path, shards: usize, shard_of: impl Fn(&[u8]) -> usize
         for payload in log.payloads {
             match payload {
                 LogPayload::Changes { main, changes } => entries.push((main, changes)),
-                LogPayload::Compact { .. } => return Err(format!("shard {shard} WAL holds a compaction entry")),
+                LogPayload::Compact { .. } => {
+                    return Err(format!("shard {shard} WAL holds a compaction entry"))
+                }
             }
         }
         next_index.push(log.next_index);
@@ -150,7 +182,9 @@ pub fn recover(data_dir: &Path, shards: usize, shard_of: impl Fn(&[u8]) -> usize
     let mut compacted_rev = 0;
     for payload in meta.payloads {
         match payload {
-            LogPayload::Changes { main, changes } => split_by_shard(main, changes, &shard_of, &mut per_shard),
+            LogPayload::Changes { main, changes } => {
+                split_by_shard(main, changes, &shard_of, &mut per_shard)
+            }
             LogPayload::Compact { rev } => compacted_rev = compacted_rev.max(rev),
         }
     }
@@ -171,7 +205,12 @@ pub fn recover(data_dir: &Path, shards: usize, shard_of: impl Fn(&[u8]) -> usize
     if compacted_rev > 0 {
         stores.iter_mut().for_each(|s| s.compact(compacted_rev));
     }
-    Ok(Recovered { stores, current_rev, compacted_rev, next_index })
+    Ok(Recovered {
+        stores,
+        current_rev,
+        compacted_rev,
+        next_index,
+    })
 }
 
 fn split_by_shard(

@@ -11,7 +11,7 @@
 //! durable, parks new writes, lets the meta group read its latest state, and resumes when the
 //! meta group releases it with the changes it committed for this shard.
 
-use super::apply::{self, Revs, View};
+use super::apply::{self, HistoricalRead, Revs, View};
 use super::errors::KvError;
 use super::Shared;
 use ferrocd_api::etcdserverpb::{TxnRequest, TxnResponse};
@@ -41,17 +41,39 @@ pub type Span = (Vec<u8>, Vec<u8>);
 
 pub enum ShardMsg {
     /// A read at a visible revision.
-    Read { key: Vec<u8>, end: Vec<u8>, rev: i64, limit: usize, count_only: bool, reply: Reply<ShardRange> },
+    Read {
+        key: Vec<u8>,
+        end: Vec<u8>,
+        rev: i64,
+        limit: usize,
+        count_only: bool,
+        reply: Reply<ShardRange>,
+    },
     /// A write whose keys all live on this shard.
-    Write { txn: TxnRequest, put_first_checks_lease: bool, reply: Reply<TxnResponse> },
+    Write {
+        txn: TxnRequest,
+        put_first_checks_lease: bool,
+        reply: Reply<TxnResponse>,
+    },
     /// Meta group: make pending writes durable, then park writes until `Release`.
     Hold { reply: oneshot::Sender<()> },
     /// Meta group, while held: the latest state of `spans`, and `historical` reads.
-    Gather { spans: Vec<Span>, historical: Vec<(Vec<u8>, Vec<u8>, i64)>, reply: oneshot::Sender<Gathered> },
+    Gather {
+        spans: Vec<Span>,
+        historical: Vec<HistoricalRead>,
+        reply: oneshot::Sender<Gathered>,
+    },
     /// Meta group: apply the changes it committed for this shard at `rev`, then resume writes.
-    Release { rev: i64, changes: Vec<Change>, reply: oneshot::Sender<()> },
+    Release {
+        rev: i64,
+        changes: Vec<Change>,
+        reply: oneshot::Sender<()>,
+    },
     /// Meta group: drop history below `rev` (already durable in the meta log).
-    Compact { rev: i64, reply: oneshot::Sender<()> },
+    Compact {
+        rev: i64,
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// What a held shard reports for `Gather`.
@@ -87,7 +109,13 @@ pub struct Shard {
 }
 
 impl Shard {
-    pub fn new(id: usize, shared: Arc<Shared>, store: Store, wal: Wal, next_index: u64) -> Rc<Shard> {
+    pub fn new(
+        id: usize,
+        shared: Arc<Shared>,
+        store: Store,
+        wal: Wal,
+        next_index: u64,
+    ) -> Rc<Shard> {
         Rc::new(Shard {
             id,
             shared,
@@ -112,23 +140,40 @@ impl Shard {
                 },
             };
             match msg {
-                ShardMsg::Read { key, end, rev, limit, count_only, reply } => {
+                ShardMsg::Read {
+                    key,
+                    end,
+                    rev,
+                    limit,
+                    count_only,
+                    reply,
+                } => {
                     let _ = reply.send(self.read(&key, &end, rev, limit, count_only));
                 }
                 msg @ ShardMsg::Write { .. } if held => parked.push_back(msg),
-                ShardMsg::Write { txn, put_first_checks_lease, reply } => {
-                    self.write(&txn, put_first_checks_lease, reply)
-                }
+                ShardMsg::Write {
+                    txn,
+                    put_first_checks_lease,
+                    reply,
+                } => self.write(&txn, put_first_checks_lease, reply),
                 ShardMsg::Hold { reply } => {
                     self.wait_drained().await;
                     held = true;
                     let _ = reply.send(());
                 }
-                ShardMsg::Gather { spans, historical, reply } => {
+                ShardMsg::Gather {
+                    spans,
+                    historical,
+                    reply,
+                } => {
                     assert!(held, "gather on shard {} that is not held", self.id);
                     let _ = reply.send(self.gather(&spans, &historical));
                 }
-                ShardMsg::Release { rev, changes, reply } => {
+                ShardMsg::Release {
+                    rev,
+                    changes,
+                    reply,
+                } => {
                     assert!(held, "release of shard {} that is not held", self.id);
                     if !changes.is_empty() {
                         self.store.borrow_mut().apply(rev, &changes);
@@ -142,27 +187,46 @@ impl Shard {
                 }
             }
         }
-        assert!(parked.is_empty() || held, "parked writes are only left behind by a held shard");
+        assert!(
+            parked.is_empty() || held,
+            "parked writes are only left behind by a held shard"
+        );
         self.wait_drained().await;
     }
 
-    fn read(&self, key: &[u8], end: &[u8], rev: i64, limit: usize, count_only: bool) -> Result<ShardRange, KvError> {
+    fn read(
+        &self,
+        key: &[u8],
+        end: &[u8],
+        rev: i64,
+        limit: usize,
+        count_only: bool,
+    ) -> Result<ShardRange, KvError> {
         let store = self.store.borrow();
         if rev < store.compacted_revision() {
             return Err(KvError::Compacted);
         }
         if count_only {
             let count = store.range_iter(key, end, rev).count() as i64;
-            return Ok(ShardRange { kvs: Vec::new(), count });
+            return Ok(ShardRange {
+                kvs: Vec::new(),
+                count,
+            });
         }
         let result = store.range(key, end, rev, limit);
-        Ok(ShardRange { kvs: result.kvs, count: result.count })
+        Ok(ShardRange {
+            kvs: result.kvs,
+            count: result.count,
+        })
     }
 
-    fn gather(&self, spans: &[Span], historical: &[(Vec<u8>, Vec<u8>, i64)]) -> Gathered {
+    fn gather(&self, spans: &[Span], historical: &[HistoricalRead]) -> Gathered {
         let store = self.store.borrow();
         let view = StoreView(&store);
-        let latest = spans.iter().flat_map(|(key, end)| view.latest(key, end)).collect();
+        let latest = spans
+            .iter()
+            .flat_map(|(key, end)| view.latest(key, end))
+            .collect();
         let historical = historical
             .iter()
             .map(|(key, end, rev)| {
@@ -177,9 +241,17 @@ impl Shard {
         Gathered { latest, historical }
     }
 
-    fn write(self: &Rc<Self>, txn: &TxnRequest, put_first_checks_lease: bool, reply: Reply<TxnResponse>) {
+    fn write(
+        self: &Rc<Self>,
+        txn: &TxnRequest,
+        put_first_checks_lease: bool,
+        reply: Reply<TxnResponse>,
+    ) {
         let seq = &self.shared.seq;
-        let revs = Revs { current: seq.latest_taken(), compacted: self.shared.compacted() };
+        let revs = Revs {
+            current: seq.latest_taken(),
+            compacted: self.shared.compacted(),
+        };
         let has_pending = !self.pending.borrow().is_empty();
         let outcome = {
             let store = self.store.borrow();
@@ -208,7 +280,10 @@ impl Shard {
         self.pending.borrow_mut().push_back((rev, false));
         let index = self.next_index.get();
         self.next_index.set(index + 1);
-        let payload = encode(&LogPayload::Changes { main: rev, changes: outcome.changes });
+        let payload = encode(&LogPayload::Changes {
+            main: rev,
+            changes: outcome.changes,
+        });
         let record = Record::entry(SINGLE_VOTER_TERM, index, payload);
         let shard = self.clone();
         let response = outcome.response;
@@ -223,7 +298,12 @@ impl Shard {
         .detach();
     }
 
-    fn answer_when_visible<T: 'static>(&self, rev: i64, answer: Result<T, KvError>, reply: Reply<T>) {
+    fn answer_when_visible<T: 'static>(
+        &self,
+        rev: i64,
+        answer: Result<T, KvError>,
+        reply: Reply<T>,
+    ) {
         let shared = self.shared.clone();
         glommio::spawn_local(async move {
             shared.seq.wait_visible(rev).await;
@@ -235,12 +315,17 @@ impl Shard {
     /// Marks `rev` durable and publishes the lowest revision still pending.
     fn settle(&self, rev: i64) {
         let mut pending = self.pending.borrow_mut();
-        let slot = pending.iter_mut().find(|(r, _)| *r == rev).expect("settled revision is pending");
+        let slot = pending
+            .iter_mut()
+            .find(|(r, _)| *r == rev)
+            .expect("settled revision is pending");
         slot.1 = true;
         while pending.front().is_some_and(|(_, done)| *done) {
             pending.pop_front();
         }
-        self.shared.seq.settle(self.id, pending.front().map(|(r, _)| *r));
+        self.shared
+            .seq
+            .settle(self.id, pending.front().map(|(r, _)| *r));
         if pending.is_empty() {
             self.drained.notify(usize::MAX);
         }

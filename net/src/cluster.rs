@@ -1,0 +1,96 @@
+//! The `Cluster` and `Maintenance` services, as far as a single member answers them today:
+//! `MemberList` and `Status`. Other methods answer UNIMPLEMENTED until clustering and the
+//! maintenance issue land.
+
+use crate::http::SERVER_VERSION;
+use crate::node::Node;
+use ferrocd_api::etcdserverpb::cluster_server::Cluster;
+use ferrocd_api::etcdserverpb::maintenance_server::Maintenance;
+use ferrocd_api::etcdserverpb::{
+    Member, MemberListRequest, MemberListResponse, StatusRequest, StatusResponse,
+};
+use std::path::{Path, PathBuf};
+use tonic::{Request, Response, Status};
+
+/// What this member advertises.
+#[derive(Clone, Debug)]
+pub struct MemberInfo {
+    pub name: String,
+    pub peer_urls: Vec<String>,
+    pub client_urls: Vec<String>,
+    pub data_dir: PathBuf,
+}
+
+#[derive(Clone)]
+pub struct ClusterService {
+    node: Node,
+    member: MemberInfo,
+}
+
+impl ClusterService {
+    pub fn new(node: Node, member: MemberInfo) -> ClusterService {
+        ClusterService { node, member }
+    }
+}
+
+#[tonic::async_trait]
+impl Cluster for ClusterService {
+    async fn member_list(
+        &self,
+        _request: Request<MemberListRequest>,
+    ) -> Result<Response<MemberListResponse>, Status> {
+        let shared = self.node.shared();
+        let member = Member {
+            id: shared.identity.member_id,
+            name: self.member.name.clone(),
+            peer_ur_ls: self.member.peer_urls.clone(),
+            client_ur_ls: self.member.client_urls.clone(),
+            is_learner: false,
+        };
+        Ok(Response::new(MemberListResponse {
+            header: Some(shared.header(shared.seq.visible())),
+            members: vec![member],
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl Maintenance for ClusterService {
+    /// A single member leads every group. The Raft index reported is the visible revision
+    /// (groups have one voter, so every entry is committed once durable).
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        let shared = self.node.shared();
+        let revision = shared.seq.visible();
+        let size_bytes = dir_size_bytes(&self.member.data_dir) as i64;
+        Ok(Response::new(StatusResponse {
+            header: Some(shared.header(revision)),
+            version: SERVER_VERSION.to_string(),
+            db_size: size_bytes,
+            db_size_in_use: size_bytes,
+            leader: shared.identity.member_id,
+            raft_index: revision as u64,
+            raft_applied_index: revision as u64,
+            raft_term: crate::node::shard::SINGLE_VOTER_TERM,
+            ..Default::default()
+        }))
+    }
+}
+
+/// The bytes of every file under `dir` (the logs are preallocated, so this counts their
+/// reserved size, as etcd counts its preallocated WAL).
+fn dir_size_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|entry| match entry.file_type() {
+            Ok(t) if t.is_dir() => dir_size_bytes(&entry.path()),
+            Ok(_) => entry.metadata().map_or(0, |m| m.len()),
+            Err(_) => 0,
+        })
+        .sum()
+}
