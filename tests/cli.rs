@@ -1,0 +1,75 @@
+//! Start-up errors are clear and leave nothing half-started: a bad flag, a busy port, a data
+//! dir created with another shard count. Also `/health` and `/version` on the client port.
+
+mod common;
+
+use common::Server;
+use std::net::TcpListener;
+use std::process::{Command, Output};
+
+fn ferrocd(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ferrocd")).args(args).output().expect("run ferrocd")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn an_unknown_flag_is_refused_with_usage() {
+    let output = ferrocd(&["--no-such-flag"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("--no-such-flag"), "{}", stderr(&output));
+}
+
+#[test]
+fn a_malformed_url_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("d");
+    let output = ferrocd(&["--data-dir", data_dir.to_str().unwrap(), "--listen-client-urls", "127.0.0.1:1"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("expected a URL like http://"), "{}", stderr(&output));
+}
+
+#[test]
+fn a_busy_client_port_is_reported() {
+    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", busy.local_addr().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("d");
+    let output = ferrocd(&["--data-dir", data_dir.to_str().unwrap(), "--listen-client-urls", &url]);
+    assert_eq!(output.status.code(), Some(1));
+    let message = stderr(&output);
+    assert!(message.contains("cannot listen on") && message.contains("in use"), "{message}");
+}
+
+#[tokio::test]
+async fn a_data_dir_keeps_its_shard_count() {
+    let mut server = Server::ferrocd(&["--shards", "3"]).await;
+    server.client().await.put("k", "v", None).await.unwrap();
+    server.stop();
+    let data_dir = server.data_dir();
+    let output = ferrocd(&["--data-dir", data_dir.to_str().unwrap(), "--shards", "2"]);
+    assert_eq!(output.status.code(), Some(1));
+    let message = stderr(&output);
+    assert!(message.contains("created with --shards 3") && message.contains("--shards 2"), "{message}");
+}
+
+#[tokio::test]
+async fn health_and_version_answer_on_the_client_port() {
+    let server = Server::ferrocd(&[]).await;
+    let addr = server.endpoint().trim_start_matches("http://").to_string();
+    let get = |path: &str| {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        response
+    };
+    let health = get("/health");
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    assert!(health.ends_with(r#"{"health":"true","reason":""}"#), "{health}");
+    let version = get("/version");
+    assert!(version.contains(r#""etcdserver":"3.5.0""#), "{version}");
+}
