@@ -8,7 +8,10 @@ use std::net::TcpListener;
 use std::process::{Command, Output};
 
 fn ferrocd(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ferrocd")).args(args).output().expect("run ferrocd")
+    Command::new(env!("CARGO_BIN_EXE_ferrocd"))
+        .args(args)
+        .output()
+        .expect("run ferrocd")
 }
 
 fn stderr(output: &Output) -> String {
@@ -19,16 +22,29 @@ fn stderr(output: &Output) -> String {
 fn an_unknown_flag_is_refused_with_usage() {
     let output = ferrocd(&["--no-such-flag"]);
     assert_eq!(output.status.code(), Some(2));
-    assert!(stderr(&output).contains("--no-such-flag"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("--no-such-flag"),
+        "{}",
+        stderr(&output)
+    );
 }
 
 #[test]
 fn a_malformed_url_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("d");
-    let output = ferrocd(&["--data-dir", data_dir.to_str().unwrap(), "--listen-client-urls", "127.0.0.1:1"]);
+    let output = ferrocd(&[
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+        "--listen-client-urls",
+        "127.0.0.1:1",
+    ]);
     assert_eq!(output.status.code(), Some(2));
-    assert!(stderr(&output).contains("expected a URL like http://"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("expected a URL like http://"),
+        "{}",
+        stderr(&output)
+    );
 }
 
 #[test]
@@ -37,10 +53,18 @@ fn a_busy_client_port_is_reported() {
     let url = format!("http://{}", busy.local_addr().unwrap());
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("d");
-    let output = ferrocd(&["--data-dir", data_dir.to_str().unwrap(), "--listen-client-urls", &url]);
+    let output = ferrocd(&[
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+        "--listen-client-urls",
+        &url,
+    ]);
     assert_eq!(output.status.code(), Some(1));
     let message = stderr(&output);
-    assert!(message.contains("cannot listen on") && message.contains("in use"), "{message}");
+    assert!(
+        message.contains("cannot listen on") && message.contains("in use"),
+        "{message}"
+    );
 }
 
 #[tokio::test]
@@ -52,7 +76,10 @@ async fn a_data_dir_keeps_its_shard_count() {
     let output = ferrocd(&["--data-dir", data_dir.to_str().unwrap(), "--shards", "2"]);
     assert_eq!(output.status.code(), Some(1));
     let message = stderr(&output);
-    assert!(message.contains("created with --shards 3") && message.contains("--shards 2"), "{message}");
+    assert!(
+        message.contains("created with --shards 3") && message.contains("--shards 2"),
+        "{message}"
+    );
 }
 
 #[tokio::test]
@@ -62,14 +89,21 @@ async fn health_and_version_answer_on_the_client_port() {
     let get = |path: &str| {
         use std::io::{Read, Write};
         let mut stream = std::net::TcpStream::connect(&addr).unwrap();
-        write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
         let mut response = String::new();
         stream.read_to_string(&mut response).unwrap();
         response
     };
     let health = get("/health");
     assert!(health.starts_with("HTTP/1.1 200"), "{health}");
-    assert!(health.ends_with(r#"{"health":"true","reason":""}"#), "{health}");
+    assert!(
+        health.ends_with(r#"{"health":"true","reason":""}"#),
+        "{health}"
+    );
     let version = get("/version");
     assert!(version.contains(r#""etcdserver":"3.5.0""#), "{version}");
 }

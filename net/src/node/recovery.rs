@@ -189,7 +189,7 @@ pub fn recover(
         }
     }
     let mut current_rev = 1;
-    let stores = per_shard
+    let mut stores = per_shard
         .into_iter()
         .map(|mut entries| {
             entries.sort_by_key(|(main, _)| *main);
@@ -201,7 +201,6 @@ pub fn recover(
             store
         })
         .collect::<Vec<_>>();
-    let mut stores = stores;
     if compacted_rev > 0 {
         stores.iter_mut().for_each(|s| s.compact(compacted_rev));
     }

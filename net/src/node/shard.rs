@@ -132,7 +132,9 @@ impl Shard {
         let mut parked: VecDeque<ShardMsg> = VecDeque::new();
         let mut held = false;
         loop {
-            let msg = match parked.pop_front().filter(|_| !held) {
+            // Parked writes resume only once the meta group released the shard.
+            let resumed = if held { None } else { parked.pop_front() };
+            let msg = match resumed {
                 Some(msg) => msg,
                 None => match rx.recv().await {
                     Ok(msg) => msg,
