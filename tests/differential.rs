@@ -51,7 +51,7 @@ const KEYS: [&[u8]; 20] = [
     b"\xff\xff",
 ];
 
-const DEFAULT_OPS: usize = 400;
+const DEFAULT_OPS: usize = 800;
 const OPS_ENV: &str = "FERROCD_DIFF_OPS";
 const SEED_ENV: &str = "FERROCD_DIFF_SEED";
 /// Values about this large show up occasionally (etcd's request limit is 1.5 MiB).
