@@ -16,6 +16,7 @@ use ferrocd_api::etcdserverpb::kv_server::KvServer;
 use ferrocd_api::etcdserverpb::maintenance_server::MaintenanceServer;
 use ferrocd_engine::mvcc::Store;
 use ferrocd_engine::wal::{Wal, WalOptions};
+use ferrocd_raft::notify::wait_until;
 use ferrocd_raft::sequencer::Sequencer;
 use glommio::{LocalExecutorBuilder, Placement};
 use std::net::SocketAddr;
@@ -59,13 +60,7 @@ impl Shutdown {
     }
 
     async fn wait(&self) {
-        while !self.requested.load(Ordering::SeqCst) {
-            let listener = self.signal.listen();
-            if self.requested.load(Ordering::SeqCst) {
-                break;
-            }
-            listener.await;
-        }
+        wait_until(&self.signal, || self.requested.load(Ordering::SeqCst)).await
     }
 }
 
@@ -234,13 +229,7 @@ impl CoreSetup {
         let (count, event) = &*self.serving;
         count.fetch_sub(1, Ordering::SeqCst);
         event.notify(usize::MAX);
-        while count.load(Ordering::SeqCst) > 0 {
-            let listener = event.listen();
-            if count.load(Ordering::SeqCst) == 0 {
-                break;
-            }
-            listener.await;
-        }
+        wait_until(event, || count.load(Ordering::SeqCst) == 0).await;
         if self.core == 0 {
             // Nothing sends any more: let every inbox drain and close.
             self.shared.meta.close();

@@ -2,4 +2,5 @@
 //! WAL and an entry is committed once it is durable; what lives here is the part that must
 //! hold across groups: the revision sequencer and its visibility watermark.
 
+pub mod notify;
 pub mod sequencer;

@@ -105,14 +105,7 @@ impl Sequencer {
 
     /// Resolves once `visible() >= rev`. Safe to await from any core.
     pub async fn wait_visible(&self, rev: i64) {
-        while self.visible() < rev {
-            let listener = self.advanced.listen();
-            // Re-check after registering so a settle between the check and `listen` is not lost.
-            if self.visible() >= rev {
-                return;
-            }
-            listener.await;
-        }
+        crate::notify::wait_until(&self.advanced, || self.visible() >= rev).await
     }
 
     /// Blocking variant of `wait_visible` for threads outside any executor (tests, shutdown).

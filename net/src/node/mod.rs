@@ -204,15 +204,8 @@ impl Node {
     pub async fn put(&self, r: PutRequest) -> Result<PutResponse, KvError> {
         apply::check_put(&r)?;
         self.check_size(&r)?;
-        let response = self.write(apply::put_as_txn(r), true).await?;
-        let header = response.header;
-        match response
-            .responses
-            .into_iter()
-            .next()
-            .and_then(|op| op.response)
-        {
-            Some(Response::ResponsePut(put)) => Ok(PutResponse { header, ..put }),
+        match self.write_one(apply::put_as_txn(r), true).await? {
+            (header, Response::ResponsePut(put)) => Ok(PutResponse { header, ..put }),
             _ => unreachable!("a one-put txn answers with a put response"),
         }
     }
@@ -223,17 +216,30 @@ impl Node {
     ) -> Result<DeleteRangeResponse, KvError> {
         apply::check_delete(&r)?;
         self.check_size(&r)?;
-        let response = self.write(apply::delete_as_txn(r), false).await?;
-        let header = response.header;
-        match response
+        match self.write_one(apply::delete_as_txn(r), false).await? {
+            (header, Response::ResponseDeleteRange(del)) => {
+                Ok(DeleteRangeResponse { header, ..del })
+            }
+            _ => unreachable!("a one-delete txn answers with a delete response"),
+        }
+    }
+
+    /// Runs a one-op txn; returns the txn's header with the op's response.
+    async fn write_one(
+        &self,
+        txn: TxnRequest,
+        put_first_checks_lease: bool,
+    ) -> Result<(Option<ResponseHeader>, Response), KvError> {
+        let response = self.write(txn, put_first_checks_lease).await?;
+        let op = response
             .responses
             .into_iter()
             .next()
-            .and_then(|op| op.response)
-        {
-            Some(Response::ResponseDeleteRange(del)) => Ok(DeleteRangeResponse { header, ..del }),
-            _ => unreachable!("a one-delete txn answers with a delete response"),
-        }
+            .and_then(|op| op.response);
+        Ok((
+            response.header,
+            op.expect("a one-op txn answers with its op's response"),
+        ))
     }
 
     pub async fn txn(&self, r: TxnRequest) -> Result<TxnResponse, KvError> {

@@ -18,6 +18,7 @@ use ferrocd_api::etcdserverpb::{TxnRequest, TxnResponse};
 use ferrocd_engine::mvcc::codec::{encode, LogPayload};
 use ferrocd_engine::mvcc::{Change, KeyValue, Store};
 use ferrocd_engine::wal::{Record, Wal};
+use ferrocd_raft::notify::wait_until;
 use futures::channel::oneshot;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -334,13 +335,7 @@ impl Shard {
     }
 
     async fn wait_drained(&self) {
-        while !self.pending.borrow().is_empty() {
-            let listener = self.drained.listen();
-            if self.pending.borrow().is_empty() {
-                break;
-            }
-            listener.await;
-        }
+        wait_until(&self.drained, || self.pending.borrow().is_empty()).await
     }
 }
 
