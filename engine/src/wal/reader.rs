@@ -201,10 +201,12 @@ fn scan_next<'a>(buf: &'a [u8], pos_bytes: &mut usize) -> Option<ScanItem<'a>> {
 /// word holds its non-zero length, so all-zero words (the preallocated rest of a segment)
 /// are skipped without decoding.
 fn find_valid(buf: &[u8], from: usize) -> Option<usize> {
-    (from..buf.len()).step_by(RECORD_ALIGN_BYTES).find(|&offset| {
-        let word = &buf[offset..(offset + RECORD_ALIGN_BYTES).min(buf.len())];
-        word.iter().any(|&b| b != 0) && matches!(decode(&buf[offset..]), Frame::Valid { .. })
-    })
+    (from..buf.len())
+        .step_by(RECORD_ALIGN_BYTES)
+        .find(|&offset| {
+            let word = &buf[offset..(offset + RECORD_ALIGN_BYTES).min(buf.len())];
+            word.iter().any(|&b| b != 0) && matches!(decode(&buf[offset..]), Frame::Valid { .. })
+        })
 }
 
 /// End of the last non-zero byte at or after `from`, rounded up to the record alignment
