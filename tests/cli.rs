@@ -18,6 +18,20 @@ fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
+/// Runs ferrocd on a fresh data dir, listening on `client_url`, and returns its exit status
+/// and standard error.
+fn start_on(client_url: &str) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("d");
+    let output = ferrocd(&[
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+        "--listen-client-urls",
+        client_url,
+    ]);
+    (output.status.code(), stderr(&output))
+}
+
 #[test]
 fn an_unknown_flag_is_refused_with_usage() {
     let output = ferrocd(&["--no-such-flag"]);
@@ -31,36 +45,17 @@ fn an_unknown_flag_is_refused_with_usage() {
 
 #[test]
 fn a_malformed_url_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().join("d");
-    let output = ferrocd(&[
-        "--data-dir",
-        data_dir.to_str().unwrap(),
-        "--listen-client-urls",
-        "127.0.0.1:1",
-    ]);
-    assert_eq!(output.status.code(), Some(2));
-    assert!(
-        stderr(&output).contains("expected a URL like http://"),
-        "{}",
-        stderr(&output)
-    );
+    let (code, message) = start_on("127.0.0.1:1");
+    assert_eq!(code, Some(2));
+    assert!(message.contains("expected a URL like http://"), "{message}");
 }
 
 #[test]
 fn a_busy_client_port_is_reported() {
     let busy = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", busy.local_addr().unwrap());
-    let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().join("d");
-    let output = ferrocd(&[
-        "--data-dir",
-        data_dir.to_str().unwrap(),
-        "--listen-client-urls",
-        &url,
-    ]);
-    assert_eq!(output.status.code(), Some(1));
-    let message = stderr(&output);
+    let (code, message) = start_on(&url);
+    assert_eq!(code, Some(1));
     assert!(
         message.contains("cannot listen on") && message.contains("in use"),
         "{message}"

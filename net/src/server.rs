@@ -5,9 +5,9 @@
 use crate::cluster::{ClusterService, MemberInfo};
 use crate::http::{health_handler, version_handler, Health, PATH_HEALTH, PATH_VERSION};
 use crate::kv::KvService;
-use crate::node::meta::Meta;
+use crate::node::meta::{Meta, MetaMsg};
 use crate::node::recovery::{self, Recovered};
-use crate::node::shard::Shard;
+use crate::node::shard::{Shard, ShardMsg};
 use crate::node::{fnv1a, Limits, Node, Shared, INBOX_CAPACITY};
 use crate::transport::{self, max_grpc_message_bytes, Routes, ServerConfig};
 use event_listener::Event;
@@ -15,12 +15,12 @@ use ferrocd_api::etcdserverpb::cluster_server::ClusterServer;
 use ferrocd_api::etcdserverpb::kv_server::KvServer;
 use ferrocd_api::etcdserverpb::maintenance_server::MaintenanceServer;
 use ferrocd_engine::mvcc::Store;
-use ferrocd_engine::wal::{Wal, WalOptions};
+use ferrocd_engine::wal::{Recovered as WalRecovered, Wal, WalOptions};
 use ferrocd_raft::notify::wait_until;
 use ferrocd_raft::sequencer::Sequencer;
 use glommio::{LocalExecutorBuilder, Placement};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -82,6 +82,7 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
         current_rev,
         compacted_rev,
         next_index,
+        wals,
     } = recovery::recover(&config.data_dir, config.shards, shard_of)?;
     // Bind every address once here so a busy port is reported before anything starts.
     for addr in &config.listen_client {
@@ -105,20 +106,32 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
         identity.member_id, identity.cluster_id, config.shards, config.cores, config.listen_client
     );
 
-    let mut owned: Vec<Vec<(usize, Store, async_channel::Receiver<_>)>> =
-        (0..config.cores).map(|_| Vec::new()).collect();
-    for (shard, (store, rx)) in stores.into_iter().zip(shard_rxs).enumerate() {
-        owned[shard % config.cores].push((shard, store, rx));
+    let mut wals = wals.into_iter();
+    let mut owned: Vec<Vec<OwnedShard>> = (0..config.cores).map(|_| Vec::new()).collect();
+    for (id, (store, rx)) in stores.into_iter().zip(shard_rxs).enumerate() {
+        let wal = wals.next().expect("one recovered WAL per shard");
+        let next_index = next_index[id];
+        owned[id % config.cores].push(OwnedShard {
+            id,
+            store,
+            rx,
+            wal,
+            next_index,
+        });
     }
+    let meta_wal = wals.next().expect("a recovered meta WAL");
+    let mut meta = Some(OwnedMeta {
+        rx: meta_rx,
+        wal: meta_wal,
+        next_index: next_index[config.shards],
+    });
     let serving = Arc::new((AtomicUsize::new(config.cores), Event::new()));
-    let mut meta_rx = Some(meta_rx);
     let mut handles = Vec::new();
     for (core, shards) in owned.into_iter().enumerate() {
         let core_setup = CoreSetup {
             core,
             shards,
-            meta: if core == 0 { meta_rx.take() } else { None },
-            next_index: next_index.clone(),
+            meta: if core == 0 { meta.take() } else { None },
             shared: shared.clone(),
             config: config.clone(),
             shutdown: shutdown.clone(),
@@ -142,15 +155,33 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
     failure.map_or(Ok(()), Err)
 }
 
+/// A shard handed to its core: its recovered store, inbox and log.
+struct OwnedShard {
+    id: usize,
+    store: Store,
+    rx: async_channel::Receiver<ShardMsg>,
+    wal: WalRecovered,
+    next_index: u64,
+}
+
+/// The meta group handed to core 0.
+struct OwnedMeta {
+    rx: async_channel::Receiver<MetaMsg>,
+    wal: WalRecovered,
+    next_index: u64,
+}
+
+/// Opens a WAL for appending after what recovery read from it.
+async fn open_wal(dir: &Path, recovered: &WalRecovered) -> Result<Wal, String> {
+    Wal::open_recovered(dir, WalOptions::default(), recovered)
+        .await
+        .map_err(|e| format!("cannot open WAL {}: {e}", dir.display()))
+}
+
 struct CoreSetup {
     core: usize,
-    shards: Vec<(
-        usize,
-        Store,
-        async_channel::Receiver<crate::node::shard::ShardMsg>,
-    )>,
-    meta: Option<async_channel::Receiver<crate::node::meta::MetaMsg>>,
-    next_index: Vec<u64>,
+    shards: Vec<OwnedShard>,
+    meta: Option<OwnedMeta>,
     shared: Arc<Shared>,
     config: NodeConfig,
     shutdown: Shutdown,
@@ -174,25 +205,21 @@ impl CoreSetup {
     async fn start_and_serve(self) -> Result<(), String> {
         let data_dir = &self.config.data_dir;
         let mut tasks = Vec::new();
-        for (id, store, rx) in self.shards {
-            let dir = recovery::shard_wal_dir(data_dir, id);
-            let (wal, _) = Wal::open(&dir, WalOptions::default())
-                .await
-                .map_err(|e| format!("cannot open WAL {}: {e}", dir.display()))?;
-            let shard = Shard::new(id, self.shared.clone(), store, wal, self.next_index[id]);
-            tasks.push(glommio::spawn_local(shard.run(rx)).detach());
-        }
-        if let Some(rx) = self.meta {
-            let dir = recovery::meta_wal_dir(data_dir);
-            let (wal, _) = Wal::open(&dir, WalOptions::default())
-                .await
-                .map_err(|e| format!("cannot open WAL {}: {e}", dir.display()))?;
-            let meta = Meta::new(
+        for owned in self.shards {
+            let wal = open_wal(&recovery::shard_wal_dir(data_dir, owned.id), &owned.wal).await?;
+            let shard = Shard::new(
+                owned.id,
                 self.shared.clone(),
+                owned.store,
                 wal,
-                self.next_index[self.shared.shards.len()],
+                owned.next_index,
             );
-            tasks.push(glommio::spawn_local(meta.run(rx)).detach());
+            tasks.push(glommio::spawn_local(shard.run(owned.rx)).detach());
+        }
+        if let Some(owned) = self.meta {
+            let wal = open_wal(&recovery::meta_wal_dir(data_dir), &owned.wal).await?;
+            let meta = Meta::new(self.shared.clone(), wal, owned.next_index);
+            tasks.push(glommio::spawn_local(meta.run(owned.rx)).detach());
         }
         let node = Node::new(self.shared.clone());
         let kv = KvServer::new(KvService::new(node.clone())).max_decoding_message_size(

@@ -164,6 +164,20 @@ impl Wal {
         dir: impl AsRef<Path>,
         options: WalOptions,
     ) -> Result<(Wal, Recovered), WalError> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|e| WalError::io("creating", dir, e))?;
+        let recovered = read_dir(dir)?;
+        let wal = Wal::open_recovered(dir, options, &recovered).await?;
+        Ok((wal, recovered))
+    }
+
+    /// Opens `dir` for appending, given what [`read_dir`] recovered from it, so a caller that
+    /// replays the records itself reads the log once. `dir` must not have changed since.
+    pub async fn open_recovered(
+        dir: impl AsRef<Path>,
+        options: WalOptions,
+        recovered: &Recovered,
+    ) -> Result<Wal, WalError> {
         let dir = dir.as_ref().to_path_buf();
         let hard_state_bytes = encoded_len(HardState::default().to_record().data.len());
         assert!(
@@ -175,31 +189,26 @@ impl Wal {
             options.max_batch_bytes > 0,
             "max_batch_bytes must be positive"
         );
-        std::fs::create_dir_all(&dir).map_err(|e| WalError::io("creating", &dir, e))?;
-        let recovered = read_dir(&dir)?;
         let directory = Rc::new(
             Directory::open(&dir)
                 .await
                 .map_err(|e| WalError::io("opening", &dir, e))?,
         );
-        remove_leftovers(&dir, &recovered).await?;
+        remove_leftovers(&dir, recovered).await?;
         let requested = if options.force_buffered {
             IoMode::Buffered
         } else {
             IoMode::Direct
         };
         let mut stats = WalStats::default();
-        let tail = Tail::open(
-            &dir, &directory, &options, &recovered, requested, &mut stats,
-        )
-        .await?;
+        let tail = Tail::open(&dir, &directory, &options, recovered, requested, &mut stats).await?;
         directory
             .sync()
             .await
             .map_err(|e| WalError::io("syncing", &dir, e))?;
         stats.fsyncs += 1;
         let io_mode = tail.file.mode();
-        let segments = live_segments(&recovered, &tail);
+        let segments = live_segments(recovered, &tail);
         let shared = Rc::new(RefCell::new(Shared::new(
             options.max_batch_bytes,
             segments,
@@ -216,7 +225,7 @@ impl Wal {
             io_mode,
             max_record_bytes,
         };
-        Ok((wal, recovered))
+        Ok(wal)
     }
 
     /// Appends `records` in order and resolves once an fdatasync covering all of them returned.

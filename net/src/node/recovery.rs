@@ -12,7 +12,7 @@
 
 use ferrocd_engine::mvcc::codec::{decode, LogPayload};
 use ferrocd_engine::mvcc::{Change, Store};
-use ferrocd_engine::wal::{read_dir, RecordKind};
+use ferrocd_engine::wal::{read_dir, RecordKind, Recovered as WalRecovered};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -116,21 +116,20 @@ pub struct Recovered {
     pub compacted_rev: i64,
     /// The next entry index of each shard's WAL, then the meta WAL's.
     pub next_index: Vec<u64>,
+    /// What was read from each shard's WAL, then the meta WAL's: the writers open with it
+    /// instead of reading the logs again.
+    pub wals: Vec<WalRecovered>,
 }
 
 /// One log's entries.
 struct LogContents {
     payloads: Vec<LogPayload>,
     next_index: u64,
+    wal: WalRecovered,
 }
 
 fn read_log(dir: &Path) -> Result<LogContents, String> {
-    if !dir.exists() {
-        return Ok(LogContents {
-            payloads: Vec::new(),
-            next_index: 1,
-        });
-    }
+    fs::create_dir_all(dir).map_err(|e| format!("cannot create WAL dir {}: {e}", dir.display()))?;
     let recovered = read_dir(dir).map_err(|e| format!("recovering WAL {}: {e}", dir.display()))?;
     if let Some(torn) = &recovered.torn_tail {
         eprintln!("ferrocd: WAL {}: cut a torn tail: {torn:?}", dir.display());
@@ -155,6 +154,7 @@ fn read_log(dir: &Path) -> Result<LogContents, String> {
     Ok(LogContents {
         payloads,
         next_index,
+        wal: recovered,
     })
 }
 
@@ -166,8 +166,10 @@ pub fn recover(
     let meta = read_log(&meta_wal_dir(data_dir))?;
     let mut per_shard: Vec<Vec<(i64, Vec<Change>)>> = vec![Vec::new(); shards];
     let mut next_index = Vec::with_capacity(shards + 1);
+    let mut wals = Vec::with_capacity(shards + 1);
     for (shard, entries) in per_shard.iter_mut().enumerate() {
         let log = read_log(&shard_wal_dir(data_dir, shard))?;
+        wals.push(log.wal);
         for payload in log.payloads {
             match payload {
                 LogPayload::Changes { main, changes } => entries.push((main, changes)),
@@ -179,6 +181,7 @@ pub fn recover(
         next_index.push(log.next_index);
     }
     next_index.push(meta.next_index);
+    wals.push(meta.wal);
     let mut compacted_rev = 0;
     for payload in meta.payloads {
         match payload {
@@ -209,6 +212,7 @@ pub fn recover(
         current_rev,
         compacted_rev,
         next_index,
+        wals,
     })
 }
 
