@@ -27,6 +27,9 @@ use std::sync::Arc;
 pub enum MetaMsg {
     Write {
         txn: TxnRequest,
+        /// The key ranges the txn names, and the shards holding them (as routed).
+        spans: Vec<Span>,
+        involved: Vec<usize>,
         put_first_checks_lease: bool,
         reply: oneshot::Sender<Result<TxnResponse, KvError>>,
     },
@@ -61,10 +64,14 @@ impl Meta {
             match msg {
                 MetaMsg::Write {
                     txn,
+                    spans,
+                    involved,
                     put_first_checks_lease,
                     reply,
                 } => {
-                    let result = self.write(&txn, put_first_checks_lease).await;
+                    let result = self
+                        .write(&txn, &spans, &involved, put_first_checks_lease)
+                        .await;
                     let _ = reply.send(result);
                 }
                 MetaMsg::Compact { rev, reply } => {
@@ -77,21 +84,20 @@ impl Meta {
     async fn write(
         &mut self,
         txn: &TxnRequest,
+        spans: &[Span],
+        involved: &[usize],
         put_first_checks_lease: bool,
     ) -> Result<TxnResponse, KvError> {
-        let mut spans = Vec::new();
-        apply::txn_spans(txn, &mut spans);
         let mut historical = Vec::new();
         apply::txn_historical_ranges(txn, &mut historical);
-        let involved = self.shared.shards_for(&spans);
-        for &shard in &involved {
+        for &shard in involved {
             let (reply, done) = oneshot::channel();
             self.shared
                 .send_shard(shard, ShardMsg::Hold { reply })
                 .await?;
             done.await.map_err(|_| KvError::Stopped)?;
         }
-        let view = self.gather(&involved, &spans, &historical).await?;
+        let view = self.gather(involved, spans, &historical).await?;
         let shared = self.shared.clone();
         let seq = &shared.seq;
         let revs = Revs {
@@ -111,14 +117,18 @@ impl Meta {
             Ok(o) => (o.rev, o.changes, Ok(o.response)),
             Err(e) => (None, Vec::new(), Err(e)),
         };
-        if let Some(rev) = rev {
-            self.append(LogPayload::Changes {
-                main: rev,
-                changes: changes.clone(),
-            })
-            .await;
-        }
-        self.release(&involved, rev.unwrap_or(0), changes).await?;
+        let changes = match rev {
+            Some(rev) => {
+                let payload = LogPayload::Changes { main: rev, changes };
+                self.append(&payload).await;
+                let LogPayload::Changes { changes, .. } = payload else {
+                    unreachable!("the payload was built as changes")
+                };
+                changes
+            }
+            None => changes,
+        };
+        self.release(involved, rev.unwrap_or(0), changes).await?;
         if rev.is_some() {
             seq.settle(writer, None);
         }
@@ -200,7 +210,7 @@ impl Meta {
         if rev > self.shared.seq.visible() {
             return Err(KvError::FutureRev);
         }
-        self.append(LogPayload::Compact { rev }).await;
+        self.append(&LogPayload::Compact { rev }).await;
         self.shared.set_compacted(rev);
         for shard in 0..self.shared.shards.len() {
             let (reply, done) = oneshot::channel();
@@ -212,8 +222,8 @@ impl Meta {
         Ok(())
     }
 
-    async fn append(&mut self, payload: LogPayload) {
-        let record = Record::entry(SINGLE_VOTER_TERM, self.next_index, encode(&payload));
+    async fn append(&mut self, payload: &LogPayload) {
+        let record = Record::entry(SINGLE_VOTER_TERM, self.next_index, encode(payload));
         self.next_index += 1;
         if let Err(e) = self.wal.append(&[record]).await {
             fatal(&format!("meta WAL append failed: {e}"));

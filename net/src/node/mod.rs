@@ -194,10 +194,8 @@ impl Node {
             merged.count += part.count;
             merged.kvs.extend(part.kvs);
         }
+        // More than `limit` may remain; `finish_range` cuts to the fetch limit.
         merged.kvs.sort_unstable_by(|a, b| a.key.cmp(&b.key));
-        if limit > 0 {
-            merged.kvs.truncate(limit);
-        }
         Ok(merged)
     }
 
@@ -275,6 +273,8 @@ impl Node {
         } else {
             let msg = MetaMsg::Write {
                 txn,
+                spans,
+                involved: shards,
                 put_first_checks_lease,
                 reply,
             };
