@@ -217,6 +217,31 @@ for EP in "$ENDPOINT" "$HOSTPORT"; do
         bash -c "etcdctl --endpoints='${EP}' endpoint status -w json | jq -c '.[0] | {Endpoint, revision: .Status.header.revision, leader_is_self: (.Status.leader == .Status.header.member_id), has_version: (.Status.version | length > 0)}'"
 done
 
+# --- maintenance ----------------------------------------------------------------------------
+# Hash values are each server's own (etcd hashes its bbolt records); their behaviour is compared:
+# stable, revision-dependent, refused below the compaction and beyond the current revision.
+hashkv() {
+    etcdctl --endpoints="$ENDPOINT" endpoint hashkv -w json "$@" | jq -c '.[0].HashKV'
+}
+expect "endpoint hashkv -w json" \
+    "{\"Endpoint\":\"${ENDPOINT}\",\"revision\":16,\"compact_revision\":14,\"has_hash\":true}" \
+    bash -c "etcdctl --endpoints='${ENDPOINT}' endpoint hashkv -w json | jq -c '.[0] | {Endpoint, revision: .HashKV.header.revision, compact_revision: .HashKV.compact_revision, has_hash: (.HashKV.hash > 0)}'"
+HASH_NOW=$(hashkv | jq .hash)
+HASH_16=$(hashkv --rev 16 | jq .hash)
+HASH_15=$(hashkv --rev 15 | jq .hash)
+[[ "$HASH_NOW" == "$HASH_16" ]] || fail "hashkv at the current revision ($HASH_NOW) != hashkv --rev 16 ($HASH_16)"
+[[ "$HASH_15" != "$HASH_16" ]] || fail "hashkv --rev 15 == --rev 16 although revision 16 wrote"
+echo "ok: hashkv is stable and depends on the revision"
+expect_error "hashkv of a compacted revision" "Error: etcdserver: mvcc: required revision has been compacted" \
+    ctl endpoint hashkv --rev 13
+expect_error "hashkv of a future revision" "Error: etcdserver: mvcc: required revision is a future revision" \
+    ctl endpoint hashkv --rev 1000
+expect "defrag" "Finished defragmenting etcd member[${ENDPOINT}]" ctl defrag
+expect "alarm list" "" ctl alarm list
+expect "alarm disarm" "" ctl alarm disarm
+expect_error "move-leader on a single member" "Error: etcdserver: bad leader transferee" \
+    ctl move-leader 1234
+
 # --- member list ----------------------------------------------------------------------------
 expect_match "member list" \
     "^[0-9a-f]+, started, [^,]+, http://127\.0\.0\.1:[0-9]+, ${ENDPOINT}, false$" \

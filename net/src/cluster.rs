@@ -1,13 +1,17 @@
 //! The `Cluster` and `Maintenance` services, as far as a single member answers them today:
-//! `MemberList` and `Status`. Other methods answer UNIMPLEMENTED until clustering and the
+//! `MemberList`, `Status`, `HashKV`, `Hash`, `Defragment`, `Alarm` (list and disarm) and
+//! `MoveLeader`. Member changes and `Snapshot` answer UNIMPLEMENTED until clustering and the
 //! maintenance issue land.
 
 use crate::http::SERVER_VERSION;
 use crate::node::Node;
+use ferrocd_api::etcdserverpb::alarm_request::AlarmAction;
 use ferrocd_api::etcdserverpb::cluster_server::Cluster;
 use ferrocd_api::etcdserverpb::maintenance_server::Maintenance;
 use ferrocd_api::etcdserverpb::{
-    Member, MemberListRequest, MemberListResponse, StatusRequest, StatusResponse,
+    AlarmRequest, AlarmResponse, DefragmentRequest, DefragmentResponse, HashKvRequest,
+    HashKvResponse, HashRequest, HashResponse, Member, MemberListRequest, MemberListResponse,
+    MoveLeaderRequest, MoveLeaderResponse, StatusRequest, StatusResponse,
 };
 use std::path::{Path, PathBuf};
 use tonic::{Request, Response, Status};
@@ -48,7 +52,7 @@ impl Cluster for ClusterService {
             is_learner: false,
         };
         Ok(Response::new(MemberListResponse {
-            header: Some(shared.header(shared.seq.visible())),
+            header: Some(self.header()),
             members: vec![member],
         }))
     }
@@ -76,6 +80,72 @@ impl Maintenance for ClusterService {
             raft_term: crate::node::shard::SINGLE_VOTER_TERM,
             ..Default::default()
         }))
+    }
+
+    async fn hash_kv(
+        &self,
+        request: Request<HashKvRequest>,
+    ) -> Result<Response<HashKvResponse>, Status> {
+        let hash = self.node.hash_kv(request.into_inner().revision).await?;
+        Ok(Response::new(HashKvResponse {
+            header: Some(self.node.shared().header(hash.current)),
+            hash: hash.hash,
+            compact_revision: hash.compact_revision,
+            hash_revision: hash.revision,
+        }))
+    }
+
+    /// etcd hashes its whole backend file; without one, the whole MVCC history stands in.
+    async fn hash(&self, _request: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        let hash = self.node.hash_kv(0).await?;
+        Ok(Response::new(HashResponse {
+            header: Some(self.node.shared().header(hash.current)),
+            hash: hash.hash,
+        }))
+    }
+
+    /// State lives in memory and in append-only logs until checkpoints into the B+tree file
+    /// land: there is no backend file to shrink, so defragmenting succeeds at once.
+    async fn defragment(
+        &self,
+        _request: Request<DefragmentRequest>,
+    ) -> Result<Response<DefragmentResponse>, Status> {
+        Ok(Response::new(DefragmentResponse {
+            header: Some(self.header()),
+        }))
+    }
+
+    /// No alarm can be raised yet (no space quota): the list is empty and disarming is a no-op.
+    async fn alarm(
+        &self,
+        request: Request<AlarmRequest>,
+    ) -> Result<Response<AlarmResponse>, Status> {
+        match request.into_inner().action() {
+            AlarmAction::Get | AlarmAction::Deactivate => Ok(Response::new(AlarmResponse {
+                header: Some(self.header()),
+                alarms: Vec::new(),
+            })),
+            AlarmAction::Activate => Err(Status::unimplemented(
+                "ferrocd: raising alarms is not supported yet",
+            )),
+        }
+    }
+
+    /// A single member has nobody to hand leadership to.
+    async fn move_leader(
+        &self,
+        _request: Request<MoveLeaderRequest>,
+    ) -> Result<Response<MoveLeaderResponse>, Status> {
+        Err(Status::failed_precondition(
+            "etcdserver: bad leader transferee",
+        ))
+    }
+}
+
+impl ClusterService {
+    fn header(&self) -> ferrocd_api::etcdserverpb::ResponseHeader {
+        let shared = self.node.shared();
+        shared.header(shared.seq.visible())
     }
 }
 

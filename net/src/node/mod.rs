@@ -7,6 +7,7 @@
 
 pub mod apply;
 pub mod errors;
+mod hash;
 pub mod meta;
 pub mod recovery;
 pub mod shard;

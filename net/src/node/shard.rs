@@ -75,6 +75,8 @@ pub enum ShardMsg {
         rev: i64,
         reply: oneshot::Sender<()>,
     },
+    /// Maintenance: the hash of the shard's history up to `rev`.
+    Hash { rev: i64, reply: Reply<u32> },
 }
 
 /// What a held shard reports for `Gather`.
@@ -188,6 +190,9 @@ impl Shard {
                     self.store.borrow_mut().compact(rev);
                     let _ = reply.send(());
                 }
+                ShardMsg::Hash { rev, reply } => {
+                    let _ = reply.send(self.hash(rev));
+                }
             }
         }
         assert!(
@@ -221,6 +226,15 @@ impl Shard {
             kvs: result.kvs,
             count: result.count,
         })
+    }
+
+    /// A compaction may have passed `rev` since the request was checked.
+    fn hash(&self, rev: i64) -> Result<u32, KvError> {
+        let store = self.store.borrow();
+        if rev < store.compacted_revision() {
+            return Err(KvError::Compacted);
+        }
+        Ok(store.hash(rev))
     }
 
     fn gather(&self, spans: &[Span], historical: &[HistoricalRead]) -> Gathered {
