@@ -2,8 +2,11 @@
 //! drive (shards on cores, routing, the meta group).
 
 pub mod cluster;
+pub mod election;
 pub mod http;
 pub mod kv;
+pub mod lock;
 pub mod node;
+pub mod recipes;
 pub mod server;
 pub mod transport;

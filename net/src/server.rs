@@ -3,8 +3,10 @@
 //! (SO_REUSEPORT), until shutdown.
 
 use crate::cluster::{ClusterService, MemberInfo};
+use crate::election::ElectionService;
 use crate::http::{health_handler, version_handler, Health, PATH_HEALTH, PATH_VERSION};
 use crate::kv::KvService;
+use crate::lock::LockService;
 use crate::node::meta::{Meta, MetaMsg};
 use crate::node::recovery::{self, Recovered};
 use crate::node::shard::{Shard, ShardMsg};
@@ -14,6 +16,8 @@ use event_listener::Event;
 use ferrocd_api::etcdserverpb::cluster_server::ClusterServer;
 use ferrocd_api::etcdserverpb::kv_server::KvServer;
 use ferrocd_api::etcdserverpb::maintenance_server::MaintenanceServer;
+use ferrocd_api::v3electionpb::election_server::ElectionServer;
+use ferrocd_api::v3lockpb::lock_server::LockServer;
 use ferrocd_engine::mvcc::Store;
 use ferrocd_engine::wal::{Recovered as WalRecovered, Wal, WalOptions};
 use ferrocd_raft::notify::wait_until;
@@ -236,6 +240,8 @@ impl CoreSetup {
             .add_grpc(kv)
             .add_grpc(ClusterServer::new(cluster.clone()))
             .add_grpc(MaintenanceServer::new(cluster))
+            .add_grpc(LockServer::new(LockService::new(node.clone())))
+            .add_grpc(ElectionServer::new(ElectionService::new(node.clone())))
             .add_http(PATH_HEALTH, health_handler(|_query| async { Health::ok() }))
             .add_http(PATH_VERSION, version_handler());
         let server_config = ServerConfig::default();
