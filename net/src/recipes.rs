@@ -343,19 +343,13 @@ pub async fn proclaim(
     lease: i64,
     value: &[u8],
 ) -> Result<ResponseHeader, RecipeError> {
-    let put = op(Op::RequestPut(PutRequest {
+    let put = Op::RequestPut(PutRequest {
         key: key.to_vec(),
         value: value.to_vec(),
         lease,
         ..Default::default()
-    }));
-    let response = node
-        .txn(TxnRequest {
-            compare: vec![create_revision_is(key, rev)],
-            success: vec![put],
-            failure: Vec::new(),
-        })
-        .await?;
+    });
+    let response = if_still_leading(node, key, rev, put).await?;
     if !response.succeeded {
         return Err(RecipeError::NotLeader);
     }
@@ -364,18 +358,27 @@ pub async fn proclaim(
 
 /// etcd's `Election.Resign`: deletes `key` if it still holds the leadership won at `rev`.
 pub async fn resign(node: &Node, key: &[u8], rev: i64) -> Result<ResponseHeader, RecipeError> {
-    let delete = op(Op::RequestDeleteRange(DeleteRangeRequest {
+    let delete = Op::RequestDeleteRange(DeleteRangeRequest {
         key: key.to_vec(),
         ..Default::default()
-    }));
-    let response = node
-        .txn(TxnRequest {
-            compare: vec![create_revision_is(key, rev)],
-            success: vec![delete],
-            failure: Vec::new(),
-        })
-        .await?;
+    });
+    let response = if_still_leading(node, key, rev, delete).await?;
     Ok(response.header.unwrap_or_default())
+}
+
+/// Runs `then` only if `key` is still the candidacy created at `rev`.
+async fn if_still_leading(
+    node: &Node,
+    key: &[u8],
+    rev: i64,
+    then: Op,
+) -> Result<TxnResponse, RecipeError> {
+    let txn = TxnRequest {
+        compare: vec![create_revision_is(key, rev)],
+        success: vec![op(then)],
+        failure: Vec::new(),
+    };
+    Ok(node.txn(txn).await?)
 }
 
 /// etcd's `Election.Leader`: the oldest candidate, or `NoLeader`.
