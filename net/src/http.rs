@@ -124,7 +124,7 @@ fn health_response(health: &Health) -> Response<Body> {
     }
 }
 
-fn method_not_allowed(allowed: Method) -> Response<Body> {
+pub(crate) fn method_not_allowed(allowed: Method) -> Response<Body> {
     let mut response = go_error(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed");
     let allow =
         HeaderValue::from_str(allowed.as_str()).expect("method names are valid header values");
@@ -135,7 +135,7 @@ fn method_not_allowed(allowed: Method) -> Response<Body> {
 const TEXT_PLAIN: &str = "text/plain; charset=utf-8";
 
 /// Go's `http.Error`: plain text, newline-terminated, with `nosniff`.
-fn go_error(status: StatusCode, message: &str) -> Response<Body> {
+pub(crate) fn go_error(status: StatusCode, message: &str) -> Response<Body> {
     let mut response = respond(status, TEXT_PLAIN, format!("{message}\n"));
     response.headers_mut().insert(
         "x-content-type-options",
@@ -144,7 +144,11 @@ fn go_error(status: StatusCode, message: &str) -> Response<Body> {
     response
 }
 
-fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
+pub(crate) fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: String,
+) -> Response<Body> {
     let mut response = Response::new(Body::new(Full::new(Bytes::from(body))));
     *response.status_mut() = status;
     response

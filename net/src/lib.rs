@@ -6,6 +6,7 @@ pub mod election;
 pub mod http;
 pub mod kv;
 pub mod lock;
+pub mod metrics;
 pub mod node;
 pub mod recipes;
 pub mod server;

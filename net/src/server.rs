@@ -7,6 +7,7 @@ use crate::election::ElectionService;
 use crate::http::{health_handler, version_handler, Health, PATH_HEALTH, PATH_VERSION};
 use crate::kv::KvService;
 use crate::lock::LockService;
+use crate::metrics::{metrics_handler, GrpcMetrics, PATH_METRICS};
 use crate::node::meta::{Meta, MetaMsg};
 use crate::node::recovery::{self, Recovered};
 use crate::node::shard::{Shard, ShardMsg};
@@ -130,6 +131,7 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
         next_index: next_index[config.shards],
     });
     let serving = Arc::new((AtomicUsize::new(config.cores), Event::new()));
+    let grpc_metrics = GrpcMetrics::new(config.cores);
     let mut handles = Vec::new();
     for (core, shards) in owned.into_iter().enumerate() {
         let core_setup = CoreSetup {
@@ -140,6 +142,7 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
             config: config.clone(),
             shutdown: shutdown.clone(),
             serving: serving.clone(),
+            grpc_metrics: grpc_metrics.clone(),
         };
         let handle = LocalExecutorBuilder::new(Placement::Unbound)
             .name(&format!("ferrocd-core-{core}"))
@@ -190,6 +193,7 @@ struct CoreSetup {
     config: NodeConfig,
     shutdown: Shutdown,
     serving: Arc<(AtomicUsize, Event)>,
+    grpc_metrics: Arc<GrpcMetrics>,
 }
 
 impl CoreSetup {
@@ -243,7 +247,12 @@ impl CoreSetup {
             .add_grpc(LockServer::new(LockService::new(node.clone())))
             .add_grpc(ElectionServer::new(ElectionService::new(node.clone())))
             .add_http(PATH_HEALTH, health_handler(|_query| async { Health::ok() }))
-            .add_http(PATH_VERSION, version_handler());
+            .add_http(PATH_VERSION, version_handler())
+            .add_http(
+                PATH_METRICS,
+                metrics_handler(node.clone(), self.grpc_metrics.clone()),
+            )
+            .count_grpc(self.grpc_metrics.clone(), self.core);
         let server_config = ServerConfig::default();
         let mut servers = Vec::new();
         for addr in &self.config.listen_client {

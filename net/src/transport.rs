@@ -39,6 +39,7 @@ use tonic::Status;
 use tower_service::Service;
 
 use crate::http::{not_found, HttpHandler, ResponseFuture};
+use crate::metrics::{grpc_status, CountedBody, GrpcMetrics};
 
 /// etcd's `--max-request-bytes` default: the largest request a client may send.
 pub const MAX_REQUEST_BYTES_DEFAULT: usize = 3 * 512 * 1024;
@@ -109,6 +110,8 @@ pub struct Routes {
     http_exact: HashMap<String, HttpHandler>,
     /// Kept longest first so the first match is the most specific.
     http_prefix: Vec<(String, HttpHandler)>,
+    /// Where gRPC calls are counted, and as which core.
+    grpc_metrics: Option<(Arc<GrpcMetrics>, usize)>,
 }
 
 impl Routes {
@@ -134,6 +137,13 @@ impl Routes {
             "gRPC service {} registered twice",
             S::NAME
         );
+        self
+    }
+
+    /// Counts every gRPC call in `metrics`, in the slot of `core` (the core serving these
+    /// routes).
+    pub fn count_grpc(mut self, metrics: Arc<GrpcMetrics>, core: usize) -> Self {
+        self.grpc_metrics = Some((metrics, core));
         self
     }
 
@@ -164,18 +174,23 @@ impl Routes {
     /// Routes one request. Unknown gRPC services answer gRPC UNIMPLEMENTED (as tonic's
     /// router does), unknown HTTP paths 404.
     pub fn dispatch(&self, req: Request<Incoming>) -> ResponseFuture {
+        let path = req.uri().path().to_string();
         if !is_grpc(&req) {
             return match self.http_handler(req.uri().path()) {
                 Some(handler) => handler(req),
                 None => Box::pin(ready(not_found())),
             };
         }
-        match grpc_service_name(req.uri().path()).and_then(|name| self.grpc.get(name)) {
+        let response = match grpc_service_name(req.uri().path()).and_then(|n| self.grpc.get(n)) {
             Some(service) => service.call(req),
             None => {
                 let status = Status::unimplemented(format!("unknown service {}", req.uri().path()));
                 Box::pin(ready(status.into_http()))
             }
+        };
+        match &self.grpc_metrics {
+            Some((metrics, core)) => counted(response, metrics.clone(), *core, path),
+            None => response,
         }
     }
 
@@ -187,6 +202,26 @@ impl Routes {
                 .map(|(_, handler)| handler)
         })
     }
+}
+
+/// Counts a gRPC call as started now and as handled with the status its response ends with
+/// (in the headers of a trailers-only response, else in the trailers).
+fn counted(
+    response: ResponseFuture,
+    metrics: Arc<GrpcMetrics>,
+    core: usize,
+    path: String,
+) -> ResponseFuture {
+    metrics.started(core, &path);
+    Box::pin(async move {
+        let response = response.await;
+        if let Some(code) = grpc_status(response.headers()) {
+            metrics.handled(core, &path, code);
+            return response;
+        }
+        let report = Box::new(move |code| metrics.handled(core, &path, code));
+        response.map(|body| Body::new(CountedBody::new(body, report)))
+    })
 }
 
 /// gRPC requests carry `application/grpc` or `application/grpc+<codec>`. (grpc-web is

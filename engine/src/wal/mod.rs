@@ -65,6 +65,7 @@
 //! selects that too); [`Wal::io_mode`] tells which is in use.
 
 mod codec;
+pub mod latency;
 mod reader;
 mod segment;
 mod waiters;

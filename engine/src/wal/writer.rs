@@ -12,11 +12,13 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use glommio::io::{BufferedFile, Directory, DmaFile, OpenOptions};
 use glommio::{GlommioError, Task};
 
 use super::codec::{encode_into, encoded_len, MAX_RECORD_DATA_BYTES, RECORD_ALIGN_BYTES};
+use super::latency::LatencyHistogram;
 use super::reader::{read_dir, Recovered};
 use super::segment::{list_temp_files, segment_file_name, DEFAULT_SEGMENT_SIZE_BYTES, TEMP_SUFFIX};
 use super::waiters::{Gate, WakerList};
@@ -69,6 +71,9 @@ pub struct WalStats {
     pub largest_batch_bytes: u64,
     pub segments_created: u64,
     pub segments_released: u64,
+    /// Time of each batch's write and fdatasync: what a writer waits for durability. The
+    /// write is part of it because with O_DIRECT it is device I/O too.
+    pub sync_latency: LatencyHistogram,
 }
 
 /// A per-shard write-ahead log. Lives on one glommio executor (not `Send`). Dropping it without
@@ -609,8 +614,11 @@ impl Tail {
             let records = &batch.records[first..first + count];
             let chunk = &batch.bytes[byte_start..byte_start + chunk_bytes];
             self.note_records(shared, records, chunk);
+            let started = Instant::now();
             self.write_and_sync(chunk).await?;
-            shared.borrow_mut().stats.fsyncs += 1;
+            let mut shared = shared.borrow_mut();
+            shared.stats.fsyncs += 1;
+            shared.stats.sync_latency.record(started.elapsed());
             first += count;
             byte_start += chunk_bytes;
         }

@@ -19,7 +19,7 @@ use super::Shared;
 use ferrocd_api::etcdserverpb::{TxnRequest, TxnResponse};
 use ferrocd_engine::mvcc::codec::{encode, LogPayload};
 use ferrocd_engine::mvcc::Change;
-use ferrocd_engine::wal::{Record, Wal};
+use ferrocd_engine::wal::{Record, Wal, WalStats};
 use futures::channel::oneshot;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -37,6 +37,8 @@ pub enum MetaMsg {
         rev: i64,
         reply: oneshot::Sender<Result<(), KvError>>,
     },
+    /// Metrics: the counters of the meta log.
+    Stats { reply: oneshot::Sender<WalStats> },
 }
 
 pub struct Meta {
@@ -76,6 +78,9 @@ impl Meta {
                 }
                 MetaMsg::Compact { rev, reply } => {
                     let _ = reply.send(self.compact(rev).await);
+                }
+                MetaMsg::Stats { reply } => {
+                    let _ = reply.send(self.wal.stats());
                 }
             }
         }

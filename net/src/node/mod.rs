@@ -11,6 +11,9 @@ mod hash;
 pub mod meta;
 pub mod recovery;
 pub mod shard;
+mod stats;
+
+pub use stats::{NodeStats, ShardStats};
 
 use apply::{GatheredView, Revs};
 use errors::KvError;

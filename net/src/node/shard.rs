@@ -13,6 +13,7 @@
 
 use super::apply::{self, HistoricalRead, Revs, View};
 use super::errors::KvError;
+use super::stats::ShardStats;
 use super::Shared;
 use ferrocd_api::etcdserverpb::{TxnRequest, TxnResponse};
 use ferrocd_engine::mvcc::codec::{encode, LogPayload};
@@ -77,6 +78,8 @@ pub enum ShardMsg {
     },
     /// Maintenance: the hash of the shard's history up to `rev`.
     Hash { rev: i64, reply: Reply<u32> },
+    /// Metrics: the sizes of the store and the counters of the log.
+    Stats { reply: oneshot::Sender<ShardStats> },
 }
 
 /// What a held shard reports for `Gather`.
@@ -192,6 +195,12 @@ impl Shard {
                 }
                 ShardMsg::Hash { rev, reply } => {
                     let _ = reply.send(self.hash(rev));
+                }
+                ShardMsg::Stats { reply } => {
+                    let _ = reply.send(ShardStats {
+                        store: self.store.borrow().stats(),
+                        wal: self.wal.stats(),
+                    });
                 }
             }
         }

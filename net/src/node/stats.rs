@@ -1,0 +1,48 @@
+//! Figures for `/metrics`, asked from each shard and the meta group by message (their state
+//! is owned by their cores and never shared).
+
+use super::errors::KvError;
+use super::meta::MetaMsg;
+use super::shard::ShardMsg;
+use super::Node;
+use ferrocd_engine::mvcc::StoreStats;
+use ferrocd_engine::wal::WalStats;
+use futures::channel::oneshot;
+
+/// One shard's store sizes and log counters.
+#[derive(Clone, Copy, Debug)]
+pub struct ShardStats {
+    pub store: StoreStats,
+    pub wal: WalStats,
+}
+
+/// Every shard's figures in shard order, and the meta group's log counters.
+#[derive(Clone, Debug)]
+pub struct NodeStats {
+    pub shards: Vec<ShardStats>,
+    pub meta_wal: WalStats,
+}
+
+impl Node {
+    pub async fn stats(&self) -> Result<NodeStats, KvError> {
+        let shared = self.shared();
+        let mut answers = Vec::with_capacity(shared.shards.len());
+        for shard in 0..shared.shards.len() {
+            let (reply, answer) = oneshot::channel();
+            shared.send_shard(shard, ShardMsg::Stats { reply }).await?;
+            answers.push(answer);
+        }
+        let (reply, meta_answer) = oneshot::channel();
+        shared
+            .meta
+            .send(MetaMsg::Stats { reply })
+            .await
+            .map_err(|_| KvError::Stopped)?;
+        let mut shards = Vec::with_capacity(answers.len());
+        for answer in answers {
+            shards.push(answer.await.map_err(|_| KvError::Stopped)?);
+        }
+        let meta_wal = meta_answer.await.map_err(|_| KvError::Stopped)?;
+        Ok(NodeStats { shards, meta_wal })
+    }
+}
