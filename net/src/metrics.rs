@@ -14,6 +14,7 @@ use ferrocd_engine::wal::latency::{LatencyHistogram, BUCKET_BOUNDS_S};
 use hashbrown::HashMap;
 use http_body::{Body as HttpBody, Frame};
 use hyper::body::Incoming;
+use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -77,9 +78,9 @@ impl GrpcMetrics {
     }
 
     /// Sums of every core's counters, sorted for stable output.
-    fn totals(&self) -> (Vec<(String, u64)>, Vec<((String, Code), u64)>) {
-        let mut started: std::collections::BTreeMap<String, u64> = Default::default();
-        let mut handled: std::collections::BTreeMap<(String, i32), u64> = Default::default();
+    fn totals(&self) -> Totals {
+        let mut started: BTreeMap<String, u64> = BTreeMap::new();
+        let mut handled: BTreeMap<(String, i32), u64> = BTreeMap::new();
         for core in 0..self.cores.len() {
             let slot = self.slot(core);
             for (path, count) in &slot.started {
@@ -89,12 +90,20 @@ impl GrpcMetrics {
                 *handled.entry((path.clone(), *code as i32)).or_default() += count;
             }
         }
-        let handled = handled
-            .into_iter()
-            .map(|((path, code), count)| ((path, Code::from_i32(code)), count))
-            .collect();
-        (started.into_iter().collect(), handled)
+        Totals {
+            started: started.into_iter().collect(),
+            handled: handled
+                .into_iter()
+                .map(|((path, code), count)| (path, Code::from_i32(code), count))
+                .collect(),
+        }
     }
+}
+
+/// Request counts summed over cores: per method path, and per path and status code.
+struct Totals {
+    started: Vec<(String, u64)>,
+    handled: Vec<(String, Code, u64)>,
 }
 
 /// A gRPC response body that reports the call's status once its trailers go out (or once it
@@ -337,7 +346,7 @@ fn shard_metrics(out: &mut String, stats: &crate::node::NodeStats) {
 }
 
 fn grpc_metrics(out: &mut String, grpc: &GrpcMetrics) {
-    let (started, handled) = grpc.totals();
+    let Totals { started, handled } = grpc.totals();
     let started: Vec<_> = started
         .iter()
         .map(|(path, count)| {
@@ -359,7 +368,7 @@ fn grpc_metrics(out: &mut String, grpc: &GrpcMetrics) {
     );
     let handled: Vec<_> = handled
         .iter()
-        .map(|((path, code), count)| {
+        .map(|(path, code, count)| {
             let (service, method, kind) = grpc_labels(path);
             (
                 format!("{{grpc_code=\"{}\",grpc_method=\"{method}\",grpc_service=\"{service}\",grpc_type=\"{kind}\"}}", go_code_name(*code)),
