@@ -141,13 +141,14 @@ fn max_value(rows: &[Row], panel: &Panel) -> f64 {
     values.fold(0.0, f64::max)
 }
 
-/// The smallest 1, 2 or 5 times a power of ten that is at least `value` (1 for nothing).
+/// The smallest 1, 2, 2.5 or 5 times a power of ten that is at least `value` (1 for nothing):
+/// quarter grid lines then fall on round numbers.
 fn nice_ceiling(value: f64) -> f64 {
     if value <= 0.0 || !value.is_finite() {
         return 1.0;
     }
     let power = 10f64.powf(value.log10().floor());
-    [1.0, 2.0, 5.0, 10.0]
+    [1.0, 2.0, 2.5, 5.0, 10.0]
         .into_iter()
         .map(|step| step * power)
         .find(|candidate| *candidate >= value)
@@ -184,6 +185,7 @@ mod tests {
         assert_eq!(nice_ceiling(0.0), 1.0);
         assert_eq!(nice_ceiling(7.0), 10.0);
         assert_eq!(nice_ceiling(1234.0), 2000.0);
+        assert_eq!(nice_ceiling(201_855.0), 250_000.0);
         assert_eq!(nice_ceiling(5000.0), 5000.0);
         assert_eq!(nice_ceiling(50_001.0), 100_000.0);
     }

@@ -6,6 +6,8 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// Largest `compare --cluster`: every member is a process on this machine.
+const MAX_CLUSTER_SIZE: u64 = 9;
 /// Requests per run when neither `--total` nor `--duration-s` is given.
 const DEFAULT_TOTAL: u64 = 10_000;
 
@@ -205,8 +207,8 @@ pub struct CompareCliArgs {
     /// Extra argument for ferrocd (repeat for several), e.g. --ferrocd-arg=--shards=2.
     #[arg(long, allow_hyphen_values = true)]
     pub ferrocd_arg: Vec<String>,
-    /// Members per server: 1, or an odd number for a static cluster on 127.0.0.1 ports.
-    #[arg(long, default_value_t = 1)]
+    /// Members per server: 1, or more for a static cluster on 127.0.0.1 ports (e.g. 3).
+    #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_CLUSTER_SIZE))]
     pub cluster: usize,
     /// Keys loaded before the measured steps, instead of the suite's number.
     #[arg(long)]
@@ -333,6 +335,8 @@ mod tests {
         assert!(load_spec(&["watch", "--key-space", "5", "--watched-keys", "6"]).is_err());
         assert!(load_spec(&["lease-keepalive", "--clients", "4", "--leases", "3"]).is_err());
         assert!(parse(&["put", "--total", "1", "--duration-s", "1"]).is_err());
+        assert!(parse(&["compare", "--cluster", "0"]).is_err());
+        assert!(parse(&["compare", "--cluster", "10"]).is_err());
         assert!(parse(&["range", "--consistency", "x"]).is_err());
         assert!(load_spec(&["mixed", "--read-ratio", "1.5"]).is_err());
         assert!(load_spec(&["put", "--conns", "4", "--clients", "2"]).is_err());

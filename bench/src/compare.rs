@@ -469,6 +469,9 @@ fn mib(bytes: u64) -> String {
     format!("{:.1}", bytes as f64 / (1024.0 * 1024.0))
 }
 
+/// Reads one number of a footprint.
+type FootprintField = fn(&Footprint) -> u64;
+
 /// The side-by-side tables. Ratios are ferrocd / etcd: above 1 is better for throughput, below
 /// 1 is better for latency and footprint.
 pub fn render_markdown(report: &CompareReport) -> String {
@@ -514,7 +517,7 @@ pub fn render_markdown(report: &CompareReport) -> String {
     line(String::new());
     line("| footprint | etcd MiB | ferrocd MiB | ratio |".into());
     line("|---|---:|---:|---:|".into());
-    let footprints: [(&str, fn(&Footprint) -> u64); 2] = [
+    let footprints: [(&str, FootprintField); 2] = [
         ("peak RSS (VmHWM)", |f| f.peak_rss_bytes),
         ("data dir after load", |f| f.data_dir_bytes_after_load),
     ];

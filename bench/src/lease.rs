@@ -73,7 +73,9 @@ async fn worker(mut streams: Vec<KeepAlive>, shared: Arc<Shared>) -> Latencies {
     let mut latencies = Latencies::new();
     let mut turn = 0;
     while !streams.is_empty() {
-        let Some(_) = shared.claim() else { break };
+        if shared.claim().is_none() {
+            break;
+        }
         let current = turn % streams.len();
         turn += 1;
         let started = Instant::now();

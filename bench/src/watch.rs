@@ -178,7 +178,8 @@ async fn receive_events(
                     break;
                 }
             },
-            _ = drain.changed() => {}
+            // The sender lives until every watcher is joined, unless the run failed early.
+            changed = drain.changed() => if changed.is_err() { break },
             _ = tokio::time::sleep_until(deadline), if target.is_some() => break,
         }
     }
