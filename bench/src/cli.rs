@@ -6,6 +6,8 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// Largest `compare --cluster`: every member is a process on this machine.
+const MAX_CLUSTER_SIZE: u64 = 9;
 /// Requests per run when neither `--total` nor `--duration-s` is given.
 const DEFAULT_TOTAL: u64 = 10_000;
 
@@ -43,6 +45,35 @@ pub enum Command {
         /// Consistency of the ranges: l = linearizable, s = serializable.
         #[arg(long, value_enum, default_value = "l")]
         consistency: Consistency,
+    },
+    /// Txns that compare the key's mod revision, then range it (probability --read-ratio) or
+    /// put it.
+    TxnMixed {
+        #[command(flatten)]
+        load: LoadArgs,
+        /// Fraction of txns whose branch is a range, within 0..=1.
+        #[arg(long, default_value_t = 0.5)]
+        read_ratio: f64,
+    },
+    /// Watchers on the key space while the clients put; reports event delivery latency and
+    /// events received against expected.
+    Watch {
+        #[command(flatten)]
+        load: LoadArgs,
+        /// Watch streams, spread over the connections.
+        #[arg(long, default_value_t = 10)]
+        watchers: usize,
+        /// Each watcher watches keys 0..N (default: the whole key space).
+        #[arg(long)]
+        watched_keys: Option<u64>,
+    },
+    /// Keep-alive round trips on lease keep-alive streams.
+    LeaseKeepalive {
+        #[command(flatten)]
+        load: LoadArgs,
+        /// Leases granted, each with its own stream (default: one per client).
+        #[arg(long)]
+        leases: Option<usize>,
     },
     /// Start etcd and ferrocd, run the same workloads against each in alternation, and print a
     /// side-by-side table.
@@ -87,6 +118,53 @@ pub struct LoadArgs {
     pub quiet: bool,
 }
 
+/// What a command line asks for.
+pub enum Workload {
+    Load { args: LoadArgs, op: Op },
+    Compare(CompareCliArgs),
+}
+
+impl Command {
+    /// Resolves per-workload options (defaults that depend on other options included).
+    pub fn into_workload(self) -> Workload {
+        let (args, op) = match self {
+            Command::Put(args) => (args, Op::Put),
+            Command::Range { load, consistency } => (load, Op::Range(consistency)),
+            Command::TxnPut(args) => (args, Op::TxnPut),
+            Command::Mixed {
+                load,
+                read_ratio,
+                consistency,
+            } => {
+                let op = Op::Mixed {
+                    read_ratio,
+                    consistency,
+                };
+                (load, op)
+            }
+            Command::TxnMixed { load, read_ratio } => (load, Op::TxnMixed { read_ratio }),
+            Command::Watch {
+                load,
+                watchers,
+                watched_keys,
+            } => {
+                let watched_keys = watched_keys.unwrap_or(load.key_space);
+                let op = Op::Watch {
+                    watchers,
+                    watched_keys,
+                };
+                (load, op)
+            }
+            Command::LeaseKeepalive { load, leases } => {
+                let leases = leases.unwrap_or(load.clients);
+                (load, Op::LeaseKeepalive { leases })
+            }
+            Command::Compare(args) => return Workload::Compare(args),
+        };
+        Workload::Load { args, op }
+    }
+}
+
 impl LoadArgs {
     pub fn spec(&self, op: Op) -> Result<LoadSpec, String> {
         let stop = match (self.total, self.duration_s) {
@@ -129,6 +207,15 @@ pub struct CompareCliArgs {
     /// Extra argument for ferrocd (repeat for several), e.g. --ferrocd-arg=--shards=2.
     #[arg(long, allow_hyphen_values = true)]
     pub ferrocd_arg: Vec<String>,
+    /// Members per server: 1, or more for a static cluster on 127.0.0.1 ports (e.g. 3).
+    #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_CLUSTER_SIZE))]
+    pub cluster: usize,
+    /// Keys loaded before the measured steps, instead of the suite's number.
+    #[arg(long)]
+    pub keys: Option<u64>,
+    /// Length of every measured step in milliseconds, instead of the suite's.
+    #[arg(long)]
+    pub step_ms: Option<u64>,
 }
 
 impl From<CompareCliArgs> for CompareArgs {
@@ -139,6 +226,9 @@ impl From<CompareCliArgs> for CompareArgs {
             suite: args.suite,
             out_dir: args.out_dir,
             ferrocd_args: args.ferrocd_arg,
+            cluster_size: args.cluster,
+            keys: args.keys,
+            step_duration: args.step_ms.map(Duration::from_millis),
         }
     }
 }
@@ -152,19 +242,9 @@ mod tests {
     }
 
     fn load_spec(args: &[&str]) -> Result<LoadSpec, String> {
-        match parse(args).expect("parses").command {
-            Command::Put(load) => load.spec(Op::Put),
-            Command::Range { load, consistency } => load.spec(Op::Range(consistency)),
-            Command::TxnPut(load) => load.spec(Op::TxnPut),
-            Command::Mixed {
-                load,
-                read_ratio,
-                consistency,
-            } => load.spec(Op::Mixed {
-                read_ratio,
-                consistency,
-            }),
-            Command::Compare(_) => panic!("not a load command"),
+        match parse(args).expect("parses").command.into_workload() {
+            Workload::Load { args, op } => args.spec(op),
+            Workload::Compare(_) => panic!("not a load command"),
         }
     }
 
@@ -226,8 +306,37 @@ mod tests {
     }
 
     #[test]
+    fn new_workloads_resolve_their_defaults() {
+        let spec = load_spec(&["txn-mixed", "--read-ratio", "0.25"]).expect("valid");
+        assert_eq!(spec.op, Op::TxnMixed { read_ratio: 0.25 });
+        let spec = load_spec(&["watch", "--key-space", "50", "--watchers", "3"]).expect("valid");
+        let expected = Op::Watch {
+            watchers: 3,
+            watched_keys: 50,
+        };
+        assert_eq!(spec.op, expected);
+        let spec = load_spec(&["watch", "--watched-keys", "5"]).expect("valid");
+        let expected = Op::Watch {
+            watchers: 10,
+            watched_keys: 5,
+        };
+        assert_eq!(spec.op, expected);
+        let spec = load_spec(&["lease-keepalive", "--clients", "4"]).expect("valid");
+        assert_eq!(spec.op, Op::LeaseKeepalive { leases: 4 });
+        let spec = load_spec(&["lease-keepalive", "--leases", "9"]).expect("valid");
+        assert_eq!(spec.op, Op::LeaseKeepalive { leases: 9 });
+    }
+
+    #[test]
     fn invalid_combinations_are_refused() {
+        assert!(load_spec(&["txn-mixed", "--read-ratio", "1.1"]).is_err());
+        assert!(load_spec(&["watch", "--watchers", "0"]).is_err());
+        assert!(load_spec(&["watch", "--val-size", "4"]).is_err());
+        assert!(load_spec(&["watch", "--key-space", "5", "--watched-keys", "6"]).is_err());
+        assert!(load_spec(&["lease-keepalive", "--clients", "4", "--leases", "3"]).is_err());
         assert!(parse(&["put", "--total", "1", "--duration-s", "1"]).is_err());
+        assert!(parse(&["compare", "--cluster", "0"]).is_err());
+        assert!(parse(&["compare", "--cluster", "10"]).is_err());
         assert!(parse(&["range", "--consistency", "x"]).is_err());
         assert!(load_spec(&["mixed", "--read-ratio", "1.5"]).is_err());
         assert!(load_spec(&["put", "--conns", "4", "--clients", "2"]).is_err());
@@ -244,6 +353,12 @@ mod tests {
             "--suite",
             "full",
             "--ferrocd-arg=--shards=2",
+            "--cluster",
+            "3",
+            "--keys",
+            "100",
+            "--step-ms",
+            "250",
         ])
         .expect("parses");
         let Command::Compare(args) = cli.command else {
@@ -254,5 +369,8 @@ mod tests {
         assert_eq!(args.etcd, PathBuf::from("etcd"));
         assert_eq!(args.suite, SuiteName::Full);
         assert_eq!(args.ferrocd_args, ["--shards=2"]);
+        assert_eq!(args.cluster_size, 3);
+        assert_eq!(args.keys, Some(100));
+        assert_eq!(args.step_duration, Some(Duration::from_millis(250)));
     }
 }

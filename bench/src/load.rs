@@ -1,9 +1,11 @@
 //! The load generator: `clients` concurrent tasks spread over `conns` gRPC connections, each
 //! issuing one request at a time until the run's request budget or deadline is used up.
+//! KV workloads live here; `watch` and `lease-keepalive` add their own set-up around the same
+//! request loop (see `crate::watch`, `crate::lease`).
 
-use crate::stats::{Latencies, Summary};
+use crate::stats::{Latencies, Summary, WatchCounts};
 use crate::BenchResult;
-use etcd_client::{Client, ConnectOptions, GetOptions, KvClient, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, KvClient, Txn, TxnOp};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::io::IsTerminal;
@@ -14,7 +16,8 @@ use std::time::{Duration, Instant};
 /// How long one connection attempt may take before the run fails.
 const CONNECT_TIMEOUT_MS: u64 = 5_000;
 /// Per-request limit: a hung server turns into counted errors instead of a hung benchmark.
-const REQUEST_TIMEOUT_MS: u64 = 10_000;
+/// Streams (watch, keep-alive) apply it to every awaited message themselves.
+pub(crate) const REQUEST_TIMEOUT_MS: u64 = 10_000;
 /// How often the progress line is refreshed.
 const PROGRESS_INTERVAL_MS: u64 = 1_000;
 
@@ -43,6 +46,15 @@ pub enum Op {
         read_ratio: f64,
         consistency: Consistency,
     },
+    /// One Txn comparing the key's mod revision, whose branches both hold a Range of the key
+    /// with probability `read_ratio`, else a Put of it.
+    TxnMixed { read_ratio: f64 },
+    /// `watchers` watch streams on keys `0..watched_keys` while the clients put; measures the
+    /// delivery latency of every event (see `crate::watch`).
+    Watch { watchers: usize, watched_keys: u64 },
+    /// `leases` leases, each with its own keep-alive stream; one request is one keep-alive
+    /// round trip (see `crate::lease`).
+    LeaseKeepalive { leases: usize },
 }
 
 impl Op {
@@ -60,6 +72,18 @@ impl Op {
                 read_ratio,
                 consistency,
             } => format!("mixed-{read_ratio}-{}", consistency_suffix(consistency)),
+            Op::TxnMixed { read_ratio } => format!("txn-mixed-{read_ratio}"),
+            Op::Watch { watchers, .. } => format!("watch w{watchers}"),
+            Op::LeaseKeepalive { leases } => format!("lease-keepalive l{leases}"),
+        }
+    }
+
+    /// The gRPC service beyond KV that the workload needs, if any.
+    pub fn service(&self) -> Option<&'static str> {
+        match self {
+            Op::Watch { .. } => Some("Watch"),
+            Op::LeaseKeepalive { .. } => Some("Lease"),
+            _ => None,
         }
     }
 }
@@ -146,10 +170,25 @@ impl LoadSpec {
                 self.conns, self.clients
             ));
         }
-        if let Op::Mixed { read_ratio, .. } = self.op {
-            if !(0.0..=1.0).contains(&read_ratio) {
-                return Err(format!("--read-ratio {read_ratio} is not within 0..=1"));
+        match self.op {
+            Op::Mixed { read_ratio, .. } | Op::TxnMixed { read_ratio } => {
+                if !(0.0..=1.0).contains(&read_ratio) {
+                    return Err(format!("--read-ratio {read_ratio} is not within 0..=1"));
+                }
             }
+            Op::Watch {
+                watchers,
+                watched_keys,
+            } => crate::watch::validate(watchers, watched_keys, &self.keys)?,
+            Op::LeaseKeepalive { leases } => {
+                if leases < self.clients {
+                    return Err(format!(
+                        "--leases {leases} is below --clients {}: every client needs a lease",
+                        self.clients
+                    ));
+                }
+            }
+            Op::Put | Op::Range(_) | Op::TxnPut => {}
         }
         self.keys.validate()
     }
@@ -162,6 +201,8 @@ pub struct RunResult {
     pub errors: u64,
     pub elapsed: Duration,
     pub first_error: Option<String>,
+    /// Event counts of a watch run.
+    pub watch: Option<WatchCounts>,
 }
 
 impl RunResult {
@@ -173,30 +214,38 @@ impl RunResult {
         if self.first_error.is_none() {
             self.first_error.clone_from(&other.first_error);
         }
+        self.watch = match (self.watch, other.watch) {
+            (Some(mine), Some(theirs)) => Some(mine.add(&theirs)),
+            (mine, theirs) => mine.or(theirs),
+        };
     }
 
     pub fn summary(&self, workload: &str) -> Summary {
         let mut summary = Summary::new(workload, &self.latencies, self.errors, self.elapsed);
         summary.first_error.clone_from(&self.first_error);
+        summary.watch = self.watch;
         summary
     }
 }
 
 /// Counters shared by the workers of one run.
-struct Shared {
+pub(crate) struct Shared {
     stop: Stop,
-    started: Instant,
+    /// Also the zero of the send timestamps that watch puts carry in their values.
+    pub(crate) started: Instant,
     /// Requests handed out so far; also the sequence number of the next one.
     issued: AtomicU64,
     /// Requests finished (either way), for the progress line.
     finished: AtomicU64,
     errors: AtomicU64,
     first_error: Mutex<Option<String>>,
+    /// Successful puts to watched keys (watch runs only): the events each watcher must see.
+    pub(crate) watched_puts: AtomicU64,
 }
 
 impl Shared {
     /// Starts the clock of the run.
-    fn new(stop: Stop) -> Shared {
+    pub(crate) fn new(stop: Stop) -> Shared {
         Shared {
             stop,
             started: Instant::now(),
@@ -204,11 +253,12 @@ impl Shared {
             finished: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             first_error: Mutex::new(None),
+            watched_puts: AtomicU64::new(0),
         }
     }
 
     /// The sequence number of the next request, or `None` once the run is over.
-    fn claim(&self) -> Option<u64> {
+    pub(crate) fn claim(&self) -> Option<u64> {
         match self.stop {
             Stop::Total(total) => {
                 let seq = self.issued.fetch_add(1, Ordering::Relaxed);
@@ -219,10 +269,27 @@ impl Shared {
         }
     }
 
-    fn record_error(&self, error: etcd_client::Error) {
-        self.errors.fetch_add(1, Ordering::Relaxed);
+    /// Counts `count` failures (requests, or events a watcher missed) described by `error`.
+    pub(crate) fn record_errors(&self, count: u64, error: impl ToString) {
+        self.errors.fetch_add(count, Ordering::Relaxed);
         let mut first = self.first_error.lock().expect("first_error lock");
         first.get_or_insert_with(|| error.to_string());
+    }
+
+    /// One request done, for the progress line.
+    pub(crate) fn finish_one(&self) {
+        self.finished.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The error count and first error so far, with the time since the start.
+    pub(crate) fn result(&self, latencies: Latencies) -> RunResult {
+        RunResult {
+            latencies,
+            errors: self.errors.load(Ordering::Relaxed),
+            elapsed: self.started.elapsed(),
+            first_error: self.first_error.lock().expect("first_error lock").clone(),
+            watch: None,
+        }
     }
 }
 
@@ -231,47 +298,84 @@ impl Shared {
 /// `progress` prints a line with the running totals to stderr every second.
 pub async fn run(spec: &LoadSpec, progress: bool) -> BenchResult<RunResult> {
     spec.validate()?;
-    let kv_clients = connect(spec).await?;
-    let shared = Arc::new(Shared::new(spec.stop));
-    let workers: Vec<_> = (0..spec.clients)
-        .map(|task| {
-            let kv = kv_clients[task % kv_clients.len()].clone();
-            let rng = StdRng::seed_from_u64(task as u64);
-            tokio::spawn(worker(spec.op, spec.keys, kv, rng, shared.clone()))
-        })
-        .collect();
+    let clients = connect(spec).await?;
+    match spec.op {
+        Op::Watch {
+            watchers,
+            watched_keys,
+        } => crate::watch::run(spec, &clients, watchers, watched_keys, progress).await,
+        Op::LeaseKeepalive { leases } => crate::lease::run(spec, &clients, leases, progress).await,
+        _ => {
+            let shared = Arc::new(Shared::new(spec.stop));
+            let latencies = run_kv_workers(spec, &clients, &shared, progress).await?;
+            Ok(shared.result(latencies))
+        }
+    }
+}
+
+/// Runs the KV request loops of `spec` (the puts of a watch run too) to the end of the run.
+pub(crate) async fn run_kv_workers(
+    spec: &LoadSpec,
+    clients: &[Client],
+    shared: &Arc<Shared>,
+    progress: bool,
+) -> BenchResult<Latencies> {
+    let workers = (0..spec.clients).map(|task| {
+        let kv = clients[task % clients.len()].kv_client();
+        let rng = StdRng::seed_from_u64(task as u64);
+        tokio::spawn(worker(spec.op, spec.keys, kv, rng, shared.clone()))
+    });
+    join_workers(workers.collect(), shared, progress).await
+}
+
+/// Awaits every worker, showing progress meanwhile, and merges their latencies.
+pub(crate) async fn join_workers(
+    workers: Vec<tokio::task::JoinHandle<Latencies>>,
+    shared: &Arc<Shared>,
+    progress: bool,
+) -> BenchResult<Latencies> {
     let reporter = progress.then(|| tokio::spawn(report_progress(shared.clone())));
     let mut latencies = Latencies::new();
     for worker in workers {
         latencies.merge(&worker.await?);
     }
-    let elapsed = shared.started.elapsed();
     if let Some(reporter) = reporter {
         reporter.abort();
         if std::io::stderr().is_terminal() {
             eprintln!(); // Ends the line that was redrawn in place.
         }
     }
-    let first_error = shared.first_error.lock().expect("first_error lock").take();
-    Ok(RunResult {
-        latencies,
-        errors: shared.errors.load(Ordering::Relaxed),
-        elapsed,
-        first_error,
-    })
+    Ok(latencies)
 }
 
 /// One `Client` per connection. Each is balanced over all endpoints, as etcd's own benchmark does.
-async fn connect(spec: &LoadSpec) -> BenchResult<Vec<KvClient>> {
+pub(crate) async fn connect(spec: &LoadSpec) -> BenchResult<Vec<Client>> {
     let options = ConnectOptions::new()
         .with_connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
         .with_timeout(Duration::from_millis(REQUEST_TIMEOUT_MS));
-    let mut kv_clients = Vec::with_capacity(spec.conns);
+    let mut clients = Vec::with_capacity(spec.conns);
     for _ in 0..spec.conns {
-        let client = Client::connect(&spec.endpoints, Some(options.clone())).await?;
-        kv_clients.push(client.kv_client());
+        clients.push(Client::connect(&spec.endpoints, Some(options.clone())).await?);
     }
-    Ok(kv_clients)
+    Ok(clients)
+}
+
+/// Awaits `future` for at most `REQUEST_TIMEOUT_MS`. Stream messages need this: the client's
+/// own timeout covers only the start of a call.
+pub(crate) async fn bounded<T>(
+    what: &str,
+    future: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, etcd_client::Error> {
+    let limit = Duration::from_millis(REQUEST_TIMEOUT_MS);
+    tokio::time::timeout(limit, future)
+        .await
+        .unwrap_or_else(|_| {
+            let message = format!("{what}: no answer within {REQUEST_TIMEOUT_MS} ms");
+            Err(etcd_client::Error::IoError(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                message,
+            )))
+        })
 }
 
 /// One request loop: claims a sequence number, sends one request, waits for the answer.
@@ -282,16 +386,27 @@ async fn worker(
     mut rng: StdRng,
     shared: Arc<Shared>,
 ) -> Latencies {
-    let value = vec![b'v'; keys.val_size_bytes];
+    let mut value = vec![b'v'; keys.val_size_bytes];
     let mut latencies = Latencies::new();
     while let Some(seq) = shared.claim() {
-        let key = keys.key(keys.pick_index(seq, &mut rng));
+        let index = keys.pick_index(seq, &mut rng);
+        let key = keys.key(index);
+        if let Op::Watch { .. } = op {
+            crate::watch::stamp(&mut value, shared.started.elapsed());
+        }
         let started = Instant::now();
         match send(op, &mut kv, key, &value, &mut rng).await {
-            Ok(()) => latencies.record(started.elapsed()),
-            Err(error) => shared.record_error(error),
+            Ok(()) => {
+                latencies.record(started.elapsed());
+                if let Op::Watch { watched_keys, .. } = op {
+                    if index < watched_keys {
+                        shared.watched_puts.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            Err(error) => shared.record_errors(1, error),
         }
-        shared.finished.fetch_add(1, Ordering::Relaxed);
+        shared.finish_one();
     }
     latencies
 }
@@ -304,7 +419,7 @@ async fn send(
     rng: &mut StdRng,
 ) -> Result<(), etcd_client::Error> {
     match op {
-        Op::Put => kv.put(key, value, None).await.map(drop),
+        Op::Put | Op::Watch { .. } => kv.put(key, value, None).await.map(drop),
         Op::Range(consistency) => range(kv, key, consistency).await,
         Op::TxnPut => {
             let txn = Txn::new().and_then([TxnOp::put(key, value, None)]);
@@ -320,6 +435,22 @@ async fn send(
                 kv.put(key, value, None).await.map(drop)
             }
         }
+        Op::TxnMixed { read_ratio } => {
+            let branch = if rng.gen_bool(read_ratio) {
+                TxnOp::get(key.clone(), None)
+            } else {
+                TxnOp::put(key.clone(), value, None)
+            };
+            // Always true (a missing key compares as mod revision 0), and both branches are
+            // the same, so the result never depends on the data; the server still reads the
+            // key to evaluate the compare, which is the cost this workload measures.
+            let txn = Txn::new()
+                .when([Compare::mod_revision(key, CompareOp::Less, i64::MAX)])
+                .and_then([branch.clone()])
+                .or_else([branch]);
+            kv.txn(txn).await.map(drop)
+        }
+        Op::LeaseKeepalive { .. } => unreachable!("keep-alives are sent by crate::lease"),
     }
 }
 

@@ -1,12 +1,13 @@
 //! `ferrocd-bench` command line: one workload against given endpoints, or `compare`.
 
 use clap::Parser;
-use ferrocd_bench::cli::{Cli, Command, LoadArgs};
+use ferrocd_bench::cli::{Cli, Command, LoadArgs, Workload};
 use ferrocd_bench::load::{self, Op};
-use ferrocd_bench::{compare, BenchResult};
+use ferrocd_bench::{as_unsupported, compare, BenchResult};
 use std::process::ExitCode;
 
-/// Exit status of a run that completed but had failed requests, so scripts notice.
+/// Exit status of a run that completed but had failed requests, or whose server does not
+/// implement the service the workload needs, so scripts notice.
 const EXIT_REQUESTS_FAILED: u8 = 2;
 
 #[tokio::main]
@@ -17,7 +18,11 @@ async fn main() -> ExitCode {
         Ok(Outcome::RequestsFailed) => ExitCode::from(EXIT_REQUESTS_FAILED),
         Err(error) => {
             eprintln!("ferrocd-bench: {error}");
-            ExitCode::FAILURE
+            if as_unsupported(error.as_ref()).is_some() {
+                ExitCode::from(EXIT_REQUESTS_FAILED)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -38,25 +43,11 @@ impl Outcome {
 }
 
 async fn run(command: Command) -> BenchResult<Outcome> {
-    match command {
-        Command::Put(args) => run_load(&args, Op::Put).await,
-        Command::Range { load, consistency } => run_load(&load, Op::Range(consistency)).await,
-        Command::TxnPut(args) => run_load(&args, Op::TxnPut).await,
-        Command::Mixed {
-            load,
-            read_ratio,
-            consistency,
-        } => {
-            let op = Op::Mixed {
-                read_ratio,
-                consistency,
-            };
-            run_load(&load, op).await
-        }
-        Command::Compare(args) => {
+    match command.into_workload() {
+        Workload::Load { args, op } => run_load(&args, op).await,
+        Workload::Compare(args) => {
             let report = compare::run(args.into()).await?;
-            let errors = report.rows.iter().map(|r| r.etcd.errors + r.ferrocd.errors);
-            Ok(Outcome::from_errors(errors.sum()))
+            Ok(Outcome::from_errors(report.errors()))
         }
     }
 }

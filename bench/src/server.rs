@@ -1,5 +1,6 @@
-//! Starts an etcd-compatible server (etcd or ferrocd) on 127.0.0.1 with a temporary data dir,
-//! waits until it answers a real request, and kills it by PID when done.
+//! Starts an etcd-compatible server (etcd or ferrocd) on 127.0.0.1 with temporary data dirs,
+//! as one member or a static cluster, waits until it answers a real request, and kills it by
+//! PID when done.
 
 use crate::BenchResult;
 use etcd_client::{Client, ConnectOptions};
@@ -31,7 +32,7 @@ pub struct ServerSpec {
     pub extra_args: Vec<String>,
 }
 
-/// A running single-member server; killed (SIGKILL) when dropped.
+/// A running member; killed (SIGKILL) when dropped.
 pub struct ServerProcess {
     spec: ServerSpec,
     /// Holds the data dir and the log.
@@ -40,39 +41,93 @@ pub struct ServerProcess {
     child: Child,
 }
 
+/// A server that did not come up; `exited` tells "the binary refused to run" (e.g. a flag or
+/// a cluster size it does not support) from "it hung" or "it could not be spawned".
+#[derive(Debug)]
+pub struct StartFailure {
+    pub label: String,
+    pub exited: bool,
+    /// The last non-empty line of the member's log: usually the reason it gave.
+    pub last_log_line: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for StartFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for StartFailure {}
+
+/// Every member of one server: a single member, or a static cluster on 127.0.0.1 ports.
+pub struct Cluster {
+    members: Vec<ServerProcess>,
+}
+
+impl Cluster {
+    /// Spawns `size` members with a static `--initial-cluster` naming all of them, and returns
+    /// once every member has answered a Range request (so the cluster has a leader).
+    pub async fn start(spec: ServerSpec, size: usize) -> BenchResult<Cluster> {
+        assert!(size >= 1, "a cluster has at least one member");
+        let roots = (0..size)
+            .map(|member| {
+                tempfile::Builder::new()
+                    .prefix(&format!("ferrocd-bench-{}-{member}-", spec.label))
+                    .tempdir()
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let (children, client_ports) = spawn_until_ready(&spec, &roots).await?;
+        let members = roots
+            .into_iter()
+            .zip(children)
+            .zip(client_ports)
+            .map(|((root, child), client_port)| ServerProcess {
+                spec: spec.clone(),
+                root,
+                client_port,
+                child,
+            })
+            .collect();
+        Ok(Cluster { members })
+    }
+
+    pub fn label(&self) -> &str {
+        self.members[0].label()
+    }
+
+    pub fn size(&self) -> usize {
+        self.members.len()
+    }
+
+    /// The client URLs of all members.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(ServerProcess::endpoint).collect()
+    }
+
+    pub fn pids(&self) -> Vec<u32> {
+        self.members.iter().map(ServerProcess::pid).collect()
+    }
+
+    /// Sum over the members of their peak RSS.
+    pub fn peak_rss_bytes(&self) -> BenchResult<u64> {
+        self.members.iter().map(ServerProcess::peak_rss_bytes).sum()
+    }
+
+    /// Sum over the members of their data dir sizes.
+    pub fn data_dir_size_bytes(&self) -> BenchResult<u64> {
+        self.members
+            .iter()
+            .map(ServerProcess::data_dir_size_bytes)
+            .sum()
+    }
+}
+
 impl ServerProcess {
-    /// Spawns the server and returns once it has answered a Range request.
+    /// Spawns a single-member server and returns once it has answered a Range request.
     pub async fn start(spec: ServerSpec) -> BenchResult<ServerProcess> {
-        let root = tempfile::Builder::new()
-            .prefix(&format!("ferrocd-bench-{}-", spec.label))
-            .tempdir()?;
-        for attempt in 1..=MAX_START_ATTEMPTS {
-            let (client_port, peer_port) = pick_two_free_ports()?;
-            let mut child = spawn(&spec, root.path(), client_port, peer_port)?;
-            match wait_ready(&mut child, root.path(), client_port).await {
-                Ok(()) => {
-                    return Ok(ServerProcess {
-                        spec,
-                        root,
-                        client_port,
-                        child,
-                    })
-                }
-                Err(StartError::AddressInUse) if attempt < MAX_START_ATTEMPTS => {
-                    kill_and_reap(&mut child);
-                }
-                Err(error) => {
-                    kill_and_reap(&mut child);
-                    let message = format!(
-                        "{} did not start: {error}; log tail:\n{}",
-                        spec.label,
-                        log_tail(root.path())
-                    );
-                    return Err(message.into());
-                }
-            }
-        }
-        unreachable!("the last attempt either returns or fails");
+        let mut cluster = Cluster::start(spec, 1).await?;
+        Ok(cluster.members.pop().expect("one member"))
     }
 
     pub fn label(&self) -> &str {
@@ -89,7 +144,7 @@ impl ServerProcess {
     }
 
     pub fn data_dir(&self) -> PathBuf {
-        self.root.path().join("data")
+        data_dir(self.root.path())
     }
 
     /// Peak resident set size so far (`VmHWM` in /proc/PID/status).
@@ -101,6 +156,90 @@ impl ServerProcess {
     /// Apparent size of every file under the data dir (preallocated WAL segments included).
     pub fn data_dir_size_bytes(&self) -> BenchResult<u64> {
         Ok(dir_size_bytes(&self.data_dir())?)
+    }
+}
+
+/// Children that are killed and reaped when dropped, unless taken out.
+struct Spawned(Vec<Child>);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        self.0.iter_mut().for_each(kill_and_reap);
+    }
+}
+
+/// Spawns every member on fresh ports and waits for all; retries when a picked port was taken
+/// by another process in the meantime. Returns the children and their client ports.
+async fn spawn_until_ready(
+    spec: &ServerSpec,
+    roots: &[TempDir],
+) -> BenchResult<(Vec<Child>, Vec<u16>)> {
+    for attempt in 1..=MAX_START_ATTEMPTS {
+        let ports = pick_free_ports(2 * roots.len())?;
+        let (client_ports, peer_ports) = ports.split_at(roots.len());
+        let initial_cluster = peer_ports
+            .iter()
+            .enumerate()
+            .map(|(member, port)| format!("{}={}", member_name(member), endpoint(*port)))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut spawned = Spawned(Vec::with_capacity(roots.len()));
+        for (member, root) in roots.iter().enumerate() {
+            // A failed attempt may have initialised the data dir for other ports.
+            remove_if_present(&data_dir(root.path()))?;
+            let addresses = Addresses {
+                name: member_name(member),
+                client_port: client_ports[member],
+                peer_port: peer_ports[member],
+                initial_cluster: &initial_cluster,
+            };
+            spawned.0.push(spawn(spec, root.path(), &addresses)?);
+        }
+        match wait_all_ready(&mut spawned.0, roots, client_ports).await {
+            Ok(()) => return Ok((std::mem::take(&mut spawned.0), client_ports.to_vec())),
+            Err((_, StartError::AddressInUse)) if attempt < MAX_START_ATTEMPTS => {}
+            Err((member, error)) => {
+                drop(spawned);
+                let root = roots[member].path();
+                return Err(Box::new(StartFailure {
+                    label: spec.label.clone(),
+                    exited: matches!(error, StartError::Exited(_)),
+                    last_log_line: last_log_line(root),
+                    message: format!(
+                        "{} (member {member} of {}) did not start: {error}; log tail:\n{}",
+                        spec.label,
+                        roots.len(),
+                        log_tail(root)
+                    ),
+                }));
+            }
+        }
+    }
+    unreachable!("the last attempt either returns or fails");
+}
+
+/// Waits for each member in turn; all were spawned first, so a cluster can elect meanwhile.
+async fn wait_all_ready(
+    children: &mut [Child],
+    roots: &[TempDir],
+    client_ports: &[u16],
+) -> Result<(), (usize, StartError)> {
+    for (member, child) in children.iter_mut().enumerate() {
+        wait_ready(child, roots[member].path(), client_ports[member])
+            .await
+            .map_err(|error| (member, error))?;
+    }
+    Ok(())
+}
+
+fn member_name(member: usize) -> String {
+    format!("m{member}")
+}
+
+fn remove_if_present(dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(error),
+        _ => Ok(()),
     }
 }
 
@@ -148,6 +287,12 @@ fn read_log(root: &Path) -> String {
     std::fs::read_to_string(log_path(root)).unwrap_or_default()
 }
 
+fn last_log_line(root: &Path) -> String {
+    let log = read_log(root);
+    let line = log.lines().rev().find(|l| !l.trim().is_empty());
+    line.unwrap_or("").trim().to_string()
+}
+
 fn log_tail(root: &Path) -> String {
     let log = read_log(root);
     let start = (log.len().saturating_sub(LOG_TAIL_BYTES)..=log.len())
@@ -180,25 +325,36 @@ fn log_path(root: &Path) -> PathBuf {
     root.join("server.log")
 }
 
-/// Spawns the binary with etcd's single-member flags; stdout and stderr go to the log.
-fn spawn(spec: &ServerSpec, root: &Path, client_port: u16, peer_port: u16) -> BenchResult<Child> {
+fn data_dir(root: &Path) -> PathBuf {
+    root.join("data")
+}
+
+/// Where one member listens, and the whole cluster's peer list.
+struct Addresses<'a> {
+    name: String,
+    client_port: u16,
+    peer_port: u16,
+    initial_cluster: &'a str,
+}
+
+/// Spawns the binary with etcd's member flags; stdout and stderr go to the log.
+fn spawn(spec: &ServerSpec, root: &Path, addresses: &Addresses) -> BenchResult<Child> {
     let log = File::options()
         .create(true)
         .append(true)
         .open(log_path(root))?;
-    let client_url = endpoint(client_port);
-    let peer_url = endpoint(peer_port);
-    let data_dir = root.join("data");
+    let client_url = endpoint(addresses.client_port);
+    let peer_url = endpoint(addresses.peer_port);
     let child = Command::new(&spec.program)
         .arg("--name")
-        .arg("bench")
+        .arg(&addresses.name)
         .arg("--data-dir")
-        .arg(&data_dir)
+        .arg(data_dir(root))
         .args(["--listen-client-urls", &client_url])
         .args(["--advertise-client-urls", &client_url])
         .args(["--listen-peer-urls", &peer_url])
         .args(["--initial-advertise-peer-urls", &peer_url])
-        .args(["--initial-cluster", &format!("bench={peer_url}")])
+        .args(["--initial-cluster", addresses.initial_cluster])
         .args(&spec.extra_args)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -222,11 +378,15 @@ async fn probe(endpoint: &str) -> bool {
         .is_ok()
 }
 
-/// Two distinct free ports: both listeners are held until both ports are known.
-fn pick_two_free_ports() -> std::io::Result<(u16, u16)> {
-    let first = TcpListener::bind("127.0.0.1:0")?;
-    let second = TcpListener::bind("127.0.0.1:0")?;
-    Ok((first.local_addr()?.port(), second.local_addr()?.port()))
+/// `count` distinct free ports: every listener is held until all ports are known.
+fn pick_free_ports(count: usize) -> std::io::Result<Vec<u16>> {
+    let listeners = (0..count)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect()
 }
 
 /// `VmHWM:     1234 kB` -> 1234 * 1024.

@@ -74,6 +74,37 @@ pub struct Summary {
     /// The first error seen, to tell "server down" from "request too large" at a glance.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_error: Option<String>,
+    /// Watch runs only: the events expected and received. `ops` and the percentiles are then
+    /// about delivered events (send of the put to arrival at the watcher).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub watch: Option<WatchCounts>,
+}
+
+/// What the watchers of a watch run saw.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct WatchCounts {
+    pub watchers: u64,
+    /// Acknowledged puts to watched keys.
+    pub puts: u64,
+    /// `puts` times `watchers`: every watcher must see every such put exactly once.
+    pub events_expected: u64,
+    /// Events delivered in revision order, each counted once.
+    pub events_received: u64,
+    /// Events delivered again or out of revision order (each also counts as an error).
+    pub events_duplicated: u64,
+}
+
+impl WatchCounts {
+    /// The counts of two runs together (rounds of a comparison).
+    pub fn add(&self, other: &WatchCounts) -> WatchCounts {
+        WatchCounts {
+            watchers: self.watchers.max(other.watchers),
+            puts: self.puts + other.puts,
+            events_expected: self.events_expected + other.events_expected,
+            events_received: self.events_received + other.events_received,
+            events_duplicated: self.events_duplicated + other.events_duplicated,
+        }
+    }
 }
 
 impl Summary {
@@ -99,6 +130,7 @@ impl Summary {
             p999_us: latencies.quantile_us(0.999),
             max_us: latencies.histogram.max(),
             first_error: None,
+            watch: None,
         }
     }
 }
@@ -117,6 +149,17 @@ impl fmt::Display for Summary {
             "latency µs: mean {:.0}  p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
             self.mean_us, self.p50_us, self.p90_us, self.p99_us, self.p999_us, self.max_us
         )?;
+        if let Some(watch) = &self.watch {
+            writeln!(
+                f,
+                "events:     {} received of {} expected ({} watchers x {} puts), {} duplicated",
+                watch.events_received,
+                watch.events_expected,
+                watch.watchers,
+                watch.puts,
+                watch.events_duplicated
+            )?;
+        }
         if let Some(error) = &self.first_error {
             writeln!(f, "first error: {error}")?;
         }
