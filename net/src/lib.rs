@@ -2,6 +2,7 @@
 //! drive (shards on cores, routing, the meta group).
 
 pub mod cluster;
+pub mod gateway;
 pub mod http;
 pub mod kv;
 pub mod node;

@@ -3,6 +3,7 @@
 //! (SO_REUSEPORT), until shutdown.
 
 use crate::cluster::{ClusterService, MemberInfo};
+use crate::gateway::{self, Gateway};
 use crate::http::{health_handler, version_handler, Health, PATH_HEALTH, PATH_VERSION};
 use crate::kv::KvService;
 use crate::node::meta::{Meta, MetaMsg};
@@ -222,7 +223,8 @@ impl CoreSetup {
             tasks.push(glommio::spawn_local(meta.run(owned.rx)).detach());
         }
         let node = Node::new(self.shared.clone());
-        let kv = KvServer::new(KvService::new(node.clone())).max_decoding_message_size(
+        let kv_service = KvService::new(node.clone());
+        let kv = KvServer::new(kv_service.clone()).max_decoding_message_size(
             max_grpc_message_bytes(self.config.limits.max_request_bytes),
         );
         let member = MemberInfo {
@@ -232,12 +234,20 @@ impl CoreSetup {
             data_dir: self.config.data_dir.clone(),
         };
         let cluster = ClusterService::new(node.clone(), member);
+        let gateway = Gateway::new(
+            gateway::Services {
+                kv: kv_service,
+                cluster: cluster.clone(),
+            },
+            self.config.limits.max_request_bytes,
+        );
         let routes = Routes::new()
             .add_grpc(kv)
             .add_grpc(ClusterServer::new(cluster.clone()))
             .add_grpc(MaintenanceServer::new(cluster))
             .add_http(PATH_HEALTH, health_handler(|_query| async { Health::ok() }))
-            .add_http(PATH_VERSION, version_handler());
+            .add_http(PATH_VERSION, version_handler())
+            .add_http(gateway::PATH_PREFIX, gateway.into_handler());
         let server_config = ServerConfig::default();
         let mut servers = Vec::new();
         for addr in &self.config.listen_client {

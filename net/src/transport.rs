@@ -38,7 +38,7 @@ use tonic::server::NamedService;
 use tonic::Status;
 use tower_service::Service;
 
-use crate::http::{not_found, HttpHandler, ResponseFuture};
+use crate::http::{with_access_control, HttpHandler, ResponseFuture};
 
 /// etcd's `--max-request-bytes` default: the largest request a client may send.
 pub const MAX_REQUEST_BYTES_DEFAULT: usize = 3 * 512 * 1024;
@@ -162,13 +162,11 @@ impl Routes {
     }
 
     /// Routes one request. Unknown gRPC services answer gRPC UNIMPLEMENTED (as tonic's
-    /// router does), unknown HTTP paths 404.
+    /// router does), unknown HTTP paths 404; HTTP responses carry etcd's CORS headers.
     pub fn dispatch(&self, req: Request<Incoming>) -> ResponseFuture {
         if !is_grpc(&req) {
-            return match self.http_handler(req.uri().path()) {
-                Some(handler) => handler(req),
-                None => Box::pin(ready(not_found())),
-            };
+            let handler = self.http_handler(req.uri().path()).cloned();
+            return with_access_control(req, handler);
         }
         match grpc_service_name(req.uri().path()).and_then(|name| self.grpc.get(name)) {
             Some(service) => service.call(req),
@@ -578,6 +576,7 @@ impl hyper::rt::Write for GlommioIo {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::not_found;
 
     #[test]
     fn grpc_service_name_is_the_first_path_segment() {
