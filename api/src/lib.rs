@@ -7,26 +7,31 @@
 /// Key-value and event types shared by KV and Watch (`mvccpb` in etcd).
 pub mod mvccpb {
     include!(concat!(env!("OUT_DIR"), "/mvccpb.rs"));
+    include!(concat!(env!("OUT_DIR"), "/mvccpb.serde.rs"));
 }
 
 /// Users, roles and permissions (`authpb` in etcd).
 pub mod authpb {
     include!(concat!(env!("OUT_DIR"), "/authpb.rs"));
+    include!(concat!(env!("OUT_DIR"), "/authpb.serde.rs"));
 }
 
 /// The KV, Watch, Lease, Cluster, Maintenance and Auth services.
 pub mod etcdserverpb {
     include!(concat!(env!("OUT_DIR"), "/etcdserverpb.rs"));
+    include!(concat!(env!("OUT_DIR"), "/etcdserverpb.serde.rs"));
 }
 
 /// The Lock service (etcd's `v3lock` gRPC proxy of the client lock recipe).
 pub mod v3lockpb {
     include!(concat!(env!("OUT_DIR"), "/v3lockpb.rs"));
+    include!(concat!(env!("OUT_DIR"), "/v3lockpb.serde.rs"));
 }
 
 /// The Election service (etcd's `v3election`).
 pub mod v3electionpb {
     include!(concat!(env!("OUT_DIR"), "/v3electionpb.rs"));
+    include!(concat!(env!("OUT_DIR"), "/v3electionpb.serde.rs"));
 }
 
 #[cfg(test)]
@@ -108,5 +113,57 @@ mod tests {
             raft_term: 4,
         };
         assert_eq!(header.encode_to_vec(), [0x08, 1, 0x10, 2, 0x18, 3, 0x20, 4]);
+    }
+
+    /// The proto3 JSON etcd's gateway writes (`jsonpb`, `OrigName`): proto field names as
+    /// declared (`peerURLs`, `dbSize` are camelCase in etcd's protos), 64-bit integers as
+    /// strings, bytes as base64, enums by name, defaults omitted; input also in lowerCamel.
+    #[test]
+    fn json_matches_etcd_gateway() {
+        let response = etcdserverpb::RangeResponse {
+            header: Some(etcdserverpb::ResponseHeader {
+                revision: 3,
+                ..Default::default()
+            }),
+            kvs: vec![mvccpb::KeyValue {
+                key: b"foo".to_vec(),
+                create_revision: 2,
+                version: 1,
+                ..Default::default()
+            }],
+            more: false,
+            count: 1,
+        };
+        assert_eq!(
+            serde_json::to_string(&response).unwrap(),
+            r#"{"header":{"revision":"3"},"kvs":[{"key":"Zm9v","create_revision":"2","version":"1"}],"count":"1"}"#
+        );
+        let member = etcdserverpb::Member {
+            id: u64::MAX,
+            peer_ur_ls: vec!["http://p".into()],
+            is_learner: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            serde_json::to_string(&member).unwrap(),
+            r#"{"ID":"18446744073709551615","peerURLs":["http://p"],"isLearner":true}"#
+        );
+        let op = etcdserverpb::RequestOp {
+            request: Some(etcdserverpb::request_op::Request::RequestTxn(
+                etcdserverpb::TxnRequest::default(),
+            )),
+        };
+        assert_eq!(serde_json::to_string(&op).unwrap(), r#"{"request_txn":{}}"#);
+        let compare: etcdserverpb::Compare =
+            serde_json::from_str(r#"{"result":"NOT_EQUAL","target":"MOD","modRevision":"7"}"#)
+                .unwrap();
+        assert_eq!(
+            compare.result,
+            etcdserverpb::compare::CompareResult::NotEqual as i32
+        );
+        assert_eq!(
+            compare.target_union,
+            Some(etcdserverpb::compare::TargetUnion::ModRevision(7))
+        );
     }
 }

@@ -52,7 +52,8 @@ impl Cluster for ClusterService {
             is_learner: false,
         };
         Ok(Response::new(MemberListResponse {
-            header: Some(self.header()),
+            // etcd's cluster service fills no revision in its headers.
+            header: Some(shared.header(0)),
             members: vec![member],
         }))
     }

@@ -1,5 +1,5 @@
 //! Plain HTTP endpoints served next to gRPC on the client port, as etcd does:
-//! `/health` and `/version` (later `/metrics` and the `/v3/...` JSON gateway).
+//! `/health` and `/version` (later `/metrics`; the `/v3/...` JSON gateway is `gateway.rs`).
 //!
 //! Responses copy etcd 3.5's bytes (status codes, content types, JSON field order), because
 //! load balancers and scripts match on them. Errors use the shape of Go's `http.Error`.
@@ -108,6 +108,32 @@ pub fn version_handler() -> HttpHandler {
 /// The `/version` body, with field order as etcd's `version.Versions`.
 pub fn version_json() -> String {
     format!(r#"{{"etcdserver":"{SERVER_VERSION}","etcdcluster":"{CLUSTER_VERSION}"}}"#)
+}
+
+/// Serves a plain HTTP request as etcd's access controller does with its default `--cors`
+/// (`*`): every response carries CORS headers and a preflight (`OPTIONS`) is answered 200 at
+/// once, whatever the path. `handler` is the route for the path; none answers 404.
+pub fn with_access_control(req: Request<Incoming>, handler: Option<HttpHandler>) -> ResponseFuture {
+    let response: ResponseFuture = match handler {
+        _ if req.method() == Method::OPTIONS => Box::pin(ready(Response::new(Body::empty()))),
+        Some(handler) => handler(req),
+        None => Box::pin(ready(not_found())),
+    };
+    Box::pin(async move { with_cors_headers(response.await) })
+}
+
+fn with_cors_headers(mut response: Response<Body>) -> Response<Body> {
+    let headers = response.headers_mut();
+    headers.insert("access-control-allow-origin", HeaderValue::from_static("*"));
+    headers.insert(
+        "access-control-allow-methods",
+        HeaderValue::from_static("POST, GET, OPTIONS, PUT, DELETE"),
+    );
+    headers.insert(
+        "access-control-allow-headers",
+        HeaderValue::from_static("accept, content-type, authorization"),
+    );
+    response
 }
 
 /// Go's `http.NotFound`, which etcd's mux answers for unknown paths.

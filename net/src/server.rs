@@ -4,6 +4,7 @@
 
 use crate::cluster::{ClusterService, MemberInfo};
 use crate::election::ElectionService;
+use crate::gateway::{self, Gateway};
 use crate::http::{health_handler, version_handler, Health, PATH_HEALTH, PATH_VERSION};
 use crate::kv::KvService;
 use crate::lock::LockService;
@@ -230,7 +231,8 @@ impl CoreSetup {
             tasks.push(glommio::spawn_local(meta.run(owned.rx)).detach());
         }
         let node = Node::new(self.shared.clone());
-        let kv = KvServer::new(KvService::new(node.clone())).max_decoding_message_size(
+        let kv_service = KvService::new(node.clone());
+        let kv = KvServer::new(kv_service.clone()).max_decoding_message_size(
             max_grpc_message_bytes(self.config.limits.max_request_bytes),
         );
         let member = MemberInfo {
@@ -240,6 +242,13 @@ impl CoreSetup {
             data_dir: self.config.data_dir.clone(),
         };
         let cluster = ClusterService::new(node.clone(), member);
+        let gateway = Gateway::new(
+            gateway::Services {
+                kv: kv_service,
+                cluster: cluster.clone(),
+            },
+            self.config.limits.max_request_bytes,
+        );
         let routes = Routes::new()
             .add_grpc(kv)
             .add_grpc(ClusterServer::new(cluster.clone()))
@@ -252,6 +261,7 @@ impl CoreSetup {
                 PATH_METRICS,
                 metrics_handler(node.clone(), self.grpc_metrics.clone()),
             )
+            .add_http(gateway::PATH_PREFIX, gateway.into_handler())
             .count_grpc(self.grpc_metrics.clone(), self.core);
         let server_config = ServerConfig::default();
         let mut servers = Vec::new();

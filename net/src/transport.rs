@@ -38,7 +38,7 @@ use tonic::server::NamedService;
 use tonic::Status;
 use tower_service::Service;
 
-use crate::http::{not_found, HttpHandler, ResponseFuture};
+use crate::http::{with_access_control, HttpHandler, ResponseFuture};
 use crate::metrics::{grpc_status, CountedBody, GrpcMetrics};
 
 /// etcd's `--max-request-bytes` default: the largest request a client may send.
@@ -172,14 +172,12 @@ impl Routes {
     }
 
     /// Routes one request. Unknown gRPC services answer gRPC UNIMPLEMENTED (as tonic's
-    /// router does), unknown HTTP paths 404.
+    /// router does), unknown HTTP paths 404; HTTP responses carry etcd's CORS headers.
     pub fn dispatch(&self, req: Request<Incoming>) -> ResponseFuture {
         let path = req.uri().path().to_string();
         if !is_grpc(&req) {
-            return match self.http_handler(req.uri().path()) {
-                Some(handler) => handler(req),
-                None => Box::pin(ready(not_found())),
-            };
+            let handler = self.http_handler(req.uri().path()).cloned();
+            return with_access_control(req, handler);
         }
         let response = match grpc_service_name(req.uri().path()).and_then(|n| self.grpc.get(n)) {
             Some(service) => service.call(req),
@@ -613,6 +611,7 @@ impl hyper::rt::Write for GlommioIo {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::not_found;
 
     #[test]
     fn grpc_service_name_is_the_first_path_segment() {
