@@ -4,6 +4,7 @@
 pub mod cluster;
 pub mod http;
 pub mod kv;
+pub mod lease;
 pub mod node;
 pub mod server;
 pub mod transport;

@@ -5,6 +5,8 @@
 use crate::cluster::{ClusterService, MemberInfo};
 use crate::http::{health_handler, version_handler, Health, PATH_HEALTH, PATH_VERSION};
 use crate::kv::KvService;
+use crate::lease::service::LeaseService;
+use crate::lease::{lessor, LeaseConfig};
 use crate::node::meta::{Meta, MetaMsg};
 use crate::node::recovery::{self, Recovered};
 use crate::node::shard::{Shard, ShardMsg};
@@ -13,6 +15,7 @@ use crate::transport::{self, max_grpc_message_bytes, Routes, ServerConfig};
 use event_listener::Event;
 use ferrocd_api::etcdserverpb::cluster_server::ClusterServer;
 use ferrocd_api::etcdserverpb::kv_server::KvServer;
+use ferrocd_api::etcdserverpb::lease_server::LeaseServer;
 use ferrocd_api::etcdserverpb::maintenance_server::MaintenanceServer;
 use ferrocd_engine::mvcc::Store;
 use ferrocd_engine::wal::{Recovered as WalRecovered, Wal, WalOptions};
@@ -35,6 +38,7 @@ pub struct NodeConfig {
     pub advertise_client_urls: Vec<String>,
     pub advertise_peer_urls: Vec<String>,
     pub limits: Limits,
+    pub lease: LeaseConfig,
 }
 
 /// Tells a running node to stop; cloneable, usable from any thread.
@@ -83,7 +87,8 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
         compacted_rev,
         next_index,
         wals,
-    } = recovery::recover(&config.data_dir, config.shards, shard_of)?;
+        leases,
+    } = recovery::recover(&config.data_dir, config.shards, shard_of, config.lease)?;
     // Bind every address once here so a busy port is reported before anything starts.
     for addr in &config.listen_client {
         std::net::TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
@@ -100,6 +105,7 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
         compacted_rev,
         identity,
         config.limits.clone(),
+        leases,
     ));
     eprintln!(
         "ferrocd: member {:016x} of cluster {:016x}: {} shards on {} cores, revision {current_rev}, serving clients on {:?}",
@@ -220,6 +226,8 @@ impl CoreSetup {
             let wal = open_wal(&recovery::meta_wal_dir(data_dir), &owned.wal).await?;
             let meta = Meta::new(self.shared.clone(), wal, owned.next_index);
             tasks.push(glommio::spawn_local(meta.run(owned.rx)).detach());
+            // Ends by itself once the meta group's inbox is closed at shutdown.
+            glommio::spawn_local(lessor::run(self.shared.clone())).detach();
         }
         let node = Node::new(self.shared.clone());
         let kv = KvServer::new(KvService::new(node.clone())).max_decoding_message_size(
@@ -234,6 +242,7 @@ impl CoreSetup {
         let cluster = ClusterService::new(node.clone(), member);
         let routes = Routes::new()
             .add_grpc(kv)
+            .add_grpc(LeaseServer::new(LeaseService::new(node.clone())))
             .add_grpc(ClusterServer::new(cluster.clone()))
             .add_grpc(MaintenanceServer::new(cluster))
             .add_http(PATH_HEALTH, health_handler(|_query| async { Health::ok() }))

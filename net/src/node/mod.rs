@@ -11,6 +11,7 @@ pub mod meta;
 pub mod recovery;
 pub mod shard;
 
+use crate::lease::Leases;
 use apply::{GatheredView, Revs};
 use errors::KvError;
 use ferrocd_api::etcdserverpb::{
@@ -52,6 +53,8 @@ pub struct Shared {
     compacted: AtomicI64,
     pub identity: recovery::Identity,
     pub limits: Limits,
+    /// The node-wide lease table (`crate::lease`).
+    pub leases: Leases,
 }
 
 impl Shared {
@@ -62,6 +65,7 @@ impl Shared {
         compacted: i64,
         identity: recovery::Identity,
         limits: Limits,
+        leases: Leases,
     ) -> Shared {
         Shared {
             seq,
@@ -70,6 +74,7 @@ impl Shared {
             compacted: AtomicI64::new(compacted),
             identity,
             limits,
+            leases,
         }
     }
 
@@ -311,9 +316,14 @@ impl Node {
             };
             view.historical.push(((key, end, rev), kvs));
         }
-        let outcome = apply::evaluate_txn(&view, r, revs, &|_lease| false, false, &mut || {
-            unreachable!("a read-only txn takes no revision")
-        })?;
+        let outcome = apply::evaluate_txn(
+            &view,
+            r,
+            revs,
+            &|lease| self.shared.leases.exists(lease),
+            false,
+            &mut || unreachable!("a read-only txn takes no revision"),
+        )?;
         let mut response = outcome.response;
         response.header = Some(self.shared.header(revs.current));
         Ok(response)
