@@ -1,6 +1,7 @@
 //! `ferrocd`: an etcd v3 compatible server. Flags and defaults follow etcd's.
 
 use clap::Parser;
+use ferrocd_net::lease::LeaseConfig;
 use ferrocd_net::node::Limits;
 use ferrocd_net::server::{self, NodeConfig, Shutdown};
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -71,6 +72,9 @@ struct Flags {
     /// Number of shards the keyspace is split into (fixed when the data dir is created).
     #[arg(long)]
     shards: Option<usize>,
+    /// How often remaining lease TTLs are checkpointed (etcd: 5 minutes); for tests.
+    #[arg(long, default_value_t = 5 * 60 * 1000, hide = true)]
+    lease_checkpoint_interval_ms: u64,
     #[command(flatten)]
     tls: TlsFlags,
 }
@@ -196,6 +200,10 @@ fn config(flags: &Flags) -> Result<NodeConfig, String> {
         limits: Limits {
             max_txn_ops: flags.max_txn_ops,
             max_request_bytes: flags.max_request_bytes,
+        },
+        lease: LeaseConfig {
+            min_ttl_s: LeaseConfig::min_ttl_s(flags.heartbeat_interval, flags.election_timeout),
+            checkpoint_interval_ms: flags.lease_checkpoint_interval_ms.max(1),
         },
     })
 }

@@ -6,6 +6,7 @@ pub mod election;
 pub mod gateway;
 pub mod http;
 pub mod kv;
+pub mod lease;
 pub mod lock;
 pub mod metrics;
 pub mod node;

@@ -7,6 +7,8 @@
 //! owner (lock holder, election leader) is the oldest. A contender waits until every older key
 //! is deleted, newest first, as etcd's `waitDeletes` does.
 
+use crate::lease::lessor;
+use crate::lease::ops::{LeaseDone, LeaseOp};
 use crate::node::errors::KvError;
 use crate::node::Node;
 use ferrocd_api::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
@@ -77,10 +79,23 @@ pub fn prefix_range_end(prefix: &[u8]) -> Vec<u8> {
     vec![0]
 }
 
-/// etcd's `NewSession(WithLease(lease))` on the server: the session's lease.
-// TODO(lease merge): a lease of 0 makes etcd grant a 60 s session lease.
-pub async fn session_lease(_node: &Node, lease: i64) -> Result<i64, RecipeError> {
-    Ok(lease)
+/// TTL of the lease etcd's `concurrency.NewSession` grants when given none.
+const SESSION_TTL_S: i64 = 60;
+
+/// etcd's `NewSession(WithLease(lease))` on the server: the given lease, or for 0 a new
+/// 60 s lease (orphaned: nobody keeps it alive, so a lock taken with it lasts 60 s).
+pub async fn session_lease(node: &Node, lease: i64) -> Result<i64, RecipeError> {
+    if lease != 0 {
+        return Ok(lease);
+    }
+    let grant = LeaseOp::Grant {
+        id: 0,
+        ttl_s: SESSION_TTL_S,
+    };
+    match lessor::request(node.shared(), grant).await? {
+        LeaseDone::Granted { id, .. } => Ok(id),
+        other => unreachable!("a grant answers granted, not {other:?}"),
+    }
 }
 
 /// Where a contender stands after entering: its key's create revision and the txn's answer.

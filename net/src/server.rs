@@ -7,6 +7,8 @@ use crate::election::ElectionService;
 use crate::gateway::{self, Gateway};
 use crate::http::{health_handler, version_handler, Health, PATH_HEALTH, PATH_VERSION};
 use crate::kv::KvService;
+use crate::lease::service::LeaseService;
+use crate::lease::{lessor, LeaseConfig};
 use crate::lock::LockService;
 use crate::metrics::{metrics_handler, GrpcMetrics, PATH_METRICS};
 use crate::node::meta::{Meta, MetaMsg};
@@ -17,6 +19,7 @@ use crate::transport::{self, max_grpc_message_bytes, Routes, ServerConfig};
 use event_listener::Event;
 use ferrocd_api::etcdserverpb::cluster_server::ClusterServer;
 use ferrocd_api::etcdserverpb::kv_server::KvServer;
+use ferrocd_api::etcdserverpb::lease_server::LeaseServer;
 use ferrocd_api::etcdserverpb::maintenance_server::MaintenanceServer;
 use ferrocd_api::v3electionpb::election_server::ElectionServer;
 use ferrocd_api::v3lockpb::lock_server::LockServer;
@@ -41,6 +44,7 @@ pub struct NodeConfig {
     pub advertise_client_urls: Vec<String>,
     pub advertise_peer_urls: Vec<String>,
     pub limits: Limits,
+    pub lease: LeaseConfig,
 }
 
 /// Tells a running node to stop; cloneable, usable from any thread.
@@ -89,7 +93,8 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
         compacted_rev,
         next_index,
         wals,
-    } = recovery::recover(&config.data_dir, config.shards, shard_of)?;
+        leases,
+    } = recovery::recover(&config.data_dir, config.shards, shard_of, config.lease)?;
     // Bind every address once here so a busy port is reported before anything starts.
     for addr in &config.listen_client {
         std::net::TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
@@ -106,6 +111,7 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
         compacted_rev,
         identity,
         config.limits.clone(),
+        leases,
     ));
     eprintln!(
         "ferrocd: member {:016x} of cluster {:016x}: {} shards on {} cores, revision {current_rev}, serving clients on {:?}",
@@ -229,6 +235,8 @@ impl CoreSetup {
             let wal = open_wal(&recovery::meta_wal_dir(data_dir), &owned.wal).await?;
             let meta = Meta::new(self.shared.clone(), wal, owned.next_index);
             tasks.push(glommio::spawn_local(meta.run(owned.rx)).detach());
+            // Ends by itself once the meta group's inbox is closed at shutdown.
+            glommio::spawn_local(lessor::run(self.shared.clone())).detach();
         }
         let node = Node::new(self.shared.clone());
         let kv_service = KvService::new(node.clone());
@@ -251,6 +259,7 @@ impl CoreSetup {
         );
         let routes = Routes::new()
             .add_grpc(kv)
+            .add_grpc(LeaseServer::new(LeaseService::new(node.clone())))
             .add_grpc(ClusterServer::new(cluster.clone()))
             .add_grpc(MaintenanceServer::new(cluster))
             .add_grpc(LockServer::new(LockService::new(node.clone())))

@@ -119,15 +119,6 @@ fn read_log(
             Err(e) => replayed
                 .problems
                 .push(format!("{origin} does not decode: {e}")),
-            Ok(LogPayload::Compact { rev }) if wal.group != Some(Group::Meta) => {
-                replayed.problems.push(format!(
-                    "{origin}: compaction at {rev} outside the meta WAL"
-                ))
-            }
-            Ok(LogPayload::Compact { rev }) => {
-                counts.compactions += 1;
-                replayed.compacted_revision = replayed.compacted_revision.max(rev);
-            }
             Ok(LogPayload::Changes { main, changes }) => {
                 count_changes(&mut counts, main, &changes);
                 pending.push(Pending {
@@ -136,6 +127,27 @@ fn read_log(
                     origin,
                 });
             }
+            Ok(_) if wal.group != Some(Group::Meta) => replayed
+                .problems
+                .push(format!("{origin}: a meta entry outside the meta WAL")),
+            Ok(LogPayload::Compact { rev }) => {
+                counts.compactions += 1;
+                replayed.compacted_revision = replayed.compacted_revision.max(rev);
+            }
+            // A revoke's deletes replay like any change; grants and checkpoints change no key.
+            Ok(LogPayload::LeaseRevoke { main, changes, .. }) if main > 0 => {
+                count_changes(&mut counts, main, &changes);
+                pending.push(Pending {
+                    main,
+                    changes,
+                    origin,
+                });
+            }
+            Ok(
+                LogPayload::LeaseGrant { .. }
+                | LogPayload::LeaseRevoke { .. }
+                | LogPayload::LeaseCheckpoint { .. },
+            ) => {}
         }
     }
     Ok(counts)

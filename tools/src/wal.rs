@@ -14,6 +14,9 @@
 //! 0 1 6 delete rev=6/0 key="a"
 //! meta 1 2 compact rev=4
 //! meta 1 2 noop rev=9                  (an entry with no changes)
+//! meta 1 3 lease grant id=0000000000000007 ttl=10
+//! meta 1 4 lease revoke id=0000000000000007 rev=12   (then one delete row per key, or rev=0)
+//! meta 1 5 lease checkpoint id=0000000000000007 remaining_ms=4200
 //! 0 1 6 hardstate term=1 vote=1 commit=6
 //! 0 1 7 undecodable error="…" data=0x…  (an entry whose payload does not decode)
 //! ```
@@ -25,22 +28,23 @@
 //! # JSON output (`-o json`)
 //!
 //! One object per line, with the same content; `type` tells which: `wal` (header), `put`,
-//! `delete`, `compact`, `noop`, `hardstate`, `undecodable`, `entry` (raw), `corrupt`,
-//! `torn_tail`. `shard` is always a string. Bytes are lowercase hex in `*_hex` fields; ids are
+//! `delete`, `compact`, `noop`, `lease` (with `op` grant, revoke or checkpoint), `hardstate`,
+//! `undecodable`, `entry` (raw), `corrupt`, `torn_tail`. Lease ids are rendered as etcdctl
+//! does, 16 hex digits. `shard` is always a string. Bytes are lowercase hex in `*_hex` fields; ids are
 //! 16-digit hex strings, as in `member.conf`.
 //!
 //! # Filters
 //!
 //! `--shard` picks WALs; the index range (inclusive; a HardState's index is its commit index)
 //! picks records; `--entry-type` and `--key-prefix` pick rows (compact, noop and hardstate rows
-//! have no key and never match a key prefix). A raw record is printed when any of its rows
+//! and lease rows have no key and never match a key prefix). A raw record is printed when any of its rows
 //! passes. Undecodable entries and damage are errors and pass every filter but `--shard` and
 //! the index range.
 
 use std::io::Write;
 
 use ferrocd_engine::mvcc::codec::{decode, DecodeError, LogPayload};
-use ferrocd_engine::mvcc::{Effect, Revision};
+use ferrocd_engine::mvcc::{Change, Effect, Revision};
 use ferrocd_engine::wal::{HardState, Record, RecordKind};
 
 use crate::datadir::{Group, MemberConf, Target, WalSource};
@@ -54,6 +58,7 @@ pub enum RowType {
     Put,
     Delete,
     Compact,
+    Lease,
     Hardstate,
 }
 
@@ -227,6 +232,7 @@ enum Data<'a> {
     Noop {
         rev: i64,
     },
+    Lease(LeaseRow),
     HardState(HardState),
     Undecodable {
         detail: String,
@@ -241,6 +247,7 @@ impl Data<'_> {
             Data::Delete { .. } => "delete",
             Data::Compact { .. } => "compact",
             Data::Noop { .. } => "noop",
+            Data::Lease(_) => "lease",
             Data::HardState(_) => "hardstate",
             Data::Undecodable { .. } => "undecodable",
         }
@@ -251,6 +258,7 @@ impl Data<'_> {
             Data::Put { .. } => Some(RowType::Put),
             Data::Delete { .. } => Some(RowType::Delete),
             Data::Compact { .. } => Some(RowType::Compact),
+            Data::Lease(_) => Some(RowType::Lease),
             Data::HardState(_) => Some(RowType::Hardstate),
             Data::Noop { .. } | Data::Undecodable { .. } => None,
         }
@@ -262,6 +270,56 @@ impl Data<'_> {
             _ => None,
         }
     }
+}
+
+/// What a lease row shows.
+#[derive(Clone, Copy)]
+enum LeaseRow {
+    Grant { id: i64, ttl_s: i64 },
+    Revoke { id: i64, rev: i64 },
+    Checkpoint { id: i64, remaining_ms: i64 },
+}
+
+impl LeaseRow {
+    fn op(&self) -> &'static str {
+        match self {
+            LeaseRow::Grant { .. } => "grant",
+            LeaseRow::Revoke { .. } => "revoke",
+            LeaseRow::Checkpoint { .. } => "checkpoint",
+        }
+    }
+
+    /// `(name, value)` pairs after the op, shared by text and JSON.
+    fn fields(&self) -> Vec<(&'static str, String)> {
+        let id = |id: &i64| ("id", format!("{:016x}", *id as u64));
+        match self {
+            LeaseRow::Grant { id: i, ttl_s } => vec![id(i), ("ttl", ttl_s.to_string())],
+            LeaseRow::Revoke { id: i, rev } => vec![id(i), ("rev", rev.to_string())],
+            LeaseRow::Checkpoint {
+                id: i,
+                remaining_ms,
+            } => vec![id(i), ("remaining_ms", remaining_ms.to_string())],
+        }
+    }
+}
+
+/// One row per change, each at revision `main`.
+fn change_rows(main: i64, changes: &[Change]) -> impl Iterator<Item = Data<'_>> {
+    changes.iter().map(move |change| {
+        let rev = Revision {
+            main,
+            sub: change.sub,
+        };
+        match &change.effect {
+            Effect::Put { key, value, lease } => Data::Put {
+                rev,
+                key,
+                value,
+                lease: *lease,
+            },
+            Effect::Delete { key } => Data::Delete { rev, key },
+        }
+    })
 }
 
 /// `payload` is the decoded data of an Entry record, `None` for a HardState record.
@@ -285,22 +343,26 @@ fn rows_of<'a>(
         Some(Ok(LogPayload::Changes { main, changes })) if changes.is_empty() => {
             vec![Data::Noop { rev: *main }]
         }
-        Some(Ok(LogPayload::Changes { main, changes })) => changes
+        Some(Ok(LogPayload::Changes { main, changes })) => change_rows(*main, changes).collect(),
+        Some(Ok(LogPayload::LeaseGrant { id, ttl_s })) => vec![Data::Lease(LeaseRow::Grant {
+            id: *id,
+            ttl_s: *ttl_s,
+        })],
+        Some(Ok(LogPayload::LeaseRevoke { id, main, changes })) => {
+            std::iter::once(Data::Lease(LeaseRow::Revoke {
+                id: *id,
+                rev: *main,
+            }))
+            .chain(change_rows(*main, changes))
+            .collect()
+        }
+        Some(Ok(LogPayload::LeaseCheckpoint { checkpoints })) => checkpoints
             .iter()
-            .map(|change| {
-                let rev = Revision {
-                    main: *main,
-                    sub: change.sub,
-                };
-                match &change.effect {
-                    Effect::Put { key, value, lease } => Data::Put {
-                        rev,
-                        key,
-                        value,
-                        lease: *lease,
-                    },
-                    Effect::Delete { key } => Data::Delete { rev, key },
-                }
+            .map(|cp| {
+                Data::Lease(LeaseRow::Checkpoint {
+                    id: cp.id,
+                    remaining_ms: cp.remaining_ms,
+                })
             })
             .collect(),
     }
@@ -476,6 +538,14 @@ fn text_data(data: &Data<'_>) -> String {
         ),
         Data::Delete { rev, key } => format!("rev={}/{} key={}", rev.main, rev.sub, quoted(key)),
         Data::Compact { rev } | Data::Noop { rev } => format!("rev={rev}"),
+        Data::Lease(row) => {
+            let fields: Vec<String> = row
+                .fields()
+                .iter()
+                .map(|(n, v)| format!("{n}={v}"))
+                .collect();
+            format!("{} {}", row.op(), fields.join(" "))
+        }
         Data::HardState(hs) => format!("term={} vote={} commit={}", hs.term, hs.vote, hs.commit),
         Data::Undecodable { detail, data } => {
             format!("error={} data=0x{}", quoted(detail.as_bytes()), hex(data))
@@ -503,6 +573,19 @@ fn json_data(data: &Data<'_>) -> Vec<(&'static str, String)> {
             ("key_hex", json_string(&hex(key))),
         ],
         Data::Compact { rev } | Data::Noop { rev } => vec![("rev", rev.to_string())],
+        Data::Lease(row) => {
+            let mut fields = vec![("op", json_string(row.op()))];
+            for (name, value) in row.fields() {
+                // The id is a hex string; counts are numbers.
+                let value = if name == "id" {
+                    json_string(&value)
+                } else {
+                    value
+                };
+                fields.push((name, value));
+            }
+            fields
+        }
         // The record's term (in every row) is the hard state's term.
         Data::HardState(hs) => vec![
             ("vote", hs.vote.to_string()),

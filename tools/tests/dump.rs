@@ -473,3 +473,77 @@ fn db_reports_damage_and_entries_that_cannot_apply() {
     );
     assert_eq!(out.rows().len(), 4, "{}", out.stdout);
 }
+
+/// Lease entries of the meta WAL render as `lease <op> …` rows (a revoke's deletes follow it),
+/// filter as `--entry-type lease`, and a revoke's deletes replay in `db keys`.
+#[test]
+fn lease_entries_render_and_replay() {
+    use ferrocd_engine::mvcc::codec::LeaseCheckpoint;
+    let temp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+    let path = temp.path();
+    let conf = format!("format=1\nshards=1\ncluster_id={CLUSTER_ID}\nmember_id={MEMBER_ID}\n");
+    std::fs::write(path.join("member.conf"), conf).expect("member.conf");
+    write_wal(
+        &path.join("wal/shard-000"),
+        entries(&[changes(
+            2,
+            vec![put(0, b"a", b"1", 7), put(1, b"b", b"2", 7)],
+        )]),
+    );
+    let checkpoint = LeaseCheckpoint {
+        id: 7,
+        remaining_ms: 4200,
+    };
+    write_wal(
+        &path.join("wal/meta"),
+        entries(&[
+            LogPayload::LeaseGrant { id: 7, ttl_s: 10 },
+            LogPayload::LeaseCheckpoint {
+                checkpoints: vec![checkpoint],
+            },
+            LogPayload::LeaseRevoke {
+                id: 7,
+                main: 3,
+                changes: vec![delete(0, b"a"), delete(1, b"b")],
+            },
+            LogPayload::LeaseRevoke {
+                id: -1,
+                main: 0,
+                changes: Vec::new(),
+            },
+        ]),
+    );
+    let out = dump_wal(&path.join("wal/meta"), &[]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(
+        out.rows(),
+        [
+            "meta 1 1 lease grant id=0000000000000007 ttl=10",
+            "meta 1 2 lease checkpoint id=0000000000000007 remaining_ms=4200",
+            "meta 1 3 lease revoke id=0000000000000007 rev=3",
+            r#"meta 1 3 delete rev=3/0 key="a""#,
+            r#"meta 1 3 delete rev=3/1 key="b""#,
+            "meta 1 4 lease revoke id=ffffffffffffffff rev=0",
+        ]
+    );
+    let only_leases = dump_wal(&path.join("wal/meta"), &["--entry-type", "lease"]);
+    assert_eq!(only_leases.rows().len(), 4);
+    let json = dump_wal(
+        &path.join("wal/meta"),
+        &["-o", "json", "--start-index", "1", "--end-index", "1"],
+    );
+    assert!(
+        json.has_line(r#"{"type":"lease","shard":"meta","term":1,"index":1,"op":"grant","id":"0000000000000007","ttl":10}"#),
+        "{}",
+        json.stdout
+    );
+    let keys = dump(&["db", "keys", path.to_str().expect("utf-8 path")]);
+    assert_eq!(keys.code, 0, "{}", keys.stderr);
+    let stats = dump(&["db", path.to_str().expect("utf-8 path")]);
+    assert_eq!(stats.code, 0, "{}", stats.stderr);
+    assert!(
+        keys.rows().is_empty(),
+        "the revoke deleted every key: {}",
+        keys.stdout
+    );
+}

@@ -11,6 +11,12 @@
 //!            kind 1: put without lease:  value_len:uvar value
 //!            kind 2: put with a lease:   value_len:uvar value lease:i64 (non-zero)
 //! tag 2    = Compact: rev:i64
+//! tag 3    = LeaseGrant: id:i64 (non-zero) ttl_s:i64 (positive)
+//! tag 4    = LeaseRevoke: id:i64 (non-zero) main:i64
+//!            main 0: no key was attached, nothing else follows
+//!            main > 0: count:uvar (non-zero) change*count, every change a delete
+//! tag 5    = LeaseCheckpoint: count:uvar (id:i64 remaining_ms:i64)*count
+//!            (remaining_ms >= 0; 0 clears the lease's checkpoint)
 //! ```
 //!
 //! A typical small put costs 4 bytes of framing besides key and value (sub,
@@ -26,6 +32,9 @@ use super::{Change, Effect};
 const FORMAT_VERSION: u8 = 1;
 const TAG_CHANGES: u8 = 1;
 const TAG_COMPACT: u8 = 2;
+const TAG_LEASE_GRANT: u8 = 3;
+const TAG_LEASE_REVOKE: u8 = 4;
+const TAG_LEASE_CHECKPOINT: u8 = 5;
 const KIND_DELETE: u8 = 0;
 const KIND_PUT: u8 = 1;
 const KIND_PUT_WITH_LEASE: u8 = 2;
@@ -42,6 +51,26 @@ pub enum LogPayload {
     Changes { main: i64, changes: Vec<Change> },
     /// A compaction, to be passed to `Store::compact(rev)`.
     Compact { rev: i64 },
+    /// A lease granted with its (already raised to the minimum) TTL in seconds.
+    LeaseGrant { id: i64, ttl_s: i64 },
+    /// A lease revoked (by a client or by expiry) together with the deletes of every key
+    /// attached to it, all at revision `main`; `main` is 0 and `changes` empty when no key
+    /// was attached (a revoke then takes no revision, as in etcd).
+    LeaseRevoke {
+        id: i64,
+        main: i64,
+        changes: Vec<Change>,
+    },
+    /// Remaining TTLs of leases at checkpoint time, so a restart does not extend them to
+    /// their full TTL. A remaining of 0 clears the lease's checkpoint (it was renewed).
+    LeaseCheckpoint { checkpoints: Vec<LeaseCheckpoint> },
+}
+
+/// One lease's remaining TTL in a [`LogPayload::LeaseCheckpoint`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseCheckpoint {
+    pub id: i64,
+    pub remaining_ms: i64,
 }
 
 /// Why bytes are not a valid [`LogPayload`].
@@ -93,23 +122,65 @@ pub fn encode_into(payload: &LogPayload, out: &mut Vec<u8>) {
             assert!(*main > 0, "encoding changes at revision {main}");
             out.push(TAG_CHANGES);
             out.extend_from_slice(&main.to_le_bytes());
-            put_uvar(out, changes.len() as u64);
-            let mut previous_sub = -1;
-            for change in changes {
-                assert!(
-                    change.sub > previous_sub,
-                    "encoding sub {} after {previous_sub}",
-                    change.sub
-                );
-                previous_sub = change.sub;
-                encode_change(change, out);
-            }
+            encode_change_list(changes, out);
         }
         LogPayload::Compact { rev } => {
             assert!(*rev > 0, "encoding compaction at revision {rev}");
             out.push(TAG_COMPACT);
             out.extend_from_slice(&rev.to_le_bytes());
         }
+        LogPayload::LeaseGrant { id, ttl_s } => {
+            assert!(
+                *id != 0 && *ttl_s > 0,
+                "encoding grant of {id} with TTL {ttl_s}"
+            );
+            out.push(TAG_LEASE_GRANT);
+            out.extend_from_slice(&id.to_le_bytes());
+            out.extend_from_slice(&ttl_s.to_le_bytes());
+        }
+        LogPayload::LeaseRevoke { id, main, changes } => {
+            assert!(*id != 0, "encoding revoke of lease 0");
+            assert!(
+                (*main == 0) == changes.is_empty() && *main >= 0,
+                "encoding revoke at revision {main} with {} changes",
+                changes.len()
+            );
+            assert!(
+                changes
+                    .iter()
+                    .all(|c| matches!(c.effect, Effect::Delete { .. })),
+                "a revoke only deletes"
+            );
+            out.push(TAG_LEASE_REVOKE);
+            out.extend_from_slice(&id.to_le_bytes());
+            out.extend_from_slice(&main.to_le_bytes());
+            if *main > 0 {
+                encode_change_list(changes, out);
+            }
+        }
+        LogPayload::LeaseCheckpoint { checkpoints } => {
+            out.push(TAG_LEASE_CHECKPOINT);
+            put_uvar(out, checkpoints.len() as u64);
+            for cp in checkpoints {
+                assert!(cp.remaining_ms >= 0, "negative remaining TTL");
+                out.extend_from_slice(&cp.id.to_le_bytes());
+                out.extend_from_slice(&cp.remaining_ms.to_le_bytes());
+            }
+        }
+    }
+}
+
+fn encode_change_list(changes: &[Change], out: &mut Vec<u8>) {
+    put_uvar(out, changes.len() as u64);
+    let mut previous_sub = -1;
+    for change in changes {
+        assert!(
+            change.sub > previous_sub,
+            "encoding sub {} after {previous_sub}",
+            change.sub
+        );
+        previous_sub = change.sub;
+        encode_change(change, out);
     }
 }
 
@@ -161,6 +232,9 @@ pub fn decode(bytes: &[u8]) -> Result<LogPayload, DecodeError> {
         TAG_COMPACT => LogPayload::Compact {
             rev: reader.revision()?,
         },
+        TAG_LEASE_GRANT => decode_lease_grant(&mut reader)?,
+        TAG_LEASE_REVOKE => decode_lease_revoke(&mut reader)?,
+        TAG_LEASE_CHECKPOINT => decode_lease_checkpoint(&mut reader)?,
         tag => return Err(DecodeError::UnknownTag(tag)),
     };
     match reader.rest.len() {
@@ -171,6 +245,11 @@ pub fn decode(bytes: &[u8]) -> Result<LogPayload, DecodeError> {
 
 fn decode_changes(reader: &mut Reader<'_>) -> Result<LogPayload, DecodeError> {
     let main = reader.revision()?;
+    let changes = decode_change_list(reader)?;
+    Ok(LogPayload::Changes { main, changes })
+}
+
+fn decode_change_list(reader: &mut Reader<'_>) -> Result<Vec<Change>, DecodeError> {
     let count = reader.uvar()?;
     // A garbage count must not reserve more than the input could hold.
     let capacity = usize::try_from(count)
@@ -186,7 +265,62 @@ fn decode_changes(reader: &mut Reader<'_>) -> Result<LogPayload, DecodeError> {
         previous_sub = change.sub;
         changes.push(change);
     }
-    Ok(LogPayload::Changes { main, changes })
+    Ok(changes)
+}
+
+fn lease_id(reader: &mut Reader<'_>) -> Result<i64, DecodeError> {
+    match reader.i64()? {
+        0 => Err(DecodeError::Invalid("lease id 0")),
+        id => Ok(id),
+    }
+}
+
+fn decode_lease_grant(reader: &mut Reader<'_>) -> Result<LogPayload, DecodeError> {
+    let id = lease_id(reader)?;
+    match reader.i64()? {
+        ttl_s if ttl_s > 0 => Ok(LogPayload::LeaseGrant { id, ttl_s }),
+        _ => Err(DecodeError::Invalid("lease TTL not positive")),
+    }
+}
+
+fn decode_lease_revoke(reader: &mut Reader<'_>) -> Result<LogPayload, DecodeError> {
+    let id = lease_id(reader)?;
+    let main = reader.i64()?;
+    let changes = match main {
+        0 => Vec::new(),
+        main if main > 0 => decode_change_list(reader)?,
+        _ => return Err(DecodeError::Invalid("revision negative")),
+    };
+    if main > 0 && changes.is_empty() {
+        return Err(DecodeError::Invalid("revoke at a revision without deletes"));
+    }
+    if !changes
+        .iter()
+        .all(|c| matches!(c.effect, Effect::Delete { .. }))
+    {
+        return Err(DecodeError::Invalid("revoke with a put"));
+    }
+    Ok(LogPayload::LeaseRevoke { id, main, changes })
+}
+
+/// Bytes of one encoded checkpoint: bounds the capacity reserved for a claimed count.
+const CHECKPOINT_BYTES: usize = 16;
+
+fn decode_lease_checkpoint(reader: &mut Reader<'_>) -> Result<LogPayload, DecodeError> {
+    let count = reader.uvar()?;
+    let capacity = usize::try_from(count)
+        .unwrap_or(usize::MAX)
+        .min(reader.rest.len() / CHECKPOINT_BYTES);
+    let mut checkpoints = Vec::with_capacity(capacity);
+    for _ in 0..count {
+        let id = lease_id(reader)?;
+        let remaining_ms = reader.i64()?;
+        if remaining_ms < 0 {
+            return Err(DecodeError::Invalid("negative remaining TTL"));
+        }
+        checkpoints.push(LeaseCheckpoint { id, remaining_ms });
+    }
+    Ok(LogPayload::LeaseCheckpoint { checkpoints })
 }
 
 fn decode_change(reader: &mut Reader<'_>) -> Result<Change, DecodeError> {
@@ -399,6 +533,93 @@ mod tests {
         );
         let bad_kind = [1, TAG_CHANGES, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 7, 0];
         assert_eq!(decode(&bad_kind), Err(DecodeError::UnknownChangeKind(7)));
+    }
+
+    #[test]
+    fn lease_payloads_round_trip() {
+        let delete = |sub: i64, key: &[u8]| Change {
+            sub,
+            effect: Effect::Delete { key: key.to_vec() },
+        };
+        let payloads = [
+            LogPayload::LeaseGrant { id: -5, ttl_s: 2 },
+            LogPayload::LeaseGrant {
+                id: i64::MAX,
+                ttl_s: 9_000_000_000,
+            },
+            LogPayload::LeaseRevoke {
+                id: 7,
+                main: 0,
+                changes: Vec::new(),
+            },
+            LogPayload::LeaseRevoke {
+                id: 7,
+                main: 12,
+                changes: vec![delete(0, b"a"), delete(1, b"b")],
+            },
+            LogPayload::LeaseCheckpoint {
+                checkpoints: vec![
+                    LeaseCheckpoint {
+                        id: 1,
+                        remaining_ms: 0,
+                    },
+                    LeaseCheckpoint {
+                        id: -3,
+                        remaining_ms: 299_999,
+                    },
+                ],
+            },
+            LogPayload::LeaseCheckpoint {
+                checkpoints: Vec::new(),
+            },
+        ];
+        for payload in payloads {
+            assert_eq!(decode(&encode(&payload)), Ok(payload));
+        }
+        let grant = encode(&LogPayload::LeaseGrant { id: 1, ttl_s: 1 });
+        assert_eq!(grant.len(), 18, "format, tag, id, ttl");
+    }
+
+    #[test]
+    fn rejects_malformed_lease_payloads() {
+        let mut zero_id = vec![1, TAG_LEASE_GRANT];
+        zero_id.extend_from_slice(&0i64.to_le_bytes());
+        zero_id.extend_from_slice(&5i64.to_le_bytes());
+        assert_eq!(decode(&zero_id), Err(DecodeError::Invalid("lease id 0")));
+        let mut zero_ttl = vec![1, TAG_LEASE_GRANT];
+        zero_ttl.extend_from_slice(&1i64.to_le_bytes());
+        zero_ttl.extend_from_slice(&0i64.to_le_bytes());
+        assert_eq!(
+            decode(&zero_ttl),
+            Err(DecodeError::Invalid("lease TTL not positive"))
+        );
+        // A revoke at revision 3 that puts instead of deleting.
+        let mut revoke_put = vec![1, TAG_LEASE_REVOKE];
+        revoke_put.extend_from_slice(&1i64.to_le_bytes());
+        revoke_put.extend_from_slice(&3i64.to_le_bytes());
+        revoke_put.extend_from_slice(&[1, 0, KIND_PUT, 1, b'k', 0]);
+        assert_eq!(
+            decode(&revoke_put),
+            Err(DecodeError::Invalid("revoke with a put"))
+        );
+        let mut revoke_empty = vec![1, TAG_LEASE_REVOKE];
+        revoke_empty.extend_from_slice(&1i64.to_le_bytes());
+        revoke_empty.extend_from_slice(&3i64.to_le_bytes());
+        revoke_empty.push(0);
+        assert_eq!(
+            decode(&revoke_empty),
+            Err(DecodeError::Invalid("revoke at a revision without deletes"))
+        );
+        let mut negative = vec![1, TAG_LEASE_CHECKPOINT, 1];
+        negative.extend_from_slice(&1i64.to_le_bytes());
+        negative.extend_from_slice(&(-1i64).to_le_bytes());
+        assert_eq!(
+            decode(&negative),
+            Err(DecodeError::Invalid("negative remaining TTL"))
+        );
+        let mut huge = vec![1, TAG_LEASE_CHECKPOINT];
+        put_uvar(&mut huge, u64::MAX);
+        assert_eq!(decode(&huge), Err(DecodeError::Truncated));
     }
 
     #[test]

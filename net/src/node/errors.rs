@@ -13,6 +13,8 @@ pub enum KvError {
     DuplicateKey,
     RequestTooLarge,
     LeaseNotFound,
+    LeaseExists,
+    LeaseTtlTooLarge,
     Compacted,
     FutureRev,
     /// The node is shutting down or a shard stopped: the request may be retried elsewhere.
@@ -38,6 +40,8 @@ impl KvError {
             ),
             RequestTooLarge => (Code::InvalidArgument, "etcdserver: request is too large"),
             LeaseNotFound => (Code::NotFound, "etcdserver: requested lease not found"),
+            LeaseExists => (Code::FailedPrecondition, "etcdserver: lease already exists"),
+            LeaseTtlTooLarge => (Code::OutOfRange, "etcdserver: too large lease TTL"),
             Compacted => (
                 Code::OutOfRange,
                 "etcdserver: mvcc: required revision has been compacted",

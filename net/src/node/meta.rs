@@ -16,6 +16,7 @@ use super::apply::{self, GatheredView, HistoricalRead, Revs};
 use super::errors::KvError;
 use super::shard::{fatal, Gathered, ShardMsg, Span, SINGLE_VOTER_TERM};
 use super::Shared;
+use crate::lease::ops::{LeaseDone, LeaseOp};
 use ferrocd_api::etcdserverpb::{TxnRequest, TxnResponse};
 use ferrocd_engine::mvcc::codec::{encode, LogPayload};
 use ferrocd_engine::mvcc::Change;
@@ -39,6 +40,11 @@ pub enum MetaMsg {
     },
     /// Metrics: the counters of the meta log.
     Stats { reply: oneshot::Sender<WalStats> },
+    /// Grant, revoke or checkpoint leases (`crate::lease::ops`).
+    Lease {
+        op: LeaseOp,
+        reply: oneshot::Sender<Result<LeaseDone, KvError>>,
+    },
 }
 
 pub struct Meta {
@@ -82,6 +88,9 @@ impl Meta {
                 MetaMsg::Stats { reply } => {
                     let _ = reply.send(self.wal.stats());
                 }
+                MetaMsg::Lease { op, reply } => {
+                    let _ = reply.send(crate::lease::ops::apply(&mut self, op).await);
+                }
             }
         }
     }
@@ -95,13 +104,7 @@ impl Meta {
     ) -> Result<TxnResponse, KvError> {
         let mut historical = Vec::new();
         apply::txn_historical_ranges(txn, &mut historical);
-        for &shard in involved {
-            let (reply, done) = oneshot::channel();
-            self.shared
-                .send_shard(shard, ShardMsg::Hold { reply })
-                .await?;
-            done.await.map_err(|_| KvError::Stopped)?;
-        }
+        self.hold(involved).await?;
         let view = self.gather(involved, spans, &historical).await?;
         let shared = self.shared.clone();
         let seq = &shared.seq;
@@ -114,7 +117,7 @@ impl Meta {
             &view,
             txn,
             revs,
-            &|_lease| false,
+            &|lease| shared.leases.exists(lease),
             put_first_checks_lease,
             &mut || seq.take(writer, false),
         );
@@ -139,6 +142,22 @@ impl Meta {
         }
         seq.wait_visible(rev.unwrap_or(revs.current)).await;
         result
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Holds `shards` in order: each makes its pending writes durable and parks new ones.
+    pub async fn hold(&self, shards: &[usize]) -> Result<(), KvError> {
+        for &shard in shards {
+            let (reply, done) = oneshot::channel();
+            self.shared
+                .send_shard(shard, ShardMsg::Hold { reply })
+                .await?;
+            done.await.map_err(|_| KvError::Stopped)?;
+        }
+        Ok(())
     }
 
     async fn gather(
@@ -173,7 +192,8 @@ impl Meta {
         Ok(view)
     }
 
-    async fn release(
+    /// Releases held `involved` shards, handing each the changes for its keys at `rev`.
+    pub async fn release(
         &self,
         involved: &[usize],
         rev: i64,
@@ -227,7 +247,8 @@ impl Meta {
         Ok(())
     }
 
-    async fn append(&mut self, payload: &LogPayload) {
+    /// Appends one entry to the meta log and returns once it is durable.
+    pub async fn append(&mut self, payload: &LogPayload) {
         let record = Record::entry(SINGLE_VOTER_TERM, self.next_index, encode(payload));
         self.next_index += 1;
         if let Err(e) = self.wal.append(&[record]).await {

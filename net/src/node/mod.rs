@@ -15,6 +15,7 @@ mod stats;
 
 pub use stats::{NodeStats, ShardStats};
 
+use crate::lease::Leases;
 use apply::{GatheredView, Revs};
 use errors::KvError;
 use ferrocd_api::etcdserverpb::{
@@ -56,6 +57,8 @@ pub struct Shared {
     compacted: AtomicI64,
     pub identity: recovery::Identity,
     pub limits: Limits,
+    /// The node-wide lease table (`crate::lease`).
+    pub leases: Leases,
 }
 
 impl Shared {
@@ -66,6 +69,7 @@ impl Shared {
         compacted: i64,
         identity: recovery::Identity,
         limits: Limits,
+        leases: Leases,
     ) -> Shared {
         Shared {
             seq,
@@ -74,6 +78,7 @@ impl Shared {
             compacted: AtomicI64::new(compacted),
             identity,
             limits,
+            leases,
         }
     }
 
@@ -315,9 +320,14 @@ impl Node {
             };
             view.historical.push(((key, end, rev), kvs));
         }
-        let outcome = apply::evaluate_txn(&view, r, revs, &|_lease| false, false, &mut || {
-            unreachable!("a read-only txn takes no revision")
-        })?;
+        let outcome = apply::evaluate_txn(
+            &view,
+            r,
+            revs,
+            &|lease| self.shared.leases.exists(lease),
+            false,
+            &mut || unreachable!("a read-only txn takes no revision"),
+        )?;
         let mut response = outcome.response;
         response.header = Some(self.shared.header(revs.current));
         Ok(response)

@@ -10,9 +10,11 @@
 //! entries that touch it, then applies the newest compaction. A torn tail is cut by the WAL
 //! reader; any other corruption stops start-up with the file and offset.
 
+use crate::lease::{ttl, LeaseConfig, Leases};
 use ferrocd_engine::mvcc::codec::{decode, LogPayload};
 use ferrocd_engine::mvcc::{Change, Store};
 use ferrocd_engine::wal::{read_dir, RecordKind, Recovered as WalRecovered};
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -119,6 +121,14 @@ pub struct Recovered {
     /// What was read from each shard's WAL, then the meta WAL's: the writers open with it
     /// instead of reading the logs again.
     pub wals: Vec<WalRecovered>,
+    /// Live leases with their attached keys.
+    pub leases: Leases,
+}
+
+/// A lease as the meta log leaves it: granted TTL and last checkpoint (0 = none).
+struct LoggedLease {
+    ttl_s: i64,
+    remaining_ms: i64,
 }
 
 /// One log's entries.
@@ -162,6 +172,7 @@ pub fn recover(
     data_dir: &Path,
     shards: usize,
     shard_of: impl Fn(&[u8]) -> usize,
+    lease_config: LeaseConfig,
 ) -> Result<Recovered, String> {
     let meta = read_log(&meta_wal_dir(data_dir))?;
     let mut per_shard: Vec<Vec<(i64, Vec<Change>)>> = vec![Vec::new(); shards];
@@ -173,8 +184,11 @@ pub fn recover(
         for payload in log.payloads {
             match payload {
                 LogPayload::Changes { main, changes } => entries.push((main, changes)),
-                LogPayload::Compact { .. } => {
-                    return Err(format!("shard {shard} WAL holds a compaction entry"))
+                other => {
+                    return Err(format!(
+                        "shard {shard} WAL holds a meta entry: {}",
+                        payload_kind(&other)
+                    ))
                 }
             }
         }
@@ -183,12 +197,35 @@ pub fn recover(
     next_index.push(meta.next_index);
     wals.push(meta.wal);
     let mut compacted_rev = 0;
+    let mut logged_leases: BTreeMap<i64, LoggedLease> = BTreeMap::new();
     for payload in meta.payloads {
         match payload {
             LogPayload::Changes { main, changes } => {
                 split_by_shard(main, changes, &shard_of, &mut per_shard)
             }
             LogPayload::Compact { rev } => compacted_rev = compacted_rev.max(rev),
+            LogPayload::LeaseGrant { id, ttl_s } => {
+                let lease = LoggedLease {
+                    ttl_s,
+                    remaining_ms: 0,
+                };
+                if logged_leases.insert(id, lease).is_some() {
+                    return Err(format!("meta WAL grants lease {id:x} twice"));
+                }
+            }
+            LogPayload::LeaseRevoke { id, main, changes } => {
+                logged_leases.remove(&id);
+                if main > 0 {
+                    split_by_shard(main, changes, &shard_of, &mut per_shard);
+                }
+            }
+            LogPayload::LeaseCheckpoint { checkpoints } => {
+                for cp in checkpoints {
+                    if let Some(lease) = logged_leases.get_mut(&cp.id) {
+                        lease.remaining_ms = cp.remaining_ms;
+                    }
+                }
+            }
         }
     }
     let mut current_rev = 1;
@@ -207,13 +244,60 @@ pub fn recover(
     if compacted_rev > 0 {
         stores.iter_mut().for_each(|s| s.compact(compacted_rev));
     }
+    let leases = rebuild_leases(logged_leases, &stores, lease_config);
     Ok(Recovered {
         stores,
         current_rev,
         compacted_rev,
         next_index,
         wals,
+        leases,
     })
+}
+
+fn payload_kind(payload: &LogPayload) -> &'static str {
+    match payload {
+        LogPayload::Changes { .. } => "changes",
+        LogPayload::Compact { .. } => "compaction",
+        LogPayload::LeaseGrant { .. } => "lease grant",
+        LogPayload::LeaseRevoke { .. } => "lease revoke",
+        LogPayload::LeaseCheckpoint { .. } => "lease checkpoint",
+    }
+}
+
+/// The lease table after a restart: each lease gets its checkpointed remaining TTL, or its
+/// full TTL, from now (so a restart never shortens a lease), and the live keys naming it.
+fn rebuild_leases(
+    logged: BTreeMap<i64, LoggedLease>,
+    stores: &[Store],
+    config: LeaseConfig,
+) -> Leases {
+    let leases = Leases::new(config);
+    let now = std::time::Instant::now();
+    for (id, lease) in logged {
+        let (remaining, checkpointed) = match lease.remaining_ms {
+            0 => (ttl(lease.ttl_s), false),
+            ms => (std::time::Duration::from_millis(ms as u64), true),
+        };
+        leases.insert(id, lease.ttl_s, remaining, checkpointed, now);
+    }
+    for store in stores {
+        for kv in store
+            .range_iter(b"", b"\0", Store::LATEST)
+            .filter(|kv| kv.lease != 0)
+        {
+            // Cannot happen with logs this server wrote (a revoke deletes its keys in the
+            // same entry); keep the key rather than refuse to start.
+            if !leases.attach(kv.key, kv.lease) {
+                eprintln!(
+                    "ferrocd: key {:?} names lease {:x} which does not exist",
+                    String::from_utf8_lossy(kv.key),
+                    kv.lease
+                );
+            }
+        }
+    }
+    leases
 }
 
 fn split_by_shard(

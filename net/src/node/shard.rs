@@ -184,7 +184,7 @@ impl Shard {
                 } => {
                     assert!(held, "release of shard {} that is not held", self.id);
                     if !changes.is_empty() {
-                        self.store.borrow_mut().apply(rev, &changes);
+                        self.apply(rev, &changes);
                     }
                     held = false;
                     let _ = reply.send(());
@@ -285,7 +285,7 @@ impl Shard {
                 &StoreView(&store),
                 txn,
                 revs,
-                &|_lease| false,
+                &|lease| self.shared.leases.exists(lease),
                 put_first_checks_lease,
                 &mut || seq.take(self.id, has_pending),
             )
@@ -302,7 +302,7 @@ impl Shard {
             self.answer_when_visible(revs.current, Ok(outcome.response), reply);
             return;
         };
-        self.store.borrow_mut().apply(rev, &outcome.changes);
+        self.apply(rev, &outcome.changes);
         self.pending.borrow_mut().push_back((rev, false));
         let index = self.next_index.get();
         self.next_index.set(index + 1);
@@ -322,6 +322,12 @@ impl Shard {
             let _ = reply.send(Ok(response));
         })
         .detach();
+    }
+
+    /// Applies changes to the store and keeps the lease table's attached keys current.
+    fn apply(&self, rev: i64, changes: &[Change]) {
+        let prevs = self.store.borrow_mut().apply(rev, changes);
+        self.shared.leases.on_apply(changes, &prevs);
     }
 
     fn answer_when_visible<T: 'static>(
