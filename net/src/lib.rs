@@ -7,3 +7,4 @@ pub mod kv;
 pub mod node;
 pub mod server;
 pub mod transport;
+pub mod watch;

@@ -10,10 +10,13 @@ use crate::node::recovery::{self, Recovered};
 use crate::node::shard::{Shard, ShardMsg};
 use crate::node::{fnv1a, Limits, Node, Shared, INBOX_CAPACITY};
 use crate::transport::{self, max_grpc_message_bytes, Routes, ServerConfig};
+use crate::watch::hub::Hub;
+use crate::watch::service::WatchService;
 use event_listener::Event;
 use ferrocd_api::etcdserverpb::cluster_server::ClusterServer;
 use ferrocd_api::etcdserverpb::kv_server::KvServer;
 use ferrocd_api::etcdserverpb::maintenance_server::MaintenanceServer;
+use ferrocd_api::etcdserverpb::watch_server::WatchServer;
 use ferrocd_engine::mvcc::Store;
 use ferrocd_engine::wal::{Recovered as WalRecovered, Wal, WalOptions};
 use ferrocd_raft::notify::wait_until;
@@ -35,6 +38,9 @@ pub struct NodeConfig {
     pub advertise_client_urls: Vec<String>,
     pub advertise_peer_urls: Vec<String>,
     pub limits: Limits,
+    /// Interval of watch progress notifications (etcd's hidden
+    /// `--experimental-watch-progress-notify-interval`).
+    pub watch_progress_notify_interval_ms: u64,
 }
 
 /// Tells a running node to stop; cloneable, usable from any thread.
@@ -232,8 +238,22 @@ impl CoreSetup {
             data_dir: self.config.data_dir.clone(),
         };
         let cluster = ClusterService::new(node.clone(), member);
+        let hub = Hub::new(self.shared.clone());
+        glommio::spawn_local(hub.clone().run()).detach();
+        let (closer, shutdown) = (hub.clone(), self.shutdown.clone());
+        glommio::spawn_local(async move {
+            shutdown.wait().await;
+            closer.close(); // Ends the watch streams, so connections can drain.
+        })
+        .detach();
+        let watch = WatchServer::new(WatchService::new(
+            hub,
+            self.config.watch_progress_notify_interval_ms,
+        ))
+        .max_decoding_message_size(max_grpc_message_bytes(self.config.limits.max_request_bytes));
         let routes = Routes::new()
             .add_grpc(kv)
+            .add_grpc(watch)
             .add_grpc(ClusterServer::new(cluster.clone()))
             .add_grpc(MaintenanceServer::new(cluster))
             .add_http(PATH_HEALTH, health_handler(|_query| async { Health::ok() }))

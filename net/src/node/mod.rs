@@ -11,6 +11,7 @@ pub mod meta;
 pub mod recovery;
 pub mod shard;
 
+use crate::watch::journal::{Journal, JournalLimits};
 use apply::{GatheredView, Revs};
 use errors::KvError;
 use ferrocd_api::etcdserverpb::{
@@ -52,6 +53,8 @@ pub struct Shared {
     compacted: AtomicI64,
     pub identity: recovery::Identity,
     pub limits: Limits,
+    /// One watch event journal per shard, written by the shard, read by every core's hub.
+    pub journals: Vec<Journal>,
 }
 
 impl Shared {
@@ -63,7 +66,11 @@ impl Shared {
         identity: recovery::Identity,
         limits: Limits,
     ) -> Shared {
+        let journals = (0..shards.len())
+            .map(|_| Journal::new(seq.visible(), JournalLimits::default()))
+            .collect();
         Shared {
+            journals,
             seq,
             shards,
             meta,

@@ -14,9 +14,10 @@
 use super::apply::{self, HistoricalRead, Revs, View};
 use super::errors::KvError;
 use super::Shared;
+use crate::watch::journal::RevisionEvents;
 use ferrocd_api::etcdserverpb::{TxnRequest, TxnResponse};
 use ferrocd_engine::mvcc::codec::{encode, LogPayload};
-use ferrocd_engine::mvcc::{Change, KeyValue, Store};
+use ferrocd_engine::mvcc::{Change, Changes, KeyValue, Store};
 use ferrocd_engine::wal::{Record, Wal};
 use ferrocd_raft::notify::wait_until;
 use futures::channel::oneshot;
@@ -69,6 +70,16 @@ pub enum ShardMsg {
         rev: i64,
         changes: Vec<Change>,
         reply: oneshot::Sender<()>,
+    },
+    /// Watch catch-up: the changes of `[key, end)` with revision in `[from, to]` (at most
+    /// `max_revs` revisions), with previous kvs. `Compacted` if `from` is compacted.
+    History {
+        key: Vec<u8>,
+        end: Vec<u8>,
+        from: i64,
+        to: i64,
+        max_revs: usize,
+        reply: Reply<Changes>,
     },
     /// Meta group: drop history below `rev` (already durable in the meta log).
     Compact {
@@ -179,10 +190,24 @@ impl Shard {
                 } => {
                     assert!(held, "release of shard {} that is not held", self.id);
                     if !changes.is_empty() {
-                        self.store.borrow_mut().apply(rev, &changes);
+                        self.apply(rev, &changes);
                     }
                     held = false;
                     let _ = reply.send(());
+                }
+                ShardMsg::History {
+                    key,
+                    end,
+                    from,
+                    to,
+                    max_revs,
+                    reply,
+                } => {
+                    let store = self.store.borrow();
+                    let _ = reply.send(match from < store.compacted_revision() {
+                        true => Err(KvError::Compacted),
+                        false => Ok(store.changes(&key, &end, from, to, max_revs)),
+                    });
                 }
                 ShardMsg::Compact { rev, reply } => {
                     self.store.borrow_mut().compact(rev);
@@ -279,7 +304,7 @@ impl Shard {
             self.answer_when_visible(revs.current, Ok(outcome.response), reply);
             return;
         };
-        self.store.borrow_mut().apply(rev, &outcome.changes);
+        self.apply(rev, &outcome.changes);
         self.pending.borrow_mut().push_back((rev, false));
         let index = self.next_index.get();
         self.next_index.set(index + 1);
@@ -299,6 +324,12 @@ impl Shard {
             let _ = reply.send(Ok(response));
         })
         .detach();
+    }
+
+    /// Applies changes to the store and records their watch events in the shard's journal.
+    fn apply(&self, rev: i64, changes: &[Change]) {
+        let prevs = self.store.borrow_mut().apply(rev, changes);
+        self.shared.journals[self.id].append(RevisionEvents::from_changes(rev, changes, prevs));
     }
 
     fn answer_when_visible<T: 'static>(
