@@ -149,9 +149,12 @@ impl SyncedIndex {
 
 pub struct Hub {
     shared: Arc<Shared>,
-    /// Every revision up to here has been dispatched to the synced watchers.
+    /// The hub has taken on every revision up to here: synced watchers get each of them
+    /// from the hub (or fall out and catch up to it), watchers joining start above it.
     cursor: Cell<i64>,
     synced: RefCell<SyncedIndex>,
+    /// Watchers moved to catch-up whose task has not started yet.
+    desynced: RefCell<Vec<Rc<Watcher>>>,
     next_uid: Cell<u64>,
     closing: Cell<bool>,
     closed: Event,
@@ -164,6 +167,7 @@ impl Hub {
             shared,
             cursor: Cell::new(cursor),
             synced: RefCell::default(),
+            desynced: RefCell::default(),
             next_uid: Cell::new(0),
             closing: Cell::new(false),
             closed: Event::new(),
@@ -208,6 +212,9 @@ impl Hub {
                 return;
             }
             let upto = self.shared.seq.visible();
+            // The cursor moves first: a watcher that rejoins the synced set while this window
+            // is dispatched starts above it, one that falls out catches up to it.
+            self.cursor.set(upto);
             if !self.synced.borrow().is_empty() {
                 match read_window(&self.shared.journals, cursor, upto) {
                     Some(window) => window.iter().for_each(|r| self.dispatch(r)),
@@ -215,7 +222,7 @@ impl Hub {
                     None => self.desync_all(cursor + 1),
                 }
             }
-            self.cursor.set(upto);
+            self.start_catch_ups();
         }
     }
 
@@ -241,6 +248,7 @@ impl Hub {
             self.join_synced(&w, start_rev);
         } else {
             self.desync(&w, start_rev);
+            self.start_catch_ups();
         }
         w
     }
@@ -281,16 +289,24 @@ impl Hub {
         self.synced.borrow_mut().insert(w);
     }
 
-    /// Moves `w` to catch-up from `next_rev` on.
-    fn desync(self: &Rc<Self>, w: &Rc<Watcher>, next_rev: i64) {
+    /// Moves `w` to catch-up from `next_rev` on; its task starts with `start_catch_ups`.
+    fn desync(&self, w: &Rc<Watcher>, next_rev: i64) {
         if let State::Synced { .. } = w.state.get() {
             self.synced.borrow_mut().remove(w);
         }
         w.state.set(State::Unsynced { next_rev });
-        glommio::spawn_local(self.clone().catch_up(w.clone())).detach();
+        self.desynced.borrow_mut().push(w.clone());
     }
 
-    fn desync_all(self: &Rc<Self>, next_rev: i64) {
+    /// Spawns the catch-up tasks of watchers desynced since the last call. Never called in
+    /// the middle of a window, so no catch-up observes a half-dispatched one.
+    fn start_catch_ups(self: &Rc<Self>) {
+        for w in self.desynced.take() {
+            glommio::spawn_local(self.clone().catch_up(w)).detach();
+        }
+    }
+
+    fn desync_all(&self, next_rev: i64) {
         let all = self.synced.borrow().all();
         for w in all {
             let State::Synced { min_rev } = w.state.get() else {
@@ -301,7 +317,7 @@ impl Hub {
     }
 
     /// Sends one revision's events to every synced watcher they match.
-    fn dispatch(self: &Rc<Self>, revision: &MergedRevision) {
+    fn dispatch(&self, revision: &MergedRevision) {
         let events = revision.events();
         let mut matched: Vec<(Rc<Watcher>, Vec<&mvccpb::Event>)> = Vec::new();
         let mut slot_of: HashMap<u64, usize> = HashMap::new();
