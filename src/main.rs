@@ -280,3 +280,21 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration_ms;
+
+    #[test]
+    fn go_durations_parse_to_milliseconds() {
+        let ms = |text| parse_duration_ms("flag", text);
+        assert_eq!(ms("10m"), Ok(600_000));
+        assert_eq!(ms("100ms"), Ok(100));
+        assert_eq!(ms("1.5s"), Ok(1_500));
+        assert_eq!(ms("1h30m"), Ok(5_400_000));
+        assert!(ms("0s").is_err());
+        assert!(ms("10").is_err());
+        assert!(ms("5x").is_err());
+        assert!(ms("").is_err());
+    }
+}

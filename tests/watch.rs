@@ -777,3 +777,45 @@ async fn watch_from_before_a_crash_reads_history_from_storage() {
         .collect();
     assert!(deletes.iter().all(|e| e.prev_kv.is_some()));
 }
+
+#[tokio::test]
+async fn progress_notifications_reach_idle_synced_watchers_only() {
+    let server = Server::ferrocd(&[
+        "--shards",
+        "2",
+        "--experimental-watch-progress-notify-interval",
+        "100ms",
+    ])
+    .await;
+    let mut client = server.client().await;
+    let rev = client
+        .put("pn/a", "1", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    let mut stream = Stream::open(
+        &client,
+        "pn/",
+        WatchOptions::new().with_prefix().with_progress_notify(),
+    )
+    .await;
+    stream
+        .create("pn/", WatchOptions::new().with_prefix())
+        .await;
+    let is_notification =
+        |r: &PbWatchResponse| !r.created && r.events.is_empty() && r.watch_id >= 0;
+    stream
+        .wait_until("two progress notifications", |r| {
+            count_where(r, is_notification) >= 2
+        })
+        .await;
+    for response in stream.responses().iter().filter(|r| is_notification(r)) {
+        assert_eq!(
+            response.watch_id, 0,
+            "only the watcher that asked is notified"
+        );
+        assert_eq!(response.header.as_ref().unwrap().revision, rev);
+    }
+}

@@ -370,7 +370,8 @@ impl Hub {
             .filter(|e| w.spec.passes(e))
             .map(|e| {
                 let mod_revision = e.kv.as_ref().map_or(0, |kv| kv.mod_revision);
-                let keep_prev = w.spec.prev_kv && mod_revision - 1 >= compacted;
+                // The previous kv is read at `mod_revision - 1`, which must not be compacted.
+                let keep_prev = w.spec.prev_kv && mod_revision > compacted;
                 mvccpb::Event {
                     r#type: e.r#type,
                     kv: e.kv.clone(),
