@@ -69,6 +69,9 @@ struct Flags {
     /// Log level: debug, info, warn, error, panic, fatal.
     #[arg(long, default_value = "info")]
     log_level: String,
+    /// Duration of periodic watch progress notifications (Go duration, e.g. 10m, 100ms).
+    #[arg(long, default_value = "10m", hide = true)]
+    experimental_watch_progress_notify_interval: String,
     /// Number of shards the keyspace is split into (fixed when the data dir is created).
     #[arg(long)]
     shards: Option<usize>,
@@ -152,6 +155,41 @@ fn retention_is_off(retention: &str) -> bool {
     number.parse::<f64>().is_ok_and(|v| v == 0.0)
 }
 
+/// A positive Go duration (`10m`, `1.5s`, `1h30m`, `100ms`) in whole milliseconds.
+fn parse_duration_ms(flag: &str, text: &str) -> Result<u64, String> {
+    const UNITS_MS: [(&str, f64); 6] = [
+        ("ns", 1e-6),
+        ("us", 1e-3),
+        ("ms", 1.0),
+        ("s", 1e3),
+        ("m", 60e3),
+        ("h", 3600e3),
+    ];
+    let invalid = || format!("--{flag} {text}: expected a duration like 10m or 100ms");
+    let mut rest = text.trim();
+    let mut total_ms = 0.0;
+    while !rest.is_empty() {
+        let number_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(invalid)?;
+        let number: f64 = rest[..number_len].parse().map_err(|_| invalid())?;
+        rest = &rest[number_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let (_, scale) = UNITS_MS
+            .iter()
+            .find(|(unit, _)| *unit == &rest[..unit_len])
+            .ok_or_else(invalid)?;
+        total_ms += number * scale;
+        rest = &rest[unit_len..];
+    }
+    match total_ms.round() as u64 {
+        0 => Err(invalid()),
+        ms => Ok(ms),
+    }
+}
+
 fn split_urls(urls: &str) -> Vec<String> {
     urls.split(',')
         .map(|u| u.trim().to_string())
@@ -197,6 +235,10 @@ fn config(flags: &Flags) -> Result<NodeConfig, String> {
         listen_client: parse_urls("listen-client-urls", &flags.listen_client_urls)?,
         advertise_client_urls: split_urls(&flags.advertise_client_urls),
         advertise_peer_urls: split_urls(&flags.initial_advertise_peer_urls),
+        watch_progress_notify_interval_ms: parse_duration_ms(
+            "experimental-watch-progress-notify-interval",
+            &flags.experimental_watch_progress_notify_interval,
+        )?,
         limits: Limits {
             max_txn_ops: flags.max_txn_ops,
             max_request_bytes: flags.max_request_bytes,
@@ -244,5 +286,23 @@ fn main() -> ExitCode {
             eprintln!("ferrocd: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration_ms;
+
+    #[test]
+    fn go_durations_parse_to_milliseconds() {
+        let ms = |text| parse_duration_ms("flag", text);
+        assert_eq!(ms("10m"), Ok(600_000));
+        assert_eq!(ms("100ms"), Ok(100));
+        assert_eq!(ms("1.5s"), Ok(1_500));
+        assert_eq!(ms("1h30m"), Ok(5_400_000));
+        assert!(ms("0s").is_err());
+        assert!(ms("10").is_err());
+        assert!(ms("5x").is_err());
+        assert!(ms("").is_err());
     }
 }

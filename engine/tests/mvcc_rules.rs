@@ -324,3 +324,82 @@ fn delete_of_deleted_key_panics() {
     store.apply(6, &[delete(0, "foo")]);
     store.apply(7, &[delete(0, "foo")]);
 }
+
+/// (main, sub, key, is_delete, prev mod_revision) of each change.
+fn change_summary(changes: &ferrocd_engine::mvcc::Changes) -> Vec<(i64, i64, String, bool, i64)> {
+    changes
+        .changes
+        .iter()
+        .map(|c| {
+            (
+                c.rev.main,
+                c.rev.sub,
+                String::from_utf8(c.kv.key.clone()).unwrap(),
+                c.is_delete,
+                c.prev.as_ref().map_or(0, |p| p.mod_revision),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn changes_are_in_revision_then_sub_order_with_previous_state() {
+    let mut store = Store::new();
+    store.apply(2, &[put(0, "b", "1"), put(1, "a", "1")]);
+    store.apply(3, &[put(0, "x", "1")]);
+    store.apply(4, &[delete(0, "b"), put(1, "a", "2")]);
+    store.apply(5, &[put(0, "b", "2")]);
+    let all = store.changes(b"a", b"c", 1, 10, 100);
+    assert_eq!(all.complete_upto, 10);
+    assert_eq!(
+        change_summary(&all),
+        vec![
+            (2, 0, "b".into(), false, 0),
+            (2, 1, "a".into(), false, 0),
+            (4, 0, "b".into(), true, 2),
+            (4, 1, "a".into(), false, 2),
+            (5, 0, "b".into(), false, 0),
+        ]
+    );
+    let delete = &all.changes[2];
+    assert_eq!(
+        delete.kv,
+        KeyValue {
+            key: b"b".to_vec(),
+            mod_revision: 4,
+            ..KeyValue::default()
+        }
+    );
+    assert_eq!(all.changes[3].kv, kv("a", 2, 4, 2, "2"));
+    // A single key, a window of revisions.
+    let a = store.changes(b"a", b"", 3, 4, 100);
+    assert_eq!(change_summary(&a), vec![(4, 1, "a".into(), false, 2)]);
+}
+
+#[test]
+fn changes_stop_at_a_revision_boundary_after_max_revs() {
+    let mut store = Store::new();
+    for main in 2..12 {
+        // Two keys per revision, so a cut that split a revision would show.
+        store.apply(main, &[put(0, "p/a", "v"), put(1, "p/b", "v")]);
+    }
+    let first = store.changes(b"p/", b"p0", 3, 11, 4);
+    assert_eq!(first.complete_upto, 6);
+    let revs: Vec<i64> = first.changes.iter().map(|c| c.rev.main).collect();
+    assert_eq!(revs, vec![3, 3, 4, 4, 5, 5, 6, 6]);
+    let rest = store.changes(b"p/", b"p0", 7, 11, 100);
+    assert_eq!(rest.complete_upto, 11);
+    assert_eq!(rest.changes.len(), 10);
+    // Compaction keeps reads from the compacted revision on.
+    store.compact(8);
+    let after = store.changes(b"p/", b"p0", 8, 9, 100);
+    assert_eq!(after.changes.len(), 4);
+}
+
+#[test]
+#[should_panic(expected = "below compacted revision")]
+fn changes_below_the_compacted_revision_panic() {
+    let mut store = foo_history();
+    store.compact(4);
+    store.changes(b"foo", b"", 3, 5, 10);
+}

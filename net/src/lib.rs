@@ -13,3 +13,4 @@ pub mod node;
 pub mod recipes;
 pub mod server;
 pub mod transport;
+pub mod watch;

@@ -16,11 +16,14 @@ use crate::node::recovery::{self, Recovered};
 use crate::node::shard::{Shard, ShardMsg};
 use crate::node::{fnv1a, Limits, Node, Shared, INBOX_CAPACITY};
 use crate::transport::{self, max_grpc_message_bytes, Routes, ServerConfig};
+use crate::watch::hub::Hub;
+use crate::watch::service::WatchService;
 use event_listener::Event;
 use ferrocd_api::etcdserverpb::cluster_server::ClusterServer;
 use ferrocd_api::etcdserverpb::kv_server::KvServer;
 use ferrocd_api::etcdserverpb::lease_server::LeaseServer;
 use ferrocd_api::etcdserverpb::maintenance_server::MaintenanceServer;
+use ferrocd_api::etcdserverpb::watch_server::WatchServer;
 use ferrocd_api::v3electionpb::election_server::ElectionServer;
 use ferrocd_api::v3lockpb::lock_server::LockServer;
 use ferrocd_engine::mvcc::Store;
@@ -45,6 +48,9 @@ pub struct NodeConfig {
     pub advertise_peer_urls: Vec<String>,
     pub limits: Limits,
     pub lease: LeaseConfig,
+    /// Interval of watch progress notifications (etcd's hidden
+    /// `--experimental-watch-progress-notify-interval`).
+    pub watch_progress_notify_interval_ms: u64,
 }
 
 /// Tells a running node to stop; cloneable, usable from any thread.
@@ -250,6 +256,19 @@ impl CoreSetup {
             data_dir: self.config.data_dir.clone(),
         };
         let cluster = ClusterService::new(node.clone(), member);
+        let hub = Hub::new(self.shared.clone());
+        glommio::spawn_local(hub.clone().run()).detach();
+        let (closer, shutdown) = (hub.clone(), self.shutdown.clone());
+        glommio::spawn_local(async move {
+            shutdown.wait().await;
+            closer.close(); // Ends the watch streams, so connections can drain.
+        })
+        .detach();
+        let watch = WatchServer::new(WatchService::new(
+            hub,
+            self.config.watch_progress_notify_interval_ms,
+        ))
+        .max_decoding_message_size(max_grpc_message_bytes(self.config.limits.max_request_bytes));
         let gateway = Gateway::new(
             gateway::Services {
                 kv: kv_service,
@@ -259,6 +278,7 @@ impl CoreSetup {
         );
         let routes = Routes::new()
             .add_grpc(kv)
+            .add_grpc(watch)
             .add_grpc(LeaseServer::new(LeaseService::new(node.clone())))
             .add_grpc(ClusterServer::new(cluster.clone()))
             .add_grpc(MaintenanceServer::new(cluster))

@@ -22,6 +22,15 @@ enum State {
     Tombstone,
 }
 
+/// One retained change, as [`KeyHistory::changes_between`] reports it.
+pub(super) struct HistoryChange<'a> {
+    pub rev: Revision,
+    /// The key as written; `None` for a delete.
+    pub kv: Option<KvRef<'a>>,
+    /// The key just before the change, if it was live and is still retained.
+    pub prev: Option<KvRef<'a>>,
+}
+
 // The per-version cost stated in the module documentation.
 #[cfg(target_pointer_width = "64")]
 const _: () = assert!(std::mem::size_of::<Version>() == 56);
@@ -95,6 +104,27 @@ impl KeyHistory {
             rev,
             state: State::Tombstone,
         });
+    }
+
+    /// The changes with `main` in `[from, to]`, oldest first, each with the key as
+    /// it was just before it (`None` when the key was absent or the earlier change
+    /// is no longer retained). A change to a deleted key is a tombstone: `kv` is
+    /// `None`.
+    pub(super) fn changes_between<'a>(
+        &'a self,
+        key: &'a [u8],
+        from: i64,
+        to: i64,
+    ) -> impl Iterator<Item = HistoryChange<'a>> + 'a {
+        let first = self.versions.partition_point(|v| v.rev.main < from);
+        let end = self.versions.partition_point(|v| v.rev.main <= to);
+        (first..end.max(first)).map(move |i| HistoryChange {
+            rev: self.versions[i].rev,
+            kv: kv_ref(key, &self.versions[i]),
+            prev: i
+                .checked_sub(1)
+                .and_then(|p| kv_ref(key, &self.versions[p])),
+        })
     }
 
     /// Drops every change that compaction at `rev` makes unreachable: all but the
@@ -271,6 +301,37 @@ mod tests {
         let mut h = two_generations();
         assert_eq!(h.compact(1), Removed::default());
         assert_eq!(h.versions.len(), 4);
+    }
+
+    #[test]
+    fn changes_between_reports_changes_with_their_previous_state() {
+        let h = two_generations();
+        let summary = |from, to| {
+            h.changes_between(b"k", from, to)
+                .map(|c| {
+                    (
+                        c.rev.main,
+                        c.kv.map(|kv| kv.version),
+                        c.prev.map(|kv| kv.mod_revision),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            summary(1, 10),
+            vec![
+                (2, Some(1), None),
+                (3, Some(2), Some(2)),
+                (4, None, Some(3)),
+                (6, Some(1), None)
+            ]
+        );
+        assert_eq!(
+            summary(3, 4),
+            vec![(3, Some(2), Some(2)), (4, None, Some(3))]
+        );
+        assert_eq!(summary(5, 5), vec![]);
+        assert_eq!(summary(7, 3), vec![]);
     }
 
     #[test]

@@ -43,7 +43,7 @@ pub mod codec;
 mod history;
 mod store;
 
-pub use store::{RangeResult, Store, StoreStats};
+pub use store::{Changes, RangeResult, Store, StoreStats};
 
 /// A point in the shard's history: `main` is the cluster-wide revision of a
 /// request, `sub` the index of a change within that request.
@@ -116,4 +116,16 @@ impl Effect {
 pub struct Change {
     pub sub: i64,
     pub effect: Effect,
+}
+
+/// One change to one key as a watcher sees it (etcd's `mvccpb.Event`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyChange {
+    pub rev: Revision,
+    pub is_delete: bool,
+    /// The key as written by a put. For a delete only `key` and `mod_revision` (the
+    /// revision of the delete) are set, as in etcd's delete events.
+    pub kv: KeyValue,
+    /// The key just before the change, if it was live.
+    pub prev: Option<KeyValue>,
 }

@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
-use super::history::KeyHistory;
-use super::{Change, Effect, KeyValue, KvRef, Revision};
+use super::history::{HistoryChange, KeyHistory};
+use super::{Change, Effect, KeyChange, KeyValue, KvRef, Revision};
 
 /// The answer to [`Store::range`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -14,6 +14,16 @@ pub struct RangeResult {
     pub kvs: Vec<KeyValue>,
     /// Number of visible keys in the range, ignoring `limit`.
     pub count: i64,
+}
+
+/// The answer to [`Store::changes`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Changes in revision order, and in `sub` order within a revision.
+    pub changes: Vec<KeyChange>,
+    /// Every change of the range with `main` in `[from, complete_upto]` is in
+    /// `changes`, none above it.
+    pub complete_upto: i64,
 }
 
 /// Size of what the store holds, for quota checks and metrics.
@@ -180,6 +190,56 @@ impl Store {
             .filter_map(move |(key, history)| history.visible_at(key, rev))
     }
 
+    /// The changes to keys in the range (given as in [`Store::range`]) with
+    /// `main` in `[from, to]`, limited to the oldest `max_revs` revisions that
+    /// have any: a revision is never split, and `complete_upto` says how far the
+    /// answer goes. Each change carries the key's previous state (etcd's
+    /// `prev_kv`). Cost: one pass over the range's keys, memory for at most
+    /// `max_revs` revisions of changes. Panics if `from` is below the compacted
+    /// revision (its changes may be gone) or `max_revs` is 0.
+    pub fn changes(
+        &self,
+        key: &[u8],
+        range_end: &[u8],
+        from: i64,
+        to: i64,
+        max_revs: usize,
+    ) -> Changes {
+        assert!(max_revs > 0, "changes of zero revisions");
+        assert!(
+            from >= self.compacted_revision,
+            "changes from {from} below compacted revision {}",
+            self.compacted_revision
+        );
+        let mut by_rev: BTreeMap<i64, Vec<KeyChange>> = BTreeMap::new();
+        // The smallest revision left out: everything below it is collected.
+        let mut cut = to.saturating_add(1);
+        let keys = key_bounds(key, range_end).map(|bounds| self.keys.range::<[u8], _>(bounds));
+        for (key, history) in keys.into_iter().flatten() {
+            for change in history.changes_between(key, from, to) {
+                let main = change.rev.main;
+                if main >= cut {
+                    break; // This key's later changes are beyond the cut too.
+                }
+                by_rev
+                    .entry(main)
+                    .or_default()
+                    .push(key_change(key, change));
+                if by_rev.len() > max_revs {
+                    let (dropped, _) = by_rev.pop_last().expect("more than max_revs entries");
+                    cut = dropped;
+                }
+            }
+        }
+        let mut changes: Vec<KeyChange> = by_rev.into_values().flatten().collect();
+        // Keys were visited in key order; within a revision, etcd orders by sub.
+        changes.sort_by_key(|c| c.rev);
+        Changes {
+            changes,
+            complete_upto: cut - 1,
+        }
+    }
+
     /// Compacts at `rev` to completion. See [`Store::compact_step`].
     pub fn compact(&mut self, rev: i64) {
         const KEYS_PER_STEP: usize = 1024;
@@ -253,6 +313,23 @@ impl Store {
             history.hash_into(&mut hasher, key, self.compacted_revision, rev);
         }
         hasher.finalize()
+    }
+}
+
+fn key_change(key: &[u8], change: HistoryChange<'_>) -> KeyChange {
+    let kv = match change.kv {
+        Some(kv) => kv.to_key_value(),
+        None => KeyValue {
+            key: key.to_vec(),
+            mod_revision: change.rev.main,
+            ..KeyValue::default()
+        },
+    };
+    KeyChange {
+        rev: change.rev,
+        is_delete: change.kv.is_none(),
+        kv,
+        prev: change.prev.map(|kv| kv.to_key_value()),
     }
 }
 

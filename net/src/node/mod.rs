@@ -16,6 +16,7 @@ mod stats;
 pub use stats::{NodeStats, ShardStats};
 
 use crate::lease::Leases;
+use crate::watch::journal::{Journal, JournalLimits};
 use apply::{GatheredView, Revs};
 use errors::KvError;
 use ferrocd_api::etcdserverpb::{
@@ -59,6 +60,8 @@ pub struct Shared {
     pub limits: Limits,
     /// The node-wide lease table (`crate::lease`).
     pub leases: Leases,
+    /// One watch event journal per shard, written by the shard, read by every core's hub.
+    pub journals: Vec<Journal>,
 }
 
 impl Shared {
@@ -71,7 +74,11 @@ impl Shared {
         limits: Limits,
         leases: Leases,
     ) -> Shared {
+        let journals = (0..shards.len())
+            .map(|_| Journal::new(seq.visible(), JournalLimits::default()))
+            .collect();
         Shared {
+            journals,
             seq,
             shards,
             meta,

@@ -15,9 +15,10 @@ use super::apply::{self, HistoricalRead, Revs, View};
 use super::errors::KvError;
 use super::stats::ShardStats;
 use super::Shared;
+use crate::watch::journal::RevisionEvents;
 use ferrocd_api::etcdserverpb::{TxnRequest, TxnResponse};
 use ferrocd_engine::mvcc::codec::{encode, LogPayload};
-use ferrocd_engine::mvcc::{Change, KeyValue, Store};
+use ferrocd_engine::mvcc::{Change, Changes, KeyValue, Store};
 use ferrocd_engine::wal::{Record, Wal};
 use ferrocd_raft::notify::wait_until;
 use futures::channel::oneshot;
@@ -70,6 +71,16 @@ pub enum ShardMsg {
         rev: i64,
         changes: Vec<Change>,
         reply: oneshot::Sender<()>,
+    },
+    /// Watch catch-up: the changes of `[key, end)` with revision in `[from, to]` (at most
+    /// `max_revs` revisions), with previous kvs. `Compacted` if `from` is compacted.
+    History {
+        key: Vec<u8>,
+        end: Vec<u8>,
+        from: i64,
+        to: i64,
+        max_revs: usize,
+        reply: Reply<Changes>,
     },
     /// Meta group: drop history below `rev` (already durable in the meta log).
     Compact {
@@ -188,6 +199,20 @@ impl Shard {
                     }
                     held = false;
                     let _ = reply.send(());
+                }
+                ShardMsg::History {
+                    key,
+                    end,
+                    from,
+                    to,
+                    max_revs,
+                    reply,
+                } => {
+                    let store = self.store.borrow();
+                    let _ = reply.send(match from < store.compacted_revision() {
+                        true => Err(KvError::Compacted),
+                        false => Ok(store.changes(&key, &end, from, to, max_revs)),
+                    });
                 }
                 ShardMsg::Compact { rev, reply } => {
                     self.store.borrow_mut().compact(rev);
@@ -324,10 +349,12 @@ impl Shard {
         .detach();
     }
 
-    /// Applies changes to the store and keeps the lease table's attached keys current.
+    /// Applies changes to the store, keeps the lease table's attached keys current and
+    /// records the changes' watch events in the shard's journal.
     fn apply(&self, rev: i64, changes: &[Change]) {
         let prevs = self.store.borrow_mut().apply(rev, changes);
         self.shared.leases.on_apply(changes, &prevs);
+        self.shared.journals[self.id].append(RevisionEvents::from_changes(rev, changes, prevs));
     }
 
     fn answer_when_visible<T: 'static>(
