@@ -1,4 +1,5 @@
-//! Runs `tests/etcdctl_interop.sh` (etcdctl through every KV command family, exact outputs)
+//! Runs `tests/etcdctl_interop.sh` (etcdctl through the KV, maintenance, watch, lease, lock and
+//! elect command families, exact outputs)
 //! against a fresh server: once against real etcd, which keeps the script's expectations
 //! honest, and once against the server under test (`FERROCD_TEST_SERVER`, default ferrocd).
 
@@ -8,10 +9,13 @@ use std::process::Command;
 
 use common::Server;
 
+/// Bound on one run of the script (it takes seconds); a hang fails the test instead.
+const SCRIPT_TIMEOUT_S: u32 = 300;
+
 fn run_script(server: &Server) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/etcdctl_interop.sh");
-    let output = Command::new("bash")
-        .arg(script)
+    let output = Command::new("timeout")
+        .args(["--kill-after=10", &SCRIPT_TIMEOUT_S.to_string(), "bash", script])
         .arg(server.endpoint())
         .output()
         .expect("run bash");

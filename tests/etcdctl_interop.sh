@@ -7,7 +7,8 @@
 # Needs etcdctl and jq on PATH. etcdctl 3.4 has no `get --count-only` (added in 3.5); the
 # count is checked through `-w json` instead.
 #
-# The cluster-level checks (endpoint status, member list) run last, after all KV checks.
+# The cluster-level checks (endpoint status, member list) run after all KV checks; watch, lease,
+# lock and election checks (which start etcdctl processes in the background) run last.
 set -euo pipefail
 
 if [[ $# -ne 1 ]]; then
@@ -17,7 +18,16 @@ fi
 ENDPOINT=$1
 export ETCDCTL_API=3
 ERR=$(mktemp)
-trap 'rm -f "$ERR"' EXIT
+WORK=$(mktemp -d)
+# Background etcdctl processes (watchers, lock holders, campaigners) this script started.
+BACKGROUND=()
+cleanup() {
+    for pid in "${BACKGROUND[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    rm -rf "$ERR" "$WORK"
+}
+trap cleanup EXIT
 
 # Ids and raft term differ between servers; everything else in a JSON answer is compared.
 STRIP_IDS='del(.header.cluster_id, .header.member_id, .header.raft_term)'
@@ -246,5 +256,105 @@ expect_error "move-leader on a single member" "Error: etcdserver: bad leader tra
 expect_match "member list" \
     "^[0-9a-f]+, started, [^,]+, http://127\.0\.0\.1:[0-9]+, ${ENDPOINT}, false$" \
     ctl member list
+
+# Long-running etcdctl commands (watch, elect) print as events arrive; the script waits for
+# their output by polling the file they write, bounded by this deadline.
+OUTPUT_DEADLINE_S=20
+
+# wait_for_lines NAME FILE COUNT: until FILE has COUNT lines, or fail at the deadline.
+wait_for_lines() {
+    local name=$1 file=$2 count=$3 deadline=$((SECONDS + OUTPUT_DEADLINE_S))
+    while (( $(wc -l < "$file") < count )); do
+        (( SECONDS < deadline )) || fail "$name: waited ${OUTPUT_DEADLINE_S}s for $count lines, got:
+$(cat "$file")"
+        sleep 0.05
+    done
+}
+
+# in_background FILE ARGS...: runs `etcdctl ARGS` (itself, not a subshell, so signals reach it)
+# with its output in FILE; its PID in $!.
+in_background() {
+    local file=$1
+    shift
+    : >"$file" # exists before the child opens it, for wait_for_lines
+    etcdctl --endpoints="$ENDPOINT" --command-timeout=10s "$@" >>"$file" 2>&1 &
+    BACKGROUND+=($!)
+}
+
+# --- watch ------------------------------------------------------------------------------------
+expect "put w/1" "OK" ctl put w/1 a                                  # revision 17
+expect "put w/2" "OK" ctl put w/2 b                                  # revision 18
+expect "del w/1" "1" ctl del w/1                                     # revision 19
+expect "put w/2 again" "OK" ctl put w/2 c                            # revision 20
+# History from revision 17, with each event's previous kv (a delete prints the deleted key's last
+# version, then the key with an empty value).
+in_background "$WORK/history" watch --rev=17 --prefix w/ --prev-kv
+WATCHER=$!
+wait_for_lines "watch --rev --prefix --prev-kv" "$WORK/history" 16
+kill "$WATCHER"
+expect "watch --rev=17 --prefix w/ --prev-kv" \
+    $'PUT\nw/1\na\nPUT\nw/2\nb\nDELETE\nw/1\na\nw/1\n\nPUT\nw/2\nb\nw/2\nc' \
+    head -n 16 "$WORK/history"
+# A watch from the next revision sees the next write, whether it registered before it or not.
+in_background "$WORK/live" watch --rev=21 live
+WATCHER=$!
+expect "put live" "OK" ctl put live x                                # revision 21
+wait_for_lines "watch --rev=21 live" "$WORK/live" 3
+kill "$WATCHER"
+expect "watch a future revision" $'PUT\nlive\nx' head -n 3 "$WORK/live"
+
+# --- lease --------------------------------------------------------------------------------------
+GRANTED=$(ctl lease grant 60)
+[[ "$GRANTED" =~ ^lease\ ([0-9a-f]+)\ granted\ with\ TTL\(60s\)$ ]] || fail "lease grant: $GRANTED"
+LEASE=${BASH_REMATCH[1]}
+echo "ok: lease grant"
+expect "lease list" $'found 1 leases\n'"$LEASE" ctl lease list
+expect "put --lease" "OK" ctl put --lease="$LEASE" lk v                # revision 22
+expect_match "lease timetolive --keys" \
+    "^lease $LEASE granted with TTL\(60s\), remaining\((59|60)s\), attached keys\(\[lk\]\)$" \
+    ctl lease timetolive "$LEASE" --keys
+expect "lease keep-alive --once" "lease $LEASE keepalived with TTL(60)" \
+    ctl lease keep-alive --once "$LEASE"
+expect "lease revoke" "lease $LEASE revoked" ctl lease revoke "$LEASE"  # revision 23
+expect "the revoked lease's key is gone" "" ctl get lk
+expect "lease timetolive of a revoked lease" "lease $LEASE already expired" \
+    ctl lease timetolive "$LEASE"
+expect_error "lease revoke of a revoked lease" \
+    "Error: failed to revoke lease (etcdserver: requested lease not found)" \
+    ctl lease revoke "$LEASE"
+
+# --- lock -------------------------------------------------------------------------------------
+# Two etcdctl processes run a critical section under one lock; the sections must not overlap. The
+# pause inside a section gives an overlap the chance to show; it synchronises nothing.
+LOCKERS=()
+for i in 1 2; do
+    in_background "$WORK/locker-$i" lock critical -- \
+        sh -c "echo start-$i >> '$WORK/sections'; sleep 0.3; echo end-$i >> '$WORK/sections'"
+    LOCKERS+=($!)
+done
+for pid in "${LOCKERS[@]}"; do
+    wait "$pid" || fail "lock: a contender failed: $(cat "$WORK"/locker-*)"
+done
+SECTIONS=$(tr '\n' ' ' < "$WORK/sections")
+[[ "$SECTIONS" == "start-1 end-1 start-2 end-2 " || "$SECTIONS" == "start-2 end-2 start-1 end-1 " ]] \
+    || fail "lock: critical sections overlapped: $SECTIONS"
+echo "ok: lock (two contenders, mutual exclusion)"
+expect "lock keys are gone after both exit" "" ctl get --prefix critical/
+
+# --- elect ------------------------------------------------------------------------------------
+in_background "$WORK/campaign" elect vote p1
+CAMPAIGNER=$!
+wait_for_lines "elect (campaign)" "$WORK/campaign" 2
+in_background "$WORK/observe" elect -l vote
+OBSERVER=$!
+wait_for_lines "elect -l (observe)" "$WORK/observe" 2
+expect_match "elect -l shows the leader" $'^vote/[0-9a-f]+\np1$' head -n 2 "$WORK/observe"
+expect_match "the campaigner printed its key" $'^vote/[0-9a-f]+\np1$' head -n 2 "$WORK/campaign"
+# On SIGTERM (or SIGINT) etcdctl resigns: the leader key goes. (A non-interactive shell starts
+# background commands with SIGINT ignored, so SIGTERM it is.)
+kill -TERM "$CAMPAIGNER"
+wait "$CAMPAIGNER" || true
+expect "the resigned leader's key is gone" "" ctl get --prefix vote/
+kill "$OBSERVER"
 
 echo "all etcdctl checks passed against ${ENDPOINT}"
