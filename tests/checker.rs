@@ -218,6 +218,35 @@ fn an_unknown_write_may_or_may_not_have_happened() {
 }
 
 #[test]
+fn an_unknown_write_takes_effect_before_its_deadline_or_never() {
+    let deadline_ns = 50;
+    let lost_in_crash = |call_ns| Operation {
+        return_ns: deadline_ns,
+        ..unknown(0, call_ns, put("a", "1"))
+    };
+    let seen_later = [
+        lost_in_crash(0),
+        op(1, 100, 110, get("a"), got(2, Some(kv("1", 2, 2, 1)))),
+    ];
+    assert_linearizable(&seen_later);
+    // Not seen after the deadline, then seen: it would have taken effect too late.
+    let too_late = [
+        lost_in_crash(0),
+        op(1, 60, 70, get("a"), got(1, None)),
+        op(1, 100, 110, get("a"), got(2, Some(kv("1", 2, 2, 1)))),
+    ];
+    assert_illegal(EtcdModel::default(), &too_late);
+    let unbounded = [
+        unknown(0, 0, put("a", "1")),
+        too_late[1].clone(),
+        too_late[2].clone(),
+    ];
+    assert_linearizable(&unbounded);
+    // Never seen at all is fine either way.
+    assert_linearizable(&[lost_in_crash(0), too_late[1].clone()]);
+}
+
+#[test]
 fn a_revision_gap_needs_an_unknown_write_and_the_gap_model() {
     let history = [
         op(0, 0, 10, put("a", "1"), put_ok(2)),
@@ -339,7 +368,8 @@ fn histories_with_a_changed_response_value_are_rejected() {
 
 /// A history from running random requests one after another on the model, each operation's
 /// interval drawn around its instant so that neighbours overlap. One write in ten has an
-/// unknown outcome, and half of those did not happen. Returns it with the final state.
+/// unknown outcome (half of those with a deadline after their instant), and half of those
+/// did not happen. Returns it with the final state.
 fn random_history(seed: u64) -> (Vec<Op>, State) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut state = fresh();
@@ -355,7 +385,16 @@ fn random_history(seed: u64) -> (Vec<Op>, State) {
             if rng.gen_bool(0.5) {
                 state = next.unwrap_or(state);
             }
-            history.push(unknown(client, call_ns, request));
+            // Half of them have a deadline (the crash that ended their server process).
+            let deadline_ns = if rng.gen_bool(0.5) {
+                return_ns
+            } else {
+                u64::MAX
+            };
+            history.push(Operation {
+                return_ns: deadline_ns,
+                ..unknown(client, call_ns, request)
+            });
             continue;
         }
         state = next.unwrap_or(state);

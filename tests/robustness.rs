@@ -334,7 +334,7 @@ async fn record_round(
             tokio::spawn(worker.run())
         })
         .collect();
-    let faults = inject_faults(server, fault, seed, deadline, &shared, context).await;
+    let faults = inject_faults(server, fault, seed, origin, deadline, &shared, context).await;
 
     let mut history = Vec::new();
     let mut definite_failures = 0;
@@ -347,12 +347,30 @@ async fn record_round(
         history.extend(log.ops);
         definite_failures += log.definite_failures;
     }
+    bound_unknown_outcomes(&mut history, &faults.kills_ns);
     history.push(final_read(server, origin).await);
     Recorded {
         init,
         history,
-        faults,
+        faults: faults.count,
         definite_failures,
+    }
+}
+
+/// An operation with an unknown outcome can only have taken effect in the server process its
+/// request reached, which was alive when the client gave up on it: it took effect before the
+/// first kill after that instant, or never. Without a kill after it, it stays unbounded.
+fn bound_unknown_outcomes(history: &mut [Op], kills_ns: &[u64]) {
+    for op in history
+        .iter_mut()
+        .filter(|op| op.outcome == Outcome::Unknown)
+    {
+        let gave_up_ns = op.return_ns;
+        let first_kill = kills_ns
+            .iter()
+            .copied()
+            .find(|&kill_ns| kill_ns >= gave_up_ns);
+        op.return_ns = first_kill.unwrap_or(u64::MAX);
     }
 }
 
@@ -396,31 +414,43 @@ fn check_history(
     }
 }
 
+/// What the fault task did.
+#[derive(Default)]
+struct FaultLog {
+    count: u64,
+    /// When each killed process was dead (reaped), in ns since the round's origin, ascending.
+    kills_ns: Vec<u64>,
+}
+
 /// The fault task: injects `fault` at random intervals until `deadline`, leaving the server
-/// running. Returns how many faults it injected.
+/// running.
 async fn inject_faults(
     server: &mut Server,
     fault: Fault,
     seed: u64,
+    origin: Instant,
     deadline: Instant,
     shared: &Shared,
     context: &str,
-) -> u64 {
+) -> FaultLog {
     let mut rng = StdRng::seed_from_u64(seed ^ 0xFA17);
-    let mut faults = 0;
+    let mut log = FaultLog::default();
     let interval_ms = match fault {
-        Fault::None => return 0,
+        Fault::None => return log,
         Fault::Kill => KILL_INTERVAL_MS,
         Fault::Pause => PAUSE_INTERVAL_MS,
     };
     loop {
         let next = Instant::now() + Duration::from_millis(rng.gen_range(interval_ms.clone()));
         if next >= deadline {
-            return faults;
+            return log;
         }
         tokio::time::sleep_until(next.into()).await;
         match fault {
-            Fault::Kill => crash_and_restart(server, shared, context).await,
+            Fault::Kill => {
+                let kill_ns = crash_and_restart(server, shared, origin, context).await;
+                log.kills_ns.push(kill_ns);
+            }
             Fault::Pause => {
                 server.pause();
                 let length_ms = rng.gen_range(PAUSE_LENGTH_MS);
@@ -429,15 +459,23 @@ async fn inject_faults(
             }
             Fault::None => unreachable!("no faults to inject"),
         }
-        faults += 1;
+        log.count += 1;
     }
 }
 
-/// kill -9 and restart; the first answer after it may not report an older revision than any
-/// answer before it.
-async fn crash_and_restart(server: &mut Server, shared: &Shared, context: &str) {
+/// kill -9 and restart (the harness's `crash_restart`, in two steps to time the death); the
+/// first answer after it may not report an older revision than any answer before it.
+/// Returns when the killed process was dead, in ns since `origin`.
+async fn crash_and_restart(
+    server: &mut Server,
+    shared: &Shared,
+    origin: Instant,
+    context: &str,
+) -> u64 {
     let max_before = shared.max_revision.load(Ordering::SeqCst);
-    server.crash_restart().await;
+    server.kill9();
+    let killed_ns = nanos_since(origin);
+    server.start().await;
     *shared.endpoint.lock().expect("endpoint lock") = server.endpoint();
     let after = server.client().await.get(KEY_PREFIX, None).await;
     let revision = after
@@ -449,6 +487,7 @@ async fn crash_and_restart(server: &mut Server, shared: &Shared, context: &str) 
         revision >= max_before,
         "{context}: revision went back from {max_before} to {revision} across a restart"
     );
+    killed_ns
 }
 
 /// The whole key space at one revision, read when no client runs.

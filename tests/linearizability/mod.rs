@@ -5,9 +5,12 @@
 //!
 //! An operation's outcome is either a response, a definite failure (it did not happen: it is
 //! dropped before the search), or unknown (timeout, lost connection: it may or may not have
-//! happened). An unknown operation returns at infinity, as in Porcupine, so it may take effect
-//! anywhere after its call. "It never happened" needs no search: the search ends as soon as
-//! every operation with a known outcome is linearized, leaving the unknown ones out.
+//! happened). An unknown operation's return time is the latest instant it can take effect:
+//! infinity as in Porcupine, or earlier when the caller knows better (the server process that
+//! could have run it was killed then). "It never happened" needs no search while its return
+//! is ahead: the search ends as soon as every operation with a known outcome is linearized.
+//! When the scan reaches the return of an unknown operation not yet linearized, the search
+//! takes it out as a no-op (and undoes that on backtrack like any other step).
 //!
 //! P-compositionality (checking each key apart) does not apply to etcd: every response carries
 //! the store-wide revision, so the whole key space is one object. Revisions make the search
@@ -78,7 +81,7 @@ pub enum Outcome<O> {
 pub struct Operation<I, O> {
     pub client: usize,
     pub call_ns: u64,
-    /// Ignored for `Outcome::Unknown`, which returns at infinity.
+    /// For `Outcome::Unknown`: the latest instant it can take effect, `u64::MAX` if none.
     pub return_ns: u64,
     pub input: I,
     pub outcome: Outcome<O>,
@@ -87,15 +90,6 @@ pub struct Operation<I, O> {
 impl<I, O> Operation<I, O> {
     fn is_unknown(&self) -> bool {
         matches!(self.outcome, Outcome::Unknown)
-    }
-
-    /// The return time the search uses: infinity for an unknown outcome.
-    fn effective_return_ns(&self) -> u64 {
-        if self.is_unknown() {
-            u64::MAX
-        } else {
-            self.return_ns
-        }
     }
 }
 
@@ -172,7 +166,7 @@ const EXPLAIN_MAX_OPS: usize = 16;
 struct Entry {
     op: usize,
     is_call: bool,
-    /// The call's return entry (for a call entry).
+    /// A call's return entry, a return's call entry.
     partner: usize,
     prev: usize,
     next: usize,
@@ -181,6 +175,8 @@ struct Entry {
 /// An operation linearized on the current path, and how to undo or vary it.
 struct Frame<S> {
     call: usize,
+    /// An unknown operation taken out as a no-op at its return: no alternative at its depth.
+    discarded: bool,
     before: S,
     successors: Vec<S>,
     next_successor: usize,
@@ -249,8 +245,7 @@ impl<'a, M: Model> Search<'a, M> {
             if self.definite_linearized == self.definite_ops {
                 return Verdict::Linearizable;
             }
-            // Unknown operations return at infinity, after every definite return: while a
-            // definite operation is left, the scan meets its return before the list ends.
+            // While a definite operation is left, the scan meets its return before the end.
             assert_ne!(cursor, NIL, "ran past the last definite return");
             let entry = self.entries[cursor];
             if entry.is_call {
@@ -258,12 +253,19 @@ impl<'a, M: Model> Search<'a, M> {
                     return Verdict::Unknown(exhausted);
                 }
                 cursor = self.try_call(cursor);
+                continue;
+            }
+            if self.ops[entry.op].is_unknown() {
+                if let Some(next) = self.discard(entry.partner) {
+                    cursor = next;
+                    continue;
+                }
             } else {
                 self.note_depth(entry.op);
-                match self.backtrack() {
-                    Some(next) => cursor = next,
-                    None => return Verdict::Illegal(self.explain()),
-                }
+            }
+            match self.backtrack() {
+                Some(next) => cursor = next,
+                None => return Verdict::Illegal(self.explain()),
             }
         }
     }
@@ -282,6 +284,7 @@ impl<'a, M: Model> Search<'a, M> {
             };
         let mut frame = Frame {
             call,
+            discarded: false,
             before: self.state.clone(),
             successors,
             next_successor: 0,
@@ -292,6 +295,24 @@ impl<'a, M: Model> Search<'a, M> {
         } else {
             self.entries[call].next
         }
+    }
+
+    /// The scan reached the return of the unknown operation called at `call`: past it the
+    /// operation can only have had no effect, so take it out as a no-op. `None` when that
+    /// (set, state) pair was explored already.
+    fn discard(&mut self, call: usize) -> Option<usize> {
+        let mut frame = Frame {
+            call,
+            discarded: true,
+            before: self.state.clone(),
+            successors: vec![self.state.clone()],
+            next_successor: 0,
+        };
+        if !self.enter(&mut frame) {
+            return None;
+        }
+        self.stack.push(frame);
+        Some(self.entries[HEAD].next)
     }
 
     /// Linearizes the frame's operation into its next unexplored successor state, if any.
@@ -320,22 +341,28 @@ impl<'a, M: Model> Search<'a, M> {
     }
 
     /// Whether one of the definite operations that could be linearized next (their calls
-    /// come before the first return left in the list) may follow the current state. The
-    /// next definite operation linearized is always one of those, so when none may follow,
-    /// the path is dead however many unknown operations come first.
+    /// come before the first definite return left in the list; unknown operations returning
+    /// earlier may be placed or dropped first) may follow the current state. The next
+    /// definite operation linearized is always one of those, so when none may follow, the
+    /// path is dead however many unknown operations come first.
     fn some_definite_op_may_follow(&self) -> bool {
         if self.definite_linearized == self.definite_ops {
             return true;
         }
         let mut cursor = self.entries[HEAD].next;
-        while cursor != NIL && self.entries[cursor].is_call {
-            let op = self.ops[self.entries[cursor].op];
-            if let Outcome::Ok(output) = &op.outcome {
-                if self.model.may_follow(&self.state, &op.input, output) {
-                    return true;
+        while cursor != NIL {
+            let entry = self.entries[cursor];
+            let op = self.ops[entry.op];
+            match (&op.outcome, entry.is_call) {
+                (Outcome::Ok(output), true) => {
+                    if self.model.may_follow(&self.state, &op.input, output) {
+                        return true;
+                    }
                 }
+                (Outcome::Ok(_), false) => return false,
+                _ => {}
             }
-            cursor = self.entries[cursor].next;
+            cursor = entry.next;
         }
         false
     }
@@ -343,17 +370,23 @@ impl<'a, M: Model> Search<'a, M> {
     /// Undoes the latest linearization and tries its next alternative; `None` when the stack
     /// is empty (nothing left to try: the history is not linearizable).
     fn backtrack(&mut self) -> Option<usize> {
-        let mut frame = self.stack.pop()?;
-        let op = self.entries[frame.call].op;
-        self.unlift(frame.call);
-        self.mark(op, false);
-        self.set_hash ^= self.zobrist[op];
-        self.state = frame.before.clone();
-        if self.enter(&mut frame) {
-            self.stack.push(frame);
-            Some(self.entries[HEAD].next)
-        } else {
-            Some(self.entries[frame.call].next)
+        loop {
+            let mut frame = self.stack.pop()?;
+            let op = self.entries[frame.call].op;
+            self.unlift(frame.call);
+            self.mark(op, false);
+            self.set_hash ^= self.zobrist[op];
+            self.state = frame.before.clone();
+            // A discard happened where the scan had tried every call before that return:
+            // nothing else is left at its depth.
+            if frame.discarded {
+                continue;
+            }
+            if self.enter(&mut frame) {
+                self.stack.push(frame);
+                return Some(self.entries[HEAD].next);
+            }
+            return Some(self.entries[frame.call].next);
         }
     }
 
@@ -484,7 +517,7 @@ impl<'a, M: Model> Search<'a, M> {
 }
 
 fn describe<I: Debug, O: Debug>(index: usize, op: &Operation<I, O>) -> String {
-    let returned = if op.is_unknown() {
+    let returned = if op.return_ns == u64::MAX {
         "inf".to_string()
     } else {
         op.return_ns.to_string()
@@ -501,12 +534,12 @@ fn build_entries<I, O>(ops: &[&Operation<I, O>]) -> Vec<Entry> {
     let mut events: Vec<(u64, bool, usize)> = Vec::with_capacity(ops.len() * 2);
     for (index, op) in ops.iter().enumerate() {
         assert!(
-            op.is_unknown() || op.call_ns <= op.return_ns,
+            op.call_ns <= op.return_ns,
             "operation {index} returns before its call"
         );
         // `false` sorts first: calls (false = "not a return") before returns.
         events.push((op.call_ns, false, index));
-        events.push((op.effective_return_ns(), true, index));
+        events.push((op.return_ns, true, index));
     }
     events.sort_unstable();
     let mut entries = Vec::with_capacity(events.len() + 1);
@@ -529,6 +562,7 @@ fn build_entries<I, O>(ops: &[&Operation<I, O>]) -> Vec<Entry> {
         });
         if is_return {
             entries[call_entry[op]].partner = at;
+            entries[at].partner = call_entry[op];
         } else {
             call_entry[op] = at;
         }
