@@ -15,7 +15,7 @@
 mod common;
 mod linearizability;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -283,6 +283,10 @@ async fn run_round(
     let (report, needed_gaps) = check_history(server, fault, &recorded.init, history, context);
     let mut client = server.client().await;
     let acked_writes_verified = verify_acknowledged_writes(&mut client, history, context).await;
+    if needed_gaps {
+        let gaps = revisions_without_change(&mut client, &recorded.init, history).await;
+        println!("{context}: revisions that changed nothing: {gaps:?}");
+    }
     Figures {
         histories: 1,
         ops_checked: report.ops_checked as u64,
@@ -579,6 +583,38 @@ async fn verify_acknowledged_writes(client: &mut Client, history: &[Op], context
         lost.join("\n")
     );
     verified
+}
+
+/// Revisions of the round at which the key space is the same as one revision before: the
+/// evidence for revision gaps, listed when a history needed the gap model.
+async fn revisions_without_change(client: &mut Client, init: &State, history: &[Op]) -> Vec<i64> {
+    let last = history.last().expect("the final read");
+    let Outcome::Ok(Response::Range {
+        revision: final_revision,
+        ..
+    }) = &last.outcome
+    else {
+        panic!("the history ends with the final range read");
+    };
+    let mut gaps = Vec::new();
+    let mut before = init.kvs.clone();
+    for revision in init.revision + 1..=*final_revision {
+        let options = GetOptions::new().with_prefix().with_revision(revision);
+        let read = client
+            .get(KEY_PREFIX, Some(options))
+            .await
+            .unwrap_or_else(|e| panic!("read the key space at {revision}: {e}"));
+        let at: BTreeMap<String, KeyValue> = read
+            .kvs()
+            .iter()
+            .map(|kv| (utf8(kv.key()), key_value(kv)))
+            .collect();
+        if at == before {
+            gaps.push(revision);
+        }
+        before = at;
+    }
+    gaps
 }
 
 // ---------------------------------------------------------------------------------------------

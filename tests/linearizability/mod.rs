@@ -354,10 +354,10 @@ impl<'a, M: Model> Search<'a, M> {
             let entry = self.entries[cursor];
             let op = self.ops[entry.op];
             match (&op.outcome, entry.is_call) {
-                (Outcome::Ok(output), true) => {
-                    if self.model.may_follow(&self.state, &op.input, output) {
-                        return true;
-                    }
+                (Outcome::Ok(output), true)
+                    if self.model.may_follow(&self.state, &op.input, output) =>
+                {
+                    return true;
                 }
                 (Outcome::Ok(_), false) => return false,
                 _ => {}
