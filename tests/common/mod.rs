@@ -216,6 +216,25 @@ impl Server {
         );
     }
 
+    /// SIGSTOP: the server freezes, its connections stay open, until `resume`.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONT: a paused server carries on.
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        let child = self.child.as_ref().expect("signal to a running server");
+        let pid = libc::pid_t::try_from(child.id()).expect("pid fits pid_t");
+        // SAFETY: kill(2) with a pid we spawned and have not reaped yet, so it cannot name
+        // another process; no memory is involved.
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(rc, 0, "signal {signal} to server pid {pid}");
+    }
+
     /// Graceful stop, then start on the same data dir.
     pub async fn restart(&mut self) {
         self.stop();
