@@ -5,6 +5,11 @@
 //! URLs with their ports). Errors must match by status, gRPC code and message, except where
 //! the message comes from a JSON parser (Go's and serde's word their errors differently).
 //!
+//! Streaming endpoints (`/v3/watch`, `/v3/lease/keepalive`, `/v3/election/observe`) are read
+//! line by line as the servers flush them, with a deadline per read; writes that the streams
+//! report go over gRPC. Lease ids are chosen by the test, so both servers answer the same ids
+//! and the lock and election keys (`name/<lease in hex>`) agree.
+//!
 //! The client is a plain HTTP/1.1 writer on a TCP socket, as curl would send.
 
 mod common;
@@ -77,20 +82,7 @@ fn parse_response(raw: &[u8]) -> HttpResponse {
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
         .expect("end of response head");
-    let head = std::str::from_utf8(&raw[..split]).expect("ASCII head");
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().expect("status line");
-    let status = status_line
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("status line {status_line:?}"));
-    let headers: Vec<(String, String)> = lines
-        .map(|line| {
-            let (name, value) = line.split_once(':').expect("header line");
-            (name.trim().to_ascii_lowercase(), value.trim().to_string())
-        })
-        .collect();
+    let (status, headers) = parse_head(&raw[..split]);
     let rest = &raw[split + 4..];
     let chunked = headers
         .iter()
@@ -105,6 +97,25 @@ fn parse_response(raw: &[u8]) -> HttpResponse {
         headers,
         body,
     }
+}
+
+/// The status and the headers (lower-case names) of a response head without its blank line.
+fn parse_head(head: &[u8]) -> (u16, Vec<(String, String)>) {
+    let head = std::str::from_utf8(head).expect("ASCII head");
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().expect("status line");
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("status line {status_line:?}"));
+    let headers = lines
+        .map(|line| {
+            let (name, value) = line.split_once(':').expect("header line");
+            (name.trim().to_ascii_lowercase(), value.trim().to_string())
+        })
+        .collect();
+    (status, headers)
 }
 
 /// HTTP/1.1 chunked transfer coding: `<hex size>\r\n<data>\r\n` ... `0\r\n<trailers>\r\n`.
@@ -436,5 +447,473 @@ async fn cluster_and_maintenance_match_etcd() {
             .and_then(|s| s.parse().ok())
             .unwrap_or_else(|| panic!("{field} is an integer string: {actual}"));
         assert!(number > 0, "{field}: {actual}");
+    }
+}
+
+/// Upper bound for one streamed response to arrive.
+const STREAM_READ_TIMEOUT_MS: u64 = 10_000;
+
+/// One streaming exchange on its own connection: the responses are read as they come.
+struct HttpStream {
+    stream: TcpStream,
+    what: String,
+    status: u16,
+    headers: Vec<(String, String)>,
+    chunked: bool,
+    /// Read off the socket, not yet decoded.
+    raw: Vec<u8>,
+    /// Decoded body bytes not yet returned.
+    body: Vec<u8>,
+    /// The whole body has been decoded into `body`.
+    ended: bool,
+}
+
+impl HttpStream {
+    /// Sends the request with `body` and reads the response head.
+    async fn open(server: &Server, path: &str, body: &[u8]) -> HttpStream {
+        let endpoint = server.endpoint();
+        let addr = endpoint.strip_prefix("http://").expect("http endpoint");
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        let mut exchange = HttpStream {
+            stream,
+            what: format!("POST {path} to {endpoint}"),
+            status: 0,
+            headers: Vec::new(),
+            chunked: false,
+            raw: Vec::new(),
+            body: Vec::new(),
+            ended: false,
+        };
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let request = [head.as_bytes(), body].concat();
+        let sent = exchange.stream.write_all(&request).await;
+        sent.expect("write request");
+        exchange.read_head().await;
+        exchange
+    }
+
+    /// Reads more bytes off the socket; false at its end.
+    async fn read_more(&mut self) -> bool {
+        let mut buffer = [0u8; 16 * 1024];
+        let read = tokio::time::timeout(
+            Duration::from_millis(STREAM_READ_TIMEOUT_MS),
+            self.stream.read(&mut buffer),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{}: no response within the deadline", self.what))
+        .expect("read response");
+        self.raw.extend_from_slice(&buffer[..read]);
+        read > 0
+    }
+
+    async fn read_head(&mut self) {
+        let split = loop {
+            if let Some(split) = self.raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                break split;
+            }
+            assert!(self.read_more().await, "{}: no response head", self.what);
+        };
+        let (status, headers) = parse_head(&self.raw[..split]);
+        self.raw.drain(..split + 4);
+        self.status = status;
+        self.chunked = headers
+            .iter()
+            .any(|(n, v)| n == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+        self.headers = headers;
+    }
+
+    /// Moves the complete chunks of `raw` into `body`.
+    fn decode(&mut self) {
+        if !self.chunked {
+            self.body.append(&mut self.raw);
+            return;
+        }
+        while let Some(line_end) = self.raw.windows(2).position(|w| w == b"\r\n") {
+            let size_text = std::str::from_utf8(&self.raw[..line_end]).expect("chunk size");
+            let size = usize::from_str_radix(size_text.trim(), 16).expect("hex chunk size");
+            if size == 0 {
+                self.ended = true;
+                return;
+            }
+            let start = line_end + 2;
+            if self.raw.len() < start + size + 2 {
+                return;
+            }
+            self.body.extend_from_slice(&self.raw[start..start + size]);
+            self.raw.drain(..start + size + 2);
+        }
+    }
+
+    /// The next newline-terminated JSON object of the body, or what is left at its end
+    /// (grpc-gateway writes no newline after an error); `None` once the body has ended.
+    async fn next_json(&mut self) -> Option<Value> {
+        loop {
+            self.decode();
+            if let Some(end) = self.body.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.body.drain(..=end).collect();
+                return Some(serde_json::from_slice(&line).expect("a JSON line"));
+            }
+            if self.ended {
+                let rest = std::mem::take(&mut self.body);
+                return (!rest.is_empty())
+                    .then(|| serde_json::from_slice(&rest).expect("a JSON object"));
+            }
+            if !self.read_more().await {
+                // Not chunked: the body ends with the connection.
+                assert!(!self.chunked, "{}: connection closed mid-body", self.what);
+                self.ended = true;
+            }
+        }
+    }
+
+    /// The next `count` objects, normalized.
+    async fn next_results(&mut self, count: usize) -> Vec<Value> {
+        let mut results = Vec::with_capacity(count);
+        for _ in 0..count {
+            let next = self.next_json().await;
+            let next = next.unwrap_or_else(|| panic!("{}: stream ended early", self.what));
+            results.push(normalize(next));
+        }
+        results
+    }
+}
+
+/// The same streaming request to both servers.
+struct StreamPair {
+    etcd: HttpStream,
+    subject: HttpStream,
+}
+
+impl StreamPair {
+    /// Opens both; the heads must agree on status and content type.
+    async fn open(pair: &Pair, path: &str, body: &str) -> StreamPair {
+        let etcd = HttpStream::open(&pair.etcd, path, body.as_bytes()).await;
+        let subject = HttpStream::open(&pair.subject, path, body.as_bytes()).await;
+        assert_eq!(subject.status, etcd.status, "status of {path} {body}");
+        assert_eq!(subject.chunked, etcd.chunked, "chunked {path} {body}");
+        let content_type = |s: &HttpStream| {
+            s.headers
+                .iter()
+                .find(|(n, _)| n == "content-type")
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(content_type(&subject), content_type(&etcd), "{path} {body}");
+        StreamPair { etcd, subject }
+    }
+
+    /// Reads `count` objects from both; they must be equal once normalized and put in
+    /// revision order (responses of different watchers may interleave differently).
+    async fn same(&mut self, count: usize) -> Vec<Value> {
+        let mut expected = self.etcd.next_results(count).await;
+        let mut actual = self.subject.next_results(count).await;
+        let order = |v: &Value| {
+            let result = &v["result"];
+            let revision = result["header"]["revision"].as_str().unwrap_or("0");
+            let watch_id = result["watch_id"].as_str().unwrap_or("0");
+            (revision.parse::<i64>().ok(), watch_id.parse::<i64>().ok())
+        };
+        expected.sort_by_key(order);
+        actual.sort_by_key(order);
+        assert_eq!(actual, expected, "{}", self.subject.what);
+        expected
+    }
+
+    /// Both bodies end here.
+    async fn ended(&mut self) {
+        assert_eq!(self.etcd.next_json().await, None, "{}", self.etcd.what);
+        assert_eq!(
+            self.subject.next_json().await,
+            None,
+            "{}",
+            self.subject.what
+        );
+    }
+}
+
+/// Puts over gRPC, as another client of the same cluster would.
+async fn put_both(pair: &Pair, key: &str, value: &str) {
+    for server in [&pair.etcd, &pair.subject] {
+        let mut client = server.client().await;
+        client.put(key, value, None).await.expect("put");
+    }
+}
+
+/// Watch requests as one body: etcd 3.4's gateway answers nothing before the request body
+/// has ended, so a client sends all its requests at once.
+fn watch_body(requests: &[Value]) -> String {
+    let requests: Vec<String> = requests.iter().map(Value::to_string).collect();
+    requests.join("\n")
+}
+
+#[tokio::test]
+async fn watch_streams_match_etcd() {
+    let pair = Pair::start().await;
+    put_both(&pair, "a/0", "before").await;
+
+    // Two watchers on one stream: a key, and a prefix with previous values.
+    let body = watch_body(&[
+        json!({"create_request": {"key": b64(b"foo")}}),
+        json!({"create_request": {"key": b64(b"a/"), "range_end": b64(b"a0"), "prev_kv": true}}),
+    ]);
+    let mut watch = StreamPair::open(&pair, "/v3/watch", &body).await;
+    let created = watch.same(2).await;
+    assert!(created
+        .iter()
+        .all(|r| r["result"]["created"] == json!(true)));
+
+    // Writes over gRPC are streamed as they happen.
+    put_both(&pair, "foo", "1").await;
+    put_both(&pair, "a/0", "after").await;
+    put_both(&pair, "b", "unwatched").await;
+    for server in [&pair.etcd, &pair.subject] {
+        let mut client = server.client().await;
+        client.delete("foo", None).await.expect("delete");
+    }
+    let events = watch.same(3).await;
+    let prev_value = &events[1]["result"]["events"][0]["prev_kv"]["value"];
+    assert_eq!(prev_value, &json!(b64(b"before")));
+    assert_eq!(events[2]["result"]["events"][0]["type"], json!("DELETE"));
+    // The client goes away; the server drops the watchers with the connection.
+    drop(watch);
+
+    for server in [&pair.etcd, &pair.subject] {
+        let mut client = server.client().await;
+        client.compact(4, None).await.expect("compact");
+    }
+    // In order: a watch from a compacted revision (cancelled with the compaction revision),
+    // an empty range (refused), a watch with a chosen id and its cancellation, a live watch,
+    // and a bad value, which ends the requests but not the stream.
+    let body = watch_body(&[
+        json!({"create_request": {"key": b64(b"a/"), "range_end": b64(b"a0"), "start_revision": 2}}),
+        json!({"create_request": {"key": b64(b"b"), "range_end": b64(b"a")}}),
+        json!({"create_request": {"key": b64(b"foo"), "watch_id": "7"}}),
+        json!({"cancel_request": {"watch_id": "7"}}),
+        json!({"create_request": {"key": b64(b"z"), "watch_id": "8"}}),
+        json!("not a request"),
+    ]);
+    let mut watch = StreamPair::open(&pair, "/v3/watch", &body).await;
+    let answers = watch.same(6).await;
+    let canceled = answers
+        .iter()
+        .filter(|r| r["result"]["canceled"] == json!(true));
+    assert_eq!(canceled.count(), 3, "{answers:?}");
+    // Only the live watch streams: foo's watcher is gone.
+    put_both(&pair, "foo", "2").await;
+    put_both(&pair, "z", "3").await;
+    let events = watch.same(1).await;
+    assert_eq!(
+        events[0]["result"]["events"][0]["kv"]["key"],
+        json!(b64(b"z"))
+    );
+    drop(watch);
+
+    // A bad first request is refused with an ordinary error, as Go's decoder error: Unknown.
+    for body in [&b"{bad"[..], b"[]"] {
+        let (expected, actual) = pair.both("POST", "/v3/watch", body).await;
+        let (expected, actual) = (expected.json(), actual.json());
+        assert_eq!(actual["code"], expected["code"]);
+        assert_eq!(actual["code"], json!(2), "{actual}");
+    }
+}
+
+#[tokio::test]
+async fn lease_requests_match_etcd() {
+    let pair = Pair::start().await;
+    // Explicit lease ids, so both servers answer the same ids.
+    pair.same("/v3/lease/grant", json!({"ID": "1000", "TTL": "60"}))
+        .await;
+    pair.same("/v3/lease/grant", json!({"ID": 1001, "TTL": 30}))
+        .await;
+    pair.same("/v3/lease/grant", json!({"ID": "1000", "TTL": "60"}))
+        .await; // already exists
+    pair.same(
+        "/v3/kv/put",
+        json!({"key": b64(b"held"), "value": b64(b"v"), "lease": "1000"}),
+    )
+    .await;
+
+    // Time to live: the remaining TTL may differ by the second ticking between the two.
+    for path in ["/v3/lease/timetolive", "/v3/kv/lease/timetolive"] {
+        let body = json!({"ID": "1000", "keys": true}).to_string();
+        let (expected, actual) = pair.both("POST", path, body.as_bytes()).await;
+        let (mut expected, mut actual) = (normalize(expected.json()), normalize(actual.json()));
+        for answer in [&mut expected, &mut actual] {
+            let ttl: i64 = answer["TTL"].as_str().unwrap().parse().unwrap();
+            assert!((58..=60).contains(&ttl), "{answer}");
+            answer.as_object_mut().unwrap().remove("TTL");
+        }
+        assert_eq!(actual, expected, "{path}");
+        assert_eq!(actual["grantedTTL"], json!("60"));
+        assert_eq!(actual["keys"], json!([b64(b"held")]));
+    }
+    pair.same("/v3/lease/timetolive", json!({"ID": "999"}))
+        .await;
+    for path in ["/v3/lease/leases", "/v3/kv/lease/leases"] {
+        let (expected, actual) = pair.both("POST", path, b"{}").await;
+        let sorted = |answer: Value| {
+            let mut answer = normalize(answer);
+            let leases = answer["leases"].as_array_mut().expect("leases");
+            leases.sort_by_key(|l| l["ID"].as_str().unwrap().to_string());
+            answer
+        };
+        assert_eq!(sorted(actual.json()), sorted(expected.json()), "{path}");
+    }
+
+    // Keep-alive: one result per request, the stream ends with the body; an unknown lease
+    // answers TTL 0 (omitted).
+    let requests = json!({"ID": "1000"}).to_string() + r#" {"ID":"1001"}"# + r#" {"ID":"999"}"#;
+    let mut keep_alive = StreamPair::open(&pair, "/v3/lease/keepalive", &requests).await;
+    let answers = keep_alive.same(3).await;
+    assert_eq!(answers[0]["result"]["TTL"], json!("60"));
+    assert!(answers[2]["result"].get("TTL").is_none());
+    keep_alive.ended().await;
+
+    // An empty body: 200 and an empty stream. A bad first request: Unknown, 500.
+    let (expected, actual) = pair.both("POST", "/v3/lease/keepalive", b"").await;
+    assert_eq!((actual.status, actual.body.len()), (200, 0));
+    assert_eq!(expected.body.len(), 0);
+    let (expected, actual) = pair
+        .both("POST", "/v3/lease/keepalive", br#"{"ID":"x"}"#)
+        .await;
+    assert_eq!(actual.json()["code"], expected.json()["code"]);
+
+    // Revoke, under both paths; the key goes with the lease.
+    pair.same("/v3/lease/revoke", json!({"ID": "1000"})).await;
+    pair.same("/v3/kv/lease/revoke", json!({"ID": "1001"}))
+        .await;
+    pair.same("/v3/kv/lease/revoke", json!({"ID": "1001"}))
+        .await; // not found
+    let answer = pair
+        .same("/v3/kv/range", json!({"key": b64(b"held")}))
+        .await;
+    assert!(answer.get("kvs").is_none(), "{answer}");
+}
+
+#[tokio::test]
+async fn lock_and_election_match_etcd() {
+    let pair = Pair::start().await;
+    // Sessions with explicit lease ids: the recipes' keys (name/<lease in hex>) agree.
+    for id in ["2000", "2001"] {
+        pair.same("/v3/lease/grant", json!({"ID": id, "TTL": "60"}))
+            .await;
+    }
+
+    let lock = pair
+        .same(
+            "/v3/lock/lock",
+            json!({"name": b64(b"lk"), "lease": "2000"}),
+        )
+        .await;
+    assert_eq!(lock["key"], json!(b64(b"lk/7d0")));
+    pair.same("/v3/lock/unlock", json!({"key": b64(b"lk/7d0")}))
+        .await;
+    pair.same("/v3/lock/lock", json!({"name": b64(b"lk"), "lease": "5"}))
+        .await; // lease not found
+
+    let name = b64(b"el");
+    pair.same("/v3/election/leader", json!({"name": name}))
+        .await; // no leader
+    let campaign = pair
+        .same(
+            "/v3/election/campaign",
+            json!({"name": name, "lease": "2000", "value": b64(b"v1")}),
+        )
+        .await;
+    let leader = campaign["leader"].clone();
+    assert_eq!(leader["key"], json!(b64(b"el/7d0")));
+
+    // Observe streams the leader now, then each change.
+    let mut observe = StreamPair::open(
+        &pair,
+        "/v3/election/observe",
+        &json!({"name": name}).to_string(),
+    )
+    .await;
+    let first = observe.same(1).await;
+    assert_eq!(first[0]["result"]["kv"]["value"], json!(b64(b"v1")));
+    pair.same(
+        "/v3/election/proclaim",
+        json!({"leader": leader, "value": b64(b"v2")}),
+    )
+    .await;
+    let proclaimed = observe.same(1).await;
+    assert_eq!(proclaimed[0]["result"]["kv"]["value"], json!(b64(b"v2")));
+    pair.same("/v3/election/leader", json!({"name": name}))
+        .await;
+
+    let errors = [
+        ("/v3/election/proclaim", json!({"value": b64(b"x")})),
+        (
+            "/v3/election/proclaim",
+            json!({"leader": {"name": name, "key": b64(b"el/1"), "rev": "1", "lease": "1"}}),
+        ),
+        ("/v3/election/resign", json!({})),
+    ];
+    for (path, body) in errors {
+        let answer = pair.same(path, body).await;
+        assert_eq!(answer["code"], json!(2), "{path}: {answer}");
+    }
+
+    // The leader resigns; the next candidate leads and observers see it.
+    pair.same("/v3/election/resign", json!({"leader": leader}))
+        .await;
+    pair.same(
+        "/v3/election/campaign",
+        json!({"name": name, "lease": "2001", "value": b64(b"v3")}),
+    )
+    .await;
+    let next = observe.same(1).await;
+    assert_eq!(next[0]["result"]["kv"]["key"], json!(b64(b"el/7d1")));
+    drop(observe);
+
+    // Observe's one request decodes like a unary request: InvalidArgument.
+    pair.same_decode_error("/v3/election/observe", b"{bad")
+        .await;
+}
+
+#[tokio::test]
+async fn maintenance_endpoints_match_etcd() {
+    let pair = Pair::start().await;
+    // etcd 3.4 serves Hash at /v3/maintenance/hash (HashKV's annotation is shadowed by it).
+    // The hash values differ: etcd hashes its bolt file.
+    let (expected, actual) = pair.both("POST", "/v3/maintenance/hash", b"{}").await;
+    let (expected, actual) = (expected.json(), actual.json());
+    assert!(
+        expected["hash"].is_u64() && actual["hash"].is_u64(),
+        "{actual}"
+    );
+    assert_eq!(actual["header"]["revision"], expected["header"]["revision"]);
+    let (expected, actual) = pair.both("POST", "/v3/maintenance/hashkv", b"{}").await;
+    assert_eq!(actual.body, expected.body);
+
+    pair.same(
+        "/v3/maintenance/transfer-leadership",
+        json!({"targetID": "1"}),
+    )
+    .await;
+    // Alarm and Defragment: etcd 3.4 answers them without a header (3.5 fills the alarm's).
+    for (path, body) in [
+        ("/v3/maintenance/alarm", json!({"action": "GET"})),
+        (
+            "/v3/maintenance/alarm",
+            json!({"action": "DEACTIVATE", "alarm": "NOSPACE"}),
+        ),
+        ("/v3/maintenance/defragment", json!({})),
+    ] {
+        let (expected, actual) = pair.both("POST", path, body.to_string().as_bytes()).await;
+        let without_header = |answer: Value| {
+            let mut answer = answer;
+            answer.as_object_mut().unwrap().remove("header");
+            answer
+        };
+        assert_eq!(
+            without_header(actual.json()),
+            without_header(expected.json()),
+            "{path}"
+        );
     }
 }

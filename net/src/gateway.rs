@@ -9,10 +9,11 @@
 //! `{"error":"<message>","message":"<message>","code":<grpc code>}` with the HTTP status
 //! grpc-gateway maps the gRPC code to.
 //!
-//! The table of endpoints is [`Gateway::new`]; a unary endpoint is one line there. Streaming
-//! endpoints (`/v3/watch`, `/v3/lease/keepalive`) will be [`Endpoint`]s too: etcd reads a
-//! stream of JSON request objects from the body and writes newline-delimited
-//! `{"result":{...}}` objects (or `{"error":{...}}`) as a chunked response.
+//! The table of endpoints is [`Gateway::new`]: one line per endpoint, exactly the paths of
+//! etcd 3.4's `google.api.http` annotations. Streaming endpoints (`/v3/watch`,
+//! `/v3/lease/keepalive`, `/v3/election/observe`, `/v3/maintenance/snapshot`) read a
+//! sequence of JSON request objects from the body and write newline-delimited
+//! `{"result":{...}}` objects as a chunked response (see [`streams`]).
 
 use std::collections::HashMap;
 use std::future::{ready, Future};
@@ -24,7 +25,11 @@ use ::http::{Method, Request, Response, StatusCode};
 use bytes::Bytes;
 use ferrocd_api::etcdserverpb::cluster_server::Cluster;
 use ferrocd_api::etcdserverpb::kv_server::Kv;
+use ferrocd_api::etcdserverpb::lease_server::Lease;
 use ferrocd_api::etcdserverpb::maintenance_server::Maintenance;
+use ferrocd_api::etcdserverpb::watch_server::Watch;
+use ferrocd_api::v3electionpb::election_server::Election;
+use ferrocd_api::v3lockpb::lock_server::Lock;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde::de::DeserializeOwned;
@@ -33,9 +38,16 @@ use tonic::body::Body;
 use tonic::{Code, Status};
 
 use crate::cluster::ClusterService;
+use crate::election::ElectionService;
 use crate::http::{go_error, HttpHandler, ResponseFuture};
 use crate::kv::KvService;
+use crate::lease::service::LeaseService;
+use crate::lock::LockService;
 use crate::transport::max_grpc_message_bytes;
+use crate::watch::service::WatchService;
+use streams::{JsonValues, StreamCall};
+
+mod streams;
 
 /// Every gateway path starts with this (etcd 3.5 serves only `/v3/`; 3.4 also `/v3beta/`).
 pub const PATH_PREFIX: &str = "/v3/";
@@ -45,11 +57,15 @@ pub const PATH_PREFIX: &str = "/v3/";
 /// etcd's limit exactly, so this only bounds what we buffer.
 const JSON_BODY_FACTOR: usize = 2;
 
-/// The services the gateway calls: the same instances the gRPC routes serve.
+/// The services the gateway calls: the same implementations the gRPC routes serve.
 pub struct Services {
     pub kv: KvService,
     /// Cluster and Maintenance.
     pub cluster: ClusterService,
+    pub lease: LeaseService,
+    pub watch: WatchService,
+    pub lock: LockService,
+    pub election: ElectionService,
 }
 
 /// A service method as the generated traits declare it (`async_trait` boxes the future).
@@ -68,10 +84,17 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// etcd's gateway endpoints that ferrocd serves. `max_request_bytes` is etcd's
-    /// `--max-request-bytes`.
+    /// etcd 3.4's gateway endpoints. `max_request_bytes` is etcd's `--max-request-bytes`.
+    /// Methods a service does not implement yet answer its UNIMPLEMENTED error.
     pub fn new(services: Services, max_request_bytes: usize) -> Gateway {
-        let Services { kv, cluster } = services;
+        let Services {
+            kv,
+            cluster,
+            lease,
+            watch,
+            lock,
+            election,
+        } = services;
         Gateway {
             endpoints: HashMap::new(),
             max_message_bytes: max_grpc_message_bytes(max_request_bytes),
@@ -81,16 +104,88 @@ impl Gateway {
         .unary("/v3/kv/deleterange", kv.clone(), |s, r| s.delete_range(r))
         .unary("/v3/kv/txn", kv.clone(), |s, r| s.txn(r))
         .unary("/v3/kv/compaction", kv, |s, r| s.compact(r))
+        .client_streaming("/v3/watch", watch, |s, r| s.watch(r))
+        .unary("/v3/lease/grant", lease.clone(), |s, r| s.lease_grant(r))
+        // etcd 3.4 also serves three lease endpoints under their old /v3/kv/lease/ paths.
+        .unary_at(
+            &["/v3/lease/revoke", "/v3/kv/lease/revoke"],
+            lease.clone(),
+            |s, r| s.lease_revoke(r),
+        )
+        .client_streaming("/v3/lease/keepalive", lease.clone(), |s, r| {
+            s.lease_keep_alive(r)
+        })
+        .unary_at(
+            &["/v3/lease/timetolive", "/v3/kv/lease/timetolive"],
+            lease.clone(),
+            |s, r| s.lease_time_to_live(r),
+        )
+        .unary_at(
+            &["/v3/lease/leases", "/v3/kv/lease/leases"],
+            lease,
+            |s, r| s.lease_leases(r),
+        )
+        .unary("/v3/cluster/member/add", cluster.clone(), |s, r| {
+            s.member_add(r)
+        })
+        .unary("/v3/cluster/member/remove", cluster.clone(), |s, r| {
+            s.member_remove(r)
+        })
+        .unary("/v3/cluster/member/update", cluster.clone(), |s, r| {
+            s.member_update(r)
+        })
         .unary("/v3/cluster/member/list", cluster.clone(), |s, r| {
             s.member_list(r)
         })
-        .unary("/v3/maintenance/status", cluster, |s, r| s.status(r))
+        .unary("/v3/cluster/member/promote", cluster.clone(), |s, r| {
+            s.member_promote(r)
+        })
+        .unary("/v3/maintenance/alarm", cluster.clone(), |s, r| s.alarm(r))
+        .unary("/v3/maintenance/status", cluster.clone(), |s, r| {
+            s.status(r)
+        })
+        .unary("/v3/maintenance/defragment", cluster.clone(), |s, r| {
+            s.defragment(r)
+        })
+        // etcd 3.4 annotates Hash and HashKV with the same path; grpc-gateway's mux takes the
+        // first registered, Hash, so HashKV has no gateway endpoint there.
+        .unary("/v3/maintenance/hash", cluster.clone(), |s, r| s.hash(r))
+        .server_streaming("/v3/maintenance/snapshot", cluster.clone(), |s, r| {
+            s.snapshot(r)
+        })
+        .unary("/v3/maintenance/transfer-leadership", cluster, |s, r| {
+            s.move_leader(r)
+        })
+        .unary("/v3/lock/lock", lock.clone(), |s, r| s.lock(r))
+        .unary("/v3/lock/unlock", lock, |s, r| s.unlock(r))
+        .unary("/v3/election/campaign", election.clone(), |s, r| {
+            s.campaign(r)
+        })
+        .unary("/v3/election/proclaim", election.clone(), |s, r| {
+            s.proclaim(r)
+        })
+        .unary("/v3/election/leader", election.clone(), |s, r| s.leader(r))
+        .server_streaming("/v3/election/observe", election.clone(), |s, r| {
+            s.observe(r)
+        })
+        .unary("/v3/election/resign", election, |s, r| s.resign(r))
     }
 
     /// Adds a unary endpoint: the JSON body is decoded into `Req` (an empty body is the
     /// default message, as in etcd), `call` gets it as a gRPC request, its response or
     /// error is written back as JSON.
     fn unary<S, Req, Resp, F>(self, path: &'static str, service: S, call: F) -> Gateway
+    where
+        S: Send + Sync + 'static,
+        Req: prost::Message + DeserializeOwned + Default + 'static,
+        Resp: Serialize + 'static,
+        F: for<'a> Fn(&'a S, tonic::Request<Req>) -> BoxCall<'a, Resp> + Send + Sync + 'static,
+    {
+        self.unary_at(&[path], service, call)
+    }
+
+    /// A unary endpoint served at each of `paths`.
+    fn unary_at<S, Req, Resp, F>(self, paths: &[&'static str], service: S, call: F) -> Gateway
     where
         S: Send + Sync + 'static,
         Req: prost::Message + DeserializeOwned + Default + 'static,
@@ -112,6 +207,65 @@ impl Gateway {
                     Ok(response) => json_response(response.get_ref()),
                     Err(status) => error_response(&status),
                 }
+            })
+        });
+        paths.iter().fold(self, |gateway, path| {
+            gateway.endpoint(path, endpoint.clone())
+        })
+    }
+
+    /// Adds a server-streaming endpoint: one request decoded as for a unary endpoint, the
+    /// responses streamed.
+    fn server_streaming<S, Req, Resp, F>(self, path: &'static str, service: S, call: F) -> Gateway
+    where
+        S: Send + Sync + 'static,
+        Req: prost::Message + DeserializeOwned + Default + 'static,
+        Resp: Serialize + Send + 'static,
+        F: for<'a> Fn(&'a S, tonic::Request<Req>) -> StreamCall<'a, Resp> + Send + Sync + 'static,
+    {
+        let max_message_bytes = self.max_message_bytes;
+        let streaming = Arc::new((service, call));
+        let endpoint: Endpoint = Arc::new(move |req: Request<Incoming>| -> ResponseFuture {
+            let streaming = Arc::clone(&streaming);
+            Box::pin(async move {
+                let (parts, body) = req.into_parts();
+                let message = match decode::<Req>(&parts.headers, body, max_message_bytes).await {
+                    Ok(message) => message,
+                    Err(status) => return error_response(&status),
+                };
+                let (service, call) = &*streaming;
+                streams::call_streaming(service, call, &parts.headers, message).await
+            })
+        });
+        self.endpoint(path, endpoint)
+    }
+
+    /// Adds a client-streaming (bidirectional) endpoint: the body's JSON values are the
+    /// request stream, read while the responses stream.
+    fn client_streaming<S, Req, Resp, F>(self, path: &'static str, service: S, call: F) -> Gateway
+    where
+        S: Send + Sync + 'static,
+        Req: prost::Message + DeserializeOwned + Default + Send + 'static,
+        Resp: Serialize + Send + 'static,
+        F: for<'a> Fn(&'a S, tonic::Request<tonic::Streaming<Req>>) -> StreamCall<'a, Resp>
+            + Send
+            + Sync
+            + 'static,
+    {
+        let max_message_bytes = self.max_message_bytes;
+        let streaming = Arc::new((service, call));
+        let endpoint: Endpoint = Arc::new(move |req: Request<Incoming>| -> ResponseFuture {
+            let streaming = Arc::clone(&streaming);
+            Box::pin(async move {
+                let (parts, body) = req.into_parts();
+                let mut values = JsonValues::new(body, max_message_bytes * JSON_BODY_FACTOR);
+                let first = match streams::first_request::<Req>(&mut values).await {
+                    Ok(first) => first,
+                    Err(response) => return response,
+                };
+                let requests = streams::request_stream(first, values, max_message_bytes);
+                let (service, call) = &*streaming;
+                streams::call_streaming(service, call, &parts.headers, requests).await
             })
         });
         self.endpoint(path, endpoint)

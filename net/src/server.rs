@@ -265,7 +265,7 @@ impl CoreSetup {
         })
         .detach();
         let watch = WatchServer::new(WatchService::new(
-            hub,
+            hub.clone(),
             self.config.watch_progress_notify_interval_ms,
         ))
         .max_decoding_message_size(max_grpc_message_bytes(self.config.limits.max_request_bytes));
@@ -273,6 +273,10 @@ impl CoreSetup {
             gateway::Services {
                 kv: kv_service,
                 cluster: cluster.clone(),
+                lease: LeaseService::new(node.clone()),
+                watch: WatchService::new(hub, self.config.watch_progress_notify_interval_ms),
+                lock: LockService::new(node.clone()),
+                election: ElectionService::new(node.clone()),
             },
             self.config.limits.max_request_bytes,
         );
