@@ -15,7 +15,12 @@ const SCRIPT_TIMEOUT_S: u32 = 300;
 fn run_script(server: &Server) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/etcdctl_interop.sh");
     let output = Command::new("timeout")
-        .args(["--kill-after=10", &SCRIPT_TIMEOUT_S.to_string(), "bash", script])
+        .args([
+            "--kill-after=10",
+            &SCRIPT_TIMEOUT_S.to_string(),
+            "bash",
+            script,
+        ])
         .arg(server.endpoint())
         .output()
         .expect("run bash");
