@@ -5,4 +5,5 @@
 pub mod btree;
 pub mod checkpoint;
 pub mod mvcc;
+pub mod replay;
 pub mod wal;
