@@ -113,7 +113,17 @@ async fn writer(mut client: Client, round: usize, id: usize, progress: Arc<Progr
 struct Seen {
     rev: i64,
     hash: u32,
-    kvs: Vec<(Vec<u8>, Vec<u8>, i64, i64, i64)>,
+    kvs: Vec<Row>,
+}
+
+/// One key of a range response, every field the history determines.
+#[derive(Debug, PartialEq, Eq)]
+struct Row {
+    key: Vec<u8>,
+    value: Vec<u8>,
+    create_revision: i64,
+    mod_revision: i64,
+    version: i64,
 }
 
 async fn read_at(client: &mut Client, rev: i64) -> Seen {
@@ -128,15 +138,12 @@ async fn read_at(client: &mut Client, rev: i64) -> Seen {
     let kvs = resp
         .kvs()
         .iter()
-        .map(|kv| {
-            let fields = (kv.create_revision(), kv.mod_revision(), kv.version());
-            (
-                kv.key().to_vec(),
-                kv.value().to_vec(),
-                fields.0,
-                fields.1,
-                fields.2,
-            )
+        .map(|kv| Row {
+            key: kv.key().to_vec(),
+            value: kv.value().to_vec(),
+            create_revision: kv.create_revision(),
+            mod_revision: kv.mod_revision(),
+            version: kv.version(),
         })
         .collect();
     Seen { rev, hash, kvs }

@@ -17,7 +17,7 @@
 //! other corruption stops start-up with the file and offset.
 
 use crate::lease::{ttl, LeaseConfig, Leases};
-use ferrocd_engine::checkpoint::{CheckpointMeta, Checkpointer};
+use ferrocd_engine::checkpoint::Checkpointer;
 use ferrocd_engine::mvcc::codec::{decode, LogPayload};
 use ferrocd_engine::mvcc::Store;
 use ferrocd_engine::replay::{Origin, Replay};
@@ -185,26 +185,20 @@ fn read_log(dir: &Path) -> Result<LogContents, String> {
 }
 
 /// Opens (creating when missing) every shard's checkpoint file and loads its store.
-fn open_checkpoints(
-    data_dir: &Path,
-    shards: usize,
-) -> Result<(Vec<Checkpointer>, Vec<(Store, CheckpointMeta)>), String> {
+fn open_checkpoints(data_dir: &Path, shards: usize) -> Result<Vec<(Checkpointer, Store)>, String> {
     let db_dir = data_dir.join(DB_DIR);
     if !db_dir.exists() {
         fs::create_dir_all(&db_dir)
             .and_then(|()| fs::File::open(data_dir)?.sync_all())
             .map_err(|e| format!("cannot create {}: {e}", db_dir.display()))?;
     }
-    let mut checkpointers = Vec::with_capacity(shards);
-    let mut loaded = Vec::with_capacity(shards);
-    for shard in 0..shards {
-        let path = shard_db_path(data_dir, shard);
-        let (checkpointer, store) = Checkpointer::open(&path)
-            .map_err(|e| format!("cannot load checkpoint {}: {e}", path.display()))?;
-        loaded.push((store, checkpointer.meta()));
-        checkpointers.push(checkpointer);
-    }
-    Ok((checkpointers, loaded))
+    (0..shards)
+        .map(|shard| {
+            let path = shard_db_path(data_dir, shard);
+            Checkpointer::open(&path)
+                .map_err(|e| format!("cannot load checkpoint {}: {e}", path.display()))
+        })
+        .collect()
 }
 
 pub fn recover(
@@ -212,8 +206,10 @@ pub fn recover(
     shards: usize,
     lease_config: LeaseConfig,
 ) -> Result<Recovered, String> {
-    let (checkpointers, loaded) = open_checkpoints(data_dir, shards)?;
-    let mut replay = Replay::new(loaded);
+    let (checkpointers, stores): (Vec<Checkpointer>, Vec<Store>) =
+        open_checkpoints(data_dir, shards)?.into_iter().unzip();
+    let metas = checkpointers.iter().map(Checkpointer::meta);
+    let mut replay = Replay::new(stores.into_iter().zip(metas).collect());
     let meta = read_log(&meta_wal_dir(data_dir))?;
     let mut next_index = Vec::with_capacity(shards + 1);
     let mut wals = Vec::with_capacity(shards + 1);
