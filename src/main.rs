@@ -2,6 +2,9 @@
 
 use clap::Parser;
 use ferrocd_net::lease::LeaseConfig;
+use ferrocd_net::node::checkpoint::{
+    CheckpointConfig, DEFAULT_CHECKPOINT_INTERVAL_MS, DEFAULT_CHECKPOINT_MAX_CHANGES,
+};
 use ferrocd_net::node::Limits;
 use ferrocd_net::server::{self, NodeConfig, Shutdown};
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -78,6 +81,15 @@ struct Flags {
     /// How often remaining lease TTLs are checkpointed (etcd: 5 minutes); for tests.
     #[arg(long, default_value_t = 5 * 60 * 1000, hide = true)]
     lease_checkpoint_interval_ms: u64,
+    /// Size every WAL segment is preallocated to (etcd: 64 MB); small values for tests.
+    #[arg(long, default_value_t = 64 * 1024 * 1024, hide = true)]
+    experimental_wal_segment_size_bytes: u64,
+    /// Longest time applied changes wait before they are checkpointed (etcd: 100 ms).
+    #[arg(long, default_value_t = DEFAULT_CHECKPOINT_INTERVAL_MS, hide = true)]
+    experimental_checkpoint_interval_ms: u64,
+    /// Number of waiting changes that starts a checkpoint at once (etcd: 10,000).
+    #[arg(long, default_value_t = DEFAULT_CHECKPOINT_MAX_CHANGES, hide = true)]
+    experimental_checkpoint_max_changes: usize,
     #[command(flatten)]
     tls: TlsFlags,
 }
@@ -224,6 +236,15 @@ fn config(flags: &Flags) -> Result<NodeConfig, String> {
         return Err(format!("--shards {shards}: must be between 1 and 256"));
     }
     parse_urls("listen-peer-urls", &flags.listen_peer_urls)?;
+    // Every record must fit a segment (a larger one would be a fatal WAL error): a write's
+    // record is smaller than twice its request, plus framing.
+    let min_segment_bytes = 2 * flags.max_request_bytes as u64 + 64 * 1024;
+    if flags.experimental_wal_segment_size_bytes < min_segment_bytes {
+        return Err(format!(
+            "--experimental-wal-segment-size-bytes must be at least {min_segment_bytes} \
+             (twice --max-request-bytes plus 64 KiB)"
+        ));
+    }
     Ok(NodeConfig {
         name: flags.name.clone(),
         data_dir: flags
@@ -239,6 +260,11 @@ fn config(flags: &Flags) -> Result<NodeConfig, String> {
             "experimental-watch-progress-notify-interval",
             &flags.experimental_watch_progress_notify_interval,
         )?,
+        wal_segment_size_bytes: flags.experimental_wal_segment_size_bytes,
+        checkpoint: CheckpointConfig {
+            interval_ms: flags.experimental_checkpoint_interval_ms.max(1),
+            max_changes: flags.experimental_checkpoint_max_changes.max(1),
+        },
         limits: Limits {
             max_txn_ops: flags.max_txn_ops,
             max_request_bytes: flags.max_request_bytes,

@@ -1,6 +1,9 @@
-//! ferrocd's per-shard storage: the write-ahead log, the copy-on-write B+tree file, and the
-//! multi-version key-value store.
+//! ferrocd's per-shard storage: the write-ahead log, the copy-on-write B+tree file, the
+//! multi-version key-value store, checkpoints of that store into the tree file, and the replay
+//! that rebuilds a shard's store at start-up.
 
 pub mod btree;
+pub mod checkpoint;
 pub mod mvcc;
+pub mod replay;
 pub mod wal;

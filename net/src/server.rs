@@ -11,10 +11,11 @@ use crate::lease::service::LeaseService;
 use crate::lease::{lessor, LeaseConfig};
 use crate::lock::LockService;
 use crate::metrics::{metrics_handler, GrpcMetrics, PATH_METRICS};
+use crate::node::checkpoint::CheckpointConfig;
 use crate::node::meta::{Meta, MetaMsg};
 use crate::node::recovery::{self, Recovered};
 use crate::node::shard::{Shard, ShardMsg};
-use crate::node::{fnv1a, Limits, Node, Shared, INBOX_CAPACITY};
+use crate::node::{Limits, Node, Shared, INBOX_CAPACITY};
 use crate::transport::{self, max_grpc_message_bytes, Routes, ServerConfig};
 use crate::watch::hub::Hub;
 use crate::watch::service::WatchService;
@@ -26,6 +27,7 @@ use ferrocd_api::etcdserverpb::maintenance_server::MaintenanceServer;
 use ferrocd_api::etcdserverpb::watch_server::WatchServer;
 use ferrocd_api::v3electionpb::election_server::ElectionServer;
 use ferrocd_api::v3lockpb::lock_server::LockServer;
+use ferrocd_engine::checkpoint::Checkpointer;
 use ferrocd_engine::mvcc::Store;
 use ferrocd_engine::wal::{Recovered as WalRecovered, Wal, WalOptions};
 use ferrocd_raft::notify::wait_until;
@@ -51,6 +53,9 @@ pub struct NodeConfig {
     /// Interval of watch progress notifications (etcd's hidden
     /// `--experimental-watch-progress-notify-interval`).
     pub watch_progress_notify_interval_ms: u64,
+    /// Size every WAL segment is preallocated to.
+    pub wal_segment_size_bytes: u64,
+    pub checkpoint: CheckpointConfig,
 }
 
 /// Tells a running node to stop; cloneable, usable from any thread.
@@ -92,15 +97,15 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
         .map(|dir| config.data_dir = dir)
         .map_err(|e| format!("cannot use data dir {}: {e}", config.data_dir.display()))?;
     let identity = recovery::open_identity(&config.data_dir, config.shards, &config.name)?;
-    let shard_of = |key: &[u8]| (fnv1a(key) % config.shards as u64) as usize;
     let Recovered {
         stores,
+        checkpointers,
         current_rev,
         compacted_rev,
         next_index,
         wals,
         leases,
-    } = recovery::recover(&config.data_dir, config.shards, shard_of, config.lease)?;
+    } = recovery::recover(&config.data_dir, config.shards, config.lease)?;
     // Bind every address once here so a busy port is reported before anything starts.
     for addr in &config.listen_client {
         std::net::TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
@@ -126,12 +131,14 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
 
     let mut wals = wals.into_iter();
     let mut owned: Vec<Vec<OwnedShard>> = (0..config.cores).map(|_| Vec::new()).collect();
-    for (id, (store, rx)) in stores.into_iter().zip(shard_rxs).enumerate() {
+    let recovered_shards = stores.into_iter().zip(checkpointers).zip(shard_rxs);
+    for (id, ((store, checkpointer), rx)) in recovered_shards.enumerate() {
         let wal = wals.next().expect("one recovered WAL per shard");
         let next_index = next_index[id];
         owned[id % config.cores].push(OwnedShard {
             id,
             store,
+            checkpointer,
             rx,
             wal,
             next_index,
@@ -175,10 +182,11 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
     failure.map_or(Ok(()), Err)
 }
 
-/// A shard handed to its core: its recovered store, inbox and log.
+/// A shard handed to its core: its recovered store and checkpoint file, inbox and log.
 struct OwnedShard {
     id: usize,
     store: Store,
+    checkpointer: Checkpointer,
     rx: async_channel::Receiver<ShardMsg>,
     wal: WalRecovered,
     next_index: u64,
@@ -192,8 +200,16 @@ struct OwnedMeta {
 }
 
 /// Opens a WAL for appending after what recovery read from it.
-async fn open_wal(dir: &Path, recovered: &WalRecovered) -> Result<Wal, String> {
-    Wal::open_recovered(dir, WalOptions::default(), recovered)
+async fn open_wal(
+    dir: &Path,
+    recovered: &WalRecovered,
+    segment_size_bytes: u64,
+) -> Result<Wal, String> {
+    let options = WalOptions {
+        segment_size_bytes,
+        ..WalOptions::default()
+    };
+    Wal::open_recovered(dir, options, recovered)
         .await
         .map_err(|e| format!("cannot open WAL {}: {e}", dir.display()))
 }
@@ -226,19 +242,28 @@ impl CoreSetup {
     async fn start_and_serve(self) -> Result<(), String> {
         let data_dir = &self.config.data_dir;
         let mut tasks = Vec::new();
+        let segment_size_bytes = self.config.wal_segment_size_bytes;
         for owned in self.shards {
-            let wal = open_wal(&recovery::shard_wal_dir(data_dir, owned.id), &owned.wal).await?;
+            let wal_dir = recovery::shard_wal_dir(data_dir, owned.id);
+            let wal = open_wal(&wal_dir, &owned.wal, segment_size_bytes).await?;
             let shard = Shard::new(
                 owned.id,
                 self.shared.clone(),
                 owned.store,
                 wal,
                 owned.next_index,
-            );
+                owned.checkpointer,
+                self.config.checkpoint,
+            )?;
             tasks.push(glommio::spawn_local(shard.run(owned.rx)).detach());
         }
         if let Some(owned) = self.meta {
-            let wal = open_wal(&recovery::meta_wal_dir(data_dir), &owned.wal).await?;
+            let wal = open_wal(
+                &recovery::meta_wal_dir(data_dir),
+                &owned.wal,
+                segment_size_bytes,
+            )
+            .await?;
             let meta = Meta::new(self.shared.clone(), wal, owned.next_index);
             tasks.push(glommio::spawn_local(meta.run(owned.rx)).detach());
             // Ends by itself once the meta group's inbox is closed at shutdown.

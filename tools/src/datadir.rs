@@ -1,4 +1,5 @@
-//! The data directory layout written by the server (see `net/src/node/recovery.rs`):
+//! The data directory layout written by the server (see `net/src/node/recovery.rs`; the
+//! checkpoint files `db/shard-NNN.db` are read by `db.rs`):
 //!
 //! ```text
 //! member.conf          format=1, shards=N, cluster_id=<hex>, member_id=<hex>

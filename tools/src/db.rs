@@ -1,20 +1,21 @@
-//! `ferrocd-dump db`: the store the server would rebuild from the data dir, and its keys.
+//! `ferrocd-dump db`: the stores the server would rebuild from the data dir, and their keys.
 //!
-//! There is no store file yet: the server keeps its state in memory and replays the WALs at
-//! start-up. This replays them the same way (`net/src/node/recovery.rs`): every entry of every
-//! shard's WAL and of the meta WAL, applied in revision order, then the newest compaction.
-//! Keys of different shards are disjoint and revisions are cluster-wide, so one
-//! [`Store`] holding every shard's keys has the same contents as the server's per-shard
-//! stores. Unlike the server, this goes on past damage: corrupt spots are skipped and entries
-//! that cannot apply (a revision seen twice, a delete of an absent key) are reported and
-//! skipped, so a damaged data dir can still be inspected.
+//! This rebuilds them exactly as the server's recovery does, with the same code
+//! (`ferrocd_engine::replay`): each shard's checkpoint (`db/shard-NNN.db`), then the entries of
+//! its WAL and the meta WAL above the checkpoint's covered revision, in revision order, then
+//! the newest compaction. Unlike the server, this goes on past damage: corrupt spots are
+//! skipped, a checkpoint that cannot be read counts as empty, and entries that cannot apply (a
+//! revision seen twice, a delete of an absent key) are reported and skipped, so a damaged data
+//! dir can still be inspected.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 
+use ferrocd_engine::btree::Database;
+use ferrocd_engine::checkpoint::{self, CheckpointMeta};
 use ferrocd_engine::mvcc::codec::{decode, LogPayload};
-use ferrocd_engine::mvcc::{Change, Effect, Store, StoreStats};
+use ferrocd_engine::mvcc::{Change, Effect, KvRef, Store, StoreStats};
+use ferrocd_engine::replay::{Origin, Replay};
 use ferrocd_engine::wal::{RecordKind, WalError};
 
 use crate::datadir::{data_dir_wals, read_member_conf, Group, MemberConf, WalSource};
@@ -35,11 +36,14 @@ pub struct LogCounts {
     pub last_revision: i64,
 }
 
-/// The store rebuilt from a data dir, and what was found on the way.
+/// The stores rebuilt from a data dir, and what was found on the way.
 pub struct Replayed {
     pub conf: Option<MemberConf>,
-    pub store: Store,
-    /// The highest revision in any log (1 for an empty store, as etcd and the server).
+    /// One per shard.
+    pub stores: Vec<Store>,
+    /// What each shard's checkpoint covers (all zero without one).
+    pub checkpoints: Vec<CheckpointMeta>,
+    /// The highest revision in any checkpoint or log (1 for an empty store, as the server).
     pub current_revision: i64,
     pub compacted_revision: i64,
     pub logs: Vec<LogCounts>,
@@ -49,46 +53,89 @@ pub struct Replayed {
     pub torn_tails: Vec<String>,
 }
 
-/// One change entry waiting to be applied in revision order.
-struct Pending {
-    main: i64,
-    changes: Vec<Change>,
-    origin: String,
-}
-
-/// Replays every WAL of `data_dir`. `Err` on an I/O error.
+/// Replays the checkpoints and every WAL of `data_dir`. `Err` on an I/O error.
 pub fn replay(data_dir: &Path) -> Result<Replayed, String> {
     let conf = read_member_conf(data_dir)?;
-    let mut replayed = Replayed {
+    let wals = data_dir_wals(data_dir)?;
+    let shards = conf
+        .map_or_else(|| shards_of_wals(&wals), |c| c.shards)
+        .max(1);
+    let mut problems = Vec::new();
+    let loaded: Vec<(Store, CheckpointMeta)> = (0..shards)
+        .map(|shard| load_checkpoint(data_dir, shard, &mut problems))
+        .collect();
+    let checkpoints = loaded.iter().map(|(_, meta)| *meta).collect();
+    let mut replay = Replay::new(loaded);
+    let mut logs = Vec::new();
+    let mut torn_tails = Vec::new();
+    for wal in &wals {
+        let mut found = Found {
+            replay: &mut replay,
+            problems: &mut problems,
+            torn_tails: &mut torn_tails,
+        };
+        logs.push(read_log(wal, &mut found).map_err(|e| e.to_string())?);
+    }
+    let replayed = replay
+        .finish(|problem| {
+            problems.push(problem.to_string());
+            Ok::<(), std::convert::Infallible>(())
+        })
+        .unwrap_or_else(|never| match never {});
+    Ok(Replayed {
         conf,
-        store: Store::new(),
-        current_revision: 1,
-        compacted_revision: 0,
-        logs: Vec::new(),
-        problems: Vec::new(),
-        torn_tails: Vec::new(),
-    };
-    let mut pending = Vec::new();
-    for wal in data_dir_wals(data_dir)? {
-        let counts = read_log(&wal, &mut pending, &mut replayed).map_err(|e| e.to_string())?;
-        replayed.logs.push(counts);
-    }
-    // Stable: should two entries share a revision, the first read is applied.
-    pending.sort_by_key(|p| p.main);
-    for entry in pending {
-        apply(&mut replayed, entry);
-    }
-    if replayed.compacted_revision > 0 {
-        replayed.store.compact(replayed.compacted_revision);
-    }
-    Ok(replayed)
+        stores: replayed.stores,
+        checkpoints,
+        current_revision: replayed.current_revision,
+        compacted_revision: replayed.compacted_revision,
+        logs,
+        problems,
+        torn_tails,
+    })
 }
 
-fn read_log(
-    wal: &WalSource,
-    pending: &mut Vec<Pending>,
-    replayed: &mut Replayed,
-) -> Result<LogCounts, WalError> {
+/// Without `member.conf`: one shard per shard WAL directory (the highest number counts).
+fn shards_of_wals(wals: &[WalSource]) -> usize {
+    wals.iter()
+        .filter_map(|w| match w.group {
+            Some(Group::Shard(n)) => Some(n + 1),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(1)
+}
+
+/// Shard `shard`'s checkpoint, or an empty store (a missing file is normal, an unreadable
+/// one is a problem).
+fn load_checkpoint(
+    data_dir: &Path,
+    shard: usize,
+    problems: &mut Vec<String>,
+) -> (Store, CheckpointMeta) {
+    let path = data_dir.join("db").join(format!("shard-{shard:03}.db"));
+    if !path.exists() {
+        return (Store::new(), CheckpointMeta::default());
+    }
+    let loaded = Database::open(&path)
+        .map_err(checkpoint::Error::from)
+        .and_then(|db| checkpoint::load(&db.snapshot()));
+    match loaded {
+        Ok(loaded) => (loaded.store, loaded.meta),
+        Err(e) => {
+            problems.push(format!("{}: {e}", path.display()));
+            (Store::new(), CheckpointMeta::default())
+        }
+    }
+}
+
+/// Where [`read_log`] puts what it finds.
+struct Found<'a> {
+    replay: &'a mut Replay,
+    problems: &'a mut Vec<String>,
+    torn_tails: &'a mut Vec<String>,
+}
+
+fn read_log(wal: &WalSource, found: &mut Found<'_>) -> Result<LogCounts, WalError> {
     let mut counts = LogCounts {
         group: wal.group,
         ..LogCounts::default()
@@ -103,51 +150,56 @@ fn read_log(
                     damage.detail
                 );
                 if damage.torn {
-                    replayed.torn_tails.push(line);
+                    found.torn_tails.push(line);
                 } else {
-                    replayed.problems.push(format!("corrupt record in {line}"));
+                    found.problems.push(format!("corrupt record in {line}"));
                 }
                 continue;
             }
             Event::Record { record, .. } if record.kind == RecordKind::Entry => record,
             Event::Record { .. } => continue,
         };
-        let origin = format!("{} entry {}", wal.dir.display(), record.index);
+        let label = format!("{} entry {}", wal.dir.display(), record.index);
         counts.entries += 1;
         counts.last_index = record.index;
-        match decode(&record.data) {
-            Err(e) => replayed
+        let payload = match decode(&record.data) {
+            Ok(payload) => payload,
+            Err(e) => {
+                found.problems.push(format!("{label} does not decode: {e}"));
+                continue;
+            }
+        };
+        let index = record.index;
+        match (wal.group, payload) {
+            (Some(Group::Shard(shard)), _) if shard >= found.replay.shards() => found
                 .problems
-                .push(format!("{origin} does not decode: {e}")),
-            Ok(LogPayload::Changes { main, changes }) => {
+                .push(format!("{label}: shard {shard} is not in the data dir")),
+            (Some(Group::Shard(shard)), LogPayload::Changes { main, changes }) => {
                 count_changes(&mut counts, main, &changes);
-                pending.push(Pending {
-                    main,
-                    changes,
-                    origin,
-                });
+                let origin = Origin::Shard { shard, index };
+                found.replay.shard_entry(shard, main, changes, origin);
             }
-            Ok(_) if wal.group != Some(Group::Meta) => replayed
-                .problems
-                .push(format!("{origin}: a meta entry outside the meta WAL")),
-            Ok(LogPayload::Compact { rev }) => {
-                counts.compactions += 1;
-                replayed.compacted_revision = replayed.compacted_revision.max(rev);
-            }
+            (Some(Group::Meta), LogPayload::Changes { main, changes })
             // A revoke's deletes replay like any change; grants and checkpoints change no key.
-            Ok(LogPayload::LeaseRevoke { main, changes, .. }) if main > 0 => {
+            | (Some(Group::Meta), LogPayload::LeaseRevoke { main, changes, .. })
+                if main > 0 =>
+            {
                 count_changes(&mut counts, main, &changes);
-                pending.push(Pending {
-                    main,
-                    changes,
-                    origin,
-                });
+                found
+                    .replay
+                    .meta_entry(main, changes, Origin::Meta { index });
             }
-            Ok(
-                LogPayload::LeaseGrant { .. }
-                | LogPayload::LeaseRevoke { .. }
-                | LogPayload::LeaseCheckpoint { .. },
-            ) => {}
+            (Some(Group::Meta), LogPayload::Compact { rev }) => {
+                counts.compactions += 1;
+                found.replay.compaction(rev);
+            }
+            (Some(Group::Meta), _) => {}
+            (Some(Group::Shard(_)), _) => found
+                .problems
+                .push(format!("{label}: a meta entry outside the meta WAL")),
+            (None, _) => found
+                .problems
+                .push(format!("{label}: a WAL outside a data dir's layout")),
         }
     }
     Ok(counts)
@@ -163,47 +215,15 @@ fn count_changes(counts: &mut LogCounts, main: i64, changes: &[Change]) {
     }
 }
 
-/// Applies one entry, or records why it cannot be (instead of letting the store panic).
-fn apply(replayed: &mut Replayed, entry: Pending) {
-    let store = &mut replayed.store;
-    if entry.main <= store.latest_revision() {
-        replayed.problems.push(format!(
-            "{}: revision {} is not above the revision already applied ({})",
-            entry.origin,
-            entry.main,
-            store.latest_revision()
-        ));
-        return;
-    }
-    if let Some(key) = delete_of_absent_key(store, &entry.changes) {
-        replayed.problems.push(format!(
-            "{}: deletes key {} which is not live",
-            entry.origin,
-            quoted(key)
-        ));
-        return;
-    }
-    store.apply(entry.main, &entry.changes);
-    replayed.current_revision = replayed.current_revision.max(entry.main);
-}
-
-/// The first key that `changes` deletes while it is not live (in the store or after the
-/// entry's earlier changes).
-fn delete_of_absent_key<'c>(store: &Store, changes: &'c [Change]) -> Option<&'c [u8]> {
-    let mut live_after: HashMap<&[u8], bool> = HashMap::new();
-    for change in changes {
-        let key = change.effect.key();
-        let live = live_after
-            .get(key)
-            .copied()
-            .unwrap_or_else(|| store.get(key, Store::LATEST).is_some());
-        match change.effect {
-            Effect::Delete { .. } if !live => return Some(key),
-            Effect::Delete { .. } => live_after.insert(key, false),
-            Effect::Put { .. } => live_after.insert(key, true),
-        };
-    }
-    None
+/// Every live key of every shard at the latest revision, in key order.
+fn live_keys(replayed: &Replayed) -> Vec<KvRef<'_>> {
+    let mut kvs: Vec<KvRef<'_>> = replayed
+        .stores
+        .iter()
+        .flat_map(|store| store.range_iter(b"", b"\0", Store::LATEST))
+        .collect();
+    kvs.sort_by(|a, b| a.key.cmp(b.key));
+    kvs
 }
 
 /// Writes the statistics of `replayed`.
@@ -219,13 +239,31 @@ pub fn print_stats(replayed: &Replayed, out: &mut dyn Write) -> std::io::Result<
         keys,
         versions,
         payload_bytes,
-    } = replayed.store.stats();
-    let live_keys = replayed.store.range_iter(b"", b"\0", Store::LATEST).count();
+    } = replayed
+        .stores
+        .iter()
+        .map(Store::stats)
+        .fold(StoreStats::default(), |sum, s| StoreStats {
+            keys: sum.keys + s.keys,
+            versions: sum.versions + s.versions,
+            payload_bytes: sum.payload_bytes + s.payload_bytes,
+        });
+    let live_keys = live_keys(replayed).len();
     writeln!(out, "current revision {}", replayed.current_revision)?;
     writeln!(out, "compacted revision {}", replayed.compacted_revision)?;
     writeln!(out, "keys {keys} (live {live_keys})")?;
     writeln!(out, "versions {versions}")?;
     writeln!(out, "payload bytes {payload_bytes}")?;
+    for (shard, checkpoint) in replayed.checkpoints.iter().enumerate() {
+        writeln!(
+            out,
+            "checkpoint shard {shard}: covered revision {} latest revision {} compacted revision {} wal index {}",
+            checkpoint.covered_revision,
+            checkpoint.latest_revision,
+            checkpoint.compacted_revision,
+            checkpoint.wal_index
+        )?;
+    }
     for log in &replayed.logs {
         let group = match log.group {
             Some(Group::Shard(n)) => format!("shard {n}"),
@@ -246,7 +284,7 @@ pub fn print_stats(replayed: &Replayed, out: &mut dyn Write) -> std::io::Result<
 /// [`crate::render`]), after a `#` header line naming the columns.
 pub fn print_keys(replayed: &Replayed, out: &mut dyn Write) -> std::io::Result<()> {
     writeln!(out, "# key create mod version value_size")?;
-    for kv in replayed.store.range_iter(b"", b"\0", Store::LATEST) {
+    for kv in live_keys(replayed) {
         writeln!(
             out,
             "{} {} {} {} {}",

@@ -547,3 +547,45 @@ fn lease_entries_render_and_replay() {
         keys.stdout
     );
 }
+
+/// `db` starts from each shard's checkpoint and replays only the WAL entries above it, as the
+/// server's recovery does (an entry the checkpoint covers would otherwise apply twice).
+#[test]
+fn db_starts_from_the_checkpoint() {
+    use ferrocd_engine::checkpoint::Checkpointer;
+    let temp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+    let path = temp.path();
+    let conf = format!("format=1\nshards=1\ncluster_id={CLUSTER_ID}\nmember_id={MEMBER_ID}\n");
+    std::fs::write(path.join("member.conf"), conf).expect("member.conf");
+    std::fs::create_dir(path.join("db")).expect("db dir");
+    let (mut checkpointer, mut store) =
+        Checkpointer::open(&path.join("db/shard-000.db")).expect("checkpoint file");
+    store.apply(2, &[put(0, b"a", b"1", 0)]);
+    store.apply(3, &[put(0, b"b", b"2", 0)]);
+    checkpointer
+        .write(&store.take_unsaved(3), 3, 2)
+        .expect("checkpoint");
+    drop(checkpointer);
+    // Entry 1 (revision 2) was released; entry 2 is covered; entry 3 is not.
+    let records = entries(&[
+        changes(3, vec![put(0, b"b", b"2", 0)]),
+        changes(4, vec![delete(0, b"a")]),
+    ])
+    .into_iter()
+    .zip(2..)
+    .map(|(record, index)| Record { index, ..record })
+    .collect();
+    write_wal(&path.join("wal/shard-000"), records);
+    write_wal(&path.join("wal/meta"), Vec::new());
+    let stats = dump(&["db", path.to_str().expect("utf-8 path")]);
+    assert_eq!(stats.code, 0, "{}", stats.stderr);
+    for line in [
+        "current revision 4",
+        "keys 2 (live 1)",
+        "checkpoint shard 0: covered revision 3 latest revision 3 compacted revision 0 wal index 2",
+    ] {
+        assert!(stats.has_line(line), "{line:?} in\n{}", stats.stdout);
+    }
+    let keys = dump(&["db", "keys", path.to_str().expect("utf-8 path")]);
+    assert_eq!(keys.rows(), [r#""b" 3 3 1 1"#]);
+}

@@ -1,6 +1,6 @@
 //! The retained changes of one key (etcd's `keyIndex`, with the values inline).
 
-use super::{KvRef, Revision};
+use super::{KvRef, Revision, SavedState};
 
 /// One change to a key.
 struct Version {
@@ -52,6 +52,10 @@ pub(super) struct KeyHistory {
 impl KeyHistory {
     pub(super) fn is_empty(&self) -> bool {
         self.versions.is_empty()
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.versions.len()
     }
 
     /// The key as visible at `rev`: its newest change with `main <= rev`, if that
@@ -129,11 +133,13 @@ impl KeyHistory {
 
     /// Drops every change that compaction at `rev` makes unreachable: all but the
     /// newest change with `main <= rev`, and that one too if it is a tombstone.
-    pub(super) fn compact(&mut self, rev: i64) -> Removed {
+    /// The revisions of the dropped changes are appended to `dropped`.
+    pub(super) fn compact(&mut self, rev: i64, dropped: &mut Vec<Revision>) -> Removed {
         let first_kept = self.first_kept_at(rev);
         let mut removed = Removed::default();
         for version in self.versions.drain(..first_kept) {
             removed.versions += 1;
+            dropped.push(version.rev);
             if let State::Put { value, .. } = version.state {
                 removed.value_bytes += value.len() as u64;
             }
@@ -158,6 +164,55 @@ impl KeyHistory {
             }
             hash_version(hasher, key, version);
         }
+    }
+
+    /// The change at exactly `rev`, copied out for a checkpoint.
+    pub(super) fn saved(&self, rev: Revision) -> Option<SavedState> {
+        let i = self.versions.binary_search_by_key(&rev, |v| v.rev).ok()?;
+        Some(match &self.versions[i].state {
+            State::Put {
+                create_revision,
+                version,
+                lease,
+                value,
+            } => SavedState::Put {
+                create_revision: *create_revision,
+                version: *version,
+                lease: *lease,
+                value: value.to_vec(),
+            },
+            State::Tombstone => SavedState::Tombstone,
+        })
+    }
+
+    /// Appends a change read back from a checkpoint. Refuses what no history can
+    /// hold (a change not after the previous one, a tombstone of a key that is not
+    /// live) instead of panicking, since the bytes come from a file.
+    pub(super) fn restore(&mut self, rev: Revision, state: SavedState) -> Result<(), String> {
+        if let Some(last) = self.versions.last() {
+            if rev <= last.rev {
+                return Err(format!("change at {rev:?} is not after {:?}", last.rev));
+            }
+        }
+        let state = match state {
+            SavedState::Put {
+                create_revision,
+                version,
+                lease,
+                value,
+            } => State::Put {
+                create_revision,
+                version,
+                lease,
+                value: value.into(),
+            },
+            SavedState::Tombstone if self.latest(b"").is_none() => {
+                return Err(format!("tombstone at {rev:?} of a key that is not live"));
+            }
+            SavedState::Tombstone => State::Tombstone,
+        };
+        self.versions.push(Version { rev, state });
+        Ok(())
     }
 
     fn push(&mut self, version: Version) {
@@ -273,7 +328,7 @@ mod tests {
     fn compaction_keeps_newest_put_at_rev() {
         let mut h = two_generations();
         assert_eq!(
-            h.compact(3),
+            h.compact(3, &mut Vec::new()),
             Removed {
                 versions: 1,
                 value_bytes: 1
@@ -287,19 +342,19 @@ mod tests {
     fn compaction_drops_generation_ended_by_tombstone() {
         for at in [4, 5] {
             let mut h = two_generations();
-            assert_eq!(h.compact(at).versions, 3);
+            assert_eq!(h.compact(at, &mut Vec::new()).versions, 3);
             assert_eq!(h.versions.len(), 1);
             assert_eq!(h.visible_at(b"k", 6).unwrap().create_revision, 6);
         }
         let mut h = two_generations();
-        h.compact(6);
+        h.compact(6, &mut Vec::new());
         assert_eq!(h.versions.len(), 1);
     }
 
     #[test]
     fn compaction_before_first_change_keeps_everything() {
         let mut h = two_generations();
-        assert_eq!(h.compact(1), Removed::default());
+        assert_eq!(h.compact(1, &mut Vec::new()), Removed::default());
         assert_eq!(h.versions.len(), 4);
     }
 

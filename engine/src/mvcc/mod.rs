@@ -38,12 +38,20 @@
 //! makes a read at any revision one binary search instead of a walk over the
 //! generation. The public API uses only owned or borrowed key/value views, so a
 //! B+tree keyed by `(key, revision)` can replace the map without changing it.
+//!
+//! # What is not yet checkpointed
+//!
+//! The store remembers which of its changes a checkpoint (`crate::checkpoint`)
+//! has not yet written: the revision and key of every applied change, and the
+//! key and revision of every change compaction dropped. [`Store::take_unsaved`]
+//! hands them over, up to a revision the caller knows to be durable. That costs
+//! one copy of the key per change until the next checkpoint takes it.
 
 pub mod codec;
 mod history;
 mod store;
 
-pub use store::{Changes, RangeResult, Store, StoreStats};
+pub use store::{Changes, RangeResult, Store, StoreStats, Unsaved};
 
 /// A point in the shard's history: `main` is the cluster-wide revision of a
 /// request, `sub` the index of a change within that request.
@@ -128,4 +136,26 @@ pub struct KeyChange {
     pub kv: KeyValue,
     /// The key just before the change, if it was live.
     pub prev: Option<KeyValue>,
+}
+
+/// One retained change of a key as a checkpoint stores it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SavedVersion {
+    pub key: Vec<u8>,
+    pub rev: Revision,
+    pub state: SavedState,
+}
+
+/// What a retained change wrote. `create_revision` and `version` are stored,
+/// not derived, so a history can be restored from any suffix that compaction
+/// left.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SavedState {
+    Put {
+        create_revision: i64,
+        version: i64,
+        lease: i64,
+        value: Vec<u8>,
+    },
+    Tombstone,
 }

@@ -1,10 +1,10 @@
 //! The per-shard multi-version key-value store.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::ops::Bound;
 
 use super::history::{HistoryChange, KeyHistory};
-use super::{Change, Effect, KeyChange, KeyValue, KvRef, Revision};
+use super::{Change, Effect, KeyChange, KeyValue, KvRef, Revision, SavedState, SavedVersion};
 
 /// The answer to [`Store::range`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -37,6 +37,32 @@ pub struct StoreStats {
     pub payload_bytes: u64,
 }
 
+/// What [`Store::take_unsaved`] hands to a checkpoint.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Unsaved {
+    /// Changes applied since the previous take, up to its bound, that are still
+    /// retained, in revision order.
+    pub versions: Vec<SavedVersion>,
+    /// Key and revision of every change compaction dropped since the previous
+    /// take (some may never have been saved).
+    pub dropped: Vec<(Vec<u8>, Revision)>,
+    /// The store's latest revision as of the bound: the highest revision applied
+    /// at or below it.
+    pub latest_revision: i64,
+    pub compacted_revision: i64,
+}
+
+/// Changes no checkpoint has taken yet.
+#[derive(Default)]
+struct UnsavedLog {
+    /// Every applied change, in revision order.
+    applied: VecDeque<(Revision, Box<[u8]>)>,
+    /// Changes compaction dropped.
+    dropped: Vec<(Box<[u8]>, Revision)>,
+    /// The highest revision applied at or below the previous take's bound.
+    saved_latest: i64,
+}
+
 /// The multi-version state of one shard. See the module documentation.
 #[derive(Default)]
 pub struct Store {
@@ -47,6 +73,7 @@ pub struct Store {
     /// first key `>=` this one. `None` when no compaction is pending.
     compact_cursor: Option<Box<[u8]>>,
     stats: StoreStats,
+    unsaved: UnsavedLog,
 }
 
 impl Store {
@@ -106,6 +133,9 @@ impl Store {
                 sub: change.sub,
             };
             prev_kvs.push(self.apply_effect(rev, &change.effect));
+            self.unsaved
+                .applied
+                .push_back((rev, change.effect.key().into()));
         }
         self.latest_revision = main;
         prev_kvs
@@ -277,13 +307,17 @@ impl Store {
         let rev = self.compacted_revision;
         let mut emptied = Vec::new();
         let mut resume = None;
+        let mut dropped = Vec::new();
         let bounds = (Bound::Included(start), Bound::Unbounded);
         for (done, (key, history)) in self.keys.range_mut::<[u8], _>(bounds).enumerate() {
             if done == max_keys {
                 resume = Some(key.clone());
                 break;
             }
-            let removed = history.compact(rev);
+            let removed = history.compact(rev, &mut dropped);
+            self.unsaved
+                .dropped
+                .extend(dropped.drain(..).map(|r| (key.clone(), r)));
             self.stats.versions -= removed.versions;
             self.stats.payload_bytes -= removed.value_bytes;
             if history.is_empty() {
@@ -296,6 +330,85 @@ impl Store {
             self.stats.payload_bytes -= key.len() as u64;
         }
         resume
+    }
+
+    /// Number of changes (applied or dropped by compaction) that no checkpoint has
+    /// taken yet.
+    pub fn unsaved_changes(&self) -> usize {
+        self.unsaved.applied.len() + self.unsaved.dropped.len()
+    }
+
+    /// Hands over what a checkpoint must write: the changes applied with
+    /// `main <= upto` since the previous take (the caller knows them durable),
+    /// every change compaction dropped since then, and the revisions to record.
+    /// Changes above `upto` stay for a later take. A change applied and then
+    /// dropped before it was taken is in `dropped` only.
+    ///
+    /// Panics while a compaction is in progress: a checkpoint must record a
+    /// compacted revision together with every drop it implies.
+    pub fn take_unsaved(&mut self, upto: i64) -> Unsaved {
+        assert!(!self.is_compacting(), "checkpoint during a compaction");
+        let log = &mut self.unsaved;
+        let mut versions = Vec::new();
+        while log.applied.front().is_some_and(|(rev, _)| rev.main <= upto) {
+            let (rev, key) = log.applied.pop_front().expect("front exists");
+            log.saved_latest = log.saved_latest.max(rev.main);
+            if let Some(state) = self.keys.get(&key).and_then(|h| h.saved(rev)) {
+                let key = key.into_vec();
+                versions.push(SavedVersion { key, rev, state });
+            }
+        }
+        if self.latest_revision <= upto {
+            log.saved_latest = self.latest_revision;
+        }
+        let dropped = std::mem::take(&mut log.dropped)
+            .into_iter()
+            .map(|(key, rev)| (key.into_vec(), rev))
+            .collect();
+        Unsaved {
+            versions,
+            dropped,
+            latest_revision: log.saved_latest,
+            compacted_revision: self.compacted_revision,
+        }
+    }
+
+    /// An empty store whose history is being read back from a checkpoint taken
+    /// at `latest_revision`, compacted at `compacted_revision`: add its changes
+    /// with [`Store::restore_version`]. Nothing restored counts as unsaved.
+    pub fn restoring(latest_revision: i64, compacted_revision: i64) -> Store {
+        let mut store = Store {
+            latest_revision,
+            compacted_revision,
+            ..Store::default()
+        };
+        store.unsaved.saved_latest = latest_revision;
+        store
+    }
+
+    /// Adds one change read back from a checkpoint; each key's changes must come
+    /// in revision order. Refuses (rather than panics on) anything no store could
+    /// have saved, since the bytes come from a file; after an error the store is
+    /// incomplete and must be dropped.
+    pub fn restore_version(&mut self, saved: SavedVersion) -> Result<(), String> {
+        if saved.rev.main <= 0 || saved.rev.main > self.latest_revision || saved.rev.sub < 0 {
+            return Err(format!(
+                "change at {:?} outside the checkpoint's revisions (latest {})",
+                saved.rev, self.latest_revision
+            ));
+        }
+        if let SavedState::Put { value, .. } = &saved.state {
+            self.stats.payload_bytes += value.len() as u64;
+        }
+        let key_bytes = saved.key.len() as u64;
+        let history = self.keys.entry(saved.key.into()).or_default();
+        history.restore(saved.rev, saved.state)?;
+        self.stats.versions += 1;
+        if history.len() == 1 {
+            self.stats.keys += 1;
+            self.stats.payload_bytes += key_bytes;
+        }
+        Ok(())
     }
 
     /// A CRC-32 of every change with `main <= rev` that survives the current

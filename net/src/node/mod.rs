@@ -6,6 +6,7 @@
 //! group. Cores talk only by messages (bounded channels); no lock is taken on the write path.
 
 pub mod apply;
+pub mod checkpoint;
 pub mod errors;
 mod hash;
 pub mod meta;
@@ -36,12 +37,8 @@ use std::sync::Arc;
 pub const INBOX_CAPACITY: usize = 4096;
 
 /// FNV-1a, 64 bit: the stable hash that places keys on shards (it is part of the on-disk
-/// format: changing it would move keys between shards of existing data dirs).
-pub fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
+/// format, so it lives with the replay that splits logs by shard).
+pub use ferrocd_engine::replay::fnv1a;
 
 /// Limits and identity the KV path needs.
 #[derive(Clone, Debug)]

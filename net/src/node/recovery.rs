@@ -3,16 +3,24 @@
 //! Layout of `--data-dir`:
 //! ```text
 //! member.conf          format, shard count, cluster id, member id (written once, atomically)
-//! wal/shard-000/ ...   one WAL per shard: entries for writes confined to that shard
-//! wal/meta/            the meta group's WAL: cross-shard writes and compactions
+//! db/shard-000.db ...  one checkpoint file (B+tree) per shard: its MVCC history up to the
+//!                      checkpoint's covered revision, and the WAL index it covers
+//! wal/shard-000/ ...   one WAL per shard: entries for writes confined to that shard; segments
+//!                      a checkpoint covers are released
+//! wal/meta/            the meta group's WAL: cross-shard writes, compactions, leases (never
+//!                      released yet: it also holds the lease table)
 //! ```
-//! Recovery reads every log, replays each shard's own entries merged by revision with the meta
-//! entries that touch it, then applies the newest compaction. A torn tail is cut by the WAL
-//! reader; any other corruption stops start-up with the file and offset.
+//! Recovery loads each shard's checkpoint, then replays (`engine::replay`) the shard's own WAL
+//! entries merged by revision with the meta entries that touch it, each only above that
+//! shard's covered revision, then applies the newest compaction where a store is behind it.
+//! The lease table is rebuilt from the meta log. A torn tail is cut by the WAL reader; any
+//! other corruption stops start-up with the file and offset.
 
 use crate::lease::{ttl, LeaseConfig, Leases};
+use ferrocd_engine::checkpoint::Checkpointer;
 use ferrocd_engine::mvcc::codec::{decode, LogPayload};
-use ferrocd_engine::mvcc::{Change, Store};
+use ferrocd_engine::mvcc::Store;
+use ferrocd_engine::replay::{Origin, Replay};
 use ferrocd_engine::wal::{read_dir, RecordKind, Recovered as WalRecovered};
 use std::collections::BTreeMap;
 use std::fs;
@@ -20,6 +28,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 const CONF_FILE: &str = "member.conf";
+const DB_DIR: &str = "db";
 const FORMAT_VERSION: u32 = 1;
 
 /// Identity recorded in the data dir when it is created.
@@ -32,6 +41,11 @@ pub struct Identity {
 
 pub fn shard_wal_dir(data_dir: &Path, shard: usize) -> PathBuf {
     data_dir.join("wal").join(format!("shard-{shard:03}"))
+}
+
+/// Shard `shard`'s checkpoint file (`engine::checkpoint`).
+pub fn shard_db_path(data_dir: &Path, shard: usize) -> PathBuf {
+    data_dir.join(DB_DIR).join(format!("shard-{shard:03}.db"))
 }
 
 pub fn meta_wal_dir(data_dir: &Path) -> PathBuf {
@@ -110,10 +124,12 @@ fn fresh_id(name: &str, salt: u64) -> u64 {
     super::fnv1a(seed.as_bytes()).max(1)
 }
 
-/// The state rebuilt from the logs.
+/// The state rebuilt from the checkpoints and the logs.
 pub struct Recovered {
     pub stores: Vec<Store>,
-    /// The highest revision in any log (1 for an empty store, as etcd).
+    /// Each shard's checkpoint writer, positioned after what it loaded.
+    pub checkpointers: Vec<Checkpointer>,
+    /// The highest revision in any checkpoint or log (1 for an empty store, as etcd).
     pub current_rev: i64,
     pub compacted_rev: i64,
     /// The next entry index of each shard's WAL, then the meta WAL's.
@@ -131,9 +147,9 @@ struct LoggedLease {
     remaining_ms: i64,
 }
 
-/// One log's entries.
+/// One log's entries with their indexes.
 struct LogContents {
-    payloads: Vec<LogPayload>,
+    payloads: Vec<(u64, LogPayload)>,
     next_index: u64,
     wal: WalRecovered,
 }
@@ -158,7 +174,7 @@ fn read_log(dir: &Path) -> Result<LogContents, String> {
                 record.index
             )
         })?;
-        payloads.push(payload);
+        payloads.push((record.index, payload));
         next_index = record.index + 1;
     }
     Ok(LogContents {
@@ -168,22 +184,43 @@ fn read_log(dir: &Path) -> Result<LogContents, String> {
     })
 }
 
+/// Opens (creating when missing) every shard's checkpoint file and loads its store.
+fn open_checkpoints(data_dir: &Path, shards: usize) -> Result<Vec<(Checkpointer, Store)>, String> {
+    let db_dir = data_dir.join(DB_DIR);
+    if !db_dir.exists() {
+        fs::create_dir_all(&db_dir)
+            .and_then(|()| fs::File::open(data_dir)?.sync_all())
+            .map_err(|e| format!("cannot create {}: {e}", db_dir.display()))?;
+    }
+    (0..shards)
+        .map(|shard| {
+            let path = shard_db_path(data_dir, shard);
+            Checkpointer::open(&path)
+                .map_err(|e| format!("cannot load checkpoint {}: {e}", path.display()))
+        })
+        .collect()
+}
+
 pub fn recover(
     data_dir: &Path,
     shards: usize,
-    shard_of: impl Fn(&[u8]) -> usize,
     lease_config: LeaseConfig,
 ) -> Result<Recovered, String> {
+    let (checkpointers, stores): (Vec<Checkpointer>, Vec<Store>) =
+        open_checkpoints(data_dir, shards)?.into_iter().unzip();
+    let metas = checkpointers.iter().map(Checkpointer::meta);
+    let mut replay = Replay::new(stores.into_iter().zip(metas).collect());
     let meta = read_log(&meta_wal_dir(data_dir))?;
-    let mut per_shard: Vec<Vec<(i64, Vec<Change>)>> = vec![Vec::new(); shards];
     let mut next_index = Vec::with_capacity(shards + 1);
     let mut wals = Vec::with_capacity(shards + 1);
-    for (shard, entries) in per_shard.iter_mut().enumerate() {
+    for (shard, checkpointer) in checkpointers.iter().enumerate() {
         let log = read_log(&shard_wal_dir(data_dir, shard))?;
         wals.push(log.wal);
-        for payload in log.payloads {
+        for (index, payload) in log.payloads {
             match payload {
-                LogPayload::Changes { main, changes } => entries.push((main, changes)),
+                LogPayload::Changes { main, changes } => {
+                    replay.shard_entry(shard, main, changes, Origin::Shard { shard, index })
+                }
                 other => {
                     return Err(format!(
                         "shard {shard} WAL holds a meta entry: {}",
@@ -192,18 +229,17 @@ pub fn recover(
                 }
             }
         }
-        next_index.push(log.next_index);
+        // Released segments may have taken every entry: the checkpoint knows the last index.
+        next_index.push(log.next_index.max(checkpointer.meta().wal_index + 1));
     }
     next_index.push(meta.next_index);
     wals.push(meta.wal);
-    let mut compacted_rev = 0;
     let mut logged_leases: BTreeMap<i64, LoggedLease> = BTreeMap::new();
-    for payload in meta.payloads {
+    for (index, payload) in meta.payloads {
+        let origin = Origin::Meta { index };
         match payload {
-            LogPayload::Changes { main, changes } => {
-                split_by_shard(main, changes, &shard_of, &mut per_shard)
-            }
-            LogPayload::Compact { rev } => compacted_rev = compacted_rev.max(rev),
+            LogPayload::Changes { main, changes } => replay.meta_entry(main, changes, origin),
+            LogPayload::Compact { rev } => replay.compaction(rev),
             LogPayload::LeaseGrant { id, ttl_s } => {
                 let lease = LoggedLease {
                     ttl_s,
@@ -216,7 +252,7 @@ pub fn recover(
             LogPayload::LeaseRevoke { id, main, changes } => {
                 logged_leases.remove(&id);
                 if main > 0 {
-                    split_by_shard(main, changes, &shard_of, &mut per_shard);
+                    replay.meta_entry(main, changes, origin);
                 }
             }
             LogPayload::LeaseCheckpoint { checkpoints } => {
@@ -228,27 +264,13 @@ pub fn recover(
             }
         }
     }
-    let mut current_rev = 1;
-    let mut stores = per_shard
-        .into_iter()
-        .map(|mut entries| {
-            entries.sort_by_key(|(main, _)| *main);
-            let mut store = Store::new();
-            for (main, changes) in entries {
-                current_rev = current_rev.max(main);
-                store.apply(main, &changes);
-            }
-            store
-        })
-        .collect::<Vec<_>>();
-    if compacted_rev > 0 {
-        stores.iter_mut().for_each(|s| s.compact(compacted_rev));
-    }
-    let leases = rebuild_leases(logged_leases, &stores, lease_config);
+    let replayed = replay.finish(|problem| Err(format!("cannot replay {problem}")))?;
+    let leases = rebuild_leases(logged_leases, &replayed.stores, lease_config);
     Ok(Recovered {
-        stores,
-        current_rev,
-        compacted_rev,
+        stores: replayed.stores,
+        checkpointers,
+        current_rev: replayed.current_revision,
+        compacted_rev: replayed.compacted_revision,
         next_index,
         wals,
         leases,
@@ -298,19 +320,4 @@ fn rebuild_leases(
         }
     }
     leases
-}
-
-fn split_by_shard(
-    main: i64,
-    changes: Vec<Change>,
-    shard_of: &impl Fn(&[u8]) -> usize,
-    per_shard: &mut [Vec<(i64, Vec<Change>)>],
-) {
-    let mut parts: Vec<Vec<Change>> = vec![Vec::new(); per_shard.len()];
-    for change in changes {
-        parts[shard_of(change.effect.key())].push(change);
-    }
-    for (shard, part) in parts.into_iter().enumerate().filter(|(_, p)| !p.is_empty()) {
-        per_shard[shard].push((main, part));
-    }
 }

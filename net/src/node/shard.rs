@@ -7,16 +7,21 @@
 //! is visible (durable here and everywhere below it). Reads at a visible revision never see
 //! the not-yet-durable changes because the store is multi-version.
 //!
+//! Applied changes are checkpointed into the shard's B+tree file in batches, off the executor
+//! (`checkpoint.rs`); once a checkpoint is durable, the WAL segments it covers are released.
+//!
 //! The meta group (cross-shard writes) *holds* a shard: the shard makes its pending writes
 //! durable, parks new writes, lets the meta group read its latest state, and resumes when the
 //! meta group releases it with the changes it committed for this shard.
 
 use super::apply::{self, HistoricalRead, Revs, View};
+use super::checkpoint::{CheckpointConfig, CheckpointWriter};
 use super::errors::KvError;
 use super::stats::ShardStats;
 use super::Shared;
 use crate::watch::journal::RevisionEvents;
 use ferrocd_api::etcdserverpb::{TxnRequest, TxnResponse};
+use ferrocd_engine::checkpoint::Checkpointer;
 use ferrocd_engine::mvcc::codec::{encode, LogPayload};
 use ferrocd_engine::mvcc::{Change, Changes, KeyValue, Store};
 use ferrocd_engine::wal::{Record, Wal};
@@ -26,6 +31,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// The Raft term of every entry while groups have one voter.
 pub const SINGLE_VOTER_TERM: u64 = 1;
@@ -119,10 +125,18 @@ pub struct Shard {
     wal: Wal,
     /// The next WAL entry index.
     next_index: Cell<u64>,
-    /// Revisions applied to the store but not yet durable, oldest first, with a done flag.
-    pending: RefCell<VecDeque<(i64, bool)>>,
+    /// Writes applied to the store but not yet durable, oldest first: revision, WAL index and a
+    /// done flag.
+    pending: RefCell<VecDeque<(i64, u64, bool)>>,
+    /// Every WAL entry up to this index is durable and applied.
+    durable_index: Cell<u64>,
     /// Notified when `pending` empties.
     drained: event_listener::Event,
+    checkpoints: CheckpointWriter,
+    checkpoint_config: CheckpointConfig,
+    /// Notified when enough changes wait for a checkpoint, and at stop.
+    checkpoint_due: event_listener::Event,
+    stopping: Cell<bool>,
 }
 
 impl Shard {
@@ -132,20 +146,36 @@ impl Shard {
         store: Store,
         wal: Wal,
         next_index: u64,
-    ) -> Rc<Shard> {
-        Rc::new(Shard {
+        checkpointer: Checkpointer,
+        checkpoint_config: CheckpointConfig,
+    ) -> Result<Rc<Shard>, String> {
+        Ok(Rc::new(Shard {
             id,
             shared,
             store: RefCell::new(store),
             wal,
             next_index: Cell::new(next_index),
             pending: RefCell::new(VecDeque::new()),
+            durable_index: Cell::new(next_index - 1),
             drained: event_listener::Event::new(),
-        })
+            checkpoints: CheckpointWriter::spawn(id, checkpointer)?,
+            checkpoint_config,
+            checkpoint_due: event_listener::Event::new(),
+            stopping: Cell::new(false),
+        }))
     }
 
-    /// Serves messages until every sender is gone, then waits for pending writes.
+    /// Serves messages until every sender is gone, then waits for pending writes and writes a
+    /// last checkpoint.
     pub async fn run(self: Rc<Self>, rx: async_channel::Receiver<ShardMsg>) {
+        let checkpoints = glommio::spawn_local(self.clone().checkpoint_loop());
+        self.serve(rx).await;
+        self.stopping.set(true);
+        self.checkpoint_due.notify(usize::MAX);
+        checkpoints.await;
+    }
+
+    async fn serve(self: &Rc<Self>, rx: async_channel::Receiver<ShardMsg>) {
         let mut parked: VecDeque<ShardMsg> = VecDeque::new();
         let mut held = false;
         loop {
@@ -328,9 +358,9 @@ impl Shard {
             return;
         };
         self.apply(rev, &outcome.changes);
-        self.pending.borrow_mut().push_back((rev, false));
         let index = self.next_index.get();
         self.next_index.set(index + 1);
+        self.pending.borrow_mut().push_back((rev, index, false));
         let payload = encode(&LogPayload::Changes {
             main: rev,
             changes: outcome.changes,
@@ -353,6 +383,9 @@ impl Shard {
     /// records the changes' watch events in the shard's journal.
     fn apply(&self, rev: i64, changes: &[Change]) {
         let prevs = self.store.borrow_mut().apply(rev, changes);
+        if self.store.borrow().unsaved_changes() >= self.checkpoint_config.max_changes {
+            self.checkpoint_due.notify(1);
+        }
         self.shared.leases.on_apply(changes, &prevs);
         self.shared.journals[self.id].append(RevisionEvents::from_changes(rev, changes, prevs));
     }
@@ -376,15 +409,16 @@ impl Shard {
         let mut pending = self.pending.borrow_mut();
         let slot = pending
             .iter_mut()
-            .find(|(r, _)| *r == rev)
+            .find(|(r, _, _)| *r == rev)
             .expect("settled revision is pending");
-        slot.1 = true;
-        while pending.front().is_some_and(|(_, done)| *done) {
-            pending.pop_front();
+        slot.2 = true;
+        while pending.front().is_some_and(|(_, _, done)| *done) {
+            let (_, index, _) = pending.pop_front().expect("front exists");
+            self.durable_index.set(index);
         }
         self.shared
             .seq
-            .settle(self.id, pending.front().map(|(r, _)| *r));
+            .settle(self.id, pending.front().map(|(r, _, _)| *r));
         if pending.is_empty() {
             self.drained.notify(usize::MAX);
         }
@@ -392,6 +426,61 @@ impl Shard {
 
     async fn wait_drained(&self) {
         wait_until(&self.drained, || self.pending.borrow().is_empty()).await
+    }
+
+    /// Checkpoints whenever one is due, until the shard stops; then once more.
+    async fn checkpoint_loop(self: Rc<Self>) {
+        loop {
+            let interval =
+                glommio::timer::sleep(Duration::from_millis(self.checkpoint_config.interval_ms));
+            let due = wait_until(&self.checkpoint_due, || {
+                self.stopping.get()
+                    || self.store.borrow().unsaved_changes() >= self.checkpoint_config.max_changes
+            });
+            futures_lite::future::or(interval, due).await;
+            self.checkpoint().await;
+            if self.stopping.get() {
+                break;
+            }
+        }
+    }
+
+    /// Writes what is durable and not yet checkpointed, then releases the WAL segments the
+    /// checkpoint covers. Failures are fatal, as for the WAL: the file is at its previous
+    /// checkpoint and recovery starts from there.
+    async fn checkpoint(&self) {
+        if self.store.borrow().unsaved_changes() == 0 {
+            return;
+        }
+        let (covered, wal_index) = self.durable_bound();
+        let unsaved = self.store.borrow_mut().take_unsaved(covered);
+        if unsaved.versions.is_empty() && unsaved.dropped.is_empty() {
+            return; // Everything waiting is above the bound: not durable yet.
+        }
+        if let Err(e) = self.checkpoints.write(unsaved, covered, wal_index).await {
+            fatal(&format!("shard {} checkpoint failed: {e}", self.id));
+        }
+        if let Err(e) = self.wal.release_before(wal_index + 1).await {
+            fatal(&format!("shard {} WAL release failed: {e}", self.id));
+        }
+    }
+
+    /// The revision and WAL index a checkpoint may cover now: every change to this shard at
+    /// or below the revision is applied and durable (and no later one can fall below it), and
+    /// so is every WAL entry up to the index. With writes in flight that is just below the
+    /// oldest; with none, the visible revision (every shard has applied what lies below it)
+    /// or the shard's own latest, whichever is higher. A compaction is never above it: it is
+    /// at most the visible revision at the time.
+    fn durable_bound(&self) -> (i64, u64) {
+        let covered = match self.pending.borrow().front() {
+            Some((oldest, _, _)) => oldest - 1,
+            None => self
+                .store
+                .borrow()
+                .latest_revision()
+                .max(self.shared.seq.visible()),
+        };
+        (covered, self.durable_index.get())
     }
 }
 

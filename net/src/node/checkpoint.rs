@@ -1,0 +1,95 @@
+//! When a shard checkpoints, and the thread that writes its checkpoints.
+//!
+//! A shard checkpoints every `interval_ms` (etcd's backend commits every 100 ms) or as soon as
+//! `max_changes` changes (etcd: 10,000) wait, whichever comes first, and only while it has
+//! something to write. The B+tree commit (page writes and two fdatasyncs) runs on a dedicated
+//! thread per shard, never on the shard's executor: the executor only copies the changes out
+//! of the store (`Store::take_unsaved`) and hands them over, then keeps serving writes while
+//! the commit runs. One checkpoint is in flight per shard at a time; changes applied meanwhile
+//! wait for the next one. After a commit returns, the shard releases the WAL segments it
+//! covers (`Shard::checkpoint` in `shard.rs`).
+
+use ferrocd_engine::checkpoint::Checkpointer;
+use ferrocd_engine::mvcc::Unsaved;
+use futures::channel::oneshot;
+use std::sync::mpsc;
+
+/// etcd's backend batch interval.
+pub const DEFAULT_CHECKPOINT_INTERVAL_MS: u64 = 100;
+/// etcd's backend batch limit.
+pub const DEFAULT_CHECKPOINT_MAX_CHANGES: usize = 10_000;
+
+/// When a shard checkpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CheckpointConfig {
+    /// Longest time changes wait for a checkpoint.
+    pub interval_ms: u64,
+    /// A checkpoint starts at once when this many changes wait.
+    pub max_changes: usize,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig {
+            interval_ms: DEFAULT_CHECKPOINT_INTERVAL_MS,
+            max_changes: DEFAULT_CHECKPOINT_MAX_CHANGES,
+        }
+    }
+}
+
+/// One checkpoint to write.
+struct Job {
+    unsaved: Unsaved,
+    covered_revision: i64,
+    wal_index: u64,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+/// The handle of a shard's checkpoint thread. The thread ends when the handle is dropped
+/// (after the job it is writing, if any).
+pub struct CheckpointWriter {
+    jobs: mpsc::SyncSender<Job>,
+}
+
+impl CheckpointWriter {
+    /// Starts the thread that owns `checkpointer`.
+    pub fn spawn(shard: usize, mut checkpointer: Checkpointer) -> Result<CheckpointWriter, String> {
+        // The shard waits for each checkpoint before it takes the next: one slot suffices.
+        let (jobs, queue) = mpsc::sync_channel::<Job>(1);
+        std::thread::Builder::new()
+            .name(format!("ferrocd-ckpt-{shard:03}"))
+            .spawn(move || {
+                for job in queue {
+                    let result = checkpointer
+                        .write(&job.unsaved, job.covered_revision, job.wal_index)
+                        .map_err(|e| e.to_string());
+                    let _ = job.done.send(result);
+                }
+            })
+            .map_err(|e| format!("cannot start the checkpoint thread of shard {shard}: {e}"))?;
+        Ok(CheckpointWriter { jobs })
+    }
+
+    /// Writes `unsaved` as a checkpoint covering `covered_revision` and the shard's WAL up to
+    /// `wal_index`; resolves once it is durable. Must not be called again before it resolved.
+    pub async fn write(
+        &self,
+        unsaved: Unsaved,
+        covered_revision: i64,
+        wal_index: u64,
+    ) -> Result<(), String> {
+        let (done, result) = oneshot::channel();
+        let job = Job {
+            unsaved,
+            covered_revision,
+            wal_index,
+            done,
+        };
+        self.jobs
+            .try_send(job)
+            .map_err(|_| "the checkpoint thread is gone or busy".to_string())?;
+        result
+            .await
+            .map_err(|_| "the checkpoint thread stopped".to_string())?
+    }
+}
