@@ -54,7 +54,7 @@ use std::fmt;
 use std::ops::Bound;
 use std::path::Path;
 
-use crate::btree::{self, Database, Snapshot, WriteTxn, MAX_KEY_BYTES};
+use crate::btree::{self, Database, Snapshot, WriteTxn, MAX_KEY_BYTES, PAGE_SIZE};
 use crate::mvcc::{Revision, SavedState, SavedVersion, Store, Unsaved};
 
 /// Version of the layout above, stored in the checkpoint record.
@@ -142,6 +142,13 @@ pub struct Loaded {
     long_keys: LongKeys,
 }
 
+/// Size of a checkpoint file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FileStats {
+    pub size_bytes: u64,
+    pub in_use_bytes: u64,
+}
+
 /// The writer of one shard's checkpoint file. Synchronous (fdatasync included): run it off
 /// the shard's executor.
 pub struct Checkpointer {
@@ -166,6 +173,24 @@ impl Checkpointer {
     /// What the last committed checkpoint covers.
     pub fn meta(&self) -> CheckpointMeta {
         self.meta
+    }
+
+    /// The file's size and the part of it holding live pages (etcd's `dbSize` and
+    /// `dbSizeInUse`).
+    pub fn file_stats(&self) -> Result<FileStats> {
+        let stats = self.db.stats()?;
+        let free_bytes = stats.free_pages * PAGE_SIZE as u64;
+        Ok(FileStats {
+            size_bytes: stats.file_size_bytes,
+            in_use_bytes: stats.file_size_bytes.saturating_sub(free_bytes),
+        })
+    }
+
+    /// Rewrites the file with only its live pages, densely packed (etcd's Defragment). The
+    /// checkpoint it holds is unchanged.
+    pub fn defragment(&mut self) -> Result<FileStats> {
+        self.db.compact_file()?;
+        self.file_stats()
     }
 
     /// Writes `unsaved` (taken from the store with `take_unsaved(covered_revision)`) as one

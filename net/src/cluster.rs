@@ -13,7 +13,6 @@ use ferrocd_api::etcdserverpb::{
     HashKvResponse, HashRequest, HashResponse, Member, MemberListRequest, MemberListResponse,
     MoveLeaderRequest, MoveLeaderResponse, StatusRequest, StatusResponse,
 };
-use std::path::{Path, PathBuf};
 use tonic::{Request, Response, Status};
 
 /// What this member advertises.
@@ -22,7 +21,6 @@ pub struct MemberInfo {
     pub name: String,
     pub peer_urls: Vec<String>,
     pub client_urls: Vec<String>,
-    pub data_dir: PathBuf,
 }
 
 #[derive(Clone)]
@@ -69,12 +67,13 @@ impl Maintenance for ClusterService {
     ) -> Result<Response<StatusResponse>, Status> {
         let shared = self.node.shared();
         let revision = shared.seq.visible();
-        let size_bytes = dir_size_bytes(&self.member.data_dir) as i64;
+        // etcd's db size is its backend file's: ours are the shards' checkpoint files.
+        let files = self.node.db_files(false).await?;
         Ok(Response::new(StatusResponse {
             header: Some(shared.header(revision)),
             version: SERVER_VERSION.to_string(),
-            db_size: size_bytes,
-            db_size_in_use: size_bytes,
+            db_size: files.size_bytes as i64,
+            db_size_in_use: files.in_use_bytes as i64,
             leader: shared.identity.member_id,
             raft_index: revision as u64,
             raft_applied_index: revision as u64,
@@ -105,13 +104,12 @@ impl Maintenance for ClusterService {
         }))
     }
 
-    /// State lives in memory and in append-only logs until checkpoints into the B+tree file
-    /// land: there is no backend file to shrink, so defragmenting succeeds at once. etcd
-    /// answers it without a header.
+    /// Packs every shard's checkpoint file to its live pages. etcd answers without a header.
     async fn defragment(
         &self,
         _request: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
+        self.node.db_files(true).await?;
         Ok(Response::new(DefragmentResponse::default()))
     }
 
@@ -147,20 +145,4 @@ impl ClusterService {
         let shared = self.node.shared();
         shared.header(shared.seq.visible())
     }
-}
-
-/// The bytes of every file under `dir` (the logs are preallocated, so this counts their
-/// reserved size, as etcd counts its preallocated WAL).
-fn dir_size_bytes(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|entry| match entry.file_type() {
-            Ok(t) if t.is_dir() => dir_size_bytes(&entry.path()),
-            Ok(_) => entry.metadata().map_or(0, |m| m.len()),
-            Err(_) => 0,
-        })
-        .sum()
 }

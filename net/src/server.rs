@@ -278,7 +278,6 @@ impl CoreSetup {
             name: self.config.name.clone(),
             peer_urls: self.config.advertise_peer_urls.clone(),
             client_urls: self.config.advertise_client_urls.clone(),
-            data_dir: self.config.data_dir.clone(),
         };
         let cluster = ClusterService::new(node.clone(), member);
         let hub = Hub::new(self.shared.clone());

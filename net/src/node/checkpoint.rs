@@ -7,9 +7,11 @@
 //! of the store (`Store::take_unsaved`) and hands them over, then keeps serving writes while
 //! the commit runs. One checkpoint is in flight per shard at a time; changes applied meanwhile
 //! wait for the next one. After a commit returns, the shard releases the WAL segments it
-//! covers (`Shard::checkpoint` in `shard.rs`).
+//! covers (`Shard::checkpoint` in `shard.rs`). File requests (size for Status, packing for
+//! Defragment) are queued by the shard and run by the same loop between checkpoints, so the
+//! thread has one job at a time.
 
-use ferrocd_engine::checkpoint::Checkpointer;
+use ferrocd_engine::checkpoint::{Checkpointer, FileStats};
 use ferrocd_engine::mvcc::Unsaved;
 use futures::channel::oneshot;
 use std::sync::mpsc;
@@ -37,16 +39,50 @@ impl Default for CheckpointConfig {
     }
 }
 
-/// One checkpoint to write.
-struct Job {
-    unsaved: Unsaved,
-    covered_revision: i64,
-    wal_index: u64,
-    done: oneshot::Sender<Result<(), String>>,
+/// Work for a shard's checkpoint thread.
+enum Job {
+    /// One checkpoint to write.
+    Write {
+        unsaved: Unsaved,
+        covered_revision: i64,
+        wal_index: u64,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+    /// The file's size (`defragment`: after packing it).
+    File {
+        defragment: bool,
+        done: oneshot::Sender<Result<FileStats, String>>,
+    },
+}
+
+impl Job {
+    fn run(self, checkpointer: &mut Checkpointer) {
+        match self {
+            Job::Write {
+                unsaved,
+                covered_revision,
+                wal_index,
+                done,
+            } => {
+                let result = checkpointer
+                    .write(&unsaved, covered_revision, wal_index)
+                    .map_err(|e| e.to_string());
+                let _ = done.send(result);
+            }
+            Job::File { defragment, done } => {
+                let result = if defragment {
+                    checkpointer.defragment()
+                } else {
+                    checkpointer.file_stats()
+                };
+                let _ = done.send(result.map_err(|e| e.to_string()));
+            }
+        }
+    }
 }
 
 /// The handle of a shard's checkpoint thread. The thread ends when the handle is dropped
-/// (after the job it is writing, if any).
+/// (after the job it is running, if any).
 pub struct CheckpointWriter {
     jobs: mpsc::SyncSender<Job>,
 }
@@ -54,16 +90,14 @@ pub struct CheckpointWriter {
 impl CheckpointWriter {
     /// Starts the thread that owns `checkpointer`.
     pub fn spawn(shard: usize, mut checkpointer: Checkpointer) -> Result<CheckpointWriter, String> {
-        // The shard waits for each checkpoint before it takes the next: one slot suffices.
+        // The shard's checkpoint loop is the only sender and waits for each job: one slot
+        // suffices.
         let (jobs, queue) = mpsc::sync_channel::<Job>(1);
         std::thread::Builder::new()
             .name(format!("ferrocd-ckpt-{shard:03}"))
             .spawn(move || {
                 for job in queue {
-                    let result = checkpointer
-                        .write(&job.unsaved, job.covered_revision, job.wal_index)
-                        .map_err(|e| e.to_string());
-                    let _ = job.done.send(result);
+                    job.run(&mut checkpointer);
                 }
             })
             .map_err(|e| format!("cannot start the checkpoint thread of shard {shard}: {e}"))?;
@@ -79,17 +113,30 @@ impl CheckpointWriter {
         wal_index: u64,
     ) -> Result<(), String> {
         let (done, result) = oneshot::channel();
-        let job = Job {
+        self.submit(Job::Write {
             unsaved,
             covered_revision,
             wal_index,
             done,
-        };
-        self.jobs
-            .try_send(job)
-            .map_err(|_| "the checkpoint thread is gone or busy".to_string())?;
+        })?;
         result
             .await
             .map_err(|_| "the checkpoint thread stopped".to_string())?
+    }
+
+    /// The checkpoint file's size, after packing it when `defragment`. Same rule as `write`:
+    /// one job at a time.
+    pub async fn file(&self, defragment: bool) -> Result<FileStats, String> {
+        let (done, result) = oneshot::channel();
+        self.submit(Job::File { defragment, done })?;
+        result
+            .await
+            .map_err(|_| "the checkpoint thread stopped".to_string())?
+    }
+
+    fn submit(&self, job: Job) -> Result<(), String> {
+        self.jobs
+            .try_send(job)
+            .map_err(|_| "the checkpoint thread is gone or busy".to_string())
     }
 }

@@ -21,7 +21,7 @@ use super::stats::ShardStats;
 use super::Shared;
 use crate::watch::journal::RevisionEvents;
 use ferrocd_api::etcdserverpb::{TxnRequest, TxnResponse};
-use ferrocd_engine::checkpoint::Checkpointer;
+use ferrocd_engine::checkpoint::{Checkpointer, FileStats};
 use ferrocd_engine::mvcc::codec::{encode, LogPayload};
 use ferrocd_engine::mvcc::{Change, Changes, KeyValue, Store};
 use ferrocd_engine::wal::{Record, Wal};
@@ -97,6 +97,11 @@ pub enum ShardMsg {
     Hash { rev: i64, reply: Reply<u32> },
     /// Metrics: the sizes of the store and the counters of the log.
     Stats { reply: oneshot::Sender<ShardStats> },
+    /// Maintenance: the checkpoint file's size, after packing it when `defragment`.
+    File {
+        defragment: bool,
+        reply: Reply<FileStats>,
+    },
 }
 
 /// What a held shard reports for `Gather`.
@@ -134,8 +139,10 @@ pub struct Shard {
     drained: event_listener::Event,
     checkpoints: CheckpointWriter,
     checkpoint_config: CheckpointConfig,
-    /// Notified when enough changes wait for a checkpoint, and at stop.
+    /// Notified when enough changes wait for a checkpoint, a file request waits, and at stop.
     checkpoint_due: event_listener::Event,
+    /// File requests (size, defragment) for the checkpoint loop, which owns the file.
+    file_requests: RefCell<Vec<(bool, Reply<FileStats>)>>,
     stopping: Cell<bool>,
 }
 
@@ -161,6 +168,7 @@ impl Shard {
             checkpoints: CheckpointWriter::spawn(id, checkpointer)?,
             checkpoint_config,
             checkpoint_due: event_listener::Event::new(),
+            file_requests: RefCell::new(Vec::new()),
             stopping: Cell::new(false),
         }))
     }
@@ -256,6 +264,10 @@ impl Shard {
                         store: self.store.borrow().stats(),
                         wal: self.wal.stats(),
                     });
+                }
+                ShardMsg::File { defragment, reply } => {
+                    self.file_requests.borrow_mut().push((defragment, reply));
+                    self.checkpoint_due.notify(1);
                 }
             }
         }
@@ -435,10 +447,12 @@ impl Shard {
                 glommio::timer::sleep(Duration::from_millis(self.checkpoint_config.interval_ms));
             let due = wait_until(&self.checkpoint_due, || {
                 self.stopping.get()
+                    || !self.file_requests.borrow().is_empty()
                     || self.store.borrow().unsaved_changes() >= self.checkpoint_config.max_changes
             });
             futures_lite::future::or(interval, due).await;
             self.checkpoint().await;
+            self.serve_file_requests().await;
             if self.stopping.get() {
                 break;
             }
@@ -462,6 +476,18 @@ impl Shard {
         }
         if let Err(e) = self.wal.release_before(wal_index + 1).await {
             fatal(&format!("shard {} WAL release failed: {e}", self.id));
+        }
+    }
+
+    /// Answers the waiting file requests, one job at a time on the checkpoint thread.
+    async fn serve_file_requests(&self) {
+        let requests = std::mem::take(&mut *self.file_requests.borrow_mut());
+        for (defragment, reply) in requests {
+            let result = self.checkpoints.file(defragment).await;
+            let _ = reply.send(result.map_err(|e| {
+                eprintln!("ferrocd: shard {} checkpoint file: {e}", self.id);
+                KvError::Stopped
+            }));
         }
     }
 

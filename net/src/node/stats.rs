@@ -5,6 +5,7 @@ use super::errors::KvError;
 use super::meta::MetaMsg;
 use super::shard::ShardMsg;
 use super::Node;
+use ferrocd_engine::checkpoint::FileStats;
 use ferrocd_engine::mvcc::StoreStats;
 use ferrocd_engine::wal::WalStats;
 use futures::channel::oneshot;
@@ -24,6 +25,27 @@ pub struct NodeStats {
 }
 
 impl Node {
+    /// The checkpoint files' sizes summed over shards, after packing them when `defragment`
+    /// (etcd's Defragment).
+    pub async fn db_files(&self, defragment: bool) -> Result<FileStats, KvError> {
+        let shared = self.shared();
+        let mut answers = Vec::with_capacity(shared.shards.len());
+        for shard in 0..shared.shards.len() {
+            let (reply, answer) = oneshot::channel();
+            shared
+                .send_shard(shard, ShardMsg::File { defragment, reply })
+                .await?;
+            answers.push(answer);
+        }
+        let mut total = FileStats::default();
+        for answer in answers {
+            let file = answer.await.map_err(|_| KvError::Stopped)??;
+            total.size_bytes += file.size_bytes;
+            total.in_use_bytes += file.in_use_bytes;
+        }
+        Ok(total)
+    }
+
     pub async fn stats(&self) -> Result<NodeStats, KvError> {
         let shared = self.shared();
         let mut answers = Vec::with_capacity(shared.shards.len());
