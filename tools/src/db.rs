@@ -116,7 +116,7 @@ fn load_checkpoint(
     if !path.exists() {
         return (Store::new(), CheckpointMeta::default());
     }
-    let loaded = Database::open(&path)
+    let loaded = Database::open_read_only(&path)
         .map_err(checkpoint::Error::from)
         .and_then(|db| checkpoint::load(&db.snapshot()));
     match loaded {

@@ -5,10 +5,13 @@
 //! which is reported as a torn tail).
 //!
 //! * [`wal`]: `ferrocd-dump wal`, one row per change of every WAL entry.
-//! * [`db`]: `ferrocd-dump db`, the store rebuilt from the logs, as recovery does.
+//! * [`db`]: `ferrocd-dump db`, the store rebuilt from the checkpoints and logs, as recovery
+//!   does.
+//! * [`dbcheck`]: `ferrocd-dump db check`, every page of every checkpoint file verified.
 
 pub mod datadir;
 pub mod db;
+pub mod dbcheck;
 pub mod render;
 pub mod scan;
 pub mod wal;

@@ -225,6 +225,15 @@ impl Database {
         Self::open_with_txid(path.as_ref(), 0)
     }
 
+    /// Opens an existing file without ever writing to it, for inspection (also of the file of
+    /// a running node, whose published commits it reads like any snapshot). An empty or
+    /// missing file is an error, not a new tree; a commit through this handle fails.
+    pub fn open_read_only(path: impl AsRef<Path>) -> Result<Database> {
+        let path = path.as_ref();
+        let file = OpenOptions::new().read(true).open(path)?;
+        Self::load(path, FileWriter::new(file)?)
+    }
+
     /// Opens `path`; a new file starts at commit `first_txid`.
     fn open_with_txid(path: &Path, first_txid: u64) -> Result<Database> {
         let file = OpenOptions::new()

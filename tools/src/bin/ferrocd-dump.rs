@@ -5,6 +5,7 @@
 //!                  [--stop-on-error]
 //! ferrocd-dump db <data-dir>        statistics of the store rebuilt from the WALs
 //! ferrocd-dump db keys <data-dir>   the live keys at the latest revision
+//! ferrocd-dump db check <data-dir>  verify every page of every shard's checkpoint file
 //! ```
 //!
 //! Exit status: 0 when everything read was valid (a torn tail, which the server cuts at
@@ -18,7 +19,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use ferrocd_tools::datadir::{resolve, Group};
 use ferrocd_tools::wal::{self, Filters, Format, RowType};
-use ferrocd_tools::{db, EXIT_CLEAN, EXIT_DAMAGED, EXIT_ERROR};
+use ferrocd_tools::{db, dbcheck, EXIT_CLEAN, EXIT_DAMAGED, EXIT_ERROR};
 
 #[derive(Parser)]
 #[command(
@@ -49,6 +50,9 @@ enum Command {
 enum DbCommand {
     /// List the live keys: key, create revision, mod revision, version, value size.
     Keys { data_dir: PathBuf },
+    /// Verify every page and checksum of each shard's checkpoint file; print B+tree
+    /// statistics (pages, free pages, depth, entries, size) and what each covers.
+    Check { data_dir: PathBuf },
 }
 
 #[derive(Args)]
@@ -89,6 +93,10 @@ fn main() -> ExitCode {
             command: Some(DbCommand::Keys { data_dir }),
             ..
         } => run_db(&data_dir, true),
+        Command::Db {
+            command: Some(DbCommand::Check { data_dir }),
+            ..
+        } => run_db_check(&data_dir),
         Command::Db { data_dir, .. } => run_db(&data_dir.expect("clap requires a data dir"), false),
     };
     let code = result.unwrap_or_else(|e| {
@@ -123,6 +131,14 @@ fn run_wal(args: WalArgs) -> Result<i32, String> {
         );
     }
     Ok(summary.exit_code())
+}
+
+fn run_db_check(data_dir: &Path) -> Result<i32, String> {
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let clean = dbcheck::check_data_dir(data_dir, &mut out)?;
+    out.flush().map_err(|e| format!("writing output: {e}"))?;
+    Ok(if clean { EXIT_CLEAN } else { EXIT_DAMAGED })
 }
 
 fn run_db(data_dir: &Path, list_keys: bool) -> Result<i32, String> {
