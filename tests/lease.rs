@@ -293,6 +293,20 @@ async fn keys_expire_with_their_lease_never_before_the_ttl() {
 }
 
 /// TTL left on a lease, with the time it was measured.
+/// The ids of every lease, ascending.
+async fn lease_ids(client: &mut Client) -> Vec<i64> {
+    let mut ids: Vec<i64> = client
+        .leases()
+        .await
+        .unwrap()
+        .leases()
+        .iter()
+        .map(|l| l.id())
+        .collect();
+    ids.sort();
+    ids
+}
+
 async fn measured_ttl(client: &mut Client, id: i64) -> (Instant, i64) {
     let ttl = client.lease_time_to_live(id, None).await.unwrap().ttl();
     (Instant::now(), ttl)
@@ -345,15 +359,7 @@ async fn leases_survive_kill9_with_their_keys_and_are_never_shortened() {
     server.crash_restart().await;
 
     let mut client = server.client().await;
-    let mut ids: Vec<i64> = client
-        .leases()
-        .await
-        .unwrap()
-        .leases()
-        .iter()
-        .map(|l| l.id())
-        .collect();
-    ids.sort();
+    let ids = lease_ids(&mut client).await;
     assert_eq!(ids, [1, 2, 3]);
     let after = measured_ttl(&mut client, 1).await;
     // Deadlines: before >= measured + ttl (truncated); after <= measured + ttl + 1.
@@ -415,15 +421,7 @@ async fn leases_survive_kill9_with_their_keys_and_are_never_shortened() {
     drop(client);
     server.crash_restart().await;
     let mut client = server.client().await;
-    let mut ids: Vec<i64> = client
-        .leases()
-        .await
-        .unwrap()
-        .leases()
-        .iter()
-        .map(|l| l.id())
-        .collect();
-    ids.sort();
+    let ids = lease_ids(&mut client).await;
     assert_eq!(ids, [2]);
     let all = client
         .get("k/", Some(GetOptions::new().with_prefix()))

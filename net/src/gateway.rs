@@ -76,6 +76,27 @@ type BoxCall<'a, Resp> =
 /// it arrives).
 pub type Endpoint = HttpHandler;
 
+/// An endpoint that decodes one request message from the JSON body (an error answers at once)
+/// and hands it, with the request's headers, to `respond`.
+fn decoding_endpoint<Req, R, Fut>(max_message_bytes: usize, respond: R) -> Endpoint
+where
+    Req: prost::Message + DeserializeOwned + Default + 'static,
+    R: Fn(HeaderMap, Req) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + 'static,
+{
+    let respond = Arc::new(respond);
+    Arc::new(move |req: Request<Incoming>| -> ResponseFuture {
+        let respond = Arc::clone(&respond);
+        Box::pin(async move {
+            let (parts, body) = req.into_parts();
+            match decode::<Req>(&parts.headers, body, max_message_bytes).await {
+                Ok(message) => respond(parts.headers, message).await,
+                Err(status) => error_response(&status),
+            }
+        })
+    })
+}
+
 /// The gateway's endpoints by path.
 pub struct Gateway {
     endpoints: HashMap<&'static str, Endpoint>,
@@ -192,22 +213,16 @@ impl Gateway {
         Resp: Serialize + 'static,
         F: for<'a> Fn(&'a S, tonic::Request<Req>) -> BoxCall<'a, Resp> + Send + Sync + 'static,
     {
-        let max_message_bytes = self.max_message_bytes;
         let unary = Arc::new((service, call));
-        let endpoint: Endpoint = Arc::new(move |req: Request<Incoming>| -> ResponseFuture {
+        let endpoint = decoding_endpoint(self.max_message_bytes, move |headers, message: Req| {
             let unary = Arc::clone(&unary);
-            Box::pin(async move {
-                let (parts, body) = req.into_parts();
-                let message = match decode::<Req>(&parts.headers, body, max_message_bytes).await {
-                    Ok(message) => message,
-                    Err(status) => return error_response(&status),
-                };
+            async move {
                 let (service, call) = &*unary;
-                match call(service, grpc_request(&parts.headers, message)).await {
+                match call(service, grpc_request(&headers, message)).await {
                     Ok(response) => json_response(response.get_ref()),
                     Err(status) => error_response(&status),
                 }
-            })
+            }
         });
         paths.iter().fold(self, |gateway, path| {
             gateway.endpoint(path, endpoint.clone())
@@ -223,19 +238,13 @@ impl Gateway {
         Resp: Serialize + Send + 'static,
         F: for<'a> Fn(&'a S, tonic::Request<Req>) -> StreamCall<'a, Resp> + Send + Sync + 'static,
     {
-        let max_message_bytes = self.max_message_bytes;
         let streaming = Arc::new((service, call));
-        let endpoint: Endpoint = Arc::new(move |req: Request<Incoming>| -> ResponseFuture {
+        let endpoint = decoding_endpoint(self.max_message_bytes, move |headers, message: Req| {
             let streaming = Arc::clone(&streaming);
-            Box::pin(async move {
-                let (parts, body) = req.into_parts();
-                let message = match decode::<Req>(&parts.headers, body, max_message_bytes).await {
-                    Ok(message) => message,
-                    Err(status) => return error_response(&status),
-                };
+            async move {
                 let (service, call) = &*streaming;
-                streams::call_streaming(service, call, &parts.headers, message).await
-            })
+                streams::call_streaming(service, call, &headers, message).await
+            }
         });
         self.endpoint(path, endpoint)
     }
