@@ -78,6 +78,9 @@ struct Flags {
     /// How often remaining lease TTLs are checkpointed (etcd: 5 minutes); for tests.
     #[arg(long, default_value_t = 5 * 60 * 1000, hide = true)]
     lease_checkpoint_interval_ms: u64,
+    /// Seconds a simple auth token lives after its last use (etcd's `--auth-token-ttl`).
+    #[arg(long, default_value_t = ferrocd_net::auth::DEFAULT_TOKEN_TTL_S)]
+    auth_token_ttl: u64,
     #[command(flatten)]
     tls: TlsFlags,
 }
@@ -247,6 +250,7 @@ fn config(flags: &Flags) -> Result<NodeConfig, String> {
             min_ttl_s: LeaseConfig::min_ttl_s(flags.heartbeat_interval, flags.election_timeout),
             checkpoint_interval_ms: flags.lease_checkpoint_interval_ms.max(1),
         },
+        auth_token_ttl_s: flags.auth_token_ttl.max(1),
     })
 }
 

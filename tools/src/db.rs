@@ -148,6 +148,14 @@ fn read_log(
                 | LogPayload::LeaseRevoke { .. }
                 | LogPayload::LeaseCheckpoint { .. },
             ) => {}
+            // Auth records change no key.
+            Ok(
+                LogPayload::AuthEnable { .. }
+                | LogPayload::AuthUserPut(_)
+                | LogPayload::AuthUserDelete { .. }
+                | LogPayload::AuthRolePut(_)
+                | LogPayload::AuthRoleDelete { .. },
+            ) => {}
         }
     }
     Ok(counts)

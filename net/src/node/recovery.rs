@@ -10,6 +10,7 @@
 //! entries that touch it, then applies the newest compaction. A torn tail is cut by the WAL
 //! reader; any other corruption stops start-up with the file and offset.
 
+use crate::auth::state::AuthState;
 use crate::lease::{ttl, LeaseConfig, Leases};
 use ferrocd_engine::mvcc::codec::{decode, LogPayload};
 use ferrocd_engine::mvcc::{Change, Store};
@@ -123,6 +124,8 @@ pub struct Recovered {
     pub wals: Vec<WalRecovered>,
     /// Live leases with their attached keys.
     pub leases: Leases,
+    /// Users, roles and the enabled flag, replayed from the meta log.
+    pub auth: AuthState,
 }
 
 /// A lease as the meta log leaves it: granted TTL and last checkpoint (0 = none).
@@ -198,6 +201,7 @@ pub fn recover(
     wals.push(meta.wal);
     let mut compacted_rev = 0;
     let mut logged_leases: BTreeMap<i64, LoggedLease> = BTreeMap::new();
+    let mut auth = AuthState::default();
     for payload in meta.payloads {
         match payload {
             LogPayload::Changes { main, changes } => {
@@ -226,6 +230,13 @@ pub fn recover(
                     }
                 }
             }
+            auth_record @ (LogPayload::AuthEnable { .. }
+            | LogPayload::AuthUserPut(_)
+            | LogPayload::AuthUserDelete { .. }
+            | LogPayload::AuthRolePut(_)
+            | LogPayload::AuthRoleDelete { .. }) => {
+                assert!(auth.apply(&auth_record), "an auth record applies");
+            }
         }
     }
     let mut current_rev = 1;
@@ -252,6 +263,7 @@ pub fn recover(
         next_index,
         wals,
         leases,
+        auth,
     })
 }
 
@@ -262,6 +274,11 @@ fn payload_kind(payload: &LogPayload) -> &'static str {
         LogPayload::LeaseGrant { .. } => "lease grant",
         LogPayload::LeaseRevoke { .. } => "lease revoke",
         LogPayload::LeaseCheckpoint { .. } => "lease checkpoint",
+        LogPayload::AuthEnable { .. }
+        | LogPayload::AuthUserPut(_)
+        | LogPayload::AuthUserDelete { .. }
+        | LogPayload::AuthRolePut(_)
+        | LogPayload::AuthRoleDelete { .. } => "auth change",
     }
 }
 
