@@ -90,6 +90,9 @@ struct Flags {
     /// Number of waiting changes that starts a checkpoint at once (etcd: 10,000).
     #[arg(long, default_value_t = DEFAULT_CHECKPOINT_MAX_CHANGES, hide = true)]
     experimental_checkpoint_max_changes: usize,
+    /// Seconds a simple auth token lives after its last use (etcd's `--auth-token-ttl`).
+    #[arg(long, default_value_t = ferrocd_net::auth::DEFAULT_TOKEN_TTL_S)]
+    auth_token_ttl: u64,
     #[command(flatten)]
     tls: TlsFlags,
 }
@@ -273,6 +276,7 @@ fn config(flags: &Flags) -> Result<NodeConfig, String> {
             min_ttl_s: LeaseConfig::min_ttl_s(flags.heartbeat_interval, flags.election_timeout),
             checkpoint_interval_ms: flags.lease_checkpoint_interval_ms.max(1),
         },
+        auth_token_ttl_s: flags.auth_token_ttl.max(1),
     })
 }
 

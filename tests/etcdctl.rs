@@ -1,5 +1,6 @@
 //! Runs `tests/etcdctl_interop.sh` (etcdctl through the KV, maintenance, watch, lease, lock and
-//! elect command families, exact outputs)
+//! elect command families, exact outputs) and `tests/etcdctl_auth.sh` (user, role, permission
+//! and auth commands, `--user` requests allowed and denied)
 //! against a fresh server: once against real etcd, which keeps the script's expectations
 //! honest, and once against the server under test (`FERROCD_TEST_SERVER`, default ferrocd).
 
@@ -12,8 +13,10 @@ use common::Server;
 /// Bound on one run of the script (it takes seconds); a hang fails the test instead.
 const SCRIPT_TIMEOUT_S: u32 = 300;
 
-fn run_script(server: &Server) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/etcdctl_interop.sh");
+const INTEROP_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/etcdctl_interop.sh");
+const AUTH_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/etcdctl_auth.sh");
+
+fn run_script(server: &Server, script: &str) {
     let output = Command::new("timeout")
         .args([
             "--kill-after=10",
@@ -29,19 +32,29 @@ fn run_script(server: &Server) {
     println!("{stdout}");
     assert!(
         output.status.success(),
-        "etcdctl interop against {:?} failed ({}):\n{stdout}\n{stderr}",
+        "{script} against {:?} failed ({}):\n{stdout}\n{stderr}",
         server.flavor(),
         output.status
     );
-    assert!(stdout.contains("all etcdctl checks passed"), "{stdout}");
+    assert!(stdout.contains("checks passed against"), "{stdout}");
 }
 
 #[tokio::test]
 async fn etcdctl_script_matches_real_etcd() {
-    run_script(&Server::etcd().await);
+    run_script(&Server::etcd().await, INTEROP_SCRIPT);
 }
 
 #[tokio::test]
 async fn etcdctl_script_against_subject() {
-    run_script(&Server::subject(&[]).await);
+    run_script(&Server::subject(&[]).await, INTEROP_SCRIPT);
+}
+
+#[tokio::test]
+async fn etcdctl_auth_script_matches_real_etcd() {
+    run_script(&Server::etcd().await, AUTH_SCRIPT);
+}
+
+#[tokio::test]
+async fn etcdctl_auth_script_against_subject() {
+    run_script(&Server::subject(&[]).await, AUTH_SCRIPT);
 }

@@ -3,6 +3,7 @@
 //! `MoveLeader`. Member changes and `Snapshot` answer UNIMPLEMENTED until clustering and the
 //! maintenance issue land.
 
+use crate::auth::AuthError;
 use crate::http::SERVER_VERSION;
 use crate::node::Node;
 use ferrocd_api::etcdserverpb::alarm_request::AlarmAction;
@@ -86,6 +87,7 @@ impl Maintenance for ClusterService {
         &self,
         request: Request<HashKvRequest>,
     ) -> Result<Response<HashKvResponse>, Status> {
+        self.admin(&request)?;
         let hash = self.node.hash_kv(request.into_inner().revision).await?;
         Ok(Response::new(HashKvResponse {
             header: Some(self.node.shared().header(hash.current)),
@@ -96,7 +98,8 @@ impl Maintenance for ClusterService {
     }
 
     /// etcd hashes its whole backend file; without one, the whole MVCC history stands in.
-    async fn hash(&self, _request: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+    async fn hash(&self, request: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        self.admin(&request)?;
         let hash = self.node.hash_kv(0).await?;
         Ok(Response::new(HashResponse {
             header: Some(self.node.shared().header(hash.current)),
@@ -107,8 +110,9 @@ impl Maintenance for ClusterService {
     /// Packs every shard's checkpoint file to its live pages. etcd answers without a header.
     async fn defragment(
         &self,
-        _request: Request<DefragmentRequest>,
+        request: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
+        self.admin(&request)?;
         self.node.db_files(true).await?;
         Ok(Response::new(DefragmentResponse::default()))
     }
@@ -118,6 +122,8 @@ impl Maintenance for ClusterService {
         &self,
         request: Request<AlarmRequest>,
     ) -> Result<Response<AlarmResponse>, Status> {
+        // Any caller with a valid token (or none): etcd checks only the token here.
+        self.node.shared().auth.caller(request.metadata())?;
         match request.into_inner().action() {
             AlarmAction::Get | AlarmAction::Deactivate => Ok(Response::new(AlarmResponse {
                 header: Some(self.header()),
@@ -141,6 +147,15 @@ impl Maintenance for ClusterService {
 }
 
 impl ClusterService {
+    /// etcd's `authMaintenanceServer.isAuthenticated`: root only, with the auth package's
+    /// error as is (gRPC UNKNOWN, `auth: ...`).
+    fn admin<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let auth = &self.node.shared().auth;
+        auth.admin(request.metadata())
+            .map(|_| ())
+            .map_err(AuthError::raw_status)
+    }
+
     fn header(&self) -> ferrocd_api::etcdserverpb::ResponseHeader {
         let shared = self.node.shared();
         shared.header(shared.seq.visible())

@@ -38,9 +38,13 @@ impl Election for ElectionService {
         &self,
         request: Request<CampaignRequest>,
     ) -> Result<Response<CampaignResponse>, Status> {
+        let node = self
+            .node
+            .for_client(request.metadata())
+            .map_err(RecipeError::Kv)?;
         let request = request.into_inner();
-        let lease = recipes::session_lease(&self.node, request.lease).await?;
-        let won = recipes::campaign(&self.node, &request.name, lease, &request.value).await?;
+        let lease = recipes::session_lease(&node, request.lease).await?;
+        let won = recipes::campaign(&node, &request.name, lease, &request.value).await?;
         Ok(Response::new(CampaignResponse {
             header: Some(won.header),
             leader: Some(LeaderKey {
@@ -56,16 +60,14 @@ impl Election for ElectionService {
         &self,
         request: Request<ProclaimRequest>,
     ) -> Result<Response<ProclaimResponse>, Status> {
+        let node = self
+            .node
+            .for_client(request.metadata())
+            .map_err(RecipeError::Kv)?;
         let request = request.into_inner();
         let leader = request.leader.ok_or(RecipeError::MissingLeaderKey)?;
-        let header = recipes::proclaim(
-            &self.node,
-            &leader.key,
-            leader.rev,
-            leader.lease,
-            &request.value,
-        )
-        .await?;
+        let header =
+            recipes::proclaim(&node, &leader.key, leader.rev, leader.lease, &request.value).await?;
         Ok(Response::new(ProclaimResponse {
             header: Some(header),
         }))
@@ -75,7 +77,11 @@ impl Election for ElectionService {
         &self,
         request: Request<LeaderRequest>,
     ) -> Result<Response<LeaderResponse>, Status> {
-        let (header, kv) = recipes::leader(&self.node, &request.into_inner().name).await?;
+        let node = self
+            .node
+            .for_client(request.metadata())
+            .map_err(RecipeError::Kv)?;
+        let (header, kv) = recipes::leader(&node, &request.into_inner().name).await?;
         Ok(Response::new(LeaderResponse {
             header: Some(header),
             kv: Some(kv),
@@ -87,8 +93,11 @@ impl Election for ElectionService {
         &self,
         request: Request<LeaderRequest>,
     ) -> Result<Response<BoxStream<LeaderResponse>>, Status> {
+        let node = self
+            .node
+            .for_client(request.metadata())
+            .map_err(RecipeError::Kv)?;
         let name = request.into_inner().name;
-        let node = self.node.clone();
         let (tx, rx) = async_channel::bounded(OBSERVE_BUFFER_RESPONSES);
         // Dropped with the response stream: stops an observer that is waiting for a change.
         let (gone_tx, mut gone) = oneshot::channel::<()>();
@@ -126,11 +135,15 @@ impl Election for ElectionService {
         &self,
         request: Request<ResignRequest>,
     ) -> Result<Response<ResignResponse>, Status> {
+        let node = self
+            .node
+            .for_client(request.metadata())
+            .map_err(RecipeError::Kv)?;
         let leader = request
             .into_inner()
             .leader
             .ok_or(RecipeError::MissingLeaderKey)?;
-        let header = recipes::resign(&self.node, &leader.key, leader.rev).await?;
+        let header = recipes::resign(&node, &leader.key, leader.rev).await?;
         Ok(Response::new(ResignResponse {
             header: Some(header),
         }))

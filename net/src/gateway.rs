@@ -23,6 +23,7 @@ use std::sync::Arc;
 use ::http::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
 use ::http::{Method, Request, Response, StatusCode};
 use bytes::Bytes;
+use ferrocd_api::etcdserverpb::auth_server::Auth;
 use ferrocd_api::etcdserverpb::cluster_server::Cluster;
 use ferrocd_api::etcdserverpb::kv_server::Kv;
 use ferrocd_api::etcdserverpb::lease_server::Lease;
@@ -37,6 +38,7 @@ use serde::Serialize;
 use tonic::body::Body;
 use tonic::{Code, Status};
 
+use crate::auth::service::AuthService;
 use crate::cluster::ClusterService;
 use crate::election::ElectionService;
 use crate::http::{go_error, HttpHandler, ResponseFuture};
@@ -66,6 +68,7 @@ pub struct Services {
     pub watch: WatchService,
     pub lock: LockService,
     pub election: ElectionService,
+    pub auth: AuthService,
 }
 
 /// A service method as the generated traits declare it (`async_trait` boxes the future).
@@ -115,6 +118,7 @@ impl Gateway {
             watch,
             lock,
             election,
+            auth,
         } = services;
         Gateway {
             endpoints: HashMap::new(),
@@ -190,6 +194,44 @@ impl Gateway {
             s.observe(r)
         })
         .unary("/v3/election/resign", election, |s, r| s.resign(r))
+        .auth_endpoints(auth)
+    }
+
+    /// etcd 3.4's `/v3/auth/*` paths (and 3.5's `/v3/auth/status`).
+    fn auth_endpoints(self, auth: AuthService) -> Gateway {
+        self.unary("/v3/auth/enable", auth.clone(), |s, r| s.auth_enable(r))
+            .unary("/v3/auth/disable", auth.clone(), |s, r| s.auth_disable(r))
+            .unary("/v3/auth/status", auth.clone(), |s, r| s.auth_status(r))
+            .unary("/v3/auth/authenticate", auth.clone(), |s, r| {
+                s.authenticate(r)
+            })
+            .unary("/v3/auth/user/add", auth.clone(), |s, r| s.user_add(r))
+            .unary("/v3/auth/user/get", auth.clone(), |s, r| s.user_get(r))
+            .unary("/v3/auth/user/getall", auth.clone(), |s, r| s.user_list(r))
+            .unary("/v3/auth/user/delete", auth.clone(), |s, r| {
+                s.user_delete(r)
+            })
+            .unary("/v3/auth/user/changepw", auth.clone(), |s, r| {
+                s.user_change_password(r)
+            })
+            .unary("/v3/auth/user/grant", auth.clone(), |s, r| {
+                s.user_grant_role(r)
+            })
+            .unary("/v3/auth/user/revoke", auth.clone(), |s, r| {
+                s.user_revoke_role(r)
+            })
+            .unary("/v3/auth/role/add", auth.clone(), |s, r| s.role_add(r))
+            .unary("/v3/auth/role/get", auth.clone(), |s, r| s.role_get(r))
+            .unary("/v3/auth/role/getall", auth.clone(), |s, r| s.role_list(r))
+            .unary("/v3/auth/role/delete", auth.clone(), |s, r| {
+                s.role_delete(r)
+            })
+            .unary("/v3/auth/role/grant", auth.clone(), |s, r| {
+                s.role_grant_permission(r)
+            })
+            .unary("/v3/auth/role/revoke", auth, |s, r| {
+                s.role_revoke_permission(r)
+            })
     }
 
     /// Adds a unary endpoint: the JSON body is decoded into `Req` (an empty body is the

@@ -26,32 +26,35 @@ impl Kv for KvService {
         &self,
         request: Request<RangeRequest>,
     ) -> Result<Response<RangeResponse>, Status> {
-        Ok(Response::new(self.node.range(request.into_inner()).await?))
+        let node = self.node.for_client(request.metadata())?;
+        Ok(Response::new(node.range(request.into_inner()).await?))
     }
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
-        Ok(Response::new(self.node.put(request.into_inner()).await?))
+        let node = self.node.for_client(request.metadata())?;
+        Ok(Response::new(node.put(request.into_inner()).await?))
     }
 
     async fn delete_range(
         &self,
         request: Request<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
+        let node = self.node.for_client(request.metadata())?;
         Ok(Response::new(
-            self.node.delete_range(request.into_inner()).await?,
+            node.delete_range(request.into_inner()).await?,
         ))
     }
 
     async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
-        Ok(Response::new(self.node.txn(request.into_inner()).await?))
+        let node = self.node.for_client(request.metadata())?;
+        Ok(Response::new(node.txn(request.into_inner()).await?))
     }
 
     async fn compact(
         &self,
         request: Request<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
-        Ok(Response::new(
-            self.node.compact(request.into_inner()).await?,
-        ))
+        let node = self.node.for_client(request.metadata())?;
+        Ok(Response::new(node.compact(request.into_inner()).await?))
     }
 }

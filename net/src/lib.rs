@@ -1,6 +1,7 @@
 //! The client-facing server: the etcd v3 gRPC services, the HTTP endpoints, and the node they
 //! drive (shards on cores, routing, the meta group).
 
+pub mod auth;
 pub mod cluster;
 pub mod election;
 pub mod gateway;

@@ -22,9 +22,13 @@ impl LockService {
 impl Lock for LockService {
     /// Blocks until the caller's lease holds the lock; answers with the key that proves it.
     async fn lock(&self, request: Request<LockRequest>) -> Result<Response<LockResponse>, Status> {
+        let node = self
+            .node
+            .for_client(request.metadata())
+            .map_err(RecipeError::Kv)?;
         let request = request.into_inner();
-        let lease = recipes::session_lease(&self.node, request.lease).await?;
-        let (key, header) = recipes::lock(&self.node, &request.name, lease).await?;
+        let lease = recipes::session_lease(&node, request.lease).await?;
+        let (key, header) = recipes::lock(&node, &request.name, lease).await?;
         Ok(Response::new(LockResponse {
             header: Some(header),
             key,
@@ -36,8 +40,11 @@ impl Lock for LockService {
         &self,
         request: Request<UnlockRequest>,
     ) -> Result<Response<UnlockResponse>, Status> {
-        let deleted = self
+        let node = self
             .node
+            .for_client(request.metadata())
+            .map_err(RecipeError::Kv)?;
+        let deleted = node
             .delete_range(DeleteRangeRequest {
                 key: request.into_inner().key,
                 ..Default::default()

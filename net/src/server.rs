@@ -2,6 +2,8 @@
 //! core 0 the meta group), each accepting client connections on every listen address
 //! (SO_REUSEPORT), until shutdown.
 
+use crate::auth::service::AuthService;
+use crate::auth::AuthStore;
 use crate::cluster::{ClusterService, MemberInfo};
 use crate::election::ElectionService;
 use crate::gateway::{self, Gateway};
@@ -20,6 +22,7 @@ use crate::transport::{self, max_grpc_message_bytes, Routes, ServerConfig};
 use crate::watch::hub::Hub;
 use crate::watch::service::WatchService;
 use event_listener::Event;
+use ferrocd_api::etcdserverpb::auth_server::AuthServer;
 use ferrocd_api::etcdserverpb::cluster_server::ClusterServer;
 use ferrocd_api::etcdserverpb::kv_server::KvServer;
 use ferrocd_api::etcdserverpb::lease_server::LeaseServer;
@@ -37,6 +40,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -56,6 +60,8 @@ pub struct NodeConfig {
     /// Size every WAL segment is preallocated to.
     pub wal_segment_size_bytes: u64,
     pub checkpoint: CheckpointConfig,
+    /// Seconds an auth token lives after its last use (etcd's `--auth-token-ttl`).
+    pub auth_token_ttl_s: u64,
 }
 
 /// Tells a running node to stop; cloneable, usable from any thread.
@@ -105,6 +111,7 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
         next_index,
         wals,
         leases,
+        auth,
     } = recovery::recover(&config.data_dir, config.shards, config.lease)?;
     // Bind every address once here so a busy port is reported before anything starts.
     for addr in &config.listen_client {
@@ -115,15 +122,21 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
         .map(|_| async_channel::bounded(INBOX_CAPACITY))
         .unzip();
     let (meta_tx, meta_rx) = async_channel::bounded(INBOX_CAPACITY);
-    let shared = Arc::new(Shared::new(
-        Sequencer::new(config.shards + 1, current_rev),
-        shard_txs,
-        meta_tx,
-        compacted_rev,
-        identity,
-        config.limits.clone(),
-        leases,
-    ));
+    let shared = Arc::new(
+        Shared::new(
+            Sequencer::new(config.shards + 1, current_rev),
+            shard_txs,
+            meta_tx,
+            compacted_rev,
+            identity,
+            config.limits.clone(),
+            leases,
+        )
+        .with_auth(AuthStore::new(
+            auth,
+            Duration::from_secs(config.auth_token_ttl_s),
+        )),
+    );
     eprintln!(
         "ferrocd: member {:016x} of cluster {:016x}: {} shards on {} cores, revision {current_rev}, serving clients on {:?}",
         identity.member_id, identity.cluster_id, config.shards, config.cores, config.listen_client
@@ -301,6 +314,7 @@ impl CoreSetup {
                 watch: WatchService::new(hub, self.config.watch_progress_notify_interval_ms),
                 lock: LockService::new(node.clone()),
                 election: ElectionService::new(node.clone()),
+                auth: AuthService::new(node.clone()),
             },
             self.config.limits.max_request_bytes,
         );
@@ -312,6 +326,7 @@ impl CoreSetup {
             .add_grpc(MaintenanceServer::new(cluster))
             .add_grpc(LockServer::new(LockService::new(node.clone())))
             .add_grpc(ElectionServer::new(ElectionService::new(node.clone())))
+            .add_grpc(AuthServer::new(AuthService::new(node.clone())))
             .add_http(PATH_HEALTH, health_handler(|_query| async { Health::ok() }))
             .add_http(PATH_VERSION, version_handler())
             .add_http(

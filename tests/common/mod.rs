@@ -346,7 +346,14 @@ impl Server {
         let Ok(mut client) = Client::connect([self.endpoint()], Some(options)).await else {
             return false;
         };
-        client.get("harness-readiness-probe", None).await.is_ok()
+        // With auth enabled an anonymous read is refused, by a server that is serving.
+        match client.get("harness-readiness-probe", None).await {
+            Ok(_) => true,
+            Err(etcd_client::Error::GRpcStatus(status)) => {
+                status.message() == "etcdserver: user name is empty"
+            }
+            Err(_) => false,
+        }
     }
 
     fn log_tail(&self) -> String {

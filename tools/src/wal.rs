@@ -59,6 +59,7 @@ pub enum RowType {
     Delete,
     Compact,
     Lease,
+    Auth,
     Hardstate,
 }
 
@@ -233,6 +234,8 @@ enum Data<'a> {
         rev: i64,
     },
     Lease(LeaseRow),
+    /// An auth change: its op and `(name, text)` fields (never a password hash).
+    Auth(&'static str, Vec<(&'static str, String)>),
     HardState(HardState),
     Undecodable {
         detail: String,
@@ -248,6 +251,7 @@ impl Data<'_> {
             Data::Compact { .. } => "compact",
             Data::Noop { .. } => "noop",
             Data::Lease(_) => "lease",
+            Data::Auth(..) => "auth",
             Data::HardState(_) => "hardstate",
             Data::Undecodable { .. } => "undecodable",
         }
@@ -259,6 +263,7 @@ impl Data<'_> {
             Data::Delete { .. } => Some(RowType::Delete),
             Data::Compact { .. } => Some(RowType::Compact),
             Data::Lease(_) => Some(RowType::Lease),
+            Data::Auth(..) => Some(RowType::Auth),
             Data::HardState(_) => Some(RowType::Hardstate),
             Data::Noop { .. } | Data::Undecodable { .. } => None,
         }
@@ -301,6 +306,41 @@ impl LeaseRow {
             } => vec![id(i), ("remaining_ms", remaining_ms.to_string())],
         }
     }
+}
+
+/// The row of an auth record, or `None` for other payloads. A user row says whether the user
+/// has a password, never its hash.
+fn auth_row(payload: &LogPayload) -> Option<Data<'static>> {
+    let name = |name: &str| ("name", name.to_string());
+    let (op, fields) = match payload {
+        LogPayload::AuthEnable { enabled } => ("enable", vec![("enabled", enabled.to_string())]),
+        LogPayload::AuthUserPut(user) => (
+            "user-put",
+            vec![
+                name(&user.name),
+                ("password", user.password_hash.is_some().to_string()),
+                ("roles", user.roles.join(",")),
+            ],
+        ),
+        LogPayload::AuthUserDelete { name: n } => ("user-delete", vec![name(n)]),
+        LogPayload::AuthRolePut(role) => {
+            let perms: Vec<String> = role
+                .perms
+                .iter()
+                .map(|p| {
+                    let kind = ["read", "write", "readwrite"][usize::from(p.perm_type)];
+                    format!("{kind}:{}:{}", hex(&p.key), hex(&p.range_end))
+                })
+                .collect();
+            (
+                "role-put",
+                vec![name(&role.name), ("perms", perms.join(","))],
+            )
+        }
+        LogPayload::AuthRoleDelete { name: n } => ("role-delete", vec![name(n)]),
+        _ => return None,
+    };
+    Some(Data::Auth(op, fields))
 }
 
 /// One row per change, each at revision `main`.
@@ -365,6 +405,9 @@ fn rows_of<'a>(
                 })
             })
             .collect(),
+        Some(Ok(payload)) => {
+            vec![auth_row(payload).expect("every other payload is an auth record")]
+        }
     }
 }
 
@@ -546,6 +589,13 @@ fn text_data(data: &Data<'_>) -> String {
                 .collect();
             format!("{} {}", row.op(), fields.join(" "))
         }
+        Data::Auth(op, fields) => {
+            let fields: Vec<String> = fields
+                .iter()
+                .map(|(n, v)| format!("{n}={}", quoted(v.as_bytes())))
+                .collect();
+            format!("{op} {}", fields.join(" "))
+        }
         Data::HardState(hs) => format!("term={} vote={} commit={}", hs.term, hs.vote, hs.commit),
         Data::Undecodable { detail, data } => {
             format!("error={} data=0x{}", quoted(detail.as_bytes()), hex(data))
@@ -586,6 +636,9 @@ fn json_data(data: &Data<'_>) -> Vec<(&'static str, String)> {
             }
             fields
         }
+        Data::Auth(op, fields) => std::iter::once(("op", json_string(op)))
+            .chain(fields.iter().map(|(n, v)| (*n, json_string(v))))
+            .collect(),
         // The record's term (in every row) is the hard state's term.
         Data::HardState(hs) => vec![
             ("vote", hs.vote.to_string()),

@@ -632,3 +632,63 @@ fn db_check_verifies_every_checkpoint_file() {
         damaged.stdout
     );
 }
+
+/// Auth records of the meta WAL render as `auth <op> …` rows that never show a password
+/// hash, filter as `--entry-type auth`, and change no key in `db`.
+#[test]
+fn auth_entries_render_without_hashes() {
+    use ferrocd_engine::mvcc::codec::{AuthPermission, AuthRole, AuthUser};
+    let temp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+    let path = temp.path();
+    let conf = format!("format=1\nshards=1\ncluster_id={CLUSTER_ID}\nmember_id={MEMBER_ID}\n");
+    std::fs::write(path.join("member.conf"), conf).expect("member.conf");
+    write_wal(&path.join("wal/shard-000"), Vec::new());
+    let hash = "$2a$10$secrethashsecrethashse";
+    write_wal(
+        &path.join("wal/meta"),
+        entries(&[
+            LogPayload::AuthUserPut(AuthUser {
+                name: "root".into(),
+                password_hash: Some(hash.into()),
+                roles: vec!["r".into(), "root".into()],
+            }),
+            LogPayload::AuthRolePut(AuthRole {
+                name: "r".into(),
+                perms: vec![AuthPermission {
+                    perm_type: 2,
+                    key: b"a/".to_vec(),
+                    range_end: b"a0".to_vec(),
+                }],
+            }),
+            LogPayload::AuthEnable { enabled: true },
+            LogPayload::AuthRoleDelete { name: "r".into() },
+            LogPayload::AuthUserDelete {
+                name: "root".into(),
+            },
+        ]),
+    );
+    let out = dump_wal(&path.join("wal/meta"), &[]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(
+        out.rows(),
+        [
+            r#"meta 1 1 auth user-put name="root" password="true" roles="r,root""#,
+            r#"meta 1 2 auth role-put name="r" perms="readwrite:612f:6130""#,
+            r#"meta 1 3 auth enable enabled="true""#,
+            r#"meta 1 4 auth role-delete name="r""#,
+            r#"meta 1 5 auth user-delete name="root""#,
+        ]
+    );
+    let json = dump_wal(
+        &path.join("wal/meta"),
+        &["-o", "json", "--entry-type", "auth"],
+    );
+    let auth_rows = json
+        .rows()
+        .into_iter()
+        .filter(|r| r.contains(r#""type":"auth""#));
+    assert_eq!(auth_rows.count(), 5, "{}", json.stdout);
+    assert!(!json.stdout.contains(hash) && !out.stdout.contains(hash));
+    let stats = dump(&["db", path.to_str().expect("utf-8 path")]);
+    assert_eq!(stats.code, 0, "{}", stats.stderr);
+}

@@ -17,7 +17,18 @@
 //!            main > 0: count:uvar (non-zero) change*count, every change a delete
 //! tag 5    = LeaseCheckpoint: count:uvar (id:i64 remaining_ms:i64)*count
 //!            (remaining_ms >= 0; 0 clears the lease's checkpoint)
+//! tag 6    = AuthEnable: enabled:u8 (0 or 1)
+//! tag 7    = AuthUserPut: name:str password_hash:bytes (empty: a no-password user)
+//!            role_count:uvar role:str*role_count (sorted, distinct)
+//! tag 8    = AuthUserDelete: name:str
+//! tag 9    = AuthRolePut: name:str perm_count:uvar perm*perm_count
+//! perm     = type:u8 (0 READ, 1 WRITE, 2 READWRITE) key:bytes range_end:bytes
+//! tag 10   = AuthRoleDelete: name:str (also takes the role from every user)
+//! str      = len:uvar utf-8 bytes (non-empty); bytes = len:uvar bytes
 //! ```
+//!
+//! Auth payloads carry whole records (a user with its password hash and roles, a role with
+//! its permissions), so replay is a plain overwrite; each one is one auth revision.
 //!
 //! A typical small put costs 4 bytes of framing besides key and value (sub,
 //! kind, two lengths). Decoding accepts exactly what encoding produces: every
@@ -35,6 +46,13 @@ const TAG_COMPACT: u8 = 2;
 const TAG_LEASE_GRANT: u8 = 3;
 const TAG_LEASE_REVOKE: u8 = 4;
 const TAG_LEASE_CHECKPOINT: u8 = 5;
+const TAG_AUTH_ENABLE: u8 = 6;
+const TAG_AUTH_USER_PUT: u8 = 7;
+const TAG_AUTH_USER_DELETE: u8 = 8;
+const TAG_AUTH_ROLE_PUT: u8 = 9;
+const TAG_AUTH_ROLE_DELETE: u8 = 10;
+/// The highest `authpb.Permission.Type` (READWRITE).
+const MAX_PERM_TYPE: u8 = 2;
 const KIND_DELETE: u8 = 0;
 const KIND_PUT: u8 = 1;
 const KIND_PUT_WITH_LEASE: u8 = 2;
@@ -48,11 +66,19 @@ const MAX_VARINT_BYTES: usize = 10;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LogPayload {
     /// The changes of one request, to be passed to `Store::apply(main, &changes)`.
-    Changes { main: i64, changes: Vec<Change> },
+    Changes {
+        main: i64,
+        changes: Vec<Change>,
+    },
     /// A compaction, to be passed to `Store::compact(rev)`.
-    Compact { rev: i64 },
+    Compact {
+        rev: i64,
+    },
     /// A lease granted with its (already raised to the minimum) TTL in seconds.
-    LeaseGrant { id: i64, ttl_s: i64 },
+    LeaseGrant {
+        id: i64,
+        ttl_s: i64,
+    },
     /// A lease revoked (by a client or by expiry) together with the deletes of every key
     /// attached to it, all at revision `main`; `main` is 0 and `changes` empty when no key
     /// was attached (a revoke then takes no revision, as in etcd).
@@ -63,7 +89,50 @@ pub enum LogPayload {
     },
     /// Remaining TTLs of leases at checkpoint time, so a restart does not extend them to
     /// their full TTL. A remaining of 0 clears the lease's checkpoint (it was renewed).
-    LeaseCheckpoint { checkpoints: Vec<LeaseCheckpoint> },
+    LeaseCheckpoint {
+        checkpoints: Vec<LeaseCheckpoint>,
+    },
+    /// Auth turned on or off.
+    AuthEnable {
+        enabled: bool,
+    },
+    /// A user created or changed: the whole record.
+    AuthUserPut(AuthUser),
+    AuthUserDelete {
+        name: String,
+    },
+    /// A role created or changed: the whole record.
+    AuthRolePut(AuthRole),
+    /// A role deleted; replay also takes it from every user that has it (as etcd does).
+    AuthRoleDelete {
+        name: String,
+    },
+}
+
+/// A user as the meta log stores it. The password is only ever stored as a bcrypt hash;
+/// `None` is a user added with `no_password` (it cannot authenticate).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuthUser {
+    pub name: String,
+    pub password_hash: Option<String>,
+    /// Sorted, without duplicates (etcd keeps them sorted).
+    pub roles: Vec<String>,
+}
+
+/// A role and its key permissions, in the order they were granted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuthRole {
+    pub name: String,
+    pub perms: Vec<AuthPermission>,
+}
+
+/// One `authpb.Permission`: `perm_type` 0 READ, 1 WRITE, 2 READWRITE; `range_end` as in a
+/// range request (empty: the key alone, `"\0"`: every key from `key`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuthPermission {
+    pub perm_type: u8,
+    pub key: Vec<u8>,
+    pub range_end: Vec<u8>,
 }
 
 /// One lease's remaining TTL in a [`LogPayload::LeaseCheckpoint`].
@@ -167,7 +236,51 @@ pub fn encode_into(payload: &LogPayload, out: &mut Vec<u8>) {
                 out.extend_from_slice(&cp.remaining_ms.to_le_bytes());
             }
         }
+        LogPayload::AuthEnable { enabled } => {
+            out.push(TAG_AUTH_ENABLE);
+            out.push(u8::from(*enabled));
+        }
+        LogPayload::AuthUserPut(user) => {
+            out.push(TAG_AUTH_USER_PUT);
+            put_str(out, &user.name);
+            let hash = user.password_hash.as_deref().unwrap_or_default();
+            assert!(
+                user.password_hash.is_none() || !hash.is_empty(),
+                "an empty password hash"
+            );
+            put_bytes(out, hash.as_bytes());
+            assert!(
+                user.roles.windows(2).all(|w| w[0] < w[1]),
+                "roles not sorted and distinct"
+            );
+            put_uvar(out, user.roles.len() as u64);
+            user.roles.iter().for_each(|role| put_str(out, role));
+        }
+        LogPayload::AuthUserDelete { name } => {
+            out.push(TAG_AUTH_USER_DELETE);
+            put_str(out, name);
+        }
+        LogPayload::AuthRolePut(role) => {
+            out.push(TAG_AUTH_ROLE_PUT);
+            put_str(out, &role.name);
+            put_uvar(out, role.perms.len() as u64);
+            for perm in &role.perms {
+                assert!(perm.perm_type <= MAX_PERM_TYPE, "permission type");
+                out.push(perm.perm_type);
+                put_bytes(out, &perm.key);
+                put_bytes(out, &perm.range_end);
+            }
+        }
+        LogPayload::AuthRoleDelete { name } => {
+            out.push(TAG_AUTH_ROLE_DELETE);
+            put_str(out, name);
+        }
     }
+}
+
+fn put_str(out: &mut Vec<u8>, name: &str) {
+    assert!(!name.is_empty(), "an empty auth name");
+    put_bytes(out, name.as_bytes());
 }
 
 fn encode_change_list(changes: &[Change], out: &mut Vec<u8>) {
@@ -235,6 +348,19 @@ pub fn decode(bytes: &[u8]) -> Result<LogPayload, DecodeError> {
         TAG_LEASE_GRANT => decode_lease_grant(&mut reader)?,
         TAG_LEASE_REVOKE => decode_lease_revoke(&mut reader)?,
         TAG_LEASE_CHECKPOINT => decode_lease_checkpoint(&mut reader)?,
+        TAG_AUTH_ENABLE => match reader.u8()? {
+            0 => LogPayload::AuthEnable { enabled: false },
+            1 => LogPayload::AuthEnable { enabled: true },
+            _ => return Err(DecodeError::Invalid("auth enable flag not 0 or 1")),
+        },
+        TAG_AUTH_USER_PUT => decode_auth_user(&mut reader)?,
+        TAG_AUTH_USER_DELETE => LogPayload::AuthUserDelete {
+            name: reader.name()?,
+        },
+        TAG_AUTH_ROLE_PUT => decode_auth_role(&mut reader)?,
+        TAG_AUTH_ROLE_DELETE => LogPayload::AuthRoleDelete {
+            name: reader.name()?,
+        },
         tag => return Err(DecodeError::UnknownTag(tag)),
     };
     match reader.rest.len() {
@@ -323,6 +449,58 @@ fn decode_lease_checkpoint(reader: &mut Reader<'_>) -> Result<LogPayload, Decode
     Ok(LogPayload::LeaseCheckpoint { checkpoints })
 }
 
+/// Smallest encoded role name or permission: bounds the capacity reserved for a claimed count.
+const MIN_AUTH_ITEM_BYTES: usize = 2;
+
+fn auth_capacity(count: u64, reader: &Reader<'_>) -> usize {
+    usize::try_from(count)
+        .unwrap_or(usize::MAX)
+        .min(reader.rest.len() / MIN_AUTH_ITEM_BYTES)
+}
+
+fn decode_auth_user(reader: &mut Reader<'_>) -> Result<LogPayload, DecodeError> {
+    let name = reader.name()?;
+    let hash = reader.bytes()?;
+    let password_hash = match hash.is_empty() {
+        true => None,
+        false => Some(
+            String::from_utf8(hash.to_vec())
+                .map_err(|_| DecodeError::Invalid("password hash not utf-8"))?,
+        ),
+    };
+    let count = reader.uvar()?;
+    let mut roles = Vec::with_capacity(auth_capacity(count, reader));
+    for _ in 0..count {
+        roles.push(reader.name()?);
+    }
+    if !roles.windows(2).all(|w| w[0] < w[1]) {
+        return Err(DecodeError::Invalid("roles not sorted and distinct"));
+    }
+    Ok(LogPayload::AuthUserPut(AuthUser {
+        name,
+        password_hash,
+        roles,
+    }))
+}
+
+fn decode_auth_role(reader: &mut Reader<'_>) -> Result<LogPayload, DecodeError> {
+    let name = reader.name()?;
+    let count = reader.uvar()?;
+    let mut perms = Vec::with_capacity(auth_capacity(count, reader));
+    for _ in 0..count {
+        let perm_type = reader.u8()?;
+        if perm_type > MAX_PERM_TYPE {
+            return Err(DecodeError::Invalid("unknown permission type"));
+        }
+        perms.push(AuthPermission {
+            perm_type,
+            key: reader.bytes()?.to_vec(),
+            range_end: reader.bytes()?.to_vec(),
+        });
+    }
+    Ok(LogPayload::AuthRolePut(AuthRole { name, perms }))
+}
+
 fn decode_change(reader: &mut Reader<'_>) -> Result<Change, DecodeError> {
     let sub =
         i64::try_from(reader.uvar()?).map_err(|_| DecodeError::Invalid("sub above i64::MAX"))?;
@@ -405,6 +583,15 @@ impl<'a> Reader<'a> {
     fn bytes(&mut self) -> Result<&'a [u8], DecodeError> {
         let len = usize::try_from(self.uvar()?).map_err(|_| DecodeError::Truncated)?;
         self.take(len)
+    }
+
+    /// A user or role name: non-empty utf-8.
+    fn name(&mut self) -> Result<String, DecodeError> {
+        match std::str::from_utf8(self.bytes()?) {
+            Ok("") => Err(DecodeError::Invalid("empty auth name")),
+            Ok(name) => Ok(name.to_string()),
+            Err(_) => Err(DecodeError::Invalid("auth name not utf-8")),
+        }
     }
 }
 
@@ -489,7 +676,7 @@ mod tests {
         assert_eq!(decode(&compact[..5]), Err(DecodeError::Truncated));
         assert_eq!(decode(&[]), Err(DecodeError::Truncated));
         assert_eq!(decode(&[2, 2]), Err(DecodeError::UnsupportedFormat(2)));
-        assert_eq!(decode(&[1, 9]), Err(DecodeError::UnknownTag(9)));
+        assert_eq!(decode(&[1, 99]), Err(DecodeError::UnknownTag(99)));
         let zero_rev = [1, TAG_COMPACT, 0, 0, 0, 0, 0, 0, 0, 0];
         assert_eq!(
             decode(&zero_rev),
@@ -620,6 +807,86 @@ mod tests {
         let mut huge = vec![1, TAG_LEASE_CHECKPOINT];
         put_uvar(&mut huge, u64::MAX);
         assert_eq!(decode(&huge), Err(DecodeError::Truncated));
+    }
+
+    fn auth_payloads() -> Vec<LogPayload> {
+        vec![
+            LogPayload::AuthEnable { enabled: true },
+            LogPayload::AuthEnable { enabled: false },
+            LogPayload::AuthUserPut(AuthUser {
+                name: "root".into(),
+                password_hash: Some("$2a$10$abcdefghijklmnopqrstuv".into()),
+                roles: vec!["a".into(), "root".into()],
+            }),
+            LogPayload::AuthUserPut(AuthUser {
+                name: "nopass".into(),
+                password_hash: None,
+                roles: Vec::new(),
+            }),
+            LogPayload::AuthUserDelete { name: "u".into() },
+            LogPayload::AuthRolePut(AuthRole {
+                name: "r".into(),
+                perms: vec![
+                    AuthPermission {
+                        perm_type: 2,
+                        key: b"foo".to_vec(),
+                        range_end: b"fop".to_vec(),
+                    },
+                    AuthPermission {
+                        perm_type: 0,
+                        key: vec![0],
+                        range_end: vec![0],
+                    },
+                ],
+            }),
+            LogPayload::AuthRoleDelete { name: "r".into() },
+        ]
+    }
+
+    #[test]
+    fn auth_payloads_round_trip() {
+        for payload in auth_payloads() {
+            assert_eq!(decode(&encode(&payload)), Ok(payload));
+        }
+        let delete = encode(&LogPayload::AuthUserDelete { name: "u".into() });
+        assert_eq!(delete, [1, TAG_AUTH_USER_DELETE, 1, b'u']);
+    }
+
+    #[test]
+    fn rejects_malformed_auth_payloads() {
+        assert_eq!(
+            decode(&[1, TAG_AUTH_ENABLE, 2]),
+            Err(DecodeError::Invalid("auth enable flag not 0 or 1"))
+        );
+        assert_eq!(
+            decode(&[1, TAG_AUTH_ROLE_DELETE, 0]),
+            Err(DecodeError::Invalid("empty auth name"))
+        );
+        assert_eq!(
+            decode(&[1, TAG_AUTH_USER_DELETE, 1, 0xff]),
+            Err(DecodeError::Invalid("auth name not utf-8"))
+        );
+        // User "u", no password, roles "b" then "a".
+        let unsorted = [1, TAG_AUTH_USER_PUT, 1, b'u', 0, 2, 1, b'b', 1, b'a'];
+        assert_eq!(
+            decode(&unsorted),
+            Err(DecodeError::Invalid("roles not sorted and distinct"))
+        );
+        // Role "r" with one permission of type 3.
+        let bad_type = [1, TAG_AUTH_ROLE_PUT, 1, b'r', 1, 3, 0, 0];
+        assert_eq!(
+            decode(&bad_type),
+            Err(DecodeError::Invalid("unknown permission type"))
+        );
+        let mut huge = vec![1, TAG_AUTH_ROLE_PUT, 1, b'r'];
+        put_uvar(&mut huge, u64::MAX);
+        assert_eq!(decode(&huge), Err(DecodeError::Truncated));
+        for payload in auth_payloads() {
+            let bytes = encode(&payload);
+            for cut in 0..bytes.len() {
+                assert!(decode(&bytes[..cut]).is_err(), "{payload:?} cut at {cut}");
+            }
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! the remaining TTLs. It stops when the meta group stops.
 
 use super::ops::{LeaseDone, LeaseOp};
+use crate::auth::Caller;
 use crate::node::errors::KvError;
 use crate::node::meta::MetaMsg;
 use crate::node::Shared;
@@ -42,6 +43,7 @@ pub async fn run(shared: Arc<Shared>) {
             let op = LeaseOp::Revoke {
                 id,
                 only_if_expired: true,
+                caller: Caller::Server,
             };
             // Any other answer (a client revoked it already, it was renewed): nothing to do.
             if let Err(KvError::Stopped) = request(&shared, op).await {

@@ -14,6 +14,8 @@
 //! the release finds no lease and fails with "requested lease not found".
 
 use super::{ttl, MAX_LEASE_TTL_S};
+use crate::auth::state::Access;
+use crate::auth::Caller;
 use crate::node::errors::KvError;
 use crate::node::fnv1a;
 use crate::node::meta::Meta;
@@ -29,7 +31,12 @@ pub enum LeaseOp {
     /// `id` 0 asks for a generated id.
     Grant { id: i64, ttl_s: i64 },
     /// `only_if_expired`: an expiry revoke, skipped if the lease was renewed meanwhile.
-    Revoke { id: i64, only_if_expired: bool },
+    /// `caller` needs write permission on every attached key (etcd's `checkLeasePuts`).
+    Revoke {
+        id: i64,
+        only_if_expired: bool,
+        caller: Caller,
+    },
     /// Write the remaining TTLs of long leases into the meta log.
     Checkpoint,
     /// A renewed lease: drop its checkpoint so a restart gives it its full TTL again.
@@ -57,7 +64,8 @@ pub async fn apply(meta: &mut Meta, op: LeaseOp) -> Result<LeaseDone, KvError> {
         LeaseOp::Revoke {
             id,
             only_if_expired,
-        } => revoke(meta, id, only_if_expired).await,
+            caller,
+        } => revoke(meta, id, only_if_expired, &caller).await,
         LeaseOp::Checkpoint => {
             checkpoint(meta).await;
             Ok(LeaseDone::Checkpointed)
@@ -113,7 +121,12 @@ fn generate_id(meta: &Meta) -> i64 {
     }
 }
 
-async fn revoke(meta: &mut Meta, id: i64, only_if_expired: bool) -> Result<LeaseDone, KvError> {
+async fn revoke(
+    meta: &mut Meta,
+    id: i64,
+    only_if_expired: bool,
+    caller: &Caller,
+) -> Result<LeaseDone, KvError> {
     let shared = meta.shared().clone();
     let leases = &shared.leases;
     // Only this (serialized) code removes leases, so existence cannot change before the hold.
@@ -129,6 +142,14 @@ async fn revoke(meta: &mut Meta, id: i64, only_if_expired: bool) -> Result<Lease
     let keys = leases
         .attached_keys(id)
         .expect("only the meta group removes leases");
+    // Checked under the hold, so no key can be attached after the check.
+    let denied = keys
+        .iter()
+        .find_map(|key| shared.auth.check(caller, key, &[], Access::Write).err());
+    if let Some(e) = denied {
+        meta.release(&all, 0, Vec::new()).await?;
+        return Err(KvError::Auth(e));
+    }
     let seq = &shared.seq;
     let writer = Meta::writer_id(&shared);
     let main = match keys.is_empty() {

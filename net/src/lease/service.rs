@@ -63,6 +63,8 @@ impl Lease for LeaseService {
         &self,
         request: Request<LeaseGrantRequest>,
     ) -> Result<Response<LeaseGrantResponse>, Status> {
+        // etcd checks only the token of a grant.
+        self.shared().auth.caller(request.metadata())?;
         let r = request.into_inner();
         let op = LeaseOp::Grant {
             id: r.id,
@@ -83,9 +85,11 @@ impl Lease for LeaseService {
         &self,
         request: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
+        let caller = self.shared().auth.caller(request.metadata())?;
         let op = LeaseOp::Revoke {
             id: request.into_inner().id,
             only_if_expired: false,
+            caller,
         };
         let LeaseDone::Revoked { revision } = self::request(self.shared(), op).await? else {
             unreachable!("a client revoke answers revoked")

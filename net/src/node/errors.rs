@@ -1,5 +1,6 @@
 //! The errors a KV request can end with, as etcd reports them (gRPC code and message).
 
+use crate::auth::AuthError;
 use std::fmt;
 use tonic::{Code, Status};
 
@@ -19,6 +20,8 @@ pub enum KvError {
     FutureRev,
     /// The node is shutting down or a shard stopped: the request may be retried elsewhere.
     Stopped,
+    /// Refused by auth (invalid token, permission denied, ...) or an auth management error.
+    Auth(AuthError),
 }
 
 impl KvError {
@@ -51,6 +54,7 @@ impl KvError {
                 "etcdserver: mvcc: required revision is a future revision",
             ),
             Stopped => (Code::Unavailable, "etcdserver: server stopped"),
+            Auth(e) => e.code_and_message(),
         }
     }
 }
@@ -62,6 +66,12 @@ impl fmt::Display for KvError {
 }
 
 impl std::error::Error for KvError {}
+
+impl From<AuthError> for KvError {
+    fn from(e: AuthError) -> KvError {
+        KvError::Auth(e)
+    }
+}
 
 impl From<KvError> for Status {
     fn from(e: KvError) -> Status {

@@ -16,6 +16,7 @@ use super::apply::{self, GatheredView, HistoricalRead, Revs};
 use super::errors::KvError;
 use super::shard::{fatal, Gathered, ShardMsg, Span, SINGLE_VOTER_TERM};
 use super::Shared;
+use crate::auth::state::AdminOp;
 use crate::lease::ops::{LeaseDone, LeaseOp};
 use ferrocd_api::etcdserverpb::{TxnRequest, TxnResponse};
 use ferrocd_engine::mvcc::codec::{encode, LogPayload};
@@ -44,6 +45,11 @@ pub enum MetaMsg {
     Lease {
         op: LeaseOp,
         reply: oneshot::Sender<Result<LeaseDone, KvError>>,
+    },
+    /// Change users, roles or the enabled flag (`crate::auth::ops`).
+    Auth {
+        op: AdminOp,
+        reply: oneshot::Sender<Result<(), KvError>>,
     },
 }
 
@@ -90,6 +96,9 @@ impl Meta {
                 }
                 MetaMsg::Lease { op, reply } => {
                     let _ = reply.send(crate::lease::ops::apply(&mut self, op).await);
+                }
+                MetaMsg::Auth { op, reply } => {
+                    let _ = reply.send(crate::auth::ops::apply(&mut self, op).await);
                 }
             }
         }

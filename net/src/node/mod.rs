@@ -16,6 +16,8 @@ mod stats;
 
 pub use stats::{NodeStats, ShardStats};
 
+use crate::auth::state::{Access, AuthState};
+use crate::auth::{AuthStore, Caller};
 use crate::lease::Leases;
 use crate::watch::journal::{Journal, JournalLimits};
 use apply::{GatheredView, Revs};
@@ -59,6 +61,8 @@ pub struct Shared {
     pub leases: Leases,
     /// One watch event journal per shard, written by the shard, read by every core's hub.
     pub journals: Vec<Journal>,
+    /// Users, roles, tokens and the checks (`crate::auth`).
+    pub auth: AuthStore,
 }
 
 impl Shared {
@@ -83,7 +87,14 @@ impl Shared {
             identity,
             limits,
             leases,
+            auth: AuthStore::new(AuthState::default(), AuthStore::default_token_ttl()),
         }
+    }
+
+    /// The node's recovered auth state (a new node starts with auth disabled and no users).
+    pub fn with_auth(mut self, auth: AuthStore) -> Shared {
+        self.auth = auth;
+        self
     }
 
     pub fn shard_of(&self, key: &[u8]) -> usize {
@@ -127,15 +138,98 @@ impl Shared {
     }
 }
 
-/// The handle request handlers use; cheap to clone, usable from any core.
+/// The handle request handlers use; cheap to clone, usable from any core. KV calls are
+/// checked against the permissions of its caller ([`Caller::Server`] unless set with
+/// [`Node::with_caller`]), so recipes running on a client's behalf are checked too.
 #[derive(Clone)]
 pub struct Node {
     shared: Arc<Shared>,
+    caller: Caller,
 }
 
 impl Node {
     pub fn new(shared: Arc<Shared>) -> Node {
-        Node { shared }
+        Node {
+            shared,
+            caller: Caller::Server,
+        }
+    }
+
+    /// This node acting for the client whose request carries `metadata` (etcd's
+    /// `AuthInfoFromCtx`: an invalid token fails every request).
+    pub fn for_client(&self, metadata: &tonic::metadata::MetadataMap) -> Result<Node, KvError> {
+        let caller = self.shared.auth.caller(metadata)?;
+        Ok(self.with_caller(caller))
+    }
+
+    pub fn with_caller(&self, caller: Caller) -> Node {
+        Node {
+            shared: self.shared.clone(),
+            caller,
+        }
+    }
+
+    pub fn caller(&self) -> &Caller {
+        &self.caller
+    }
+
+    fn check(&self, key: &[u8], end: &[u8], access: Access) -> Result<(), KvError> {
+        Ok(self.shared.auth.check(&self.caller, key, end, access)?)
+    }
+
+    /// etcd's put check: write on the key, read on it for `prev_kv`, and write on every key
+    /// already attached to the put's lease (else the caller could not revoke the lease).
+    fn check_put(&self, r: &PutRequest) -> Result<(), KvError> {
+        if !self.shared.auth.is_enabled() {
+            return Ok(());
+        }
+        self.check(&r.key, &[], Access::Write)?;
+        if r.lease != 0 {
+            for key in self
+                .shared
+                .leases
+                .attached_keys(r.lease)
+                .unwrap_or_default()
+            {
+                self.check(&key, &[], Access::Write)?;
+            }
+        }
+        if r.prev_kv {
+            self.check(&r.key, &[], Access::Read)?;
+        }
+        Ok(())
+    }
+
+    fn check_delete(&self, r: &DeleteRangeRequest) -> Result<(), KvError> {
+        self.check(&r.key, &r.range_end, Access::Write)?;
+        if r.prev_kv {
+            self.check(&r.key, &r.range_end, Access::Read)?;
+        }
+        Ok(())
+    }
+
+    /// etcd's `checkTxnAuth`: read on every compare's range, then every op of both branches
+    /// (nested txns included: etcd 3.4 does not look into them, we do).
+    fn check_txn(&self, r: &TxnRequest) -> Result<(), KvError> {
+        use ferrocd_api::etcdserverpb::request_op::Request;
+        if !self.shared.auth.is_enabled() {
+            return Ok(());
+        }
+        for compare in &r.compare {
+            self.check(&compare.key, &compare.range_end, Access::Read)?;
+        }
+        for op in r.success.iter().chain(&r.failure) {
+            match &op.request {
+                Some(Request::RequestRange(range)) => {
+                    self.check(&range.key, &range.range_end, Access::Read)?
+                }
+                Some(Request::RequestPut(put)) => self.check_put(put)?,
+                Some(Request::RequestDeleteRange(delete)) => self.check_delete(delete)?,
+                Some(Request::RequestTxn(txn)) => self.check_txn(txn)?,
+                None => {}
+            }
+        }
+        Ok(())
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
@@ -158,6 +252,7 @@ impl Node {
 
     pub async fn range(&self, r: RangeRequest) -> Result<RangeResponse, KvError> {
         apply::check_range(&r)?;
+        self.check(&r.key, &r.range_end, Access::Read)?;
         let revs = self.revs();
         apply::check_read_rev(r.revision, revs)?;
         let rev = if r.revision > 0 {
@@ -215,6 +310,7 @@ impl Node {
     pub async fn put(&self, r: PutRequest) -> Result<PutResponse, KvError> {
         apply::check_put(&r)?;
         self.check_size(&r)?;
+        self.check_put(&r)?;
         match self.write_one(apply::put_as_txn(r), true).await? {
             (header, Response::ResponsePut(put)) => Ok(PutResponse { header, ..put }),
             _ => unreachable!("a one-put txn answers with a put response"),
@@ -227,6 +323,7 @@ impl Node {
     ) -> Result<DeleteRangeResponse, KvError> {
         apply::check_delete(&r)?;
         self.check_size(&r)?;
+        self.check_delete(&r)?;
         match self.write_one(apply::delete_as_txn(r), false).await? {
             (header, Response::ResponseDeleteRange(del)) => {
                 Ok(DeleteRangeResponse { header, ..del })
@@ -256,6 +353,7 @@ impl Node {
     pub async fn txn(&self, r: TxnRequest) -> Result<TxnResponse, KvError> {
         apply::check_txn(&r, self.shared.limits.max_txn_ops)?;
         self.check_size(&r)?;
+        self.check_txn(&r)?;
         if !apply::txn_may_write(&r) {
             return self.read_only_txn(&r).await;
         }

@@ -16,6 +16,7 @@
 //! The lease table is rebuilt from the meta log. A torn tail is cut by the WAL reader; any
 //! other corruption stops start-up with the file and offset.
 
+use crate::auth::state::AuthState;
 use crate::lease::{ttl, LeaseConfig, Leases};
 use ferrocd_engine::checkpoint::Checkpointer;
 use ferrocd_engine::mvcc::codec::{decode, LogPayload};
@@ -139,6 +140,8 @@ pub struct Recovered {
     pub wals: Vec<WalRecovered>,
     /// Live leases with their attached keys.
     pub leases: Leases,
+    /// Users, roles and the enabled flag, replayed from the meta log.
+    pub auth: AuthState,
 }
 
 /// A lease as the meta log leaves it: granted TTL and last checkpoint (0 = none).
@@ -235,6 +238,7 @@ pub fn recover(
     next_index.push(meta.next_index);
     wals.push(meta.wal);
     let mut logged_leases: BTreeMap<i64, LoggedLease> = BTreeMap::new();
+    let mut auth = AuthState::default();
     for (index, payload) in meta.payloads {
         let origin = Origin::Meta { index };
         match payload {
@@ -262,6 +266,13 @@ pub fn recover(
                     }
                 }
             }
+            auth_record @ (LogPayload::AuthEnable { .. }
+            | LogPayload::AuthUserPut(_)
+            | LogPayload::AuthUserDelete { .. }
+            | LogPayload::AuthRolePut(_)
+            | LogPayload::AuthRoleDelete { .. }) => {
+                assert!(auth.apply(&auth_record), "an auth record applies");
+            }
         }
     }
     let replayed = replay.finish(|problem| Err(format!("cannot replay {problem}")))?;
@@ -274,6 +285,7 @@ pub fn recover(
         next_index,
         wals,
         leases,
+        auth,
     })
 }
 
@@ -284,6 +296,11 @@ fn payload_kind(payload: &LogPayload) -> &'static str {
         LogPayload::LeaseGrant { .. } => "lease grant",
         LogPayload::LeaseRevoke { .. } => "lease revoke",
         LogPayload::LeaseCheckpoint { .. } => "lease checkpoint",
+        LogPayload::AuthEnable { .. }
+        | LogPayload::AuthUserPut(_)
+        | LogPayload::AuthUserDelete { .. }
+        | LogPayload::AuthRolePut(_)
+        | LogPayload::AuthRoleDelete { .. } => "auth change",
     }
 }
 

@@ -9,6 +9,7 @@
 //! every watcher of the stream is cancelled.
 
 use super::hub::{Hub, Sink, WatchSpec, Watcher};
+use crate::auth::state::Access;
 use crate::transport::max_grpc_message_bytes;
 use ferrocd_api::etcdserverpb::watch_create_request::FilterType;
 use ferrocd_api::etcdserverpb::watch_request::RequestUnion;
@@ -22,6 +23,7 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 use tonic::codegen::BoxStream;
+use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 
 /// Responses a stream may have queued before its watchers fall back to catch-up (etcd's
@@ -34,6 +36,10 @@ pub const PROGRESS_NOTIFY_INTERVAL_DEFAULT_MS: u64 = 10 * 60 * 1000;
 /// etcd's error strings (mvcc `ErrEmptyWatcherRange`, `ErrWatcherDuplicateID`).
 const EMPTY_RANGE: &str = "mvcc: watcher range is empty";
 const DUPLICATE_ID: &str = "mvcc: duplicate watch ID provided on the WatchStream";
+/// The cancel reason of a watch the caller may not read: etcd puts the whole text of its
+/// gRPC error there (`rpctypes.ErrGRPCPermissionDenied.Error()`).
+const PERMISSION_DENIED_REASON: &str =
+    "rpc error: code = PermissionDenied desc = etcdserver: permission denied";
 /// The watch id etcd reports for a create that failed and for progress responses.
 const INVALID_WATCH_ID: i64 = -1;
 /// A create request's `watch_id` asking the server to choose one.
@@ -62,6 +68,7 @@ impl Watch for WatchService {
         request: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<BoxStream<WatchResponse>>, Status> {
         let hub: Rc<Hub> = Rc::clone(&self.hub);
+        let metadata = request.metadata().clone();
         let (tx, rx) = async_channel::bounded(STREAM_QUEUE_RESPONSES);
         let sink = Sink {
             tx,
@@ -76,6 +83,7 @@ impl Watch for WatchService {
             watchers: RefCell::default(),
             next_auto_id: Cell::new(0),
             progress_interval: self.progress_interval,
+            metadata,
         };
         glommio::spawn_local(session.run(request.into_inner(), gone)).detach();
         let responses = rx
@@ -97,6 +105,8 @@ struct Session {
     watchers: RefCell<BTreeMap<i64, Rc<Watcher>>>,
     next_auto_id: Cell<i64>,
     progress_interval: Duration,
+    /// The stream's metadata: its token is looked up at each create, as etcd does.
+    metadata: MetadataMap,
 }
 
 enum Input {
@@ -193,9 +203,31 @@ impl Session {
         Some(shared.header(shared.seq.visible()))
     }
 
+    /// With auth enabled the caller needs read permission on the whole watched range
+    /// (etcd 3.4 checks only the key of a `"\0"` range end; we check the range).
+    fn permitted(&self, spec: &WatchSpec) -> bool {
+        let auth = &self.hub.shared().auth;
+        auth.caller(&self.metadata)
+            .and_then(|caller| auth.check(&caller, &spec.key, &spec.end, Access::Read))
+            .is_ok()
+    }
+
     async fn create(&self, create: WatchCreateRequest) -> bool {
         let current = self.hub.shared().seq.visible();
         let spec = watch_spec(&create);
+        if !self.permitted(&spec) {
+            // etcd's answer: the requested id, created and canceled at once.
+            return self
+                .send(WatchResponse {
+                    header: Some(self.hub.shared().header(current)),
+                    watch_id: create.watch_id,
+                    created: true,
+                    canceled: true,
+                    cancel_reason: PERMISSION_DENIED_REASON.to_string(),
+                    ..Default::default()
+                })
+                .await;
+        }
         let id = self.assign_id(&spec, create.watch_id);
         let response = WatchResponse {
             header: Some(self.hub.shared().header(current)),

@@ -1,0 +1,35 @@
+//! Auth management run by the meta group, one operation at a time: plan against the current
+//! state, make the record durable in the meta log, then apply it. Nothing changes in memory
+//! before its record is on disk, so a restart never forgets a change a client was told of.
+
+use super::state::AdminOp;
+use crate::node::errors::KvError;
+use crate::node::meta::{Meta, MetaMsg};
+use crate::node::Shared;
+use futures::channel::oneshot;
+
+pub async fn apply(meta: &mut Meta, op: AdminOp) -> Result<(), KvError> {
+    // The guard is dropped before the append: only this (serialized) code changes the state.
+    let planned = meta.shared().auth.state().plan(op.clone());
+    let Some(payload) = planned.map_err(KvError::Auth)? else {
+        return Ok(());
+    };
+    meta.append(&payload).await;
+    let auth = &meta.shared().auth;
+    auth.apply(&payload);
+    if let AdminOp::UserChangePassword { name, .. } = op {
+        auth.end_tokens_of(&name);
+    }
+    Ok(())
+}
+
+/// Sends `op` to the meta group and waits until it is durable and applied.
+pub async fn request(shared: &Shared, op: AdminOp) -> Result<(), KvError> {
+    let (reply, answer) = oneshot::channel();
+    shared
+        .meta
+        .send(MetaMsg::Auth { op, reply })
+        .await
+        .map_err(|_| KvError::Stopped)?;
+    answer.await.map_err(|_| KvError::Stopped)?
+}
