@@ -5,11 +5,13 @@ use ferrocd_net::lease::LeaseConfig;
 use ferrocd_net::node::checkpoint::{
     CheckpointConfig, DEFAULT_CHECKPOINT_INTERVAL_MS, DEFAULT_CHECKPOINT_MAX_CHANGES,
 };
+use ferrocd_net::node::compactor::{AutoCompaction, REVISION_MODE_INTERVAL_MS};
 use ferrocd_net::node::Limits;
 use ferrocd_net::server::{self, NodeConfig, Shutdown};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -69,6 +71,9 @@ struct Flags {
     /// Auto compaction retention (0 = off).
     #[arg(long, default_value = "0")]
     auto_compaction_retention: String,
+    /// Interval of revision-mode auto compaction (etcd: 5 minutes); small values for tests.
+    #[arg(long, default_value_t = REVISION_MODE_INTERVAL_MS, hide = true)]
+    experimental_auto_compaction_interval_ms: u64,
     /// Log level: debug, info, warn, error, panic, fatal.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -165,9 +170,33 @@ fn parse_urls(flag: &str, urls: &str) -> Result<Vec<SocketAddr>, String> {
 }
 
 /// etcd's retention is a number with an optional unit (`0`, `1h`, `30m`); zero turns it off.
-fn retention_is_off(retention: &str) -> bool {
+/// etcd's reading of `--auto-compaction-retention`: `0` (any unit) is off; in `revision` mode
+/// a count of revisions; in `periodic` mode a bare number of hours or a Go duration.
+fn auto_compaction(flags: &Flags) -> Result<Option<AutoCompaction>, String> {
+    const FLAG: &str = "auto-compaction-retention";
+    let retention = flags.auto_compaction_retention.trim();
     let number = retention.trim_end_matches(|c: char| c.is_ascii_alphabetic());
-    number.parse::<f64>().is_ok_and(|v| v == 0.0)
+    if number.parse::<f64>().is_ok_and(|v| v == 0.0) {
+        return Ok(None);
+    }
+    if flags.auto_compaction_mode == "revision" {
+        return match retention.parse::<i64>() {
+            Ok(keep) if keep > 0 => Ok(Some(AutoCompaction::Revisions {
+                keep,
+                interval_ms: flags.experimental_auto_compaction_interval_ms,
+            })),
+            _ => Err(format!(
+                "--{FLAG} {retention}: expected a number of revisions in revision mode"
+            )),
+        };
+    }
+    let retention_ms = match retention.parse::<u64>() {
+        Ok(hours) => hours * 3600 * 1000,
+        Err(_) => parse_duration_ms(FLAG, retention)?,
+    };
+    Ok(Some(AutoCompaction::Period {
+        retention: Duration::from_millis(retention_ms),
+    }))
 }
 
 /// A positive Go duration (`10m`, `1.5s`, `1h30m`, `100ms`) in whole milliseconds.
@@ -224,12 +253,7 @@ fn config(flags: &Flags) -> Result<NodeConfig, String> {
     if members > 1 {
         return Err(format!("--initial-cluster names {members} members: clustering is not supported yet (single member only)"));
     }
-    if !retention_is_off(&flags.auto_compaction_retention) {
-        return Err(
-            "--auto-compaction-retention: auto compaction is not supported yet; compact explicitly"
-                .into(),
-        );
-    }
+    let auto_compaction = auto_compaction(flags)?;
     if flags.max_txn_ops == 0 || flags.max_request_bytes == 0 {
         return Err("--max-txn-ops and --max-request-bytes must be positive".into());
     }
@@ -277,6 +301,7 @@ fn config(flags: &Flags) -> Result<NodeConfig, String> {
             checkpoint_interval_ms: flags.lease_checkpoint_interval_ms.max(1),
         },
         auth_token_ttl_s: flags.auth_token_ttl.max(1),
+        auto_compaction,
     })
 }
 
@@ -321,7 +346,55 @@ fn main() -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_duration_ms;
+    use super::{auto_compaction, parse_duration_ms, AutoCompaction, Flags};
+    use clap::Parser;
+    use std::time::Duration;
+
+    fn compaction(args: &[&str]) -> Result<Option<AutoCompaction>, String> {
+        let flags = Flags::try_parse_from(std::iter::once("ferrocd").chain(args.iter().copied()))
+            .expect("flags parse");
+        auto_compaction(&flags)
+    }
+
+    #[test]
+    fn auto_compaction_retention_reads_as_etcd() {
+        assert_eq!(compaction(&[]), Ok(None));
+        assert_eq!(compaction(&["--auto-compaction-retention", "0h"]), Ok(None));
+        let hours = compaction(&["--auto-compaction-retention", "2"]);
+        let two_hours = Duration::from_secs(7200);
+        assert_eq!(
+            hours,
+            Ok(Some(AutoCompaction::Period {
+                retention: two_hours
+            }))
+        );
+        let minutes = compaction(&["--auto-compaction-retention", "30m"]);
+        let half_hour = Duration::from_secs(1800);
+        assert_eq!(
+            minutes,
+            Ok(Some(AutoCompaction::Period {
+                retention: half_hour
+            }))
+        );
+        let revisions = compaction(&[
+            "--auto-compaction-mode",
+            "revision",
+            "--auto-compaction-retention",
+            "1000",
+        ]);
+        assert!(matches!(
+            revisions,
+            Ok(Some(AutoCompaction::Revisions { keep: 1000, .. }))
+        ));
+        let bad = [
+            "--auto-compaction-mode",
+            "revision",
+            "--auto-compaction-retention",
+            "1h",
+        ];
+        assert!(compaction(&bad).is_err());
+        assert!(compaction(&["--auto-compaction-retention", "soon"]).is_err());
+    }
 
     #[test]
     fn go_durations_parse_to_milliseconds() {

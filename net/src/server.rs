@@ -14,6 +14,7 @@ use crate::lease::{lessor, LeaseConfig};
 use crate::lock::LockService;
 use crate::metrics::{metrics_handler, GrpcMetrics, PATH_METRICS};
 use crate::node::checkpoint::CheckpointConfig;
+use crate::node::compactor::{self, AutoCompaction};
 use crate::node::meta::{Meta, MetaMsg};
 use crate::node::recovery::{self, Recovered};
 use crate::node::shard::{Shard, ShardMsg};
@@ -62,6 +63,8 @@ pub struct NodeConfig {
     pub checkpoint: CheckpointConfig,
     /// Seconds an auth token lives after its last use (etcd's `--auth-token-ttl`).
     pub auth_token_ttl_s: u64,
+    /// `--auto-compaction-mode` / `--auto-compaction-retention`; `None` when off.
+    pub auto_compaction: Option<AutoCompaction>,
 }
 
 /// Tells a running node to stop; cloneable, usable from any thread.
@@ -281,6 +284,10 @@ impl CoreSetup {
             tasks.push(glommio::spawn_local(meta.run(owned.rx)).detach());
             // Ends by itself once the meta group's inbox is closed at shutdown.
             glommio::spawn_local(lessor::run(self.shared.clone())).detach();
+            if let Some(mode) = self.config.auto_compaction {
+                let node = Node::new(self.shared.clone());
+                glommio::spawn_local(compactor::run(node, mode)).detach();
+            }
         }
         let node = Node::new(self.shared.clone());
         let kv_service = KvService::new(node.clone());

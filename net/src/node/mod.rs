@@ -7,6 +7,7 @@
 
 pub mod apply;
 pub mod checkpoint;
+pub mod compactor;
 pub mod errors;
 mod hash;
 pub mod meta;
