@@ -8,6 +8,7 @@ use ferrocd_net::node::checkpoint::{
 use ferrocd_net::node::compactor::{AutoCompaction, REVISION_MODE_INTERVAL_MS};
 use ferrocd_net::node::Limits;
 use ferrocd_net::server::{self, NodeConfig, Shutdown};
+use ferrocd_net::watch::journal::JournalLimits;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -98,6 +99,10 @@ struct Flags {
     /// Seconds a simple auth token lives after its last use (etcd's `--auth-token-ttl`).
     #[arg(long, default_value_t = ferrocd_net::auth::DEFAULT_TOKEN_TTL_S)]
     auth_token_ttl: u64,
+    /// Revisions each shard's watch event journal holds; for tests (a tiny journal makes the
+    /// watch hubs fall behind and read from storage).
+    #[arg(long, default_value_t = JournalLimits::default().max_revisions, hide = true)]
+    watch_journal_max_revisions: usize,
     #[command(flatten)]
     tls: TlsFlags,
 }
@@ -257,6 +262,9 @@ fn config(flags: &Flags) -> Result<NodeConfig, String> {
     if flags.max_txn_ops == 0 || flags.max_request_bytes == 0 {
         return Err("--max-txn-ops and --max-request-bytes must be positive".into());
     }
+    if flags.watch_journal_max_revisions == 0 {
+        return Err("--watch-journal-max-revisions must be positive".into());
+    }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let shards = flags.shards.unwrap_or(cpus);
     if shards == 0 || shards > 256 {
@@ -295,6 +303,10 @@ fn config(flags: &Flags) -> Result<NodeConfig, String> {
         limits: Limits {
             max_txn_ops: flags.max_txn_ops,
             max_request_bytes: flags.max_request_bytes,
+            watch_journal: JournalLimits {
+                max_revisions: flags.watch_journal_max_revisions,
+                ..JournalLimits::default()
+            },
         },
         lease: LeaseConfig {
             min_ttl_s: LeaseConfig::min_ttl_s(flags.heartbeat_interval, flags.election_timeout),

@@ -66,6 +66,10 @@ pub enum Command {
         /// Each watcher watches keys 0..N (default: the whole key space).
         #[arg(long)]
         watched_keys: Option<u64>,
+        /// Extra watch streams on every key that are never read, on a connection of their
+        /// own: the put latency line shows whether they slow the writers down.
+        #[arg(long, default_value_t = 0)]
+        slow_watchers: usize,
     },
     /// Keep-alive round trips on lease keep-alive streams.
     LeaseKeepalive {
@@ -147,11 +151,13 @@ impl Command {
                 load,
                 watchers,
                 watched_keys,
+                slow_watchers,
             } => {
                 let watched_keys = watched_keys.unwrap_or(load.key_space);
                 let op = Op::Watch {
                     watchers,
                     watched_keys,
+                    slow_watchers,
                 };
                 (load, op)
             }
@@ -313,14 +319,16 @@ mod tests {
         let expected = Op::Watch {
             watchers: 3,
             watched_keys: 50,
+            slow_watchers: 0,
         };
         assert_eq!(spec.op, expected);
-        let spec = load_spec(&["watch", "--watched-keys", "5"]).expect("valid");
+        let spec = load_spec(&["watch", "--watched-keys", "5", "--slow-watchers", "2"]);
         let expected = Op::Watch {
             watchers: 10,
             watched_keys: 5,
+            slow_watchers: 2,
         };
-        assert_eq!(spec.op, expected);
+        assert_eq!(spec.expect("valid").op, expected);
         let spec = load_spec(&["lease-keepalive", "--clients", "4"]).expect("valid");
         assert_eq!(spec.op, Op::LeaseKeepalive { leases: 4 });
         let spec = load_spec(&["lease-keepalive", "--leases", "9"]).expect("valid");

@@ -95,6 +95,7 @@ impl Suite {
         let watch = |watchers| Op::Watch {
             watchers,
             watched_keys: key_space,
+            slow_watchers: 0,
         };
         let mut steps = vec![
             step(Op::Put, 1, 1),
@@ -595,6 +596,7 @@ mod tests {
         let mut watch = summary("watch w2 c1", 10, 300, 0);
         watch.watch = Some(WatchCounts {
             watchers: 2,
+            slow_watchers: 0,
             puts: 5,
             events_expected: 10,
             events_received: 10,

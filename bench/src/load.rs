@@ -3,7 +3,7 @@
 //! KV workloads live here; `watch` and `lease-keepalive` add their own set-up around the same
 //! request loop (see `crate::watch`, `crate::lease`).
 
-use crate::stats::{Latencies, Summary, WatchCounts};
+use crate::stats::{Latencies, Percentiles, Summary, WatchCounts};
 use crate::BenchResult;
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, KvClient, Txn, TxnOp};
 use rand::rngs::StdRng;
@@ -50,8 +50,13 @@ pub enum Op {
     /// with probability `read_ratio`, else a Put of it.
     TxnMixed { read_ratio: f64 },
     /// `watchers` watch streams on keys `0..watched_keys` while the clients put; measures the
-    /// delivery latency of every event (see `crate::watch`).
-    Watch { watchers: usize, watched_keys: u64 },
+    /// delivery latency of every event, and the puts' own latency with `slow_watchers` streams
+    /// on every key that are never read (see `crate::watch`).
+    Watch {
+        watchers: usize,
+        watched_keys: u64,
+        slow_watchers: usize,
+    },
     /// `leases` leases, each with its own keep-alive stream; one request is one keep-alive
     /// round trip (see `crate::lease`).
     LeaseKeepalive { leases: usize },
@@ -73,7 +78,16 @@ impl Op {
                 consistency,
             } => format!("mixed-{read_ratio}-{}", consistency_suffix(consistency)),
             Op::TxnMixed { read_ratio } => format!("txn-mixed-{read_ratio}"),
-            Op::Watch { watchers, .. } => format!("watch w{watchers}"),
+            Op::Watch {
+                watchers,
+                slow_watchers: 0,
+                ..
+            } => format!("watch w{watchers}"),
+            Op::Watch {
+                watchers,
+                slow_watchers,
+                ..
+            } => format!("watch w{watchers} slow{slow_watchers}"),
             Op::LeaseKeepalive { leases } => format!("lease-keepalive l{leases}"),
         }
     }
@@ -179,6 +193,7 @@ impl LoadSpec {
             Op::Watch {
                 watchers,
                 watched_keys,
+                ..
             } => crate::watch::validate(watchers, watched_keys, &self.keys)?,
             Op::LeaseKeepalive { leases } => {
                 if leases < self.clients {
@@ -203,6 +218,8 @@ pub struct RunResult {
     pub first_error: Option<String>,
     /// Event counts of a watch run.
     pub watch: Option<WatchCounts>,
+    /// A watch run's puts (its `latencies` are event deliveries).
+    pub put_latencies: Option<Latencies>,
 }
 
 impl RunResult {
@@ -218,12 +235,22 @@ impl RunResult {
             (Some(mine), Some(theirs)) => Some(mine.add(&theirs)),
             (mine, theirs) => mine.or(theirs),
         };
+        match (&mut self.put_latencies, &other.put_latencies) {
+            (Some(mine), Some(theirs)) => mine.merge(theirs),
+            (mine, theirs) => {
+                if mine.is_none() {
+                    mine.clone_from(theirs)
+                }
+            }
+        }
     }
 
     pub fn summary(&self, workload: &str) -> Summary {
         let mut summary = Summary::new(workload, &self.latencies, self.errors, self.elapsed);
         summary.first_error.clone_from(&self.first_error);
         summary.watch = self.watch;
+        let put_latency = self.put_latencies.as_ref().map(Percentiles::of);
+        summary.put_latency = put_latency.map(Box::new);
         summary
     }
 }
@@ -289,6 +316,7 @@ impl Shared {
             elapsed: self.started.elapsed(),
             first_error: self.first_error.lock().expect("first_error lock").clone(),
             watch: None,
+            put_latencies: None,
         }
     }
 }
@@ -303,7 +331,15 @@ pub async fn run(spec: &LoadSpec, progress: bool) -> BenchResult<RunResult> {
         Op::Watch {
             watchers,
             watched_keys,
-        } => crate::watch::run(spec, &clients, watchers, watched_keys, progress).await,
+            slow_watchers,
+        } => {
+            let counts = crate::watch::Watchers {
+                watchers,
+                watched_keys,
+                slow_watchers,
+            };
+            crate::watch::run(spec, &clients, counts, progress).await
+        }
         Op::LeaseKeepalive { leases } => crate::lease::run(spec, &clients, leases, progress).await,
         _ => {
             let shared = Arc::new(Shared::new(spec.stop));

@@ -78,12 +78,41 @@ pub struct Summary {
     /// about delivered events (send of the put to arrival at the watcher).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub watch: Option<WatchCounts>,
+    /// Watch runs only: the latency of the puts themselves (send to acknowledgement).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub put_latency: Option<Box<Percentiles>>,
+}
+
+/// Latency percentiles of one kind of request.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Percentiles {
+    pub count: u64,
+    pub mean_us: f64,
+    pub p50_us: u64,
+    pub p90_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+}
+
+impl Percentiles {
+    pub fn of(latencies: &Latencies) -> Percentiles {
+        Percentiles {
+            count: latencies.count(),
+            mean_us: latencies.histogram.mean(),
+            p50_us: latencies.quantile_us(0.50),
+            p90_us: latencies.quantile_us(0.90),
+            p99_us: latencies.quantile_us(0.99),
+            max_us: latencies.histogram.max(),
+        }
+    }
 }
 
 /// What the watchers of a watch run saw.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct WatchCounts {
     pub watchers: u64,
+    /// Streams on every key that were never read during the run.
+    pub slow_watchers: u64,
     /// Acknowledged puts to watched keys.
     pub puts: u64,
     /// `puts` times `watchers`: every watcher must see every such put exactly once.
@@ -99,6 +128,7 @@ impl WatchCounts {
     pub fn add(&self, other: &WatchCounts) -> WatchCounts {
         WatchCounts {
             watchers: self.watchers.max(other.watchers),
+            slow_watchers: self.slow_watchers.max(other.slow_watchers),
             puts: self.puts + other.puts,
             events_expected: self.events_expected + other.events_expected,
             events_received: self.events_received + other.events_received,
@@ -131,6 +161,7 @@ impl Summary {
             max_us: latencies.histogram.max(),
             first_error: None,
             watch: None,
+            put_latency: None,
         }
     }
 }
@@ -158,6 +189,14 @@ impl fmt::Display for Summary {
                 watch.watchers,
                 watch.puts,
                 watch.events_duplicated
+            )?;
+        }
+        if let Some(put) = &self.put_latency {
+            let slow = self.watch.map_or(0, |w| w.slow_watchers);
+            writeln!(
+                f,
+                "puts µs:    mean {:.0}  p50 {}  p90 {}  p99 {}  max {}  ({} puts, {} slow watchers)",
+                put.mean_us, put.p50_us, put.p90_us, put.p99_us, put.max_us, put.count, slow
             )?;
         }
         if let Some(error) = &self.first_error {

@@ -6,8 +6,14 @@
 //! delivery latency. Once the puts are done, every watcher must have received one event per
 //! acknowledged put to a watched key, in increasing revision order: an event missed, repeated
 //! or out of order counts as an error.
+//!
+//! `slow_watchers` more streams watch every key and are never read, on a connection of their
+//! own (an unread stream holds HTTP/2 connection window, which would stall other streams of
+//! its connection in the client). The server must neither wait for them nor let them slow the
+//! puts: the run reports the puts' own latency next to the events' delivery latency, so runs
+//! with and without slow watchers compare writer latency.
 
-use crate::load::{bounded, run_kv_workers, KeySpec, LoadSpec, RunResult, Shared};
+use crate::load::{bounded, connect, run_kv_workers, KeySpec, LoadSpec, RunResult, Shared};
 use crate::stats::{Latencies, WatchCounts};
 use crate::{setup_error, BenchResult};
 use etcd_client::{Client, WatchOptions, WatchResponse, WatchStream};
@@ -70,16 +76,39 @@ struct Tally {
     last_revision: i64,
 }
 
+/// The watch streams of a run.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Watchers {
+    pub watchers: usize,
+    pub watched_keys: u64,
+    pub slow_watchers: usize,
+}
+
 /// Creates the watchers, runs the puts, waits for the events and reports their latencies.
 pub(crate) async fn run(
     spec: &LoadSpec,
     clients: &[Client],
-    watchers: usize,
-    watched_keys: u64,
+    Watchers {
+        watchers,
+        watched_keys,
+        slow_watchers,
+    }: Watchers,
     progress: bool,
 ) -> BenchResult<RunResult> {
     let streams =
         create_watchers(clients, watchers, watched_range(&spec.keys, watched_keys)).await?;
+    // Held, never read, until the run is over.
+    let _slow = match slow_watchers {
+        0 => Vec::new(),
+        n => {
+            let own = connect(&LoadSpec {
+                conns: 1,
+                ..spec.clone()
+            })
+            .await?;
+            create_watchers(&own, n, (vec![0], vec![0])).await?
+        }
+    };
     let shared = Arc::new(Shared::new(spec.stop));
     let (drain_sender, drain_receiver) = signal::channel(None);
     let tasks: Vec<_> = streams
@@ -90,7 +119,7 @@ pub(crate) async fn run(
             tokio::spawn(receive_events(index, stream, shared.clone(), receiver))
         })
         .collect();
-    run_kv_workers(spec, clients, &shared, progress).await?;
+    let put_latencies = run_kv_workers(spec, clients, &shared, progress).await?;
     let puts = shared.watched_puts.load(Ordering::Relaxed);
     drain_sender.send_replace(Some(Drain {
         expected: puts,
@@ -99,6 +128,7 @@ pub(crate) async fn run(
     let mut latencies = Latencies::new();
     let mut counts = WatchCounts {
         watchers: watchers as u64,
+        slow_watchers: slow_watchers as u64,
         puts,
         events_expected: puts * watchers as u64,
         ..WatchCounts::default()
@@ -111,6 +141,7 @@ pub(crate) async fn run(
     }
     let mut result = shared.result(latencies);
     result.watch = Some(counts);
+    result.put_latencies = Some(put_latencies);
     Ok(result)
 }
 

@@ -48,6 +48,8 @@ pub use ferrocd_engine::replay::fnv1a;
 pub struct Limits {
     pub max_txn_ops: usize,
     pub max_request_bytes: usize,
+    /// Bounds of each shard's watch event journal.
+    pub watch_journal: JournalLimits,
 }
 
 /// State shared by every core.
@@ -77,7 +79,7 @@ impl Shared {
         leases: Leases,
     ) -> Shared {
         let journals = (0..shards.len())
-            .map(|_| Journal::new(seq.visible(), JournalLimits::default()))
+            .map(|_| Journal::new(seq.visible(), limits.watch_journal))
             .collect();
         Shared {
             journals,

@@ -158,6 +158,9 @@ pub struct Hub {
     next_uid: Cell<u64>,
     closing: Cell<bool>,
     closed: Event,
+    /// Announced when the cursor moves and when a watcher stops catching up (it rejoined the
+    /// synced set or ended), for sessions that defer a progress response until then.
+    progressed: Event,
 }
 
 impl Hub {
@@ -171,6 +174,7 @@ impl Hub {
             next_uid: Cell::new(0),
             closing: Cell::new(false),
             closed: Event::new(),
+            progressed: Event::new(),
         })
     }
 
@@ -223,6 +227,7 @@ impl Hub {
                 }
             }
             self.start_catch_ups();
+            self.progressed.notify(usize::MAX);
         }
     }
 
@@ -258,16 +263,24 @@ impl Hub {
         if let State::Synced { .. } = w.state.get() {
             self.synced.borrow_mut().remove(w);
         }
-        w.state.set(State::Done);
+        self.end(w);
     }
 
-    /// The revision up to which `w` has been sent everything (`None` once cancelled).
-    pub fn delivered_upto(&self, w: &Watcher) -> Option<i64> {
-        match w.state.get() {
-            State::Synced { .. } => Some(self.cursor.get()),
-            State::Unsynced { next_rev } => Some(next_rev - 1),
-            State::Done => None,
-        }
+    fn end(&self, w: &Watcher) {
+        w.state.set(State::Done);
+        self.progressed.notify(usize::MAX);
+    }
+
+    /// Whether `w` is still being caught up: it may lack events up to the hub's cursor. A
+    /// synced watcher has been sent (queued) every event up to the cursor.
+    pub fn is_catching_up(&self, w: &Watcher) -> bool {
+        matches!(w.state.get(), State::Unsynced { .. })
+    }
+
+    /// Resolves once `ready()` holds, re-checked whenever the cursor moves or a watcher
+    /// stops catching up.
+    pub async fn wait_progress(&self, ready: impl Fn() -> bool) {
+        ferrocd_raft::notify::wait_until(&self.progressed, ready).await
     }
 
     /// A periodic progress notification (etcd's `progress_notify`): an empty response at the
@@ -403,6 +416,7 @@ impl Hub {
             let target = self.cursor.get();
             if next_rev > target {
                 self.join_synced(&w, next_rev);
+                self.progressed.notify(usize::MAX);
                 return;
             }
             let fetched = match next_rev < self.shared.compacted() {
@@ -433,7 +447,7 @@ impl Hub {
         if w.state.get() == State::Done {
             return;
         }
-        w.state.set(State::Done);
+        self.end(w);
         // etcd's compaction response carries no header revision.
         let response = WatchResponse {
             header: Some(self.shared.header(0)),

@@ -84,6 +84,7 @@ impl Watch for WatchService {
             next_auto_id: Cell::new(0),
             progress_interval: self.progress_interval,
             metadata,
+            progress_due: Cell::new(None),
         };
         glommio::spawn_local(session.run(request.into_inner(), gone)).detach();
         let responses = rx
@@ -107,12 +108,16 @@ struct Session {
     progress_interval: Duration,
     /// The stream's metadata: its token is looked up at each create, as etcd does.
     metadata: MetadataMap,
+    /// A requested progress response not sent yet: the revision it must reach at least (the
+    /// visible revision when it was requested). See [`Session::progress_ready`].
+    progress_due: Cell<Option<i64>>,
 }
 
 enum Input {
     Request(WatchRequest),
     RequestsEnded,
     ProgressTick,
+    ProgressReady,
     Stop,
 }
 
@@ -132,6 +137,10 @@ impl Session {
                     next_tick += self.progress_interval;
                     self.notify_progress();
                     true
+                }
+                Input::ProgressReady => {
+                    self.progress_due.set(None);
+                    self.send(self.progress()).await
                 }
                 Input::Stop => false,
             };
@@ -177,7 +186,21 @@ impl Session {
             glommio::timer::Timer::new(wait).await;
             Input::ProgressTick
         };
-        futures_lite::future::or(stop, futures_lite::future::or(request, tick)).await
+        // Before the next request: a progress request answerable at once is answered before
+        // the requests that follow it (a create from the past would delay it).
+        let progress = async {
+            match self.progress_due.get() {
+                Some(at_least) => {
+                    let ready = || self.progress_ready(at_least);
+                    self.hub.wait_progress(ready).await;
+                    Input::ProgressReady
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let requests_or_tick = futures_lite::future::or(request, tick);
+        let work = futures_lite::future::or(progress, requests_or_tick);
+        futures_lite::future::or(stop, work).await
     }
 
     /// Serves one request; `false` when the stream is gone.
@@ -185,7 +208,10 @@ impl Session {
         let response = match request.request_union {
             Some(RequestUnion::CreateRequest(create)) => return self.create(create).await,
             Some(RequestUnion::CancelRequest(cancel)) => self.cancel(cancel.watch_id),
-            Some(RequestUnion::ProgressRequest(_)) => Some(self.progress()),
+            Some(RequestUnion::ProgressRequest(_)) => {
+                self.request_progress();
+                None
+            }
             None => None,
         };
         match response {
@@ -286,15 +312,30 @@ impl Session {
         })
     }
 
-    /// A progress response (watch id -1) at the highest revision up to which every watcher of
-    /// the stream has been sent all its events, so it never announces a revision whose events
-    /// are still to come (I3).
-    fn progress(&self) -> WatchResponse {
+    /// A progress request is answered once no watcher of the stream is catching up and the
+    /// hub has dispatched the revision that was current when it was asked (etcd 3.5+ defers
+    /// it the same way, and folds requests made meanwhile into one response). Then every
+    /// watcher has been sent all its events up to the hub's cursor, so the response can carry
+    /// the cursor without announcing a revision whose events are still to come (I3), and it
+    /// is never older than the request.
+    fn request_progress(&self) {
+        let visible = self.hub.shared().seq.visible();
+        let at_least = self
+            .progress_due
+            .get()
+            .map_or(visible, |due| due.max(visible));
+        self.progress_due.set(Some(at_least));
+    }
+
+    fn progress_ready(&self, at_least: i64) -> bool {
         let watchers = self.watchers.borrow();
-        let delivered = watchers.values().filter_map(|w| self.hub.delivered_upto(w));
-        let rev = delivered.fold(self.hub.cursor(), i64::min);
+        self.hub.cursor() >= at_least && !watchers.values().any(|w| self.hub.is_catching_up(w))
+    }
+
+    /// The progress response (watch id -1) at the hub's cursor; see `request_progress`.
+    fn progress(&self) -> WatchResponse {
         WatchResponse {
-            header: Some(self.hub.shared().header(rev)),
+            header: Some(self.hub.shared().header(self.hub.cursor())),
             watch_id: INVALID_WATCH_ID,
             ..Default::default()
         }
