@@ -33,6 +33,10 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Keys one compaction step visits before the shard serves other work (etcd compacts its
+/// backend in batches of 1,000 keys).
+const COMPACT_STEP_KEYS: usize = 1000;
+
 /// The Raft term of every entry while groups have one voter.
 pub const SINGLE_VOTER_TERM: u64 = 1;
 
@@ -252,10 +256,7 @@ impl Shard {
                         false => Ok(store.changes(&key, &end, from, to, max_revs)),
                     });
                 }
-                ShardMsg::Compact { rev, reply } => {
-                    self.store.borrow_mut().compact(rev);
-                    let _ = reply.send(());
-                }
+                ShardMsg::Compact { rev, reply } => self.compact(rev, reply),
                 ShardMsg::Hash { rev, reply } => {
                     let _ = reply.send(self.hash(rev));
                 }
@@ -302,6 +303,34 @@ impl Shard {
             kvs: result.kvs,
             count: result.count,
         })
+    }
+
+    /// Compacts at `rev` in steps of `COMPACT_STEP_KEYS` keys, letting this shard's reads and
+    /// writes run between steps (they are above `rev`, so unaffected); answers once done. The
+    /// first step runs at once, so reads below `rev` are refused from here on. A newer
+    /// compaction started meanwhile takes the rest over (it removes all this one would).
+    fn compact(self: &Rc<Self>, rev: i64, reply: oneshot::Sender<()>) {
+        if self.compact_step(rev) {
+            let _ = reply.send(());
+            return;
+        }
+        let shard = self.clone();
+        glommio::spawn_local(async move {
+            loop {
+                futures_lite::future::yield_now().await;
+                if shard.compact_step(rev) {
+                    break;
+                }
+            }
+            let _ = reply.send(());
+        })
+        .detach();
+    }
+
+    /// One step of the compaction at `rev`; true once it is complete or superseded.
+    fn compact_step(&self, rev: i64) -> bool {
+        let mut store = self.store.borrow_mut();
+        store.compacted_revision() > rev || store.compact_step(rev, COMPACT_STEP_KEYS)
     }
 
     /// A compaction may have passed `rev` since the request was checked.
