@@ -6,7 +6,10 @@ mod linearizability;
 
 use std::time::Duration;
 
-use linearizability::etcd::{Compare, EtcdModel, KeyValue, Request, Response, State};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use linearizability::etcd::{Compare, EtcdModel, KeyValue, Past, Request, Response, State, Write};
 use linearizability::{check, Budget, Operation, Outcome, Verdict};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -43,6 +46,7 @@ fn put(key: &str, value: &str) -> Request {
     Request::Put {
         key: key.into(),
         value: value.into(),
+        lease: 0,
     }
 }
 
@@ -64,6 +68,7 @@ fn kv(value: &str, create_revision: i64, mod_revision: i64, version: i64) -> Key
         create_revision,
         mod_revision,
         version,
+        lease: 0,
     }
 }
 
@@ -75,10 +80,15 @@ fn got(revision: i64, kv: Option<KeyValue>) -> Response {
     Response::Get { revision, kv }
 }
 
-/// An empty store at revision 1, as a fresh etcd reports it.
+/// An empty store at revision 1, as a fresh etcd reports it (with its key space at 1 as the
+/// past that reads at a revision may reach).
 fn fresh() -> State {
+    let past = Past {
+        snapshots: BTreeMap::from([(1, BTreeMap::new())]),
+    };
     State {
         revision: 1,
+        past: Arc::new(past),
         ..State::default()
     }
 }
@@ -268,6 +278,194 @@ fn a_revision_gap_needs_an_unknown_write_and_the_gap_model() {
     assert_illegal(gaps, &unexplained);
 }
 
+fn leased_put(key: &str, value: &str, lease: i64) -> Request {
+    Request::Put {
+        key: key.into(),
+        value: value.into(),
+        lease,
+    }
+}
+
+fn leased(kv: KeyValue, lease: i64) -> KeyValue {
+    KeyValue { lease, ..kv }
+}
+
+#[test]
+fn a_lease_revoke_deletes_every_attached_key_at_one_revision() {
+    let setup = [
+        op(
+            0,
+            0,
+            1,
+            Request::LeaseGrant { id: 7 },
+            Response::LeaseGrant { revision: 1 },
+        ),
+        op(0, 2, 3, leased_put("a", "1", 7), put_ok(2)),
+        op(0, 4, 5, leased_put("b", "1", 7), put_ok(3)),
+        op(0, 6, 7, put("c", "1"), put_ok(4)),
+        op(
+            0,
+            8,
+            9,
+            Request::LeaseRevoke { id: 7 },
+            Response::LeaseRevoke { revision: 5 },
+        ),
+    ];
+    let range_all = |kvs: Vec<(String, KeyValue)>| {
+        op(
+            1,
+            10,
+            11,
+            Request::Range { prefix: "".into() },
+            Response::Range { revision: 5, kvs },
+        )
+    };
+    let mut gone = setup.to_vec();
+    gone.push(range_all(vec![("c".into(), kv("1", 4, 4, 1))]));
+    assert_linearizable(&gone);
+    // One attached key left behind by the revoke.
+    let mut half = setup.to_vec();
+    half.push(range_all(vec![
+        ("b".into(), leased(kv("1", 3, 3, 1), 7)),
+        ("c".into(), kv("1", 4, 4, 1)),
+    ]));
+    assert_illegal(EtcdModel::default(), &half);
+    // A put on the revoked lease must fail, and the lease's keys report it while it lives.
+    let after = [
+        op(1, 10, 11, leased_put("d", "1", 7), Response::LeaseNotFound),
+        op(1, 12, 13, get("a"), got(5, None)),
+    ];
+    assert_linearizable(&[setup.as_slice(), &after].concat());
+    let accepted_on_revoked = [op(1, 10, 11, leased_put("d", "1", 7), put_ok(6))];
+    assert_illegal(
+        EtcdModel::default(),
+        &[setup.as_slice(), &accepted_on_revoked].concat(),
+    );
+}
+
+#[test]
+fn reads_below_a_compaction_fail_and_reads_above_see_the_past() {
+    let get_at = |key: &str, revision| Request::GetAt {
+        key: key.into(),
+        revision,
+    };
+    let setup = [
+        op(0, 0, 1, put("a", "1"), put_ok(2)),
+        op(0, 2, 3, put("a", "2"), put_ok(3)),
+        op(0, 4, 5, put("a", "3"), put_ok(4)),
+        op(
+            0,
+            6,
+            7,
+            Request::Compact { revision: 3 },
+            Response::Compact { revision: 4 },
+        ),
+    ];
+    let reads = [
+        op(1, 10, 11, get_at("a", 2), Response::Compacted),
+        op(1, 12, 13, get_at("a", 3), got(4, Some(kv("2", 2, 3, 2)))),
+        op(1, 14, 15, get_at("a", 9), Response::FutureRevision),
+        op(
+            1,
+            16,
+            17,
+            Request::Compact { revision: 3 },
+            Response::Compacted,
+        ),
+    ];
+    assert_linearizable(&[setup.as_slice(), &reads].concat());
+    // A read below the compaction that still answers, after the compaction was acknowledged.
+    let survived = [op(
+        1,
+        10,
+        11,
+        get_at("a", 2),
+        got(4, Some(kv("1", 2, 2, 1))),
+    )];
+    assert_illegal(
+        EtcdModel::default(),
+        &[setup.as_slice(), &survived].concat(),
+    );
+    // The same read concurrent with the compaction may go either way.
+    let concurrent = [op(1, 5, 11, get_at("a", 2), got(4, Some(kv("1", 2, 2, 1))))];
+    assert_linearizable(&[setup.as_slice(), &concurrent].concat());
+    // A past read with the wrong value.
+    let wrong = [op(
+        1,
+        12,
+        13,
+        get_at("a", 3),
+        got(4, Some(kv("3", 2, 4, 3))),
+    )];
+    assert_illegal(EtcdModel::default(), &[setup.as_slice(), &wrong].concat());
+}
+
+#[test]
+fn a_multi_key_txn_and_a_prefix_delete_are_atomic() {
+    let txn = Request::Txn {
+        guards: vec![
+            ("a".into(), Compare::ModRevision(0)),
+            ("b".into(), Compare::ModRevision(0)),
+        ],
+        writes: vec![
+            Write::Put {
+                key: "a".into(),
+                value: "1".into(),
+            },
+            Write::Put {
+                key: "b".into(),
+                value: "1".into(),
+            },
+        ],
+    };
+    let txn_ok = Response::Txn {
+        revision: 2,
+        succeeded: true,
+        kvs: Vec::new(),
+    };
+    let both = vec![
+        ("a".into(), kv("1", 2, 2, 1)),
+        ("b".into(), kv("1", 2, 2, 1)),
+    ];
+    let range = |revision, kvs| {
+        op(
+            1,
+            5,
+            15,
+            Request::Range { prefix: "".into() },
+            Response::Range { revision, kvs },
+        )
+    };
+    assert_linearizable(&[
+        op(0, 0, 10, txn.clone(), txn_ok.clone()),
+        range(2, both.clone()),
+    ]);
+    // Half of the txn visible.
+    let half = vec![("a".into(), kv("1", 2, 2, 1))];
+    assert_illegal(
+        EtcdModel::default(),
+        &[op(0, 0, 10, txn.clone(), txn_ok.clone()), range(2, half)],
+    );
+    // A prefix delete removes both at one revision; seeing one of them after it is a bug.
+    let delete = Request::DeletePrefix { prefix: "".into() };
+    let deleted = Response::Delete {
+        revision: 3,
+        deleted: 2,
+    };
+    let history = [
+        op(0, 0, 1, txn.clone(), txn_ok.clone()),
+        op(0, 2, 3, delete.clone(), deleted.clone()),
+        op(1, 4, 5, get("b"), got(3, None)),
+    ];
+    assert_linearizable(&history);
+    let lingering = [
+        op(0, 0, 1, txn, txn_ok),
+        op(0, 2, 3, delete, deleted),
+        op(1, 4, 5, get("b"), got(3, Some(kv("1", 2, 2, 1)))),
+    ];
+    assert_illegal(EtcdModel::default(), &lingering);
+}
+
 #[test]
 fn definite_failures_are_ignored() {
     let history = [
@@ -406,11 +604,47 @@ fn random_history(seed: u64) -> (Vec<Op>, State) {
 fn random_request(rng: &mut StdRng, state: &State, index: usize) -> Request {
     let key = format!("k{}", rng.gen_range(0..RANDOM_KEYS));
     let value = format!("v{index}");
-    match rng.gen_range(0..10) {
-        0..=2 => Request::Get { key },
-        3 => Request::Range { prefix: "k".into() },
-        4..=5 => Request::Put { key, value },
-        6 => Request::Delete { key },
+    match rng.gen_range(0..20) {
+        0..=3 => Request::Get { key },
+        4 => Request::Range { prefix: "k".into() },
+        5..=7 => Request::Put {
+            key,
+            value,
+            lease: state.leases.iter().next().copied().unwrap_or(0),
+        },
+        8 => Request::Delete { key },
+        9 => Request::DeletePrefix { prefix: "k".into() },
+        10 => Request::GetAt {
+            key,
+            revision: rng.gen_range(1..=state.revision),
+        },
+        11 => Request::LeaseGrant {
+            id: index as i64 + 1,
+        },
+        12 => Request::LeaseRevoke {
+            id: state.leases.iter().next_back().copied().unwrap_or(1),
+        },
+        13 => Request::Compact {
+            revision: rng.gen_range(1..=state.revision),
+        },
+        14..=15 => {
+            let other = format!("k{}", rng.gen_range(0..RANDOM_KEYS));
+            let compare =
+                |kv: Option<&KeyValue>| Compare::ModRevision(kv.map_or(0, |kv| kv.mod_revision));
+            let mut guards = vec![(key.clone(), compare(state.kvs.get(&key)))];
+            let mut writes = vec![Write::Put {
+                key: key.clone(),
+                value,
+            }];
+            if other != key {
+                guards.push((
+                    other.clone(),
+                    Compare::ModRevision(rng.gen_range(0..=state.revision)),
+                ));
+                writes.push(Write::Delete { key: other });
+            }
+            Request::Txn { guards, writes }
+        }
         _ => {
             // Mostly a compare that may hold now, sometimes a stale one.
             let current = state.kvs.get(&key);
@@ -446,4 +680,139 @@ fn mutate_a_read_value(history: &mut [Op], seed: u64) -> bool {
         kv.value = "never-written".into();
     }
     true
+}
+
+// ---------------------------------------------------------------------------------------------
+// Watch checks (tests/linearizability/watch.rs)
+// ---------------------------------------------------------------------------------------------
+
+mod watch_checks {
+    use std::collections::BTreeMap;
+
+    use super::kv;
+    use crate::linearizability::watch::{
+        check_reference, check_watcher, Batch, Event, EventKind, WatchSpec,
+    };
+
+    fn put_event(revision: i64, key: &str, value: &str, create: i64, version: i64) -> Event {
+        let prev = (version > 1).then(|| kv("old", create, revision - 1, version - 1));
+        Event {
+            revision,
+            key: key.into(),
+            kind: EventKind::Put(kv(value, create, revision, version)),
+            prev,
+        }
+    }
+
+    fn delete_event(revision: i64, key: &str, prev: Option<crate::KeyValue>) -> Event {
+        Event {
+            revision,
+            key: key.into(),
+            kind: EventKind::Delete,
+            prev,
+        }
+    }
+
+    /// `a` created at 2, `b` created at 2 too (one txn), `a` deleted at 3, `c` at 4.
+    fn reference() -> Vec<Event> {
+        vec![
+            put_event(2, "p/a", "1", 2, 1),
+            put_event(2, "p/b", "1", 2, 1),
+            delete_event(3, "p/a", Some(kv("1", 2, 2, 1))),
+            put_event(4, "q/c", "1", 4, 1),
+        ]
+    }
+
+    fn all(prev_kv: bool) -> WatchSpec {
+        WatchSpec {
+            key: "".into(),
+            prefix: true,
+            no_put: false,
+            no_delete: false,
+            prev_kv,
+        }
+    }
+
+    fn batch(header_revision: i64, events: &[Event]) -> Batch {
+        Batch {
+            header_revision,
+            events: events.to_vec(),
+        }
+    }
+
+    fn last_state() -> BTreeMap<String, crate::KeyValue> {
+        BTreeMap::from([
+            ("p/b".to_string(), kv("1", 2, 2, 1)),
+            ("q/c".to_string(), kv("1", 4, 4, 1)),
+        ])
+    }
+
+    #[test]
+    fn a_reference_must_replay_to_the_final_key_space() {
+        let reference = reference();
+        check_reference(&BTreeMap::new(), &reference, &last_state()).unwrap();
+        let mut wrong_version = reference.clone();
+        wrong_version[3] = put_event(4, "q/c", "1", 4, 2);
+        assert!(check_reference(&BTreeMap::new(), &wrong_version, &last_state()).is_err());
+        let lost_event = &reference[..3];
+        assert!(check_reference(&BTreeMap::new(), lost_event, &last_state()).is_err());
+        let mut wrong_prev = reference.clone();
+        wrong_prev[2].prev = None;
+        assert!(check_reference(&BTreeMap::new(), &wrong_prev, &last_state()).is_err());
+    }
+
+    #[test]
+    fn a_watch_resumed_exactly_passes_and_gaps_repeats_and_splits_fail() {
+        let r = reference();
+        let spec = all(true);
+        let resumed = [
+            vec![batch(2, &r[0..2])],
+            vec![batch(4, &r[2..3]), batch(4, &r[3..4])],
+        ];
+        let figures = check_watcher(&spec, &resumed, &r, 4).unwrap();
+        assert_eq!((figures.events, figures.resumptions), (4, 1));
+
+        let gap = [vec![batch(2, &r[0..2])], vec![batch(4, &r[3..4])]];
+        let error = check_watcher(&spec, &gap, &r, 4).unwrap_err();
+        assert!(error.contains("not reliable"), "{error}");
+
+        let repeat = [vec![batch(3, &r[0..3])], vec![batch(4, &r[2..4])]];
+        let error = check_watcher(&spec, &repeat, &r, 4).unwrap_err();
+        assert!(error.contains("not unique"), "{error}");
+
+        let split = [vec![batch(2, &r[0..1]), batch(4, &r[1..4])]];
+        let error = check_watcher(&spec, &split, &r, 4).unwrap_err();
+        assert!(error.contains("not atomic"), "{error}");
+
+        let unordered = [vec![batch(4, &[r[2].clone(), r[0].clone()])]];
+        let error = check_watcher(&spec, &unordered, &r, 4).unwrap_err();
+        assert!(error.contains("not ordered"), "{error}");
+    }
+
+    #[test]
+    fn filters_and_prev_kv_are_checked() {
+        let r = reference();
+        let deletes_under_p = WatchSpec {
+            key: "p/".into(),
+            no_put: true,
+            ..all(false)
+        };
+        let mut delete_without_prev = r[2].clone();
+        delete_without_prev.prev = None;
+        let only_deletes = [vec![batch(3, &[delete_without_prev])]];
+        check_watcher(&deletes_under_p, &only_deletes, &r, 4).unwrap();
+        // A put slipped through NOPUT.
+        let with_put = [vec![batch(2, &r[0..2])]];
+        let error = check_watcher(&deletes_under_p, &with_put, &r, 4).unwrap_err();
+        assert!(error.contains("filter not respected"), "{error}");
+        // prev_kv asked for but wrong.
+        let mut wrong_prev = r.clone();
+        wrong_prev[2].prev = Some(kv("other", 2, 2, 1));
+        let error = check_watcher(&all(true), &[vec![batch(4, &wrong_prev)]], &r, 4).unwrap_err();
+        assert!(error.contains("prev_kv"), "{error}");
+        // Events after the round's last revision are not checked.
+        let mut later = r.clone();
+        later.push(put_event(9, "p/z", "1", 9, 1));
+        check_watcher(&all(true), &[vec![batch(9, &later)]], &r, 4).unwrap();
+    }
 }

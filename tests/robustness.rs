@@ -1,9 +1,13 @@
 //! Robustness harness: concurrent clients, each on its own connection, run a random mix of
-//! gets, prefix ranges, puts, deletes and compare-and-set txns against a real single-node
-//! server while a fault task crashes it (kill -9 and restart), freezes it (SIGSTOP/SIGCONT)
-//! or leaves it alone. Each round's history goes through the linearizability checker
+//! gets, reads at a past revision, prefix ranges, puts (some with a lease), deletes, prefix
+//! deletes, compare-and-set txns, multi-key txns across shards, lease grants and revokes and
+//! compactions against a real single-node server, while watchers follow the key space and a
+//! fault task crashes the server (kill -9 and restart), freezes it (SIGSTOP/SIGCONT) or leaves
+//! it alone. Each round's history goes through the linearizability checker
 //! (tests/linearizability) with the etcd model, every acknowledged write is read back at its
-//! revision, and revisions may never go backwards across a restart.
+//! revision, revisions may never go backwards across a restart, and every watcher's events
+//! (its watch re-created from its last revision + 1 after each crash) are checked against a
+//! reference watch of the round (tests/linearizability/watch.rs).
 //!
 //! Short mode (default): `SHORT_ROUNDS` rounds of `ROUND_MS` per fault kind. Soak mode:
 //! `FERROCD_ROBUST_DURATION_S=3600` runs rounds for that long per fault kind, each round
@@ -15,7 +19,7 @@
 mod common;
 mod linearizability;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::ops::Range;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,10 +27,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use common::{Flavor, Server};
 use etcd_client::{
-    Client, Compare as EtcdCompare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp,
-    TxnOpResponse,
+    Client, Compare as EtcdCompare, CompareOp, ConnectOptions, DeleteOptions, EventType,
+    GetOptions, LeaseGrantOptions, PutOptions, Txn, TxnOp, TxnOpResponse, WatchFilterType,
+    WatchOptions,
 };
-use linearizability::etcd::{Compare, EtcdModel, KeyValue, Request, Response, State};
+use linearizability::etcd::{Compare, EtcdModel, KeyValue, Past, Request, Response, State, Write};
+use linearizability::watch::{
+    check_reference, check_watcher, Batch, Event, EventKind, WatchFigures, WatchSpec,
+};
 use linearizability::{check, Budget, Operation, Outcome, Report, Verdict};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -34,9 +42,25 @@ use rand::{Rng, SeedableRng};
 type Op = Operation<Request, Response>;
 
 const SERVER_ARGS: [&str; 2] = ["--shards", "4"];
-/// The workload's keys are `robust/<n>`; few, so that clients collide on them.
+/// The workload's keys are `robust/<n>`; few, so that clients collide on them, and spread
+/// over the shards, so that multi-key txns and prefix operations cross them.
 const KEY_PREFIX: &str = "robust/";
-const KEYS: usize = 8;
+const KEYS: usize = 12;
+/// Prefix ranges and deletes also use `robust/1`: the keys 1, 10 and 11.
+const SUB_PREFIX: &str = "robust/1";
+/// Put and deleted after a round's final read: the end mark of its reference watch.
+const SENTINEL_KEY: &str = "robust/~sentinel";
+/// Revisions before a round that reads at a revision reach and compactions compact.
+const PAST_WINDOW_REVISIONS: i64 = 32;
+/// etcd's compaction bookkeeping starts below 1; compacting at 1 is ambiguous to the probe.
+const MIN_COMPACT_REVISION: i64 = 2;
+/// Leases outlive any round: expiry is not part of the model.
+const LEASE_TTL_S: i64 = 3_600;
+/// How long a watcher may take, after the round, to deliver its last event.
+const WATCH_CATCH_UP_TIMEOUT_MS: u64 = 10_000;
+const COMPACTED_ERROR: &str = "etcdserver: mvcc: required revision has been compacted";
+const FUTURE_REVISION_ERROR: &str = "etcdserver: mvcc: required revision is a future revision";
+const LEASE_NOT_FOUND_ERROR: &str = "etcdserver: requested lease not found";
 const CLIENTS: usize = 4;
 
 /// One round: clients run this long (or `MAX_OPS_PER_CLIENT` requests), then it is checked.
@@ -141,6 +165,45 @@ async fn a_corrupted_real_history_is_rejected() {
     };
     *revision -= 1;
     assert_rejected(init, &older_final_read, &context);
+
+    assert_watch_corruptions_rejected(&recorded, &context);
+}
+
+/// The watch checks can fail on real data: the recorded watches pass as recorded, and fail
+/// once the reference or a watcher loses an event, or a watcher gets one twice.
+fn assert_watch_corruptions_rejected(recorded: &Recorded, context: &str) {
+    check_watches(recorded, context);
+    let last = final_state(&recorded.history);
+    let reference = &recorded.reference;
+    assert!(reference.len() > 2, "{context}: a round without events");
+    let mut lost = reference.clone();
+    lost.remove(reference.len() / 2);
+    assert!(
+        check_reference(&recorded.init.kvs, &lost, &last.kvs).is_err(),
+        "{context}: a reference without one event was accepted"
+    );
+    let (spec, sessions) = &recorded.watches[0];
+    let mut without = sessions.clone();
+    let batch = without
+        .iter_mut()
+        .flatten()
+        .find(|batch| !batch.events.is_empty())
+        .expect("a batch with events");
+    let removed = batch.events.remove(0);
+    let check = |sessions| check_watcher(spec, sessions, reference, last.revision);
+    assert!(
+        check(&without).is_err(),
+        "{context}: a watch without {removed:?} was accepted"
+    );
+    let mut repeated = sessions.clone();
+    repeated.push(vec![Batch {
+        header_revision: last.revision,
+        events: vec![removed],
+    }]);
+    assert!(
+        check(&repeated).is_err(),
+        "{context}: a watch with an event twice was accepted"
+    );
 }
 
 fn assert_rejected(init: &State, history: &[Op], context: &str) {
@@ -217,6 +280,13 @@ struct Figures {
     needed_revision_gaps: u64,
     max_check_ms: u128,
     max_steps: u64,
+    /// Events of the reference watches, checked against the key space before and after.
+    reference_events: u64,
+    /// Events the round's watchers received, each checked against the reference.
+    watch_events: u64,
+    watch_resumptions: u64,
+    /// Watches from a compacted revision that ended with `compact_revision` set.
+    compacted_watches: u64,
 }
 
 impl Figures {
@@ -230,6 +300,10 @@ impl Figures {
         self.needed_revision_gaps += other.needed_revision_gaps;
         self.max_check_ms = self.max_check_ms.max(other.max_check_ms);
         self.max_steps = self.max_steps.max(other.max_steps);
+        self.reference_events += other.reference_events;
+        self.watch_events += other.watch_events;
+        self.watch_resumptions += other.watch_resumptions;
+        self.compacted_watches += other.compacted_watches;
     }
 }
 
@@ -239,7 +313,8 @@ impl std::fmt::Display for Figures {
             f,
             "histories {} (rejected 0), ops checked {} (unknown outcome {}, definite errors {}), \
              faults {}, acknowledged writes verified {} (lost 0), needed revision gaps {}, \
-             max check {} ms, max steps {}",
+             max check {} ms, max steps {}, reference events {}, watch events checked {} \
+             (resumptions {}), compacted watches {}",
             self.histories,
             self.ops_checked,
             self.unknown_ops,
@@ -248,7 +323,11 @@ impl std::fmt::Display for Figures {
             self.acked_writes_verified,
             self.needed_revision_gaps,
             self.max_check_ms,
-            self.max_steps
+            self.max_steps,
+            self.reference_events,
+            self.watch_events,
+            self.watch_resumptions,
+            self.compacted_watches
         )
     }
 }
@@ -263,6 +342,10 @@ struct Shared {
     endpoint: Mutex<String>,
     /// The highest revision any response has reported so far.
     max_revision: AtomicI64,
+    /// The oldest revision reads at a revision and compactions use: the past window's start.
+    past_from: i64,
+    /// The revision before the round: compactions stay at or below it.
+    init_revision: i64,
 }
 
 impl Shared {
@@ -287,6 +370,8 @@ async fn run_round(
         let gaps = revisions_without_change(&mut client, &recorded.init, history).await;
         println!("{context}: revisions that changed nothing: {gaps:?}");
     }
+    let watches = check_watches(&recorded, context);
+    let compacted_watches = u64::from(check_compacted_watch(&mut client, context).await);
     Figures {
         histories: 1,
         ops_checked: report.ops_checked as u64,
@@ -297,6 +382,41 @@ async fn run_round(
         needed_revision_gaps: u64::from(needed_gaps),
         max_check_ms: report.elapsed.as_millis(),
         max_steps: report.steps,
+        reference_events: recorded.reference.len() as u64,
+        watch_events: watches.events,
+        watch_resumptions: watches.resumptions,
+        compacted_watches,
+    }
+}
+
+/// Checks the reference events against the key space before and after the round, then every
+/// watcher against the reference; panics naming the first violation.
+fn check_watches(recorded: &Recorded, context: &str) -> WatchFigures {
+    let last = final_state(&recorded.history);
+    if let Err(violation) = check_reference(&recorded.init.kvs, &recorded.reference, &last.kvs) {
+        panic!("{context}: the reference watch: {violation}");
+    }
+    let mut totals = WatchFigures::default();
+    for (spec, sessions) in &recorded.watches {
+        let figures = check_watcher(spec, sessions, &recorded.reference, last.revision)
+            .unwrap_or_else(|violation| panic!("{context}: watch {spec:?}: {violation}"));
+        totals.events += figures.events;
+        totals.batches += figures.batches;
+        totals.resumptions += figures.resumptions;
+    }
+    totals
+}
+
+/// The key space the final read reported.
+fn final_state(history: &[Op]) -> State {
+    let Some(Outcome::Ok(Response::Range { revision, kvs })) = history.last().map(|op| &op.outcome)
+    else {
+        panic!("the history ends with the final range read");
+    };
+    State {
+        revision: *revision,
+        kvs: kvs.iter().cloned().collect(),
+        ..State::default()
     }
 }
 
@@ -306,10 +426,15 @@ struct Recorded {
     history: Vec<Op>,
     faults: u64,
     definite_failures: u64,
+    /// The reference watch's events, from the round's first revision to the final read's.
+    reference: Vec<Event>,
+    /// Every watcher's sessions (the first, then one per re-creation).
+    watches: Vec<(WatchSpec, Vec<Vec<Batch>>)>,
 }
 
-/// Reads the quiescent state, runs the clients for `duration_ms` while injecting `fault`,
-/// then appends a final read of the whole key space to the history.
+/// Reads the quiescent state, runs the clients and the watchers for `duration_ms` while
+/// injecting `fault`, appends a final read of the whole key space to the history, and reads
+/// the reference watch.
 async fn record_round(
     server: &mut Server,
     fault: Fault,
@@ -318,11 +443,27 @@ async fn record_round(
     duration_ms: u64,
     context: &str,
 ) -> Recorded {
-    let init = read_state(&server.client().await).await;
+    let init = prepare_round(&mut server.client().await).await;
+    let past_from = *init.past.snapshots.keys().next().expect("a past snapshot");
     let shared = Arc::new(Shared {
         endpoint: Mutex::new(server.endpoint()),
         max_revision: AtomicI64::new(init.revision),
+        past_from,
+        init_revision: init.revision,
     });
+    let (target_sender, target) = tokio::sync::watch::channel(None);
+    let watchers: Vec<_> = watch_specs()
+        .into_iter()
+        .map(|spec| {
+            let watcher = Watcher {
+                spec: spec.clone(),
+                shared: Arc::clone(&shared),
+                start_revision: init.revision + 1,
+                target: target.clone(),
+            };
+            (spec, tokio::spawn(watcher.run(context.to_string())))
+        })
+        .collect();
     let origin = Instant::now();
     let deadline = origin + Duration::from_millis(duration_ms);
     let clients: Vec<_> = (0..CLIENTS)
@@ -334,6 +475,9 @@ async fn record_round(
                 shared: Arc::clone(&shared),
                 origin,
                 deadline,
+                leases: Vec::new(),
+                revoked: Vec::new(),
+                max_seen: init.revision,
             };
             tokio::spawn(worker.run())
         })
@@ -353,12 +497,60 @@ async fn record_round(
     }
     bound_unknown_outcomes(&mut history, &faults.kills_ns);
     history.push(final_read(server, origin).await);
+    let last_revision = final_state(&history).revision;
+    let reference = reference_events(server, init.revision + 1, last_revision, context).await;
+
+    let mut watches = Vec::new();
+    for (spec, watcher) in watchers {
+        let target = spec.expected(&reference).last().map_or(0, |e| e.revision);
+        target_sender.send_replace(Some(target));
+        let join = tokio::time::timeout(
+            Duration::from_millis(CLIENT_JOIN_TIMEOUT_MS + WATCH_CATCH_UP_TIMEOUT_MS),
+            watcher,
+        );
+        let sessions = join
+            .await
+            .unwrap_or_else(|_| panic!("{context}: a watcher hung"))
+            .expect("watcher task");
+        watches.push((spec, sessions));
+    }
     Recorded {
         init,
         history,
         faults: faults.count,
         definite_failures,
+        reference,
+        watches,
     }
+}
+
+/// Before a round, with no client running: revokes the leases left by the last one (their
+/// IDs are unique per round), then reads the key space, the compaction and the key spaces of
+/// the past window (down to `PAST_WINDOW_REVISIONS` back, not below the compaction).
+async fn prepare_round(client: &mut Client) -> State {
+    let leases = client.leases().await.expect("list leases");
+    for lease in leases.leases() {
+        match client.lease_revoke(lease.id()).await {
+            Ok(_) => {}
+            Err(error) if known_error(&error) == Some(Response::LeaseNotFound) => {}
+            Err(error) => panic!("revoke lease {}: {error}", lease.id()),
+        }
+    }
+    let mut init = read_state(client, None).await;
+    let lowest_readable = lowest_readable_revision(client, init.revision).await;
+    init.compacted = if lowest_readable >= MIN_COMPACT_REVISION {
+        lowest_readable
+    } else {
+        0
+    };
+    let past_from = lowest_readable.max(init.revision - PAST_WINDOW_REVISIONS);
+    let mut past = Past::default();
+    for revision in past_from..=init.revision {
+        let at = read_state(client, Some(revision)).await;
+        past.snapshots.insert(revision, at.kvs);
+    }
+    init.past = Arc::new(past);
+    init
 }
 
 /// An operation with an unknown outcome can only have taken effect in the server process its
@@ -494,20 +686,31 @@ async fn crash_and_restart(
     killed_ns
 }
 
-/// The whole key space at one revision, read when no client runs.
-async fn read_state(client: &Client) -> State {
-    let mut client = client.clone();
+/// The whole key space at one revision, or now with the leases, read when no client runs.
+async fn read_state(client: &mut Client, revision: Option<i64>) -> State {
+    let mut options = GetOptions::new().with_prefix();
+    let mut leases = BTreeSet::new();
+    match revision {
+        Some(revision) => options = options.with_revision(revision),
+        None => {
+            let listed = client.leases().await.expect("list leases");
+            leases = listed.leases().iter().map(|lease| lease.id()).collect();
+        }
+    }
     let response = client
-        .get(KEY_PREFIX, Some(GetOptions::new().with_prefix()))
+        .get(KEY_PREFIX, Some(options))
         .await
         .expect("read the key space");
     State {
-        revision: response.header().expect("header").revision(),
+        revision: header_revision(response.header()),
         kvs: response
             .kvs()
             .iter()
             .map(|kv| (utf8(kv.key()), key_value(kv)))
+            .filter(|(key, _)| key != SENTINEL_KEY)
             .collect(),
+        leases,
+        ..State::default()
     }
 }
 
@@ -531,49 +734,79 @@ async fn final_read(server: &Server, origin: Instant) -> Op {
     }
 }
 
+/// The writes an acknowledged response proves, as (key, Some((value, revision)) for a put or
+/// None for a delete, revision).
+fn acknowledged_writes(op: &Op) -> Vec<(&str, Option<&str>, i64)> {
+    let Outcome::Ok(response) = &op.outcome else {
+        return Vec::new();
+    };
+    match (&op.input, response) {
+        (Request::Put { key, value, .. }, Response::Put { revision })
+        | (
+            Request::CompareAndSet { key, value, .. },
+            Response::CompareAndSet {
+                revision,
+                succeeded: true,
+                ..
+            },
+        ) => vec![(key.as_str(), Some(value.as_str()), *revision)],
+        (
+            Request::Delete { key },
+            Response::Delete {
+                revision,
+                deleted: 1,
+            },
+        ) => {
+            vec![(key.as_str(), None, *revision)]
+        }
+        (
+            Request::Txn { writes, .. },
+            Response::Txn {
+                revision,
+                succeeded: true,
+                ..
+            },
+        ) => writes
+            .iter()
+            .map(|write| match write {
+                Write::Put { key, value } => (key.as_str(), Some(value.as_str()), *revision),
+                Write::Delete { key } => (key.as_str(), None, *revision),
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// Reads every acknowledged write back at its own revision: a put's value with that mod
 /// revision, a delete's absence. Returns how many it verified; panics listing any lost.
 async fn verify_acknowledged_writes(client: &mut Client, history: &[Op], context: &str) -> u64 {
     let mut verified = 0;
     let mut lost = Vec::new();
     for op in history {
-        let Outcome::Ok(response) = &op.outcome else {
-            continue;
-        };
-        let (key, expected) = match (&op.input, response) {
-            (Request::Put { key, value }, Response::Put { revision })
-            | (
-                Request::CompareAndSet { key, value, .. },
-                Response::CompareAndSet {
-                    revision,
-                    succeeded: true,
-                    ..
-                },
-            ) => (key, Some((value.as_str(), *revision))),
-            (Request::Delete { key }, Response::Delete { deleted: 1, .. }) => (key, None),
-            _ => continue,
-        };
-        let revision = response.revision();
-        let options = GetOptions::new().with_revision(revision);
-        let read = client
-            .get(key.as_str(), Some(options))
-            .await
-            .unwrap_or_else(|e| panic!("{context}: read {key} at {revision}: {e}"));
-        let found = read
-            .kvs()
-            .first()
-            .map(|kv| (utf8(kv.value()), kv.mod_revision()));
-        let matches = match (expected, &found) {
-            (Some((value, revision)), Some((found_value, found_revision))) => {
-                value == found_value && revision == *found_revision
+        for (key, expected, revision) in acknowledged_writes(op) {
+            let options = GetOptions::new().with_revision(revision);
+            let read = client
+                .get(key, Some(options))
+                .await
+                .unwrap_or_else(|e| panic!("{context}: read {key} at {revision}: {e}"));
+            let found = read
+                .kvs()
+                .first()
+                .map(|kv| (utf8(kv.value()), kv.mod_revision()));
+            let matches = match (expected, &found) {
+                (Some(value), Some((found_value, found_revision))) => {
+                    value == found_value && revision == *found_revision
+                }
+                (None, None) => true,
+                _ => false,
+            };
+            if matches {
+                verified += 1;
+            } else {
+                lost.push(format!(
+                    "{op:?}: {key} at revision {revision} found {found:?}"
+                ));
             }
-            (None, None) => true,
-            _ => false,
-        };
-        if matches {
-            verified += 1;
-        } else {
-            lost.push(format!("{op:?}: at revision {revision} found {found:?}"));
         }
     }
     assert!(
@@ -588,27 +821,11 @@ async fn verify_acknowledged_writes(client: &mut Client, history: &[Op], context
 /// Revisions of the round at which the key space is the same as one revision before: the
 /// evidence for revision gaps, listed when a history needed the gap model.
 async fn revisions_without_change(client: &mut Client, init: &State, history: &[Op]) -> Vec<i64> {
-    let last = history.last().expect("the final read");
-    let Outcome::Ok(Response::Range {
-        revision: final_revision,
-        ..
-    }) = &last.outcome
-    else {
-        panic!("the history ends with the final range read");
-    };
+    let final_revision = final_state(history).revision;
     let mut gaps = Vec::new();
     let mut before = init.kvs.clone();
-    for revision in init.revision + 1..=*final_revision {
-        let options = GetOptions::new().with_prefix().with_revision(revision);
-        let read = client
-            .get(KEY_PREFIX, Some(options))
-            .await
-            .unwrap_or_else(|e| panic!("read the key space at {revision}: {e}"));
-        let at: BTreeMap<String, KeyValue> = read
-            .kvs()
-            .iter()
-            .map(|kv| (utf8(kv.key()), key_value(kv)))
-            .collect();
+    for revision in init.revision + 1..=final_revision {
+        let at = read_state(client, Some(revision)).await.kvs;
         if at == before {
             gaps.push(revision);
         }
@@ -627,6 +844,9 @@ struct ClientLog {
     definite_failures: u64,
 }
 
+/// What a client last saw of each key (None: absent), which its compares use.
+type Seen = HashMap<String, Option<(String, i64)>>;
+
 /// One client on its own connection.
 struct Worker {
     id: usize,
@@ -635,14 +855,18 @@ struct Worker {
     shared: Arc<Shared>,
     origin: Instant,
     deadline: Instant,
+    /// Leases this client granted (or may have: unknown outcomes included), newest last.
+    leases: Vec<i64>,
+    /// Leases it revoked, for puts that must fail with "lease not found".
+    revoked: Vec<i64>,
+    /// The highest revision this client has seen, the top of its reads at a revision.
+    max_seen: i64,
 }
 
 impl Worker {
     async fn run(mut self) -> ClientLog {
-        let mut client = connect(&self.shared).await;
-        // The last value and mod revision this client saw per key (None: absent), which its
-        // compare-and-sets compare against.
-        let mut seen: HashMap<String, Option<(String, i64)>> = HashMap::new();
+        let mut client = connect(&self.shared, Some(REQUEST_TIMEOUT_MS)).await;
+        let mut seen = Seen::new();
         let mut log = ClientLog::default();
         for seq in 0..MAX_OPS_PER_CLIENT {
             if Instant::now() >= self.deadline {
@@ -655,10 +879,12 @@ impl Worker {
             let outcome = match result {
                 Ok(response) => {
                     observe(&mut seen, &request, &response);
-                    let revision = response.revision();
-                    self.shared
-                        .max_revision
-                        .fetch_max(revision, Ordering::SeqCst);
+                    if let Some(revision) = response.revision() {
+                        self.max_seen = self.max_seen.max(revision);
+                        self.shared
+                            .max_revision
+                            .fetch_max(revision, Ordering::SeqCst);
+                    }
                     Outcome::Ok(response)
                 }
                 Err(error) if is_definite(&error) => {
@@ -676,57 +902,153 @@ impl Worker {
                 outcome,
             });
             if lost_connection {
-                client = connect(&self.shared).await;
+                client = connect(&self.shared, Some(REQUEST_TIMEOUT_MS)).await;
             }
         }
         log
     }
 
-    fn next_request(
-        &mut self,
-        seq: usize,
-        seen: &HashMap<String, Option<(String, i64)>>,
-    ) -> Request {
-        let key = format!("{KEY_PREFIX}{}", self.rng.gen_range(0..KEYS));
+    fn next_request(&mut self, seq: usize, seen: &Seen) -> Request {
+        let key = self.random_key();
         let value = format!("r{}c{}n{seq}", self.round, self.id);
         match self.rng.gen_range(0..100) {
-            0..25 => Request::Get { key },
-            25..35 => Request::Range {
-                prefix: KEY_PREFIX.to_string(),
+            0..14 => Request::Get { key },
+            14..20 => Request::Range {
+                prefix: self.random_prefix(),
             },
-            35..60 => Request::Put { key, value },
-            60..70 => Request::Delete { key },
+            20..27 => Request::GetAt {
+                key,
+                revision: self.rng.gen_range(self.shared.past_from..=self.max_seen),
+            },
+            27..42 => Request::Put {
+                key,
+                value,
+                lease: 0,
+            },
+            42..47 => self.leased_put(key, value),
+            47..52 => Request::Delete { key },
+            52..55 => Request::DeletePrefix {
+                prefix: SUB_PREFIX.to_string(),
+            },
+            55..70 => Request::CompareAndSet {
+                compare: self.compare_with_seen(&key, seen),
+                key,
+                value,
+            },
+            70..85 => self.multi_key_txn(&value, seen),
+            85..90 => {
+                let id = lease_id(self.round, self.id, seq);
+                self.leases.push(id);
+                Request::LeaseGrant { id }
+            }
+            90..96 => match self.leases.pop() {
+                Some(id) => {
+                    self.revoked.push(id);
+                    Request::LeaseRevoke { id }
+                }
+                None => Request::Get { key },
+            },
             _ => {
-                let compare = match seen.get(&key) {
-                    Some(Some((value, _))) if self.rng.gen_bool(0.5) => {
-                        Compare::Value(value.clone())
-                    }
-                    Some(Some((_, mod_revision))) => Compare::ModRevision(*mod_revision),
-                    Some(None) | None => Compare::ModRevision(0),
-                };
-                Request::CompareAndSet {
-                    key,
-                    compare,
-                    value,
+                // Compact the past window only: the round's own revisions stay readable, so
+                // the reference watch and the read-back of acknowledged writes reach them.
+                let lowest = self.shared.past_from.max(MIN_COMPACT_REVISION);
+                let highest = self.shared.init_revision.max(lowest);
+                Request::Compact {
+                    revision: self.rng.gen_range(lowest..=highest),
                 }
             }
         }
     }
+
+    fn random_key(&mut self) -> String {
+        format!("{KEY_PREFIX}{}", self.rng.gen_range(0..KEYS))
+    }
+
+    /// The whole workload, or the keys `robust/1`, `robust/10`, `robust/11`.
+    fn random_prefix(&mut self) -> String {
+        let prefix = if self.rng.gen_bool(0.5) {
+            KEY_PREFIX
+        } else {
+            SUB_PREFIX
+        };
+        prefix.to_string()
+    }
+
+    /// A put on one of this client's leases, now and then on a revoked one (which must fail
+    /// with "lease not found").
+    fn leased_put(&mut self, key: String, value: String) -> Request {
+        let revoked = self
+            .rng
+            .gen_bool(0.1)
+            .then(|| self.revoked.last())
+            .flatten();
+        let lease = match (revoked, self.leases.last()) {
+            (Some(&id), _) | (None, Some(&id)) => id,
+            (None, None) => 0,
+        };
+        Request::Put { key, value, lease }
+    }
+
+    /// Compares against what the client last saw: half the time the value, else the mod
+    /// revision (0 for a key it saw absent or never saw).
+    fn compare_with_seen(&mut self, key: &str, seen: &Seen) -> Compare {
+        match seen.get(key) {
+            Some(Some((value, _))) if self.rng.gen_bool(0.5) => Compare::Value(value.clone()),
+            Some(Some((_, mod_revision))) => Compare::ModRevision(*mod_revision),
+            Some(None) | None => Compare::ModRevision(0),
+        }
+    }
+
+    /// A txn over 2 or 3 distinct keys (usually on different shards): each guarded by what
+    /// the client saw, then a put on each, or a delete of the last one.
+    fn multi_key_txn(&mut self, value: &str, seen: &Seen) -> Request {
+        let count = self.rng.gen_range(2..=3);
+        let mut keys: Vec<String> = Vec::with_capacity(count);
+        while keys.len() < count {
+            let key = self.random_key();
+            if !keys.contains(&key) {
+                keys.push(key);
+            }
+        }
+        let guards = keys
+            .iter()
+            .map(|key| (key.clone(), self.compare_with_seen(key, seen)))
+            .collect();
+        let delete_last = self.rng.gen_bool(0.3);
+        let writes = keys
+            .iter()
+            .enumerate()
+            .map(|(index, key)| {
+                if delete_last && index == count - 1 {
+                    Write::Delete { key: key.clone() }
+                } else {
+                    Write::Put {
+                        key: key.clone(),
+                        value: value.to_string(),
+                    }
+                }
+            })
+            .collect();
+        Request::Txn { guards, writes }
+    }
+}
+
+/// Unique per round, client and request, and positive.
+fn lease_id(round: u64, client: usize, seq: usize) -> i64 {
+    let id = ((round + 1) << 24) | ((client as u64) << 16) | seq as u64;
+    i64::try_from(id).expect("lease ids fit in i64")
 }
 
 /// Remembers what a response said about keys, for later compares.
-fn observe(
-    seen: &mut HashMap<String, Option<(String, i64)>>,
-    request: &Request,
-    response: &Response,
-) {
+fn observe(seen: &mut Seen, request: &Request, response: &Response) {
     let snapshot = |kv: &KeyValue| (kv.value.clone(), kv.mod_revision);
     match (request, response) {
         (Request::Get { key }, Response::Get { kv, .. }) => {
             seen.insert(key.clone(), kv.as_ref().map(snapshot));
         }
-        (Request::Range { .. }, Response::Range { kvs, .. }) => {
-            for key in (0..KEYS).map(|n| format!("{KEY_PREFIX}{n}")) {
+        (Request::Range { prefix }, Response::Range { kvs, .. }) => {
+            let keys = (0..KEYS).map(|n| format!("{KEY_PREFIX}{n}"));
+            for key in keys.filter(|key| key.starts_with(prefix.as_str())) {
                 let kv = kvs
                     .iter()
                     .find(|(k, _)| *k == key)
@@ -734,7 +1056,7 @@ fn observe(
                 seen.insert(key, kv);
             }
         }
-        (Request::Put { key, value }, Response::Put { revision })
+        (Request::Put { key, value, .. }, Response::Put { revision })
         | (
             Request::CompareAndSet { key, value, .. },
             Response::CompareAndSet {
@@ -751,6 +1073,44 @@ fn observe(
         (Request::Delete { key }, Response::Delete { .. }) => {
             seen.insert(key.clone(), None);
         }
+        (Request::DeletePrefix { prefix }, Response::Delete { .. }) => {
+            for (key, kv) in seen.iter_mut() {
+                if key.starts_with(prefix.as_str()) {
+                    *kv = None;
+                }
+            }
+        }
+        (
+            Request::Txn { writes, .. },
+            Response::Txn {
+                revision,
+                succeeded: true,
+                ..
+            },
+        ) => {
+            for write in writes {
+                match write {
+                    Write::Put { key, value } => {
+                        seen.insert(key.clone(), Some((value.clone(), *revision)))
+                    }
+                    Write::Delete { key } => seen.insert(key.clone(), None),
+                };
+            }
+        }
+        (Request::Txn { guards, .. }, Response::Txn { kvs, .. }) => {
+            for ((key, _), kv) in guards.iter().zip(kvs) {
+                seen.insert(key.clone(), kv.as_ref().map(snapshot));
+            }
+        }
+        // Reads of the past, leases and compaction say nothing about the present keys.
+        (
+            Request::GetAt { .. }
+            | Request::LeaseGrant { .. }
+            | Request::LeaseRevoke { .. }
+            | Request::Compact { .. }
+            | Request::Put { .. },
+            _,
+        ) => {}
         (request, response) => panic!("response {response:?} does not answer {request:?}"),
     }
 }
@@ -777,14 +1137,19 @@ fn is_definite(error: &etcd_client::Error) -> bool {
 }
 
 /// Connects to the current endpoint and polls a real request until the server answers.
-async fn connect(shared: &Shared) -> Client {
+/// Watch streams get no request timeout (it would bound the whole stream).
+async fn connect(shared: &Shared, request_timeout_ms: Option<u64>) -> Client {
     let deadline = Instant::now() + Duration::from_millis(RECONNECT_DEADLINE_MS);
     loop {
-        let options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
-            .with_timeout(Duration::from_millis(REQUEST_TIMEOUT_MS));
+        let mut options =
+            ConnectOptions::new().with_connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS));
+        if let Some(timeout_ms) = request_timeout_ms {
+            options = options.with_timeout(Duration::from_millis(timeout_ms));
+        }
         if let Ok(mut client) = Client::connect([shared.endpoint()], Some(options)).await {
-            if client.get("robustness-connect-probe", None).await.is_ok() {
+            let probe = client.get("robustness-connect-probe", None);
+            let answered = tokio::time::timeout(Duration::from_millis(REQUEST_TIMEOUT_MS), probe);
+            if matches!(answered.await, Ok(Ok(_))) {
                 return client;
             }
         }
@@ -799,18 +1164,16 @@ async fn connect(shared: &Shared) -> Client {
 
 async fn execute(client: &mut Client, request: &Request) -> Result<Response, etcd_client::Error> {
     let response = match request {
-        Request::Get { key } => {
-            let read = client.get(key.as_str(), None).await?;
-            Response::Get {
-                revision: read.header().expect("header").revision(),
-                kv: read.kvs().first().map(key_value),
-            }
+        Request::Get { key } => get(client, key, None).await?,
+        Request::GetAt { key, revision } => {
+            let read = get(client, key, Some(*revision)).await;
+            return read.or_else(|error| known_error(&error).ok_or(error));
         }
         Request::Range { prefix } => {
             let options = GetOptions::new().with_prefix();
             let read = client.get(prefix.as_str(), Some(options)).await?;
             Response::Range {
-                revision: read.header().expect("header").revision(),
+                revision: header_revision(read.header()),
                 kvs: read
                     .kvs()
                     .iter()
@@ -818,61 +1181,154 @@ async fn execute(client: &mut Client, request: &Request) -> Result<Response, etc
                     .collect(),
             }
         }
-        Request::Put { key, value } => {
-            let put = client.put(key.as_str(), value.as_str(), None).await?;
-            Response::Put {
-                revision: put.header().expect("header").revision(),
+        Request::Put { key, value, lease } => {
+            let options = (*lease != 0).then(|| PutOptions::new().with_lease(*lease));
+            match client.put(key.as_str(), value.as_str(), options).await {
+                Ok(put) => Response::Put {
+                    revision: header_revision(put.header()),
+                },
+                Err(error) => return known_error(&error).ok_or(error),
             }
         }
-        Request::Delete { key } => {
-            let delete = client.delete(key.as_str(), None).await?;
-            Response::Delete {
-                revision: delete.header().expect("header").revision(),
-                deleted: delete.deleted(),
-            }
+        Request::Delete { key } => delete(client, key, None).await?,
+        Request::DeletePrefix { prefix } => {
+            delete(client, prefix, Some(DeleteOptions::new().with_prefix())).await?
         }
         Request::CompareAndSet {
             key,
             compare,
             value,
-        } => compare_and_set(client, key, compare, value).await?,
+        } => {
+            let writes = [Write::Put {
+                key: key.clone(),
+                value: value.clone(),
+            }];
+            let guards = [(key.clone(), compare.clone())];
+            let (revision, succeeded, mut kvs) = txn(client, &guards, &writes).await?;
+            Response::CompareAndSet {
+                revision,
+                succeeded,
+                kv: kvs.pop().flatten(),
+            }
+        }
+        Request::Txn { guards, writes } => {
+            let (revision, succeeded, kvs) = txn(client, guards, writes).await?;
+            Response::Txn {
+                revision,
+                succeeded,
+                kvs,
+            }
+        }
+        Request::LeaseGrant { id } => {
+            let options = LeaseGrantOptions::new().with_id(*id);
+            let grant = client.lease_grant(LEASE_TTL_S, Some(options)).await?;
+            Response::LeaseGrant {
+                revision: header_revision(grant.header()),
+            }
+        }
+        Request::LeaseRevoke { id } => match client.lease_revoke(*id).await {
+            Ok(revoke) => Response::LeaseRevoke {
+                revision: header_revision(revoke.header()),
+            },
+            Err(error) => return known_error(&error).ok_or(error),
+        },
+        Request::Compact { revision } => match client.compact(*revision, None).await {
+            Ok(compact) => Response::Compact {
+                revision: header_revision(compact.header()),
+            },
+            Err(error) => return known_error(&error).ok_or(error),
+        },
     };
     Ok(response)
 }
 
-/// `Txn { compare } then put(key, value) else get(key)`.
-async fn compare_and_set(
+/// The errors the model predicts, as responses; `None` for any other.
+fn known_error(error: &etcd_client::Error) -> Option<Response> {
+    let etcd_client::Error::GRpcStatus(status) = error else {
+        return None;
+    };
+    match (status.code(), status.message()) {
+        (tonic::Code::OutOfRange, COMPACTED_ERROR) => Some(Response::Compacted),
+        (tonic::Code::OutOfRange, FUTURE_REVISION_ERROR) => Some(Response::FutureRevision),
+        (tonic::Code::NotFound, LEASE_NOT_FOUND_ERROR) => Some(Response::LeaseNotFound),
+        _ => None,
+    }
+}
+
+async fn get(
     client: &mut Client,
     key: &str,
-    compare: &Compare,
-    value: &str,
+    revision: Option<i64>,
 ) -> Result<Response, etcd_client::Error> {
-    let guard = match compare {
-        Compare::ModRevision(revision) => {
-            EtcdCompare::mod_revision(key, CompareOp::Equal, *revision)
-        }
-        Compare::Value(expected) => EtcdCompare::value(key, CompareOp::Equal, expected.as_str()),
-    };
-    let txn = Txn::new()
-        .when(vec![guard])
-        .and_then(vec![TxnOp::put(key, value, None)])
-        .or_else(vec![TxnOp::get(key, None)]);
-    let response = client.txn(txn).await?;
-    let revision = response.header().expect("header").revision();
-    let succeeded = response.succeeded();
-    let kv = if succeeded {
-        None
-    } else {
-        match response.op_responses().as_slice() {
-            [TxnOpResponse::Get(get)] => get.kvs().first().map(key_value),
-            other => panic!("the else branch of a compare-and-set answered {other:?}"),
-        }
-    };
-    Ok(Response::CompareAndSet {
-        revision,
-        succeeded,
-        kv,
+    let options = revision.map(|revision| GetOptions::new().with_revision(revision));
+    let read = client.get(key, options).await?;
+    Ok(Response::Get {
+        revision: header_revision(read.header()),
+        kv: read.kvs().first().map(key_value),
     })
+}
+
+async fn delete(
+    client: &mut Client,
+    key: &str,
+    options: Option<DeleteOptions>,
+) -> Result<Response, etcd_client::Error> {
+    let delete = client.delete(key, options).await?;
+    Ok(Response::Delete {
+        revision: header_revision(delete.header()),
+        deleted: delete.deleted(),
+    })
+}
+
+/// `Txn { every guard (EQUAL) } then writes else get(each guard's key)`: the header's
+/// revision, whether it succeeded, and the else branch's reads (empty on success).
+async fn txn(
+    client: &mut Client,
+    guards: &[(String, Compare)],
+    writes: &[Write],
+) -> Result<(i64, bool, Vec<Option<KeyValue>>), etcd_client::Error> {
+    let compares = guards
+        .iter()
+        .map(|(key, compare)| match compare {
+            Compare::ModRevision(revision) => {
+                EtcdCompare::mod_revision(key.as_str(), CompareOp::Equal, *revision)
+            }
+            Compare::Value(expected) => {
+                EtcdCompare::value(key.as_str(), CompareOp::Equal, expected.as_str())
+            }
+        })
+        .collect::<Vec<_>>();
+    let then = writes
+        .iter()
+        .map(|write| match write {
+            Write::Put { key, value } => TxnOp::put(key.as_str(), value.as_str(), None),
+            Write::Delete { key } => TxnOp::delete(key.as_str(), None),
+        })
+        .collect::<Vec<_>>();
+    let otherwise = guards
+        .iter()
+        .map(|(key, _)| TxnOp::get(key.as_str(), None))
+        .collect::<Vec<_>>();
+    let response = client
+        .txn(Txn::new().when(compares).and_then(then).or_else(otherwise))
+        .await?;
+    let revision = header_revision(response.header());
+    if response.succeeded() {
+        return Ok((revision, true, Vec::new()));
+    }
+    let kvs = response
+        .op_responses()
+        .iter()
+        .map(|op| match op {
+            TxnOpResponse::Get(get) => get.kvs().first().map(key_value),
+            other => panic!("the else branch of a txn answered {other:?}"),
+        })
+        .collect();
+    Ok((revision, false, kvs))
+}
+
+fn header_revision(header: Option<&etcd_client::ResponseHeader>) -> i64 {
+    header.expect("a response header").revision()
 }
 
 fn key_value(kv: &etcd_client::KeyValue) -> KeyValue {
@@ -881,6 +1337,7 @@ fn key_value(kv: &etcd_client::KeyValue) -> KeyValue {
         create_revision: kv.create_revision(),
         mod_revision: kv.mod_revision(),
         version: kv.version(),
+        lease: kv.lease(),
     }
 }
 
@@ -891,4 +1348,268 @@ fn utf8(bytes: &[u8]) -> String {
 
 fn nanos_since(origin: Instant) -> u64 {
     u64::try_from(origin.elapsed().as_nanos()).expect("a round lasts less than 584 years")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Watchers
+// ---------------------------------------------------------------------------------------------
+
+/// The watchers of every round: the whole workload with `prev_kv`; deletes only (NOPUT)
+/// under a sub-prefix with `prev_kv`; puts only (NODELETE) of one key.
+fn watch_specs() -> Vec<WatchSpec> {
+    vec![
+        WatchSpec {
+            key: KEY_PREFIX.to_string(),
+            prefix: true,
+            no_put: false,
+            no_delete: false,
+            prev_kv: true,
+        },
+        WatchSpec {
+            key: SUB_PREFIX.to_string(),
+            prefix: true,
+            no_put: true,
+            no_delete: false,
+            prev_kv: true,
+        },
+        WatchSpec {
+            key: format!("{KEY_PREFIX}2"),
+            prefix: false,
+            no_put: false,
+            no_delete: true,
+            prev_kv: false,
+        },
+    ]
+}
+
+fn watch_options(spec: &WatchSpec, start_revision: i64) -> WatchOptions {
+    let mut options = WatchOptions::new().with_start_revision(start_revision);
+    if spec.prefix {
+        options = options.with_prefix();
+    }
+    if spec.prev_kv {
+        options = options.with_prev_key();
+    }
+    let mut filters = Vec::new();
+    if spec.no_put {
+        filters.push(WatchFilterType::NoPut);
+    }
+    if spec.no_delete {
+        filters.push(WatchFilterType::NoDelete);
+    }
+    options.with_filters(filters)
+}
+
+/// One watcher through the round: re-created from its last revision + 1 whenever its stream
+/// breaks, until told the last revision it must reach (or `WATCH_CATCH_UP_TIMEOUT_MS` after
+/// that, leaving the check to report what is missing).
+struct Watcher {
+    spec: WatchSpec,
+    shared: Arc<Shared>,
+    start_revision: i64,
+    /// `Some(revision)` once the round is over: stop after an event at or above it.
+    target: tokio::sync::watch::Receiver<Option<i64>>,
+}
+
+impl Watcher {
+    async fn run(mut self, context: String) -> Vec<Vec<Batch>> {
+        let mut sessions: Vec<Vec<Batch>> = Vec::new();
+        let mut last_seen = self.start_revision - 1;
+        let mut catch_up_deadline = None;
+        loop {
+            if self.done(last_seen, &mut catch_up_deadline) {
+                return sessions;
+            }
+            let mut client = connect(&self.shared, None).await;
+            let options = watch_options(&self.spec, last_seen + 1);
+            let Ok(mut stream) = client.watch(self.spec.key.as_str(), Some(options)).await else {
+                continue;
+            };
+            sessions.push(Vec::new());
+            let session = sessions.last_mut().expect("a session");
+            loop {
+                let deadline = catch_up_deadline.unwrap_or_else(far_future);
+                let message = tokio::select! {
+                    message = stream.message() => message,
+                    _ = self.target.changed() => {
+                        if self.done(last_seen, &mut catch_up_deadline) {
+                            return sessions;
+                        }
+                        continue;
+                    }
+                    () = tokio::time::sleep_until(deadline.into()) => return sessions,
+                };
+                let Ok(Some(response)) = message else {
+                    break; // The server went away: re-create the watch.
+                };
+                assert!(
+                    !response.canceled(),
+                    "{context}: watch {:?} cancelled (compact revision {}): {}",
+                    self.spec,
+                    response.compact_revision(),
+                    response.cancel_reason()
+                );
+                if response.events().is_empty() {
+                    continue;
+                }
+                let batch = to_batch(&response);
+                last_seen = batch.events.last().expect("events").revision;
+                session.push(batch);
+                if self.done(last_seen, &mut catch_up_deadline) {
+                    return sessions;
+                }
+            }
+        }
+    }
+
+    /// Whether the watcher has reached its target; starts the catch-up clock when the
+    /// target is first known.
+    fn done(&self, last_seen: i64, catch_up_deadline: &mut Option<Instant>) -> bool {
+        let Some(target) = *self.target.borrow() else {
+            return false;
+        };
+        let deadline = *catch_up_deadline.get_or_insert_with(|| {
+            Instant::now() + Duration::from_millis(WATCH_CATCH_UP_TIMEOUT_MS)
+        });
+        last_seen >= target || Instant::now() >= deadline
+    }
+}
+
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(24 * 3600)
+}
+
+fn to_batch(response: &etcd_client::WatchResponse) -> Batch {
+    let events = response
+        .events()
+        .iter()
+        .map(|event| {
+            let kv = event.kv().expect("an event has a kv");
+            let kind = match event.event_type() {
+                EventType::Put => EventKind::Put(key_value(kv)),
+                EventType::Delete => EventKind::Delete,
+            };
+            Event {
+                revision: kv.mod_revision(),
+                key: utf8(kv.key()),
+                kind,
+                prev: event.prev_kv().map(key_value),
+            }
+        })
+        .collect();
+    Batch {
+        header_revision: header_revision(response.header()),
+        events,
+    }
+}
+
+/// The reference events of the round: one watch of the whole workload with `prev_kv` from
+/// the round's first revision, after the round. A sentinel key put and deleted after the
+/// final read marks the end; events above `last_revision` (the sentinel's) are dropped.
+async fn reference_events(
+    server: &Server,
+    from_revision: i64,
+    last_revision: i64,
+    context: &str,
+) -> Vec<Event> {
+    let mut client = server.client().await;
+    client
+        .put(SENTINEL_KEY, "end", None)
+        .await
+        .unwrap_or_else(|e| panic!("{context}: put the sentinel: {e}"));
+    let end = client
+        .delete(SENTINEL_KEY, None)
+        .await
+        .unwrap_or_else(|e| panic!("{context}: delete the sentinel: {e}"));
+    let end_revision = header_revision(end.header());
+    let options = WatchOptions::new()
+        .with_prefix()
+        .with_prev_key()
+        .with_start_revision(from_revision);
+    let mut stream = client
+        .watch(KEY_PREFIX, Some(options))
+        .await
+        .unwrap_or_else(|e| panic!("{context}: the reference watch: {e}"));
+    let mut events = Vec::new();
+    let deadline = Instant::now() + Duration::from_millis(WATCH_CATCH_UP_TIMEOUT_MS);
+    loop {
+        let message = tokio::time::timeout_at(deadline.into(), stream.message())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("{context}: the reference watch did not reach revision {end_revision}")
+            })
+            .unwrap_or_else(|e| panic!("{context}: the reference watch: {e}"))
+            .unwrap_or_else(|| panic!("{context}: the reference watch ended"));
+        assert!(
+            !message.canceled(),
+            "{context}: the reference watch from {from_revision} was cancelled (compact \
+             revision {})",
+            message.compact_revision()
+        );
+        let batch = to_batch(&message);
+        let reached_end = batch.events.iter().any(|e| e.revision >= end_revision);
+        events.extend(
+            batch
+                .events
+                .into_iter()
+                .filter(|e| e.revision <= last_revision),
+        );
+        if reached_end {
+            return events;
+        }
+    }
+}
+
+/// A watch from below the compacted revision must be cancelled with `compact_revision` set
+/// to it. Returns whether there was a compaction to probe.
+async fn check_compacted_watch(client: &mut Client, context: &str) -> bool {
+    let current = header_revision(client.get(KEY_PREFIX, None).await.expect("get").header());
+    let compacted = lowest_readable_revision(client, current).await;
+    if compacted <= MIN_COMPACT_REVISION {
+        return false;
+    }
+    let options = WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(compacted - 1);
+    let mut stream = client
+        .watch(KEY_PREFIX, Some(options))
+        .await
+        .unwrap_or_else(|e| panic!("{context}: watch from a compacted revision: {e}"));
+    let deadline = Instant::now() + Duration::from_millis(WATCH_CATCH_UP_TIMEOUT_MS);
+    loop {
+        let message = tokio::time::timeout_at(deadline.into(), stream.message())
+            .await
+            .unwrap_or_else(|_| panic!("{context}: a compacted watch was never cancelled"))
+            .expect("watch stream")
+            .expect("a response");
+        assert!(
+            message.events().is_empty(),
+            "{context}: a watch from compacted revision {} got events",
+            compacted - 1
+        );
+        if message.canceled() || message.compact_revision() != 0 {
+            assert_eq!(
+                (message.canceled(), message.compact_revision()),
+                (true, compacted),
+                "{context}: a watch from below the compaction at {compacted}"
+            );
+            return true;
+        }
+    }
+}
+
+/// The lowest revision a read at a revision still answers (1 with nothing compacted): the
+/// compaction, by bisection between 1 and `current`.
+async fn lowest_readable_revision(client: &mut Client, current: i64) -> i64 {
+    let (mut low, mut high) = (1, current.max(1));
+    while low < high {
+        let middle = low + (high - low) / 2;
+        let options = GetOptions::new().with_revision(middle).with_count_only();
+        match client.get(KEY_PREFIX, Some(options)).await {
+            Ok(_) => high = middle,
+            Err(error) if known_error(&error) == Some(Response::Compacted) => low = middle + 1,
+            Err(error) => panic!("read at revision {middle}: {error}"),
+        }
+    }
+    low
 }

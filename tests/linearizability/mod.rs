@@ -25,6 +25,7 @@
 #![allow(dead_code)]
 
 pub mod etcd;
+pub mod watch;
 
 use std::collections::HashSet;
 use std::fmt::{Debug, Display, Write};

@@ -172,6 +172,17 @@ impl<'a> Slotted<'a> {
         Ok(&self.bytes[offset..])
     }
 
+    /// A stored key length, which no valid page exceeds: splitting relies on every entry
+    /// being at most a quarter page, so a longer key from a damaged page must not reach a
+    /// write (found by fuzzing, fuzz/regressions/btree_file/crash-ba6aae41-*).
+    fn key_len(&self, stored: u16) -> Result<usize> {
+        let len = usize::from(stored);
+        if len > MAX_KEY_BYTES {
+            return Err(Error::corrupt(self.id, "key longer than the maximum"));
+        }
+        Ok(len)
+    }
+
     /// Splits `len` bytes off the front of `rest`, or reports corruption.
     fn take(&self, rest: &'a [u8], len: usize) -> Result<(&'a [u8], &'a [u8])> {
         if len > rest.len() {
@@ -203,7 +214,7 @@ impl<'a> LeafView<'a> {
         let bytes = s.entry(i)?;
         let (h, rest) = LeafEntryHeader::ref_from_prefix(bytes)
             .map_err(|_| Error::corrupt(s.id, "leaf entry header past page end"))?;
-        let (key, rest) = s.take(rest, usize::from(h.key_len.get()))?;
+        let (key, rest) = s.take(rest, s.key_len(h.key_len.get())?)?;
         let len = h.value_len.get() as usize;
         let value = match h.flags {
             0 => StoredValue::Inline(s.take(rest, len)?.0),
@@ -264,7 +275,7 @@ impl<'a> BranchView<'a> {
         let s = &self.slots;
         let (h, rest) = BranchEntryHeader::ref_from_prefix(s.entry(i)?)
             .map_err(|_| Error::corrupt(s.id, "branch entry header past page end"))?;
-        let (key, _) = s.take(rest, usize::from(h.key_len.get()))?;
+        let (key, _) = s.take(rest, s.key_len(h.key_len.get())?)?;
         Ok((key, h.child.get()))
     }
 
