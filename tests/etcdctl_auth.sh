@@ -14,50 +14,8 @@ export ETCDCTL_API=3
 ERR=$(mktemp)
 trap 'rm -f "$ERR"' EXIT
 
-ctl() {
-    etcdctl --endpoints="$ENDPOINT" --command-timeout=10s "$@"
-}
-
-fail() {
-    echo "FAIL: $1" >&2
-    exit 1
-}
-
-# expect NAME EXPECTED_STDOUT COMMAND...: the command succeeds and prints exactly that.
-expect() {
-    local name=$1 expected=$2 actual
-    shift 2
-    if ! actual=$("$@" 2>"$ERR"); then
-        fail "$name: command failed: $*
-$(cat "$ERR")"
-    fi
-    if [[ "$actual" != "$expected" ]]; then
-        fail "$name: $*
---- expected ---
-$expected
---- actual ---
-$actual"
-    fi
-    echo "ok: $name"
-}
-
-# expect_error NAME EXPECTED_LAST_STDERR_LINE COMMAND...: the command fails with that error.
-expect_error() {
-    local name=$1 expected=$2 actual
-    shift 2
-    if "$@" >/dev/null 2>"$ERR"; then
-        fail "$name: command succeeded, expected: $expected"
-    fi
-    actual=$(tail -n 1 "$ERR")
-    if [[ "$actual" != "$expected" ]]; then
-        fail "$name: $*
---- expected error ---
-$expected
---- actual stderr ---
-$(cat "$ERR")"
-    fi
-    echo "ok: $name"
-}
+# shellcheck source=etcdctl_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/etcdctl_lib.sh"
 
 ROOT=(--user root:rootpw)
 ALICE=(--user alice:alicepw)

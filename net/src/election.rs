@@ -38,10 +38,7 @@ impl Election for ElectionService {
         &self,
         request: Request<CampaignRequest>,
     ) -> Result<Response<CampaignResponse>, Status> {
-        let node = self
-            .node
-            .for_client(request.metadata())
-            .map_err(RecipeError::Kv)?;
+        let node = recipes::for_client(&self.node, &request)?;
         let request = request.into_inner();
         let lease = recipes::session_lease(&node, request.lease).await?;
         let won = recipes::campaign(&node, &request.name, lease, &request.value).await?;
@@ -60,10 +57,7 @@ impl Election for ElectionService {
         &self,
         request: Request<ProclaimRequest>,
     ) -> Result<Response<ProclaimResponse>, Status> {
-        let node = self
-            .node
-            .for_client(request.metadata())
-            .map_err(RecipeError::Kv)?;
+        let node = recipes::for_client(&self.node, &request)?;
         let request = request.into_inner();
         let leader = request.leader.ok_or(RecipeError::MissingLeaderKey)?;
         let header =
@@ -77,10 +71,7 @@ impl Election for ElectionService {
         &self,
         request: Request<LeaderRequest>,
     ) -> Result<Response<LeaderResponse>, Status> {
-        let node = self
-            .node
-            .for_client(request.metadata())
-            .map_err(RecipeError::Kv)?;
+        let node = recipes::for_client(&self.node, &request)?;
         let (header, kv) = recipes::leader(&node, &request.into_inner().name).await?;
         Ok(Response::new(LeaderResponse {
             header: Some(header),
@@ -93,10 +84,7 @@ impl Election for ElectionService {
         &self,
         request: Request<LeaderRequest>,
     ) -> Result<Response<BoxStream<LeaderResponse>>, Status> {
-        let node = self
-            .node
-            .for_client(request.metadata())
-            .map_err(RecipeError::Kv)?;
+        let node = recipes::for_client(&self.node, &request)?;
         let name = request.into_inner().name;
         let (tx, rx) = async_channel::bounded(OBSERVE_BUFFER_RESPONSES);
         // Dropped with the response stream: stops an observer that is waiting for a change.
@@ -135,10 +123,7 @@ impl Election for ElectionService {
         &self,
         request: Request<ResignRequest>,
     ) -> Result<Response<ResignResponse>, Status> {
-        let node = self
-            .node
-            .for_client(request.metadata())
-            .map_err(RecipeError::Kv)?;
+        let node = recipes::for_client(&self.node, &request)?;
         let leader = request
             .into_inner()
             .leader

@@ -22,10 +22,7 @@ impl LockService {
 impl Lock for LockService {
     /// Blocks until the caller's lease holds the lock; answers with the key that proves it.
     async fn lock(&self, request: Request<LockRequest>) -> Result<Response<LockResponse>, Status> {
-        let node = self
-            .node
-            .for_client(request.metadata())
-            .map_err(RecipeError::Kv)?;
+        let node = recipes::for_client(&self.node, &request)?;
         let request = request.into_inner();
         let lease = recipes::session_lease(&node, request.lease).await?;
         let (key, header) = recipes::lock(&node, &request.name, lease).await?;
@@ -40,10 +37,7 @@ impl Lock for LockService {
         &self,
         request: Request<UnlockRequest>,
     ) -> Result<Response<UnlockResponse>, Status> {
-        let node = self
-            .node
-            .for_client(request.metadata())
-            .map_err(RecipeError::Kv)?;
+        let node = recipes::for_client(&self.node, &request)?;
         let deleted = node
             .delete_range(DeleteRangeRequest {
                 key: request.into_inner().key,

@@ -79,6 +79,12 @@ pub fn prefix_range_end(prefix: &[u8]) -> Vec<u8> {
     vec![0]
 }
 
+/// The node acting for the caller of `request` (its auth token), as the recipes' requests
+/// are checked like the client's own.
+pub fn for_client<T>(node: &Node, request: &tonic::Request<T>) -> Result<Node, RecipeError> {
+    node.for_client(request.metadata()).map_err(RecipeError::Kv)
+}
+
 /// TTL of the lease etcd's `concurrency.NewSession` grants when given none.
 const SESSION_TTL_S: i64 = 60;
 

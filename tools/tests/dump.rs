@@ -73,6 +73,30 @@ fn hard_state(commit: u64) -> Record {
     .to_record()
 }
 
+/// A temporary data dir holding only a `member.conf` for `shards` shards.
+fn empty_data_dir(shards: usize) -> tempfile::TempDir {
+    let temp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+    let conf =
+        format!("format=1\nshards={shards}\ncluster_id={CLUSTER_ID}\nmember_id={MEMBER_ID}\n");
+    std::fs::write(temp.path().join("member.conf"), conf).expect("member.conf");
+    temp
+}
+
+/// Writes shard 0's checkpoint file: `a` put at revision 2, `b` at 3, covering revision 3 and
+/// WAL index 2. Returns its path.
+fn checkpoint_shard_0(data_dir: &Path) -> PathBuf {
+    use ferrocd_engine::checkpoint::Checkpointer;
+    std::fs::create_dir(data_dir.join("db")).expect("db dir");
+    let file = data_dir.join("db/shard-000.db");
+    let (mut checkpointer, mut store) = Checkpointer::open(&file).expect("checkpoint file");
+    store.apply(2, &[put(0, b"a", b"1", 0)]);
+    store.apply(3, &[put(0, b"b", b"2", 0)]);
+    checkpointer
+        .write(&store.take_unsaved(3), 3, 2)
+        .expect("checkpoint");
+    file
+}
+
 /// A two-shard data dir:
 ///
 /// * shard 0: `a=1`@2, `a=22`@5, then a hard state committing index 2;
@@ -86,10 +110,8 @@ struct DataDir {
 
 impl DataDir {
     fn new() -> DataDir {
-        let temp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+        let temp = empty_data_dir(2);
         let path = temp.path().to_path_buf();
-        let conf = format!("format=1\nshards=2\ncluster_id={CLUSTER_ID}\nmember_id={MEMBER_ID}\n");
-        std::fs::write(path.join("member.conf"), conf).expect("member.conf");
         let mut shard0 = entries(&[
             changes(2, vec![put(0, b"a", b"1", 0)]),
             changes(5, vec![put(0, b"a", b"22", 0)]),
@@ -479,10 +501,8 @@ fn db_reports_damage_and_entries_that_cannot_apply() {
 #[test]
 fn lease_entries_render_and_replay() {
     use ferrocd_engine::mvcc::codec::LeaseCheckpoint;
-    let temp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+    let temp = empty_data_dir(1);
     let path = temp.path();
-    let conf = format!("format=1\nshards=1\ncluster_id={CLUSTER_ID}\nmember_id={MEMBER_ID}\n");
-    std::fs::write(path.join("member.conf"), conf).expect("member.conf");
     write_wal(
         &path.join("wal/shard-000"),
         entries(&[changes(
@@ -552,20 +572,9 @@ fn lease_entries_render_and_replay() {
 /// server's recovery does (an entry the checkpoint covers would otherwise apply twice).
 #[test]
 fn db_starts_from_the_checkpoint() {
-    use ferrocd_engine::checkpoint::Checkpointer;
-    let temp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+    let temp = empty_data_dir(1);
     let path = temp.path();
-    let conf = format!("format=1\nshards=1\ncluster_id={CLUSTER_ID}\nmember_id={MEMBER_ID}\n");
-    std::fs::write(path.join("member.conf"), conf).expect("member.conf");
-    std::fs::create_dir(path.join("db")).expect("db dir");
-    let (mut checkpointer, mut store) =
-        Checkpointer::open(&path.join("db/shard-000.db")).expect("checkpoint file");
-    store.apply(2, &[put(0, b"a", b"1", 0)]);
-    store.apply(3, &[put(0, b"b", b"2", 0)]);
-    checkpointer
-        .write(&store.take_unsaved(3), 3, 2)
-        .expect("checkpoint");
-    drop(checkpointer);
+    checkpoint_shard_0(path);
     // Entry 1 (revision 2) was released; entry 2 is covered; entry 3 is not.
     let records = entries(&[
         changes(3, vec![put(0, b"b", b"2", 0)]),
@@ -595,20 +604,9 @@ fn db_starts_from_the_checkpoint() {
 /// makes the check fail with exit status 1, naming the file.
 #[test]
 fn db_check_verifies_every_checkpoint_file() {
-    use ferrocd_engine::checkpoint::Checkpointer;
-    let temp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+    let temp = empty_data_dir(2);
     let path = temp.path();
-    let conf = format!("format=1\nshards=2\ncluster_id={CLUSTER_ID}\nmember_id={MEMBER_ID}\n");
-    std::fs::write(path.join("member.conf"), conf).expect("member.conf");
-    std::fs::create_dir(path.join("db")).expect("db dir");
-    let file = path.join("db/shard-000.db");
-    let (mut checkpointer, mut store) = Checkpointer::open(&file).expect("checkpoint file");
-    store.apply(2, &[put(0, b"a", b"1", 0)]);
-    store.apply(3, &[put(0, b"b", b"2", 0)]);
-    checkpointer
-        .write(&store.take_unsaved(3), 3, 2)
-        .expect("checkpoint");
-    drop(checkpointer);
+    let file = checkpoint_shard_0(path);
 
     let check = dump(&["db", "check", path.to_str().expect("utf-8 path")]);
     assert_eq!(check.code, 0, "{}\n{}", check.stdout, check.stderr);
@@ -638,10 +636,8 @@ fn db_check_verifies_every_checkpoint_file() {
 #[test]
 fn auth_entries_render_without_hashes() {
     use ferrocd_engine::mvcc::codec::{AuthPermission, AuthRole, AuthUser};
-    let temp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+    let temp = empty_data_dir(1);
     let path = temp.path();
-    let conf = format!("format=1\nshards=1\ncluster_id={CLUSTER_ID}\nmember_id={MEMBER_ID}\n");
-    std::fs::write(path.join("member.conf"), conf).expect("member.conf");
     write_wal(&path.join("wal/shard-000"), Vec::new());
     let hash = "$2a$10$secrethashsecrethashse";
     write_wal(
