@@ -6,6 +6,7 @@ use ferrocd_net::node::checkpoint::{
     CheckpointConfig, DEFAULT_CHECKPOINT_INTERVAL_MS, DEFAULT_CHECKPOINT_MAX_CHANGES,
 };
 use ferrocd_net::node::compactor::{AutoCompaction, REVISION_MODE_INTERVAL_MS};
+use ferrocd_net::node::space::DEFAULT_QUOTA_BYTES;
 use ferrocd_net::node::Limits;
 use ferrocd_net::server::{self, NodeConfig, Shutdown};
 use ferrocd_net::watch::journal::JournalLimits;
@@ -306,6 +307,11 @@ fn config(flags: &Flags) -> Result<NodeConfig, String> {
             watch_journal: JournalLimits {
                 max_revisions: flags.watch_journal_max_revisions,
                 ..JournalLimits::default()
+            },
+            // etcd: 0 is the 2 GiB default, a negative value turns the quota off.
+            quota_bytes: match flags.quota_backend_bytes {
+                0 => Some(DEFAULT_QUOTA_BYTES),
+                bytes => u64::try_from(bytes).ok(),
             },
         },
         lease: LeaseConfig {

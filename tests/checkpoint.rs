@@ -321,3 +321,86 @@ async fn defragment_shrinks_the_checkpoint_files() {
     assert_eq!(keys, kept);
     assert!(all.kvs().iter().all(|kv| kv.value() == value.as_bytes()));
 }
+
+/// The space quota: 2 MiB for this test, 100 KB values.
+const QUOTA_BYTES: &str = "2097152";
+const QUOTA_VALUE_BYTES: usize = 100_000;
+/// Enough puts to pass the quota several times over; the loop stops at the first refusal.
+const MAX_QUOTA_PUTS: usize = 100;
+const NO_SPACE: &str = "etcdserver: mvcc: database space exceeded";
+
+/// `--quota-backend-bytes` as etcd's: writes pass until the checkpoint files reach the quota,
+/// then puts and lease grants are refused with etcd's error and NOSPACE is raised; reads and
+/// deletes still work; after deleting, compacting and defragmenting, writes stay refused
+/// until the alarm is disarmed, and then pass again.
+#[tokio::test]
+async fn the_space_quota_raises_nospace_until_space_is_freed_and_the_alarm_disarmed() {
+    use etcd_client::{AlarmAction, AlarmOptions, AlarmType};
+    let server = Server::ferrocd(&[
+        "--shards",
+        "2",
+        "--quota-backend-bytes",
+        QUOTA_BYTES,
+        "--experimental-checkpoint-interval-ms",
+        "20",
+    ])
+    .await;
+    let mut client = server.client().await;
+    let value = "q".repeat(QUOTA_VALUE_BYTES);
+    let mut accepted = 0;
+    let refusal = loop {
+        assert!(accepted < MAX_QUOTA_PUTS, "the quota never refused a put");
+        match client
+            .put(format!("big{accepted:03}"), value.clone(), None)
+            .await
+        {
+            Ok(_) => accepted += 1,
+            Err(e) => break e.to_string(),
+        }
+    };
+    assert!(accepted > 0, "the first put already failed: {refusal}");
+    assert!(refusal.contains(NO_SPACE), "{refusal}");
+
+    let mut maintenance = client.maintenance_client();
+    let alarms = maintenance
+        .alarm(AlarmAction::Get, AlarmType::None, None)
+        .await
+        .expect("alarm list");
+    assert_eq!(alarms.alarms().len(), 1);
+    assert_eq!(alarms.alarms()[0].alarm(), AlarmType::Nospace);
+    let member_id = alarms.alarms()[0].member_id();
+
+    let read = client.get("big000", None).await.expect("reads still work");
+    assert_eq!(read.kvs()[0].value().len(), QUOTA_VALUE_BYTES);
+    let grant = client
+        .lease_grant(60, None)
+        .await
+        .expect_err("grant refused");
+    assert!(grant.to_string().contains(NO_SPACE), "{grant}");
+
+    let deleted = client
+        .delete("big", Some(etcd_client::DeleteOptions::new().with_prefix()))
+        .await
+        .expect("deletes still work");
+    assert_eq!(deleted.deleted(), accepted as i64);
+    let rev = deleted.header().unwrap().revision();
+    client.compact(rev, None).await.expect("compact");
+    maintenance.defragment().await.expect("defragment");
+    let still = client
+        .put("small", "v", None)
+        .await
+        .expect_err("alarm still raised");
+    assert!(still.to_string().contains(NO_SPACE), "{still}");
+
+    let mut disarm = AlarmOptions::new();
+    disarm.with_member(member_id);
+    let cleared = maintenance
+        .alarm(AlarmAction::Deactivate, AlarmType::Nospace, Some(disarm))
+        .await
+        .expect("disarm");
+    assert_eq!(cleared.alarms().len(), 1);
+    client
+        .put("small", "v", None)
+        .await
+        .expect("a put after disarming");
+}

@@ -175,6 +175,11 @@ impl Checkpointer {
         self.meta
     }
 
+    /// The file's current length (cheap: no page is read).
+    pub fn file_size_bytes(&self) -> u64 {
+        self.db.file_size_bytes()
+    }
+
     /// The file's size and the part of it holding live pages (etcd's `dbSize` and
     /// `dbSizeInUse`).
     pub fn file_stats(&self) -> Result<FileStats> {

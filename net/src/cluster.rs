@@ -6,7 +6,6 @@
 use crate::auth::AuthError;
 use crate::http::SERVER_VERSION;
 use crate::node::Node;
-use ferrocd_api::etcdserverpb::alarm_request::AlarmAction;
 use ferrocd_api::etcdserverpb::cluster_server::Cluster;
 use ferrocd_api::etcdserverpb::maintenance_server::Maintenance;
 use ferrocd_api::etcdserverpb::{
@@ -117,22 +116,24 @@ impl Maintenance for ClusterService {
         Ok(Response::new(DefragmentResponse::default()))
     }
 
-    /// No alarm can be raised yet (no space quota): the list is empty and disarming is a no-op.
+    /// The raised alarms (NOSPACE once the space quota is exhausted, `node/space.rs`);
+    /// ACTIVATE and DEACTIVATE as etcd's.
     async fn alarm(
         &self,
         request: Request<AlarmRequest>,
     ) -> Result<Response<AlarmResponse>, Status> {
         // Any caller with a valid token (or none): etcd checks only the token here.
         self.node.shared().auth.caller(request.metadata())?;
-        match request.into_inner().action() {
-            AlarmAction::Get | AlarmAction::Deactivate => Ok(Response::new(AlarmResponse {
-                header: Some(self.header()),
-                alarms: Vec::new(),
-            })),
-            AlarmAction::Activate => Err(Status::unimplemented(
-                "ferrocd: raising alarms is not supported yet",
-            )),
-        }
+        let request = request.into_inner();
+        let alarms =
+            self.node
+                .shared()
+                .space
+                .alarm(request.action(), request.member_id, request.alarm);
+        Ok(Response::new(AlarmResponse {
+            header: Some(self.header()),
+            alarms,
+        }))
     }
 
     /// A single member has nobody to hand leadership to.

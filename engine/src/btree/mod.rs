@@ -292,6 +292,11 @@ impl Database {
         })
     }
 
+    /// The file's current length, free pages and growth slack included (etcd's `dbSize`).
+    pub fn file_size_bytes(&self) -> u64 {
+        lock(&self.writer).file_len_bytes
+    }
+
     /// A snapshot of the latest commit.
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {

@@ -5,6 +5,7 @@
 use super::lessor::request;
 use super::ops::{LeaseDone, LeaseOp};
 use crate::node::errors::KvError;
+use crate::node::space::LEASE_GRANT_COST_BYTES;
 use crate::node::{Node, Shared};
 use ferrocd_api::etcdserverpb::lease_server::Lease;
 use ferrocd_api::etcdserverpb::{
@@ -63,8 +64,12 @@ impl Lease for LeaseService {
         &self,
         request: Request<LeaseGrantRequest>,
     ) -> Result<Response<LeaseGrantResponse>, Status> {
-        // etcd checks only the token of a grant.
+        // etcd checks only the token of a grant, and the space quota.
         self.shared().auth.caller(request.metadata())?;
+        let member_id = self.shared().identity.member_id;
+        self.shared()
+            .space
+            .admit(member_id, LEASE_GRANT_COST_BYTES)?;
         let r = request.into_inner();
         let op = LeaseOp::Grant {
             id: r.id,

@@ -46,7 +46,7 @@ enum Job {
         unsaved: Unsaved,
         covered_revision: i64,
         wal_index: u64,
-        done: oneshot::Sender<Result<(), String>>,
+        done: oneshot::Sender<Result<u64, String>>,
     },
     /// The file's size (`defragment`: after packing it).
     File {
@@ -66,6 +66,7 @@ impl Job {
             } => {
                 let result = checkpointer
                     .write(&unsaved, covered_revision, wal_index)
+                    .map(|()| checkpointer.file_size_bytes())
                     .map_err(|e| e.to_string());
                 let _ = done.send(result);
             }
@@ -105,13 +106,14 @@ impl CheckpointWriter {
     }
 
     /// Writes `unsaved` as a checkpoint covering `covered_revision` and the shard's WAL up to
-    /// `wal_index`; resolves once it is durable. Must not be called again before it resolved.
+    /// `wal_index`; resolves once it is durable, with the file's size then. Must not be called
+    /// again before it resolved.
     pub async fn write(
         &self,
         unsaved: Unsaved,
         covered_revision: i64,
         wal_index: u64,
-    ) -> Result<(), String> {
+    ) -> Result<u64, String> {
         let (done, result) = oneshot::channel();
         self.submit(Job::Write {
             unsaved,

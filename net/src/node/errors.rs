@@ -18,6 +18,8 @@ pub enum KvError {
     LeaseTtlTooLarge,
     Compacted,
     FutureRev,
+    /// The space quota is exhausted (the NOSPACE alarm is raised).
+    NoSpace,
     /// The node is shutting down or a shard stopped: the request may be retried elsewhere.
     Stopped,
     /// Refused by auth (invalid token, permission denied, ...) or an auth management error.
@@ -52,6 +54,10 @@ impl KvError {
             FutureRev => (
                 Code::OutOfRange,
                 "etcdserver: mvcc: required revision is a future revision",
+            ),
+            NoSpace => (
+                Code::ResourceExhausted,
+                "etcdserver: mvcc: database space exceeded",
             ),
             Stopped => (Code::Unavailable, "etcdserver: server stopped"),
             Auth(e) => e.code_and_message(),

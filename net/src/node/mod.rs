@@ -13,9 +13,12 @@ mod hash;
 pub mod meta;
 pub mod recovery;
 pub mod shard;
+pub mod space;
 mod stats;
 
 pub use stats::{NodeStats, ShardStats};
+
+use space::Space;
 
 use crate::auth::state::{Access, AuthState};
 use crate::auth::{AuthStore, Caller};
@@ -50,6 +53,8 @@ pub struct Limits {
     pub max_request_bytes: usize,
     /// Bounds of each shard's watch event journal.
     pub watch_journal: JournalLimits,
+    /// The space quota (`--quota-backend-bytes`); `None` for no quota.
+    pub quota_bytes: Option<u64>,
 }
 
 /// State shared by every core.
@@ -66,6 +71,8 @@ pub struct Shared {
     pub journals: Vec<Journal>,
     /// Users, roles, tokens and the checks (`crate::auth`).
     pub auth: AuthStore,
+    /// The space quota and the alarms.
+    pub space: Space,
 }
 
 impl Shared {
@@ -81,8 +88,10 @@ impl Shared {
         let journals = (0..shards.len())
             .map(|_| Journal::new(seq.visible(), limits.watch_journal))
             .collect();
+        let space = Space::new(shards.len(), limits.quota_bytes);
         Shared {
             journals,
+            space,
             seq,
             shards,
             meta,
@@ -369,6 +378,10 @@ impl Node {
         txn: TxnRequest,
         put_first_checks_lease: bool,
     ) -> Result<TxnResponse, KvError> {
+        let member_id = self.shared.identity.member_id;
+        self.shared
+            .space
+            .admit(member_id, space::txn_cost_bytes(&txn))?;
         let mut spans = Vec::new();
         apply::txn_spans(&txn, &mut spans);
         let shards = self.shared.shards_for(&spans);

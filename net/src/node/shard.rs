@@ -160,6 +160,10 @@ impl Shard {
         checkpointer: Checkpointer,
         checkpoint_config: CheckpointConfig,
     ) -> Result<Rc<Shard>, String> {
+        shared
+            .space
+            .set_file_bytes(id, checkpointer.file_size_bytes());
+        let checkpoints = CheckpointWriter::spawn(id, checkpointer)?;
         Ok(Rc::new(Shard {
             id,
             shared,
@@ -169,7 +173,7 @@ impl Shard {
             pending: RefCell::new(VecDeque::new()),
             durable_index: Cell::new(next_index - 1),
             drained: event_listener::Event::new(),
-            checkpoints: CheckpointWriter::spawn(id, checkpointer)?,
+            checkpoints,
             checkpoint_config,
             checkpoint_due: event_listener::Event::new(),
             file_requests: RefCell::new(Vec::new()),
@@ -500,8 +504,9 @@ impl Shard {
         if unsaved.versions.is_empty() && unsaved.dropped.is_empty() {
             return; // Everything waiting is above the bound: not durable yet.
         }
-        if let Err(e) = self.checkpoints.write(unsaved, covered, wal_index).await {
-            fatal(&format!("shard {} checkpoint failed: {e}", self.id));
+        match self.checkpoints.write(unsaved, covered, wal_index).await {
+            Ok(size_bytes) => self.shared.space.set_file_bytes(self.id, size_bytes),
+            Err(e) => fatal(&format!("shard {} checkpoint failed: {e}", self.id)),
         }
         if let Err(e) = self.wal.release_before(wal_index + 1).await {
             fatal(&format!("shard {} WAL release failed: {e}", self.id));
@@ -513,6 +518,9 @@ impl Shard {
         let requests = std::mem::take(&mut *self.file_requests.borrow_mut());
         for (defragment, reply) in requests {
             let result = self.checkpoints.file(defragment).await;
+            if let Ok(file) = &result {
+                self.shared.space.set_file_bytes(self.id, file.size_bytes);
+            }
             let _ = reply.send(result.map_err(|e| {
                 eprintln!("ferrocd: shard {} checkpoint file: {e}", self.id);
                 KvError::Stopped
