@@ -565,6 +565,14 @@ impl Printer<'_> {
     }
 }
 
+/// A lease id as the lease rows (and etcdctl) show it: 16 hex digits; 0 for no lease.
+fn lease_id(lease: i64) -> String {
+    match lease {
+        0 => "0".to_string(),
+        id => format!("{id:016x}"),
+    }
+}
+
 fn text_data(data: &Data<'_>) -> String {
     match data {
         Data::Put {
@@ -573,11 +581,12 @@ fn text_data(data: &Data<'_>) -> String {
             value,
             lease,
         } => format!(
-            "rev={}/{} key={} value={} lease={lease}",
+            "rev={}/{} key={} value={} lease={}",
             rev.main,
             rev.sub,
             quoted(key),
-            quoted(value)
+            quoted(value),
+            lease_id(*lease)
         ),
         Data::Delete { rev, key } => format!("rev={}/{} key={}", rev.main, rev.sub, quoted(key)),
         Data::Compact { rev } | Data::Noop { rev } => format!("rev={rev}"),

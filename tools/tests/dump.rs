@@ -224,7 +224,7 @@ const ALL_ROWS: [&str; 11] = [
     r#"meta 1 1 put rev=4/1 key="d" value="dddd" lease=0"#,
     "meta 1 2 compact rev=5",
     r#"meta 1 3 delete rev=6/0 key="d""#,
-    r#"meta 1 3 put rev=6/1 key="e" value="" lease=9"#,
+    r#"meta 1 3 put rev=6/1 key="e" value="" lease=0000000000000009"#,
     r#"meta 1 4 put rev=8/0 key="k\x00\xff" value="v" lease=0"#,
 ];
 
