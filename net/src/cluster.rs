@@ -1,5 +1,5 @@
 //! The `Cluster` and `Maintenance` services, as far as a single member answers them today:
-//! `MemberList`, `Status`, `HashKV`, `Hash`, `Defragment`, `Alarm` (list and disarm) and
+//! `MemberList`, `Status`, `HashKV`, `Hash`, `Defragment`, `Alarm` (with the space quota) and
 //! `MoveLeader`. Member changes and `Snapshot` answer UNIMPLEMENTED until clustering and the
 //! maintenance issue land.
 
