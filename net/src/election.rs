@@ -3,6 +3,7 @@
 
 use crate::node::Node;
 use crate::recipes::{self, RecipeError};
+use crate::watch::deletion::Deletions;
 use ferrocd_api::v3electionpb::election_server::Election;
 use ferrocd_api::v3electionpb::{
     CampaignRequest, CampaignResponse, LeaderKey, LeaderRequest, LeaderResponse, ProclaimRequest,
@@ -23,11 +24,13 @@ const OBSERVE_BUFFER_RESPONSES: usize = 16;
 #[derive(Clone)]
 pub struct ElectionService {
     node: Node,
+    /// The core's watch hub, for waiting on older contenders.
+    deletions: Deletions,
 }
 
 impl ElectionService {
-    pub fn new(node: Node) -> ElectionService {
-        ElectionService { node }
+    pub fn new(node: Node, deletions: Deletions) -> ElectionService {
+        ElectionService { node, deletions }
     }
 }
 
@@ -41,7 +44,8 @@ impl Election for ElectionService {
         let node = recipes::for_client(&self.node, &request)?;
         let request = request.into_inner();
         let lease = recipes::session_lease(&node, request.lease).await?;
-        let won = recipes::campaign(&node, &request.name, lease, &request.value).await?;
+        let won =
+            recipes::campaign(&node, &self.deletions, &request.name, lease, &request.value).await?;
         Ok(Response::new(CampaignResponse {
             header: Some(won.header),
             leader: Some(LeaderKey {

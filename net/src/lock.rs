@@ -2,6 +2,7 @@
 
 use crate::node::Node;
 use crate::recipes::{self, RecipeError};
+use crate::watch::deletion::Deletions;
 use ferrocd_api::etcdserverpb::DeleteRangeRequest;
 use ferrocd_api::v3lockpb::lock_server::Lock;
 use ferrocd_api::v3lockpb::{LockRequest, LockResponse, UnlockRequest, UnlockResponse};
@@ -10,11 +11,13 @@ use tonic::{Request, Response, Status};
 #[derive(Clone)]
 pub struct LockService {
     node: Node,
+    /// The core's watch hub, for waiting on older contenders.
+    deletions: Deletions,
 }
 
 impl LockService {
-    pub fn new(node: Node) -> LockService {
-        LockService { node }
+    pub fn new(node: Node, deletions: Deletions) -> LockService {
+        LockService { node, deletions }
     }
 }
 
@@ -25,7 +28,7 @@ impl Lock for LockService {
         let node = recipes::for_client(&self.node, &request)?;
         let request = request.into_inner();
         let lease = recipes::session_lease(&node, request.lease).await?;
-        let (key, header) = recipes::lock(&node, &request.name, lease).await?;
+        let (key, header) = recipes::lock(&node, &self.deletions, &request.name, lease).await?;
         Ok(Response::new(LockResponse {
             header: Some(header),
             key,

@@ -11,6 +11,7 @@ use crate::lease::lessor;
 use crate::lease::ops::{LeaseDone, LeaseOp};
 use crate::node::errors::KvError;
 use crate::node::Node;
+use crate::watch::deletion::{Deletions, Waited};
 use ferrocd_api::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
 use ferrocd_api::etcdserverpb::range_request::{SortOrder, SortTarget};
 use ferrocd_api::etcdserverpb::request_op::Request as Op;
@@ -207,6 +208,7 @@ pub async fn owner(node: &Node, prefix: &[u8]) -> Result<RangeResponse, RecipeEr
 /// Waits until no contender of `prefix` created at or before `max_create_revision` is left.
 pub async fn wait_older_deleted(
     node: &Node,
+    deletions: &Deletions,
     prefix: &[u8],
     max_create_revision: i64,
 ) -> Result<(), RecipeError> {
@@ -218,28 +220,10 @@ pub async fn wait_older_deleted(
             return Ok(());
         };
         let seen_at = newest_older.header.map_or(0, |h| h.revision);
-        wait_deleted(node, &kv.key, seen_at).await?;
-    }
-}
-
-/// Waits until `key`, live at revision `seen_at`, is deleted.
-///
-/// Wakes once per newly visible revision and reads the key again: waiters are few (one per
-/// blocked contender) and each read is one point lookup on the key's shard.
-async fn wait_deleted(node: &Node, key: &[u8], mut seen_at: i64) -> Result<(), RecipeError> {
-    loop {
-        node.shared().seq.wait_visible(seen_at + 1).await;
-        let read = node
-            .range(RangeRequest {
-                key: key.to_vec(),
-                count_only: true,
-                ..Default::default()
-            })
-            .await?;
-        if read.count == 0 {
-            return Ok(());
+        // Deleted, or interrupted by a compaction: either way, look again.
+        if deletions.wait(&kv.key, seen_at + 1).await == Waited::Stopped {
+            return Err(RecipeError::Kv(KvError::Stopped));
         }
-        seen_at = read.header.map_or(seen_at + 1, |h| h.revision);
     }
 }
 
@@ -247,6 +231,7 @@ async fn wait_deleted(node: &Node, key: &[u8], mut seen_at: i64) -> Result<(), R
 /// read that proved it held.
 pub async fn lock(
     node: &Node,
+    deletions: &Deletions,
     name: &[u8],
     lease: i64,
 ) -> Result<(Vec<u8>, ResponseHeader), RecipeError> {
@@ -265,7 +250,7 @@ pub async fn lock(
         return Ok((entry.key.clone(), entry.header()));
     }
     let mut attempt = Abandoned::new(node, &entry.key);
-    wait_older_deleted(node, &prefix, entry.create_revision - 1).await?;
+    wait_older_deleted(node, deletions, &prefix, entry.create_revision - 1).await?;
     let own = node
         .range(RangeRequest {
             key: entry.key.clone(),
@@ -328,6 +313,7 @@ pub struct Leadership {
 /// value, then wait until every older candidate is gone.
 pub async fn campaign(
     node: &Node,
+    deletions: &Deletions,
     name: &[u8],
     lease: i64,
     value: &[u8],
@@ -346,7 +332,7 @@ pub async fn campaign(
     if stale_value {
         proclaim(node, &entry.key, entry.create_revision, lease, value).await?;
     }
-    wait_older_deleted(node, &prefix, entry.create_revision - 1).await?;
+    wait_older_deleted(node, deletions, &prefix, entry.create_revision - 1).await?;
     attempt.disarm();
     Ok(Leadership {
         header: entry.header(),

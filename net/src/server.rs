@@ -20,6 +20,7 @@ use crate::node::recovery::{self, Recovered};
 use crate::node::shard::{Shard, ShardMsg};
 use crate::node::{Limits, Node, Shared, INBOX_CAPACITY};
 use crate::transport::{self, max_grpc_message_bytes, Routes, ServerConfig};
+use crate::watch::deletion::Deletions;
 use crate::watch::hub::Hub;
 use crate::watch::service::WatchService;
 use event_listener::Event;
@@ -318,9 +319,12 @@ impl CoreSetup {
                 kv: kv_service,
                 cluster: cluster.clone(),
                 lease: LeaseService::new(node.clone()),
-                watch: WatchService::new(hub, self.config.watch_progress_notify_interval_ms),
-                lock: LockService::new(node.clone()),
-                election: ElectionService::new(node.clone()),
+                watch: WatchService::new(
+                    hub.clone(),
+                    self.config.watch_progress_notify_interval_ms,
+                ),
+                lock: LockService::new(node.clone(), Deletions::new(hub.clone())),
+                election: ElectionService::new(node.clone(), Deletions::new(hub.clone())),
                 auth: AuthService::new(node.clone()),
             },
             self.config.limits.max_request_bytes,
@@ -331,8 +335,14 @@ impl CoreSetup {
             .add_grpc(LeaseServer::new(LeaseService::new(node.clone())))
             .add_grpc(ClusterServer::new(cluster.clone()))
             .add_grpc(MaintenanceServer::new(cluster))
-            .add_grpc(LockServer::new(LockService::new(node.clone())))
-            .add_grpc(ElectionServer::new(ElectionService::new(node.clone())))
+            .add_grpc(LockServer::new(LockService::new(
+                node.clone(),
+                Deletions::new(hub.clone()),
+            )))
+            .add_grpc(ElectionServer::new(ElectionService::new(
+                node.clone(),
+                Deletions::new(hub.clone()),
+            )))
             .add_grpc(AuthServer::new(AuthService::new(node.clone())))
             .add_http(PATH_HEALTH, health_handler(|_query| async { Health::ok() }))
             .add_http(PATH_VERSION, version_handler())

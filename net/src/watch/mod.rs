@@ -6,6 +6,7 @@
 //!
 //! docs/ARCHITECTURE.md ("Watch") explains the data flow and why it preserves I3.
 
+pub mod deletion;
 pub mod hub;
 pub mod journal;
 pub mod service;
