@@ -106,7 +106,7 @@ async fn health_and_version_answer_on_the_client_port() {
 /// Longest wait for an auto compaction to happen (its interval is 100 ms here).
 const AUTO_COMPACTION_DEADLINE_MS: u64 = 20_000;
 
-/// The compacted revision, read as etcd reports it: the error of a read at revision 1.
+/// Whether revision `rev` is compacted: a read at it fails with etcd's compacted error.
 async fn compacted_at_least(client: &mut etcd_client::Client, rev: i64) -> bool {
     let options = etcd_client::GetOptions::new().with_revision(rev);
     match client.get("k", Some(options)).await {
@@ -115,6 +115,16 @@ async fn compacted_at_least(client: &mut etcd_client::Client, rev: i64) -> bool 
             assert!(e.to_string().contains("compacted"), "unexpected error {e}");
             true
         }
+    }
+}
+
+/// Polls (a real read, every 50 ms) until revision `rev` is compacted, or fails at the deadline.
+async fn wait_until_compacted(client: &mut etcd_client::Client, rev: i64) {
+    let deadline =
+        std::time::Instant::now() + std::time::Duration::from_millis(AUTO_COMPACTION_DEADLINE_MS);
+    while !compacted_at_least(client, rev).await {
+        assert!(std::time::Instant::now() < deadline, "no auto compaction");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
 
@@ -137,12 +147,7 @@ async fn revision_mode_auto_compaction_keeps_the_last_n_revisions() {
         client.put("k", format!("v{i}"), None).await.expect("put");
     }
     // Revision 21 is the last put; the compactor targets 21 - 5 = 16.
-    let deadline =
-        std::time::Instant::now() + std::time::Duration::from_millis(AUTO_COMPACTION_DEADLINE_MS);
-    while !compacted_at_least(&mut client, 15).await {
-        assert!(std::time::Instant::now() < deadline, "no auto compaction");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    wait_until_compacted(&mut client, 15).await;
     let kept = client
         .get("k", Some(etcd_client::GetOptions::new().with_revision(16)))
         .await
@@ -165,13 +170,8 @@ async fn periodic_auto_compaction_compacts_what_is_older_than_the_retention() {
     for i in 0..5 {
         client.put("k", format!("v{i}"), None).await.expect("put");
     }
-    let deadline =
-        std::time::Instant::now() + std::time::Duration::from_millis(AUTO_COMPACTION_DEADLINE_MS);
     // Revision 6 is the last put: once a retention passed, compaction reaches it.
-    while !compacted_at_least(&mut client, 5).await {
-        assert!(std::time::Instant::now() < deadline, "no auto compaction");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    wait_until_compacted(&mut client, 5).await;
     let latest = client.get("k", None).await.expect("get");
     assert_eq!(latest.kvs()[0].value(), b"v4");
     assert!(

@@ -131,7 +131,7 @@ impl Maintenance for ClusterService {
                 .space
                 .alarm(request.action(), request.member_id, request.alarm);
         Ok(Response::new(AlarmResponse {
-            header: Some(self.header()),
+            header: Some(self.node.shared().current_header()),
             alarms,
         }))
     }
@@ -155,10 +155,5 @@ impl ClusterService {
         auth.admin(request.metadata())
             .map(|_| ())
             .map_err(AuthError::raw_status)
-    }
-
-    fn header(&self) -> ferrocd_api::etcdserverpb::ResponseHeader {
-        let shared = self.node.shared();
-        shared.header(shared.seq.visible())
     }
 }

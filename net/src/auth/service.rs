@@ -29,8 +29,7 @@ impl AuthService {
     }
 
     fn header(&self) -> Option<ResponseHeader> {
-        let shared = self.shared();
-        Some(shared.header(shared.seq.visible()))
+        Some(self.shared().current_header())
     }
 
     /// Checks that the caller may manage auth, then runs `op` in the meta group.

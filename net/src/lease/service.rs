@@ -52,7 +52,7 @@ async fn keep_alive(shared: &Shared, id: i64) -> Result<LeaseKeepAliveResponse, 
         }
     };
     Ok(LeaseKeepAliveResponse {
-        header: Some(shared.header(shared.seq.visible())),
+        header: Some(shared.current_header()),
         id,
         ttl,
     })
@@ -79,7 +79,7 @@ impl Lease for LeaseService {
             unreachable!("a grant answers granted")
         };
         Ok(Response::new(LeaseGrantResponse {
-            header: Some(self.shared().header(self.shared().seq.visible())),
+            header: Some(self.shared().current_header()),
             id,
             ttl: ttl_s,
             error: String::new(),
@@ -130,7 +130,7 @@ impl Lease for LeaseService {
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
         let r = request.into_inner();
         let shared = self.shared();
-        let header = Some(shared.header(shared.seq.visible()));
+        let header = Some(shared.current_header());
         // etcd 3.4 answers an unknown lease with TTL -1, not with an error.
         let response = match shared.leases.time_to_live(r.id, r.keys, Instant::now()) {
             None => LeaseTimeToLiveResponse {
@@ -162,7 +162,7 @@ impl Lease for LeaseService {
             .map(|id| LeaseStatus { id })
             .collect();
         Ok(Response::new(LeaseLeasesResponse {
-            header: Some(shared.header(shared.seq.visible())),
+            header: Some(shared.current_header()),
             leases,
         }))
     }

@@ -10,7 +10,6 @@ use super::apply::{self, Revs};
 use super::errors::KvError;
 use super::shard::ShardMsg;
 use super::Node;
-use futures::channel::oneshot;
 
 /// What `HashKV` answers.
 pub struct KvHash {
@@ -34,23 +33,14 @@ impl Node {
         };
         apply::check_read_rev(rev, revs)?;
         let revision = if rev > 0 { rev } else { revs.current };
-        let mut replies = Vec::with_capacity(shared.shards.len());
-        for shard in 0..shared.shards.len() {
-            let (reply, answer) = oneshot::channel();
-            shared
-                .send_shard(
-                    shard,
-                    ShardMsg::Hash {
-                        rev: revision,
-                        reply,
-                    },
-                )
-                .await?;
-            replies.push(answer);
-        }
+        let shard_hashes = shared
+            .ask_every_shard(|reply| ShardMsg::Hash {
+                rev: revision,
+                reply,
+            })
+            .await?;
         let mut hasher = crc32fast::Hasher::new();
-        for answer in replies {
-            let shard_hash = answer.await.map_err(|_| KvError::Stopped)??;
+        for shard_hash in shard_hashes {
             hasher.update(&shard_hash.to_be_bytes());
         }
         Ok(KvHash {

@@ -140,6 +140,30 @@ impl Shared {
             .map_err(|_| KvError::Stopped)
     }
 
+    /// Sends the message `make` builds to every shard at once, then collects their answers in
+    /// shard order.
+    pub async fn ask_every_shard<T>(
+        &self,
+        make: impl Fn(shard::Reply<T>) -> ShardMsg,
+    ) -> Result<Vec<T>, KvError> {
+        let mut answers = Vec::with_capacity(self.shards.len());
+        for shard in 0..self.shards.len() {
+            let (reply, answer) = oneshot::channel();
+            self.send_shard(shard, make(reply)).await?;
+            answers.push(answer);
+        }
+        let mut results = Vec::with_capacity(answers.len());
+        for answer in answers {
+            results.push(answer.await.map_err(|_| KvError::Stopped)??);
+        }
+        Ok(results)
+    }
+
+    /// A response header at the visible revision.
+    pub fn current_header(&self) -> ResponseHeader {
+        self.header(self.seq.visible())
+    }
+
     pub fn header(&self, revision: i64) -> ResponseHeader {
         ResponseHeader {
             cluster_id: self.identity.cluster_id,
@@ -463,7 +487,7 @@ impl Node {
             .map_err(|_| KvError::Stopped)?;
         answer.await.map_err(|_| KvError::Stopped)??;
         Ok(CompactionResponse {
-            header: Some(self.shared.header(self.shared.seq.visible())),
+            header: Some(self.shared.current_header()),
         })
     }
 }

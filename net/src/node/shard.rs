@@ -100,7 +100,7 @@ pub enum ShardMsg {
     /// Maintenance: the hash of the shard's history up to `rev`.
     Hash { rev: i64, reply: Reply<u32> },
     /// Metrics: the sizes of the store and the counters of the log.
-    Stats { reply: oneshot::Sender<ShardStats> },
+    Stats { reply: Reply<ShardStats> },
     /// Maintenance: the checkpoint file's size, after packing it when `defragment`.
     File {
         defragment: bool,
@@ -265,10 +265,10 @@ impl Shard {
                     let _ = reply.send(self.hash(rev));
                 }
                 ShardMsg::Stats { reply } => {
-                    let _ = reply.send(ShardStats {
+                    let _ = reply.send(Ok(ShardStats {
                         store: self.store.borrow().stats(),
                         wal: self.wal.stats(),
-                    });
+                    }));
                 }
                 ShardMsg::File { defragment, reply } => {
                     self.file_requests.borrow_mut().push((defragment, reply));

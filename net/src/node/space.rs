@@ -70,15 +70,15 @@ impl Space {
         if self.alarms().contains(&nospace) {
             return Err(KvError::NoSpace);
         }
-        let over = self
-            .quota_bytes
-            .is_some_and(|quota| self.used_bytes() + cost_bytes > quota);
-        if over {
+        let Some(quota_bytes) = self.quota_bytes else {
+            return Ok(());
+        };
+        let used_bytes = self.used_bytes();
+        if used_bytes + cost_bytes > quota_bytes {
             self.alarms().insert(nospace);
             eprintln!(
-                "ferrocd: space quota of {} bytes exceeded ({} used): alarm NOSPACE raised",
-                self.quota_bytes.unwrap_or_default(),
-                self.used_bytes()
+                "ferrocd: space quota of {quota_bytes} bytes exceeded ({used_bytes} used): \
+                 alarm NOSPACE raised"
             );
             return Err(KvError::NoSpace);
         }

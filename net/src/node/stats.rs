@@ -28,42 +28,29 @@ impl Node {
     /// The checkpoint files' sizes summed over shards, after packing them when `defragment`
     /// (etcd's Defragment).
     pub async fn db_files(&self, defragment: bool) -> Result<FileStats, KvError> {
-        let shared = self.shared();
-        let mut answers = Vec::with_capacity(shared.shards.len());
-        for shard in 0..shared.shards.len() {
-            let (reply, answer) = oneshot::channel();
-            shared
-                .send_shard(shard, ShardMsg::File { defragment, reply })
-                .await?;
-            answers.push(answer);
-        }
-        let mut total = FileStats::default();
-        for answer in answers {
-            let file = answer.await.map_err(|_| KvError::Stopped)??;
-            total.size_bytes += file.size_bytes;
-            total.in_use_bytes += file.in_use_bytes;
-        }
-        Ok(total)
+        let files = self
+            .shared()
+            .ask_every_shard(|reply| ShardMsg::File { defragment, reply })
+            .await?;
+        Ok(files
+            .iter()
+            .fold(FileStats::default(), |total, file| FileStats {
+                size_bytes: total.size_bytes + file.size_bytes,
+                in_use_bytes: total.in_use_bytes + file.in_use_bytes,
+            }))
     }
 
     pub async fn stats(&self) -> Result<NodeStats, KvError> {
         let shared = self.shared();
-        let mut answers = Vec::with_capacity(shared.shards.len());
-        for shard in 0..shared.shards.len() {
-            let (reply, answer) = oneshot::channel();
-            shared.send_shard(shard, ShardMsg::Stats { reply }).await?;
-            answers.push(answer);
-        }
+        let shards = shared
+            .ask_every_shard(|reply| ShardMsg::Stats { reply })
+            .await?;
         let (reply, meta_answer) = oneshot::channel();
         shared
             .meta
             .send(MetaMsg::Stats { reply })
             .await
             .map_err(|_| KvError::Stopped)?;
-        let mut shards = Vec::with_capacity(answers.len());
-        for answer in answers {
-            shards.push(answer.await.map_err(|_| KvError::Stopped)?);
-        }
         let meta_wal = meta_answer.await.map_err(|_| KvError::Stopped)?;
         Ok(NodeStats { shards, meta_wal })
     }

@@ -225,8 +225,7 @@ impl Session {
     }
 
     fn header_now(&self) -> Option<ferrocd_api::etcdserverpb::ResponseHeader> {
-        let shared = self.hub.shared();
-        Some(shared.header(shared.seq.visible()))
+        Some(self.hub.shared().current_header())
     }
 
     /// With auth enabled the caller needs read permission on the whole watched range
