@@ -49,10 +49,11 @@
 //! restores the rest. Writing the same change twice cannot happen: a change above the covered
 //! revision is not in the file.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::ops::Bound;
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::btree::{self, Database, Snapshot, WriteTxn, MAX_KEY_BYTES, PAGE_SIZE};
 use crate::mvcc::{Revision, SavedState, SavedVersion, Store, Unsaved};
@@ -60,8 +61,8 @@ use crate::mvcc::{Revision, SavedState, SavedVersion, Store, Unsaved};
 /// Version of the layout above, stored in the checkpoint record.
 pub const FORMAT_VERSION: u32 = 1;
 
-const TAG_SHORT: u8 = 1;
-const TAG_LONG: u8 = 2;
+pub(crate) const TAG_SHORT: u8 = 1;
+pub(crate) const TAG_LONG: u8 = 2;
 const TAG_LONG_NAME: u8 = 3;
 const RECORD_KEY: &[u8] = b"\x00checkpoint";
 const RECORD_BYTES: usize = 36;
@@ -69,7 +70,7 @@ const RECORD_BYTES: usize = 36;
 const REVISION_BYTES: usize = 16;
 const LONG_VERSION_KEY_BYTES: usize = 1 + 8 + REVISION_BYTES;
 const STATE_TOMBSTONE: u8 = 0;
-const STATE_PUT: u8 = 1;
+pub(crate) const STATE_PUT: u8 = 1;
 /// Kind byte and three i64 before a put's value.
 const PUT_HEADER_BYTES: usize = 25;
 
@@ -133,6 +134,21 @@ struct LongKey {
 struct LongKeys {
     by_key: HashMap<Vec<u8>, LongKey>,
     next_id: u64,
+    /// Whether a long key was named or its name removed since [`LongKeys::index`] was built.
+    changed: bool,
+}
+
+/// Long key names in key order with their numbers: what a reader of the tree needs to find the
+/// long keys of a range (their changes are filed by number, not in key order).
+pub type LongKeyIndex = BTreeMap<Vec<u8>, u64>;
+
+/// A committed checkpoint as readers see it (`crate::reader`): the tree at that commit, what it
+/// covers, and its long keys in key order.
+#[derive(Clone)]
+pub struct Published {
+    pub snapshot: Snapshot,
+    pub meta: CheckpointMeta,
+    pub long_keys: Arc<LongKeyIndex>,
 }
 
 /// A checkpoint file read back.
@@ -154,6 +170,9 @@ pub struct FileStats {
 pub struct Checkpointer {
     db: Database,
     long_keys: LongKeys,
+    /// `long_keys` in key order as of the last commit, rebuilt only when a long key came or
+    /// went (long keys are rare: over ~980 bytes).
+    long_index: Arc<LongKeyIndex>,
     meta: CheckpointMeta,
 }
 
@@ -162,12 +181,23 @@ impl Checkpointer {
     pub fn open(path: &Path) -> Result<(Checkpointer, Store)> {
         let db = Database::open(path)?;
         let loaded = load(&db.snapshot())?;
+        let long_index = Arc::new(loaded.long_keys.index());
         let checkpointer = Checkpointer {
             db,
             long_keys: loaded.long_keys,
+            long_index,
             meta: loaded.meta,
         };
         Ok((checkpointer, loaded.store))
+    }
+
+    /// The last committed checkpoint, for readers.
+    pub fn published(&self) -> Published {
+        Published {
+            snapshot: self.db.snapshot(),
+            meta: self.meta,
+            long_keys: self.long_index.clone(),
+        }
     }
 
     /// What the last committed checkpoint covers.
@@ -246,11 +276,21 @@ impl Checkpointer {
         txn.set_applied_index(wal_index);
         txn.commit()?;
         self.meta = meta;
+        if std::mem::take(&mut self.long_keys.changed) {
+            self.long_index = Arc::new(self.long_keys.index());
+        }
         Ok(())
     }
 }
 
 impl LongKeys {
+    fn index(&self) -> LongKeyIndex {
+        self.by_key
+            .iter()
+            .map(|(key, long)| (key.clone(), long.id))
+            .collect()
+    }
+
     /// The tree key of a change to be inserted; numbers a new long key.
     fn version_key_for_insert(
         &mut self,
@@ -267,6 +307,7 @@ impl LongKeys {
                 let id = self.next_id;
                 self.next_id += 1;
                 txn.insert(&long_name_key(id), key)?;
+                self.changed = true;
                 self.by_key
                     .entry(key.to_vec())
                     .or_insert(LongKey { id, versions: 0 })
@@ -291,6 +332,7 @@ impl LongKeys {
             if long.versions == 0 {
                 txn.remove(&long_name_key(long.id))?;
                 self.by_key.remove(key);
+                self.changed = true;
             }
         }
         Ok(())
@@ -352,6 +394,7 @@ pub fn load(snap: &Snapshot) -> Result<Loaded> {
         long_keys: LongKeys {
             by_key,
             next_id: next_long_id,
+            changed: false,
         },
     })
 }
@@ -385,7 +428,16 @@ fn short_version_key(key: &[u8], rev: Revision) -> Option<Vec<u8>> {
     if len > MAX_KEY_BYTES {
         return None;
     }
-    let mut out = Vec::with_capacity(len);
+    let mut out = short_key_prefix(key, len);
+    put_revision(&mut out, rev);
+    Some(out)
+}
+
+/// `01 esc(key) 00 00`, whatever its length: every short tree key of `key` starts with it, and
+/// it sorts after the tree keys of every smaller key and before those of every larger one, so
+/// it bounds ranges of the tree by user key.
+pub(crate) fn short_key_prefix(key: &[u8], capacity: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(capacity);
     out.push(TAG_SHORT);
     for &b in key {
         out.push(b);
@@ -394,11 +446,10 @@ fn short_version_key(key: &[u8], rev: Revision) -> Option<Vec<u8>> {
         }
     }
     out.extend_from_slice(&[0, 0]);
-    put_revision(&mut out, rev);
-    Some(out)
+    out
 }
 
-fn decode_short_version_key(tree_key: &[u8]) -> Result<(Vec<u8>, Revision)> {
+pub(crate) fn decode_short_version_key(tree_key: &[u8]) -> Result<(Vec<u8>, Revision)> {
     let bad = || Error::Corrupt(format!("bad short key entry {tree_key:02x?}"));
     let body_end = tree_key
         .len()
@@ -428,7 +479,7 @@ fn decode_short_version_key(tree_key: &[u8]) -> Result<(Vec<u8>, Revision)> {
     Ok((key, rev))
 }
 
-fn long_version_key(id: u64, rev: Revision) -> Vec<u8> {
+pub(crate) fn long_version_key(id: u64, rev: Revision) -> Vec<u8> {
     let mut out = Vec::with_capacity(LONG_VERSION_KEY_BYTES);
     out.push(TAG_LONG);
     out.extend_from_slice(&id.to_be_bytes());
@@ -436,7 +487,7 @@ fn long_version_key(id: u64, rev: Revision) -> Vec<u8> {
     out
 }
 
-fn decode_long_version_key(tree_key: &[u8]) -> Result<(u64, Revision)> {
+pub(crate) fn decode_long_version_key(tree_key: &[u8]) -> Result<(u64, Revision)> {
     let bad = || Error::Corrupt(format!("bad long key entry {tree_key:02x?}"));
     if tree_key.len() != LONG_VERSION_KEY_BYTES {
         return Err(bad());
@@ -486,7 +537,7 @@ fn encode_state(state: &SavedState) -> Vec<u8> {
     }
 }
 
-fn decode_state(bytes: &[u8]) -> Result<SavedState> {
+pub(crate) fn decode_state(bytes: &[u8]) -> Result<SavedState> {
     let field =
         |i: usize| i64::from_le_bytes(bytes[1 + 8 * i..9 + 8 * i].try_into().expect("8 bytes"));
     match bytes.first() {

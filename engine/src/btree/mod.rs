@@ -71,8 +71,11 @@
 //!    keep their own mapping alive through the `Arc`. Each mapping stays
 //!    valid because the file is never shrunk while mapped: only
 //!    [`Database::compact_file`] shrinks the data, by writing a new file and
-//!    renaming it over the old one, and it refuses to run while any snapshot
-//!    other than the database's own current one is alive.
+//!    renaming it over the old one. Snapshots of the old file keep reading
+//!    it: the rename unlinks its name, not its inode, which lives (with its
+//!    pages) while a mapping of it does, and nothing writes to it any more
+//!    (the writer moves to the new file). Its disk space returns when the
+//!    last such snapshot drops.
 //! 3. *Reads cannot run past the mapping.* Every page id is checked against
 //!    the snapshot's page count, and the mapping covers at least that many
 //!    pages (asserted when the snapshot is created).
@@ -123,8 +126,6 @@ pub enum Error {
     ValueTooLarge {
         len: usize,
     },
-    /// `compact_file` needs every other snapshot dropped first.
-    SnapshotsLive,
     /// An earlier commit failed part-way; reopen the database.
     Poisoned,
     /// An edit of this transaction failed; it can only be aborted.
@@ -148,7 +149,6 @@ impl std::fmt::Display for Error {
             Error::ValueTooLarge { len } => {
                 write!(f, "value of {len} bytes exceeds {MAX_VALUE_BYTES}")
             }
-            Error::SnapshotsLive => write!(f, "snapshots are still alive"),
             Error::Poisoned => write!(f, "an earlier commit failed; reopen the database"),
             Error::TxnFailed => write!(f, "an edit of this transaction failed; abort it"),
         }
@@ -317,14 +317,11 @@ impl Database {
     /// Rewrites the live data into a new, densely packed file and replaces
     /// the old one with it (rename, then directory fsync), shrinking the
     /// file to the live data. Takes the write lock and blocks new snapshots
-    /// while it runs; fails with [`Error::SnapshotsLive`] if any snapshot is
-    /// alive, since the old mapping must not be read once the file is gone.
+    /// while it runs. Live snapshots keep reading the old file, unlinked but
+    /// mapped (module docs, point 2), until they drop.
     pub fn compact_file(&self) -> Result<()> {
         let mut writer = lock(&self.writer);
         let mut current = lock(&self.current);
-        if Arc::strong_count(&current) != 1 || writer.registry.live_txids() != 1 {
-            return Err(Error::SnapshotsLive);
-        }
         let tmp = self.path.with_extension("compact");
         match std::fs::remove_file(&tmp) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),

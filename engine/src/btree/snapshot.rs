@@ -49,14 +49,6 @@ impl Registry {
             .next()
             .copied()
     }
-
-    /// Number of distinct live txids.
-    pub(crate) fn live_txids(&self) -> usize {
-        self.live
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
-    }
 }
 
 /// One committed state: its meta and a mapping covering all its pages.

@@ -332,6 +332,21 @@ impl Store {
         resume
     }
 
+    /// The change at exactly `rev` to `key` as a checkpoint (or a read buffer) keeps it;
+    /// `None` if compaction dropped it.
+    pub fn saved_version(&self, key: &[u8], rev: Revision) -> Option<SavedVersion> {
+        saved_in(&self.keys, key, rev)
+    }
+
+    /// The retained changes no checkpoint has taken yet, in revision order (after a restart:
+    /// the replayed tail above the checkpoint), without taking them.
+    pub fn unsaved_versions(&self) -> impl Iterator<Item = SavedVersion> + '_ {
+        self.unsaved
+            .applied
+            .iter()
+            .filter_map(|(rev, key)| self.saved_version(key, *rev))
+    }
+
     /// Number of changes (applied or dropped by compaction) that no checkpoint has
     /// taken yet.
     pub fn unsaved_changes(&self) -> usize {
@@ -353,10 +368,7 @@ impl Store {
         while log.applied.front().is_some_and(|(rev, _)| rev.main <= upto) {
             let (rev, key) = log.applied.pop_front().expect("front exists");
             log.saved_latest = log.saved_latest.max(rev.main);
-            if let Some(state) = self.keys.get(&key).and_then(|h| h.saved(rev)) {
-                let key = key.into_vec();
-                versions.push(SavedVersion { key, rev, state });
-            }
+            versions.extend(saved_in(&self.keys, &key, rev));
         }
         if self.latest_revision <= upto {
             log.saved_latest = self.latest_revision;
@@ -427,6 +439,19 @@ impl Store {
         }
         hasher.finalize()
     }
+}
+
+fn saved_in(
+    keys: &BTreeMap<Box<[u8]>, KeyHistory>,
+    key: &[u8],
+    rev: Revision,
+) -> Option<SavedVersion> {
+    let state = keys.get(key)?.saved(rev)?;
+    Some(SavedVersion {
+        key: key.to_vec(),
+        rev,
+        state,
+    })
 }
 
 fn key_change(key: &[u8], change: HistoryChange<'_>) -> KeyChange {
