@@ -34,6 +34,7 @@ use ferrocd_api::v3electionpb::election_server::ElectionServer;
 use ferrocd_api::v3lockpb::lock_server::LockServer;
 use ferrocd_engine::checkpoint::Checkpointer;
 use ferrocd_engine::mvcc::Store;
+use ferrocd_engine::reader::ShardReader;
 use ferrocd_engine::wal::{Recovered as WalRecovered, Wal, WalOptions};
 use ferrocd_raft::notify::wait_until;
 use ferrocd_raft::sequencer::Sequencer;
@@ -139,7 +140,8 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
         .with_auth(AuthStore::new(
             auth,
             Duration::from_secs(config.auth_token_ttl_s),
-        )),
+        ))
+        .with_readers(seed_readers(&stores, &checkpointers)),
     );
     eprintln!(
         "ferrocd: member {:016x} of cluster {:016x}: {} shards on {} cores, revision {current_rev}, serving clients on {:?}",
@@ -240,6 +242,18 @@ struct CoreSetup {
     shutdown: Shutdown,
     serving: Arc<(AtomicUsize, Event)>,
     grpc_metrics: Arc<GrpcMetrics>,
+}
+
+/// Each shard's reader: its checkpoint, plus the replayed tail above it in the read buffer.
+fn seed_readers(stores: &[Store], checkpointers: &[Checkpointer]) -> Vec<Arc<ShardReader>> {
+    let seed = |(store, checkpointer): (&Store, &Checkpointer)| {
+        let reader = ShardReader::new(checkpointer.published(), store.compacted_revision());
+        for version in store.unsaved_versions() {
+            reader.insert(version);
+        }
+        Arc::new(reader)
+    };
+    stores.iter().zip(checkpointers).map(seed).collect()
 }
 
 impl CoreSetup {

@@ -11,7 +11,7 @@
 //! Defragment) are queued by the shard and run by the same loop between checkpoints, so the
 //! thread has one job at a time.
 
-use ferrocd_engine::checkpoint::{Checkpointer, FileStats};
+use ferrocd_engine::checkpoint::{Checkpointer, FileStats, Published};
 use ferrocd_engine::mvcc::Unsaved;
 use futures::channel::oneshot;
 use std::sync::mpsc;
@@ -46,12 +46,12 @@ enum Job {
         unsaved: Unsaved,
         covered_revision: i64,
         wal_index: u64,
-        done: oneshot::Sender<Result<u64, String>>,
+        done: oneshot::Sender<Result<(u64, Published), String>>,
     },
     /// The file's size (`defragment`: after packing it).
     File {
         defragment: bool,
-        done: oneshot::Sender<Result<FileStats, String>>,
+        done: oneshot::Sender<Result<(FileStats, Published), String>>,
     },
 }
 
@@ -66,7 +66,7 @@ impl Job {
             } => {
                 let result = checkpointer
                     .write(&unsaved, covered_revision, wal_index)
-                    .map(|()| checkpointer.file_size_bytes())
+                    .map(|()| (checkpointer.file_size_bytes(), checkpointer.published()))
                     .map_err(|e| e.to_string());
                 let _ = done.send(result);
             }
@@ -76,6 +76,7 @@ impl Job {
                 } else {
                     checkpointer.file_stats()
                 };
+                let result = result.map(|stats| (stats, checkpointer.published()));
                 let _ = done.send(result.map_err(|e| e.to_string()));
             }
         }
@@ -106,14 +107,14 @@ impl CheckpointWriter {
     }
 
     /// Writes `unsaved` as a checkpoint covering `covered_revision` and the shard's WAL up to
-    /// `wal_index`; resolves once it is durable, with the file's size then. Must not be called
-    /// again before it resolved.
+    /// `wal_index`; resolves once it is durable, with the file's size then and the checkpoint
+    /// for readers. Must not be called again before it resolved.
     pub async fn write(
         &self,
         unsaved: Unsaved,
         covered_revision: i64,
         wal_index: u64,
-    ) -> Result<u64, String> {
+    ) -> Result<(u64, Published), String> {
         let (done, result) = oneshot::channel();
         self.submit(Job::Write {
             unsaved,
@@ -126,9 +127,9 @@ impl CheckpointWriter {
             .map_err(|_| "the checkpoint thread stopped".to_string())?
     }
 
-    /// The checkpoint file's size, after packing it when `defragment`. Same rule as `write`:
-    /// one job at a time.
-    pub async fn file(&self, defragment: bool) -> Result<FileStats, String> {
+    /// The checkpoint file's size, after packing it when `defragment` (and the checkpoint for
+    /// readers: after packing, in the new file). Same rule as `write`: one job at a time.
+    pub async fn file(&self, defragment: bool) -> Result<(FileStats, Published), String> {
         let (done, result) = oneshot::channel();
         self.submit(Job::File { defragment, done })?;
         result

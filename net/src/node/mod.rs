@@ -1,9 +1,10 @@
 //! The single-node server (etcd's `etcdserver`): shards on cores, routing, the meta group.
 //!
 //! Data flow of a request: a gRPC handler on whichever core accepted the connection calls
-//! [`Node`]; reads scatter to the owning shards at the visible revision and merge; a write
-//! whose keys live on one shard goes to that shard's core; any other write goes to the meta
-//! group. Cores talk only by messages (bounded channels); no lock is taken on the write path.
+//! [`Node`]; reads go to the owning shards' lock-free readers (`ferrocd_engine::reader`) at the
+//! visible revision, on the calling core, and merge; a write whose keys live on one shard goes
+//! to that shard's core; any other write goes to the meta group. Cores talk only by messages
+//! (bounded channels); no lock is taken on the read or write path.
 
 pub mod apply;
 pub mod checkpoint;
@@ -31,11 +32,13 @@ use ferrocd_api::etcdserverpb::{
     DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, ResponseHeader,
     TxnRequest, TxnResponse,
 };
+use ferrocd_engine::mvcc::RangeResult;
+use ferrocd_engine::reader::{ReadError, ShardReader};
 use ferrocd_raft::sequencer::Sequencer;
 use futures::channel::oneshot;
 use meta::MetaMsg;
 use prost::Message;
-use shard::{ShardMsg, ShardRange, Span};
+use shard::{ShardMsg, Span};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
@@ -61,6 +64,8 @@ pub struct Limits {
 pub struct Shared {
     pub seq: Sequencer,
     pub shards: Vec<async_channel::Sender<ShardMsg>>,
+    /// Each shard's reader: written by the shard, read by every core (set by `with_readers`).
+    pub readers: Vec<Arc<ShardReader>>,
     pub meta: async_channel::Sender<MetaMsg>,
     compacted: AtomicI64,
     pub identity: recovery::Identity,
@@ -94,6 +99,7 @@ impl Shared {
             space,
             seq,
             shards,
+            readers: Vec::new(),
             meta,
             compacted: AtomicI64::new(compacted),
             identity,
@@ -106,6 +112,13 @@ impl Shared {
     /// The node's recovered auth state (a new node starts with auth disabled and no users).
     pub fn with_auth(mut self, auth: AuthStore) -> Shared {
         self.auth = auth;
+        self
+    }
+
+    /// Every shard's reader, seeded by recovery; one per shard.
+    pub fn with_readers(mut self, readers: Vec<Arc<ShardReader>>) -> Shared {
+        assert_eq!(readers.len(), self.shards.len(), "one reader per shard");
+        self.readers = readers;
         self
     }
 
@@ -305,7 +318,9 @@ impl Node {
         Ok(response)
     }
 
-    /// Reads `[key, end)` at `rev` from every shard that may hold it and merges by key.
+    /// Reads `[key, end)` at `rev` from every shard that may hold it and merges by key. Runs
+    /// on the calling core: each shard's reader is lock-free and holds every change up to the
+    /// visible revision (a shard applies a change before its revision can become visible).
     async fn read(
         &self,
         key: &[u8],
@@ -313,28 +328,18 @@ impl Node {
         rev: i64,
         limit: usize,
         count_only: bool,
-    ) -> Result<ShardRange, KvError> {
+    ) -> Result<RangeResult, KvError> {
         let shards = self.shared.shards_for(&[(key.to_vec(), end.to_vec())]);
-        let mut replies = Vec::with_capacity(shards.len());
+        let mut merged = RangeResult::default();
         for shard in shards {
-            let (reply, answer) = oneshot::channel();
-            let msg = ShardMsg::Read {
-                key: key.to_vec(),
-                end: end.to_vec(),
-                rev,
-                limit,
-                count_only,
-                reply,
+            let part = match self.shared.readers[shard].range(key, end, rev, limit, count_only) {
+                Ok(part) => part,
+                Err(ReadError::Compacted) => return Err(KvError::Compacted),
+                Err(ReadError::Corrupt(e)) => {
+                    // Acknowledged data is unreadable: stop, as for a failed WAL write.
+                    shard::fatal(&format!("shard {shard} checkpoint read failed: {e}"))
+                }
             };
-            self.shared.send_shard(shard, msg).await?;
-            replies.push(answer);
-        }
-        let mut merged = ShardRange {
-            kvs: Vec::new(),
-            count: 0,
-        };
-        for answer in replies {
-            let part = answer.await.map_err(|_| KvError::Stopped)??;
             merged.count += part.count;
             merged.kvs.extend(part.kvs);
         }

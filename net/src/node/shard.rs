@@ -4,11 +4,14 @@
 //! Writes whose keys all live on this shard are evaluated here, synchronously, against the
 //! latest state (including writes still on their way to disk); the resulting changes are
 //! applied to the store at once, then appended to the WAL, and acknowledged once the revision
-//! is visible (durable here and everywhere below it). Reads at a visible revision never see
-//! the not-yet-durable changes because the store is multi-version.
+//! is visible (durable here and everywhere below it). Every applied change also goes into the
+//! shard's `ShardReader` (`ferrocd_engine::reader`), from which any core reads the shard without
+//! a message; reads at a visible revision never see the not-yet-durable changes because both
+//! the store and the reader are multi-version.
 //!
 //! Applied changes are checkpointed into the shard's B+tree file in batches, off the executor
-//! (`checkpoint.rs`); once a checkpoint is durable, the WAL segments it covers are released.
+//! (`checkpoint.rs`); once a checkpoint is durable, it becomes the readers' base (the read
+//! buffer drops what it covers) and the WAL segments it covers are released.
 //!
 //! The meta group (cross-shard writes) *holds* a shard: the shard makes its pending writes
 //! durable, parks new writes, lets the meta group read its latest state, and resumes when the
@@ -23,7 +26,8 @@ use crate::watch::journal::RevisionEvents;
 use ferrocd_api::etcdserverpb::{TxnRequest, TxnResponse};
 use ferrocd_engine::checkpoint::{Checkpointer, FileStats};
 use ferrocd_engine::mvcc::codec::{encode, LogPayload};
-use ferrocd_engine::mvcc::{Change, Changes, KeyValue, Store};
+use ferrocd_engine::mvcc::{Change, Changes, KeyValue, Revision, Store};
+use ferrocd_engine::reader::ShardReader;
 use ferrocd_engine::wal::{Record, Wal};
 use ferrocd_raft::notify::wait_until;
 use futures::channel::oneshot;
@@ -42,26 +46,10 @@ pub const SINGLE_VOTER_TERM: u64 = 1;
 
 pub type Reply<T> = oneshot::Sender<Result<T, KvError>>;
 
-/// The result of a range read on one shard: up to `limit` kvs in key order, and the number of
-/// live keys in the range.
-pub struct ShardRange {
-    pub kvs: Vec<KeyValue>,
-    pub count: i64,
-}
-
 /// A range read: `(key, range_end)` and, for historical reads, a revision.
 pub type Span = (Vec<u8>, Vec<u8>);
 
 pub enum ShardMsg {
-    /// A read at a visible revision.
-    Read {
-        key: Vec<u8>,
-        end: Vec<u8>,
-        rev: i64,
-        limit: usize,
-        count_only: bool,
-        reply: Reply<ShardRange>,
-    },
     /// A write whose keys all live on this shard.
     Write {
         txn: TxnRequest,
@@ -205,16 +193,6 @@ impl Shard {
                 },
             };
             match msg {
-                ShardMsg::Read {
-                    key,
-                    end,
-                    rev,
-                    limit,
-                    count_only,
-                    reply,
-                } => {
-                    let _ = reply.send(self.read(&key, &end, rev, limit, count_only));
-                }
                 msg @ ShardMsg::Write { .. } if held => parked.push_back(msg),
                 ShardMsg::Write {
                     txn,
@@ -283,37 +261,12 @@ impl Shard {
         self.wait_drained().await;
     }
 
-    fn read(
-        &self,
-        key: &[u8],
-        end: &[u8],
-        rev: i64,
-        limit: usize,
-        count_only: bool,
-    ) -> Result<ShardRange, KvError> {
-        let store = self.store.borrow();
-        if rev < store.compacted_revision() {
-            return Err(KvError::Compacted);
-        }
-        if count_only {
-            let count = store.range_iter(key, end, rev).count() as i64;
-            return Ok(ShardRange {
-                kvs: Vec::new(),
-                count,
-            });
-        }
-        let result = store.range(key, end, rev, limit);
-        Ok(ShardRange {
-            kvs: result.kvs,
-            count: result.count,
-        })
-    }
-
     /// Compacts at `rev` in steps of `COMPACT_STEP_KEYS` keys, letting this shard's reads and
     /// writes run between steps (they are above `rev`, so unaffected); answers once done. The
     /// first step runs at once, so reads below `rev` are refused from here on. A newer
     /// compaction started meanwhile takes the rest over (it removes all this one would).
     fn compact(self: &Rc<Self>, rev: i64, reply: oneshot::Sender<()>) {
+        self.reader().set_compacted(rev);
         if self.compact_step(rev) {
             let _ = reply.send(());
             return;
@@ -428,6 +381,14 @@ impl Shard {
     /// records the changes' watch events in the shard's journal.
     fn apply(&self, rev: i64, changes: &[Change]) {
         let prevs = self.store.borrow_mut().apply(rev, changes);
+        let store = self.store.borrow();
+        for change in changes {
+            let sub = change.sub;
+            let saved = store.saved_version(change.effect.key(), Revision { main: rev, sub });
+            self.reader()
+                .insert(saved.expect("a change just applied is retained"));
+        }
+        drop(store);
         if self.store.borrow().unsaved_changes() >= self.checkpoint_config.max_changes {
             self.checkpoint_due.notify(1);
         }
@@ -469,6 +430,10 @@ impl Shard {
         }
     }
 
+    fn reader(&self) -> &ShardReader {
+        &self.shared.readers[self.id]
+    }
+
     async fn wait_drained(&self) {
         wait_until(&self.drained, || self.pending.borrow().is_empty()).await
     }
@@ -505,7 +470,10 @@ impl Shard {
             return; // Everything waiting is above the bound: not durable yet.
         }
         match self.checkpoints.write(unsaved, covered, wal_index).await {
-            Ok(size_bytes) => self.shared.space.set_file_bytes(self.id, size_bytes),
+            Ok((size_bytes, published)) => {
+                self.shared.space.set_file_bytes(self.id, size_bytes);
+                self.reader().publish(published);
+            }
             Err(e) => fatal(&format!("shard {} checkpoint failed: {e}", self.id)),
         }
         if let Err(e) = self.wal.release_before(wal_index + 1).await {
@@ -518,9 +486,12 @@ impl Shard {
         let requests = std::mem::take(&mut *self.file_requests.borrow_mut());
         for (defragment, reply) in requests {
             let result = self.checkpoints.file(defragment).await;
-            if let Ok(file) = &result {
+            let result = result.map(|(file, published)| {
                 self.shared.space.set_file_bytes(self.id, file.size_bytes);
-            }
+                // After packing: the same checkpoint in the new file, so the old one goes.
+                self.reader().publish(published);
+                file
+            });
             let _ = reply.send(result.map_err(|e| {
                 eprintln!("ferrocd: shard {} checkpoint file: {e}", self.id);
                 KvError::Stopped
