@@ -338,13 +338,21 @@ impl Store {
         saved_in(&self.keys, key, rev)
     }
 
-    /// The retained changes no checkpoint has taken yet, in revision order (after a restart:
-    /// the replayed tail above the checkpoint), without taking them.
+    /// The changes no checkpoint has taken yet, in revision order (after a restart: the
+    /// replayed tail above the checkpoint), without taking them, for a read buffer over that
+    /// checkpoint. A change compaction dropped comes as a tombstone: for reads at or above the
+    /// compacted revision it hides exactly what the drop hid (older versions of the key, some
+    /// possibly still in the checkpoint), and every retained version of the key at or below
+    /// such a read is newer than it.
     pub fn unsaved_versions(&self) -> impl Iterator<Item = SavedVersion> + '_ {
-        self.unsaved
-            .applied
-            .iter()
-            .filter_map(|(rev, key)| self.saved_version(key, *rev))
+        self.unsaved.applied.iter().map(|(rev, key)| {
+            self.saved_version(key, *rev)
+                .unwrap_or_else(|| SavedVersion {
+                    key: key.to_vec(),
+                    rev: *rev,
+                    state: SavedState::Tombstone,
+                })
+        })
     }
 
     /// Number of changes (applied or dropped by compaction) that no checkpoint has
