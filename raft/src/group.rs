@@ -23,8 +23,12 @@ use crate::storage::{
 pub struct GroupConfig {
     /// This member's id (non-zero, unique in the cluster).
     pub member_id: u64,
-    /// A follower that hears no leader for this many ticks (randomised up to twice) campaigns.
+    /// A follower that hears no leader for a number of ticks drawn from
+    /// `[election_ticks, max_election_ticks)` campaigns.
     pub election_ticks: usize,
+    /// Upper bound (exclusive) of the election timeout; `election_ticks + 1` makes it fixed,
+    /// which a deterministic simulation needs (raft-rs draws from a thread-local RNG).
+    pub max_election_ticks: usize,
     /// A leader sends heartbeats every this many ticks.
     pub heartbeat_ticks: usize,
     /// Upper bound on the entry data in one append message.
@@ -83,6 +87,9 @@ pub struct Group<S: LogStore> {
     held: VecDeque<(u64, Vec<Message>)>,
     /// Messages ready to send.
     outbox: Vec<Message>,
+    /// An installed snapshot not yet durable: (ready number, snapshot index). raft-rs may
+    /// count it as applied only once it is persisted, so the group does that itself then.
+    snapshot_pending: Option<(u64, u64)>,
 }
 
 impl<S: LogStore> Group<S> {
@@ -90,6 +97,8 @@ impl<S: LogStore> Group<S> {
         let raft_config = raft::Config {
             id: config.member_id,
             election_tick: config.election_ticks,
+            min_election_tick: config.election_ticks,
+            max_election_tick: config.max_election_ticks,
             heartbeat_tick: config.heartbeat_ticks,
             applied: config.applied_index,
             max_size_per_msg: config.max_size_per_msg_bytes,
@@ -100,22 +109,30 @@ impl<S: LogStore> Group<S> {
             ..raft::Config::default()
         };
         let logger = slog::Logger::root(slog::Discard, slog::o!());
-        let raw = RawNode::new(&raft_config, RaftStore(store), &logger)
-            .unwrap_or_else(|e| panic!("raft group config rejected: {e}"));
+        let raw = RawNode::new(
+            &raft_config,
+            RaftStore {
+                store,
+                snapshot_wanted: Default::default(),
+            },
+            &logger,
+        )
+        .unwrap_or_else(|e| panic!("raft group config rejected: {e}"));
         Group {
             raw,
             held: VecDeque::new(),
             outbox: Vec::new(),
+            snapshot_pending: None,
         }
     }
 
     pub fn store(&self) -> &S {
-        &self.raw.store().0
+        &self.raw.store().store
     }
 
     /// For the owner's own writes (checkpoint compaction, syncing).
     pub fn store_mut(&mut self) -> &mut S {
-        &mut self.raw.mut_store().0
+        &mut self.raw.mut_store().store
     }
 
     pub fn member_id(&self) -> u64 {
@@ -149,6 +166,12 @@ impl<S: LogStore> Group<S> {
     pub fn leads_committed_term(&self) -> bool {
         let log = &self.raw.raft.raft_log;
         self.is_leader() && log.term(log.committed).ok() == Some(self.term())
+    }
+
+    /// Whether a leader needed a snapshot newer than the store's since the last call: the
+    /// owner should checkpoint (`MemLogStore::compact` / the WAL's release at a checkpoint).
+    pub fn take_snapshot_wanted(&self) -> bool {
+        self.raw.store().snapshot_wanted.take()
     }
 
     /// Advances the group's logical clock by one tick.
@@ -202,6 +225,17 @@ impl<S: LogStore> Group<S> {
         let _ = self.raw.step(message);
     }
 
+    /// Tells raft whether a snapshot sent to `member` left (true) or was dropped (false); a
+    /// leader sends no more appends to a member until it hears this.
+    pub(crate) fn report_snapshot(&mut self, member: u64, sent: bool) {
+        let status = if sent {
+            raft::SnapshotStatus::Finish
+        } else {
+            raft::SnapshotStatus::Failure
+        };
+        self.raw.report_snapshot(member, status);
+    }
+
     /// Messages to send now.
     pub(crate) fn take_messages(&mut self) -> Vec<Message> {
         std::mem::take(&mut self.outbox)
@@ -214,11 +248,21 @@ impl<S: LogStore> Group<S> {
             let (_, messages) = self.held.pop_front().expect("front exists");
             self.outbox.extend(messages);
         }
+        if let Some((_, index)) = self.snapshot_pending.filter(|(n, _)| *n <= number) {
+            self.snapshot_pending = None;
+            self.raw.advance_apply_to(index);
+        }
     }
 
-    /// The owner's state machine applied everything up to `index`.
+    /// The owner's state machine applied everything up to `index` (entries it was handed;
+    /// a snapshot counts as applied once durable, without this call).
     pub fn on_applied(&mut self, index: u64) {
-        self.raw.advance_apply_to(index);
+        if self.snapshot_pending.is_some_and(|(_, snap)| index <= snap) {
+            return;
+        }
+        if index > self.raw.raft.raft_log.applied {
+            self.raw.advance_apply_to(index);
+        }
     }
 
     /// Collects the group's pending work, writing entries, hard state and snapshots to the store.
@@ -251,6 +295,9 @@ impl<S: LogStore> Group<S> {
             })
             .collect();
         let number = rd.number();
+        if let Some(snapshot) = &out.snapshot {
+            self.snapshot_pending = Some((number, snapshot.meta.index));
+        }
         let must_sync = rd.must_sync();
         let after_persist = rd.take_persisted_messages();
         self.raw.advance_append_async(rd);

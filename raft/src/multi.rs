@@ -183,7 +183,7 @@ impl<S: LogStore> Node<S> {
             .map(|(to, messages)| Envelope {
                 from,
                 to,
-                bytes: encode_messages(&messages),
+                bytes: encode_messages(from, &messages),
             })
             .collect()
     }
@@ -192,10 +192,16 @@ impl<S: LogStore> Node<S> {
         for (&id, group) in self.groups.iter_mut() {
             for message in group.take_messages() {
                 let queue = self.queues.entry(message.to).or_default();
-                if queue.len() >= self.config.peer_queue_limit_msgs {
-                    self.dropped_messages += 1;
-                } else {
+                let fits = queue.len() < self.config.peer_queue_limit_msgs;
+                if message.msg_type() == MessageType::MsgSnapshot {
+                    // Reported as done once handed to the transport: if it is lost, the
+                    // member's next append rejection asks for a snapshot again.
+                    group.report_snapshot(message.to, fits);
+                }
+                if fits {
                     queue.push((id, message));
+                } else {
+                    self.dropped_messages += 1;
                 }
             }
         }
@@ -234,14 +240,14 @@ const TAG_RAFT: u8 = 0;
 const TAG_HEARTBEAT: u8 = 1;
 const TAG_HEARTBEAT_RESPONSE: u8 = 2;
 
-fn heartbeat_tag(message: &Message) -> Option<u8> {
+fn heartbeat_tag(from: u64, message: &Message) -> Option<u8> {
     let tag = match message.msg_type() {
         MessageType::MsgHeartbeat => TAG_HEARTBEAT,
         MessageType::MsgHeartbeatResponse => TAG_HEARTBEAT_RESPONSE,
         _ => return None,
     };
     // Coalesce only when the compact form rebuilds the message exactly.
-    let rebuilt = heartbeat(tag, message.from, message.to, message.term, message.commit);
+    let rebuilt = heartbeat(tag, from, message.to, message.term, message.commit);
     (rebuilt == *message).then_some(tag)
 }
 
@@ -261,10 +267,10 @@ fn heartbeat(tag: u8, from: u64, to: u64, term: u64, commit: u64) -> Message {
     message
 }
 
-fn encode_messages(messages: &[(GroupId, Message)]) -> Vec<u8> {
+fn encode_messages(from: u64, messages: &[(GroupId, Message)]) -> Vec<u8> {
     let mut out = Vec::new();
     for (group, message) in messages {
-        match heartbeat_tag(message) {
+        match heartbeat_tag(from, message) {
             Some(tag) => {
                 out.push(tag);
                 out.extend_from_slice(&group.to_le_bytes());
@@ -295,7 +301,8 @@ fn decode_envelope(envelope: &Envelope) -> Result<Vec<(GroupId, Message)>, Decod
                 let len = u32::from_le_bytes(reader.take(4)?.try_into().expect("4 bytes"));
                 let message = Message::decode(reader.take(len as usize)?)
                     .map_err(|_| DecodeError("bad raft message"))?;
-                if message.from != envelope.from || message.to != envelope.to {
+                // `from` may differ: a forwarded leader transfer names the transferee.
+                if message.to != envelope.to {
                     return Err(DecodeError("message addressed apart from its envelope"));
                 }
                 message
@@ -324,7 +331,9 @@ impl<'a> Reader<'a> {
     }
 
     fn u64(&mut self) -> Result<u64, DecodeError> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
 }
 
@@ -347,10 +356,14 @@ mod tests {
         let mut beat_with_context = beat.clone();
         beat_with_context.context = b"read".to_vec();
         let messages = vec![(0, append), (4, beat.clone()), (5, beat_with_context)];
-        let bytes = encode_messages(&messages);
-        let envelope = Envelope { from: 1, to: 2, bytes };
+        let bytes = encode_messages(1, &messages);
+        let envelope = Envelope {
+            from: 1,
+            to: 2,
+            bytes,
+        };
         assert_eq!(decode_envelope(&envelope).unwrap(), messages);
-        assert_eq!(encode_messages(&[(4, beat)]).len(), 25);
+        assert_eq!(encode_messages(1, &[(4, beat)]).len(), 25);
         let truncated = Envelope {
             bytes: envelope.bytes[..envelope.bytes.len() - 1].to_vec(),
             ..envelope

@@ -99,7 +99,9 @@ struct Contents {
 
 impl Contents {
     fn last_index(&self) -> u64 {
-        self.log.last().map_or(self.snapshot.meta.index, |e| e.index)
+        self.log
+            .last()
+            .map_or(self.snapshot.meta.index, |e| e.index)
     }
 
     fn apply(&mut self, write: &Write) {
@@ -221,9 +223,10 @@ impl MemLogStore {
         self.write(Write::Compact(snapshot));
     }
 
-    /// The durable contents' entries (for checking that committed entries survive).
-    pub fn durable_term(&self, index: u64) -> Option<u64> {
-        term_in(&self.durable, index)
+    /// Whether the entry `(index, term)` is on disk: in the durable log, or covered by the
+    /// durable snapshot (compacted after it was applied).
+    pub fn holds_durably(&self, index: u64, term: u64) -> bool {
+        index <= self.durable.snapshot.meta.index || term_in(&self.durable, index) == Some(term)
     }
 
     fn write(&mut self, write: Write) {
@@ -289,29 +292,34 @@ impl LogStore for MemLogStore {
 }
 
 /// raft-rs's view of a `LogStore`: converts at the edge.
-pub(crate) struct RaftStore<S>(pub(crate) S);
+pub(crate) struct RaftStore<S> {
+    pub(crate) store: S,
+    /// Set when a leader needed a snapshot the store does not have: the owner should
+    /// checkpoint (compact the log into a fresh snapshot); raft retries on its own.
+    pub(crate) snapshot_wanted: std::cell::Cell<bool>,
+}
 
 impl<S: LogStore> RaftStore<S> {
     fn term_of(&self, index: u64) -> raft::Result<u64> {
-        let snap = &self.0.snapshot().meta;
+        let snap = &self.store.snapshot().meta;
         if index == snap.index {
             return Ok(snap.term);
         }
         if index < snap.index {
             return Err(raft::Error::Store(StorageError::Compacted));
         }
-        if index > self.0.last_index() {
+        if index > self.store.last_index() {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
-        Ok(self.0.entries(index, index + 1, u64::MAX)[0].term)
+        Ok(self.store.entries(index, index + 1, u64::MAX)[0].term)
     }
 }
 
 impl<S: LogStore> raft::Storage for RaftStore<S> {
     fn initial_state(&self) -> raft::Result<RaftState> {
         Ok(RaftState::new(
-            hard_state_to_raft(self.0.hard_state()),
-            conf_to_raft(&self.0.snapshot().meta.conf),
+            hard_state_to_raft(self.store.hard_state()),
+            conf_to_raft(&self.store.snapshot().meta.conf),
         ))
     }
 
@@ -322,12 +330,12 @@ impl<S: LogStore> raft::Storage for RaftStore<S> {
         max_size: impl Into<Option<u64>>,
         _context: GetEntriesContext,
     ) -> raft::Result<Vec<eraftpb::Entry>> {
-        if low <= self.0.snapshot().meta.index {
+        if low <= self.store.snapshot().meta.index {
             return Err(raft::Error::Store(StorageError::Compacted));
         }
         let max_bytes = max_size.into().unwrap_or(u64::MAX);
         Ok(self
-            .0
+            .store
             .entries(low, high, max_bytes)
             .into_iter()
             .map(entry_to_raft)
@@ -339,16 +347,21 @@ impl<S: LogStore> raft::Storage for RaftStore<S> {
     }
 
     fn first_index(&self) -> raft::Result<u64> {
-        Ok(self.0.snapshot().meta.index + 1)
+        Ok(self.store.snapshot().meta.index + 1)
     }
 
     fn last_index(&self) -> raft::Result<u64> {
-        Ok(self.0.last_index())
+        Ok(self.store.last_index())
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<eraftpb::Snapshot> {
-        let snapshot = self.0.snapshot();
-        if snapshot.meta.index < request_index {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<eraftpb::Snapshot> {
+        let snapshot = self.store.snapshot();
+        let conf = &snapshot.meta.conf;
+        // A member restores only a snapshot whose membership includes it (one added since
+        // the last checkpoint needs a newer one).
+        let knows_peer = conf.voters.contains(&to) || conf.learners.contains(&to);
+        if snapshot.meta.index < request_index || !knows_peer {
+            self.snapshot_wanted.set(true);
             return Err(raft::Error::Store(
                 StorageError::SnapshotTemporarilyUnavailable,
             ));
@@ -468,11 +481,11 @@ mod tests {
         store.finish_sync(mark);
         assert_eq!(store.last_index(), 3);
         assert_eq!(store.crash(0).last_index(), 3);
-        assert_eq!(store.crash(0).durable_term(3), Some(1));
+        assert!(store.crash(0).holds_durably(3, 1));
         assert_eq!(store.crash(1).last_index(), 4);
         let after = store.crash(2);
         assert_eq!(after.last_index(), 3);
-        assert_eq!(after.durable_term(3), Some(3));
+        assert!(after.holds_durably(3, 3) && !after.holds_durably(3, 1));
     }
 
     #[test]
@@ -495,7 +508,10 @@ mod tests {
             data: Vec::new(),
         });
         assert_eq!(store.entries(4, 5, u64::MAX), vec![entry(4, 1)]);
-        let raft = RaftStore(store);
+        let raft = RaftStore {
+            store,
+            snapshot_wanted: Default::default(),
+        };
         assert_eq!(raft.term_of(3).unwrap(), 1);
         assert!(raft.term_of(2).is_err());
     }
