@@ -1,6 +1,10 @@
-//! Consensus-side pieces of ferrocd. Today every group has one voter, so a group's log is its
-//! WAL and an entry is committed once it is durable; what lives here is the part that must
-//! hold across groups: the revision sequencer and its visibility watermark.
+//! Consensus-side pieces of ferrocd: the revision sequencer and its visibility watermark
+//! (shared by all groups), and replication: one raft-rs group per shard plus the meta group
+//! (`group`), all groups of a member driven together (`multi`), over a log store the server
+//! backs with each shard's WAL (`storage`). See "Replication (raft/)" in docs/ARCHITECTURE.md.
 
+pub mod group;
+pub mod multi;
 pub mod notify;
 pub mod sequencer;
+pub mod storage;
