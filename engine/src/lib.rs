@@ -6,4 +6,5 @@ pub mod btree;
 pub mod checkpoint;
 pub mod mvcc;
 pub mod replay;
+pub mod snapshot;
 pub mod wal;
