@@ -14,7 +14,8 @@
 //!            (the value is the rest of the body)
 //!   tag 2  = a meta record: a WAL payload of `mvcc::codec` (lease grants, auth records)
 //!   tag 3  = end: compacted_revision:i64 changes:u64 meta_records:u64 (always the last)
-//! checksum = crc32:u32 (IEEE) of every byte before it
+//! padding  = zero bytes, so that the file's length is 32 more than a multiple of 512
+//! checksum = sha256 of every byte before it (32 bytes)
 //! ```
 //!
 //! Changes come in key order, each key's in revision order; they are every change with
@@ -22,20 +23,25 @@
 //! which compaction at `compacted_revision` would drop may also be present (a compaction can
 //! advance while a snapshot streams): a reader compacts them away ([`retained`]). The
 //! compacted revision comes at the end for that reason. A file is accepted only whole: the
-//! checksum is verified first, then the end record must be the last record. CRC-32 catches
-//! truncation and accidental corruption (every burst up to 32 bits); like etcd's appended
-//! sha256 it is no defence against deliberate tampering.
+//! checksum is verified first, then the end record must be the last record. The padded
+//! length and the trailing sha256 are etcd's convention for its snapshot files (its bolt
+//! file's pages are 512-byte multiples; `etcdctl snapshot save` refuses a download whose
+//! length is not 32 more than a multiple of 512), so etcdctl saves ours unchanged. Like
+//! etcd's, the checksum catches truncation and corruption, not deliberate tampering.
 
 use std::fmt;
 use std::io::{self, Read};
 
 use crate::mvcc::codec::{self, LogPayload};
 use crate::mvcc::{Revision, SavedState, SavedVersion};
+use sha2::{Digest, Sha256};
 
 pub const MAGIC: &[u8; 8] = b"FERROSNP";
 pub const FORMAT_VERSION: u32 = 1;
 const HEADER_BYTES: usize = 24;
-const CHECKSUM_BYTES: usize = 4;
+const CHECKSUM_BYTES: usize = 32;
+/// The file's length is `CHECKSUM_BYTES` more than a multiple of this (etcd's convention).
+const ALIGN_BYTES: usize = 512;
 const TAG_CHANGE: u8 = 1;
 const TAG_META: u8 = 2;
 const TAG_END: u8 = 3;
@@ -79,10 +85,7 @@ pub enum SnapshotError {
     UnsupportedFormat(u32),
     /// The file ends before its checksum or its end record.
     Truncated,
-    ChecksumMismatch {
-        stored: u32,
-        computed: u32,
-    },
+    ChecksumMismatch,
     /// A record does not decode (at this byte offset).
     Corrupt {
         offset: u64,
@@ -97,10 +100,9 @@ impl fmt::Display for SnapshotError {
             SnapshotError::NotASnapshot => write!(f, "not a ferrocd snapshot file (bad magic)"),
             SnapshotError::UnsupportedFormat(v) => write!(f, "unsupported snapshot format {v}"),
             SnapshotError::Truncated => write!(f, "snapshot file is truncated"),
-            SnapshotError::ChecksumMismatch { stored, computed } => write!(
+            SnapshotError::ChecksumMismatch => write!(
                 f,
-                "snapshot file integrity check failed: checksum {stored:08x} stored, \
-                 {computed:08x} computed (the file is corrupt)"
+                "snapshot file integrity check failed: sha256 mismatch (the file is corrupt)"
             ),
             SnapshotError::Corrupt { offset, what } => {
                 write!(f, "snapshot file is corrupt at byte {offset}: {what}")
@@ -120,7 +122,9 @@ impl From<io::Error> for SnapshotError {
 /// Writes a snapshot piece by piece into caller-owned buffers (so the caller bounds memory
 /// by how often it drains them), keeping the running checksum and counts.
 pub struct Encoder {
-    hasher: crc32fast::Hasher,
+    hasher: Sha256,
+    /// Bytes fed to the hasher (the file's length so far).
+    len_bytes: u64,
     end: End,
 }
 
@@ -128,7 +132,8 @@ impl Encoder {
     /// Starts a snapshot: appends the header to `out`.
     pub fn new(header: Header, out: &mut Vec<u8>) -> Encoder {
         let mut encoder = Encoder {
-            hasher: crc32fast::Hasher::new(),
+            hasher: Sha256::new(),
+            len_bytes: 0,
             end: End::default(),
         };
         let start = out.len();
@@ -136,7 +141,7 @@ impl Encoder {
         out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
         out.extend_from_slice(&header.revision.to_le_bytes());
         out.extend_from_slice(&header.source_shards.to_le_bytes());
-        encoder.hasher.update(&out[start..]);
+        encoder.hash(&out[start..]);
         encoder
     }
 
@@ -174,7 +179,7 @@ impl Encoder {
         self.end.meta_records += 1;
     }
 
-    /// Ends the snapshot: appends the end record and the checksum.
+    /// Ends the snapshot: appends the end record, the padding and the checksum.
     pub fn finish(mut self, compacted_revision: i64, out: &mut Vec<u8>) {
         self.end.compacted_revision = compacted_revision;
         let mut body = Vec::with_capacity(24);
@@ -182,7 +187,16 @@ impl Encoder {
         body.extend_from_slice(&self.end.changes.to_le_bytes());
         body.extend_from_slice(&self.end.meta_records.to_le_bytes());
         self.record(TAG_END, &body, out);
-        out.extend_from_slice(&self.hasher.finalize().to_le_bytes());
+        let padding = (ALIGN_BYTES - self.len_bytes as usize % ALIGN_BYTES) % ALIGN_BYTES;
+        let start = out.len();
+        out.resize(start + padding, 0);
+        self.hash(&out[start..]);
+        out.extend_from_slice(&self.hasher.finalize());
+    }
+
+    fn hash(&mut self, bytes: &[u8]) {
+        self.hasher.update(bytes);
+        self.len_bytes += bytes.len() as u64;
     }
 
     fn record(&mut self, tag: u8, body: &[u8], out: &mut Vec<u8>) {
@@ -191,16 +205,21 @@ impl Encoder {
         out.push(tag);
         out.extend_from_slice(&(body.len() as u32).to_le_bytes());
         out.extend_from_slice(body);
-        self.hasher.update(&out[start..]);
+        self.hash(&out[start..]);
     }
 }
 
 /// Reads the whole of `input` (`len_bytes` long) and checks its checksum; returns it.
-pub fn verify_checksum(mut input: impl Read, len_bytes: u64) -> Result<u32, SnapshotError> {
-    if len_bytes < (HEADER_BYTES + CHECKSUM_BYTES) as u64 {
+pub fn verify_checksum(
+    mut input: impl Read,
+    len_bytes: u64,
+) -> Result<[u8; CHECKSUM_BYTES], SnapshotError> {
+    if len_bytes < (HEADER_BYTES + CHECKSUM_BYTES) as u64
+        || len_bytes % ALIGN_BYTES as u64 != CHECKSUM_BYTES as u64
+    {
         return Err(SnapshotError::Truncated);
     }
-    let mut hasher = crc32fast::Hasher::new();
+    let mut hasher = Sha256::new();
     let mut left = len_bytes - CHECKSUM_BYTES as u64;
     let mut buf = vec![0u8; 64 << 10];
     while left > 0 {
@@ -211,10 +230,8 @@ pub fn verify_checksum(mut input: impl Read, len_bytes: u64) -> Result<u32, Snap
     }
     let mut stored = [0u8; CHECKSUM_BYTES];
     input.read_exact(&mut stored).map_err(truncated)?;
-    let stored = u32::from_le_bytes(stored);
-    let computed = hasher.finalize();
-    if stored != computed {
-        return Err(SnapshotError::ChecksumMismatch { stored, computed });
+    if hasher.finalize()[..] != stored {
+        return Err(SnapshotError::ChecksumMismatch);
     }
     Ok(stored)
 }
@@ -286,8 +303,12 @@ impl<R: Read> Reader<R> {
             TAG_END => {
                 let end = decode_end(&body).ok_or_else(|| corrupt("bad end record"))?;
                 let mut rest = Vec::new();
-                self.input.read_to_end(&mut rest)?;
-                if rest.len() != CHECKSUM_BYTES {
+                self.input
+                    .by_ref()
+                    .take((ALIGN_BYTES + CHECKSUM_BYTES) as u64)
+                    .read_to_end(&mut rest)?;
+                let padding = rest.len().checked_sub(CHECKSUM_BYTES);
+                if !padding.is_some_and(|p| p < ALIGN_BYTES && rest[..p].iter().all(|&b| b == 0)) {
                     return Err(corrupt("bytes after the end record"));
                 }
                 self.ended = true;
@@ -453,6 +474,7 @@ mod tests {
     #[test]
     fn every_truncation_and_bit_flip_is_refused() {
         let (bytes, _) = sample();
+        assert_eq!(bytes.len() % ALIGN_BYTES, CHECKSUM_BYTES);
         for len in 0..bytes.len() {
             assert!(read_all(&bytes[..len]).is_err(), "truncated to {len}");
         }
@@ -465,7 +487,11 @@ mod tests {
 
     #[test]
     fn retained_applies_compaction() {
-        let history = [put(b"k", 2, 1, b"1"), put(b"k", 4, 2, b"2"), tombstone(b"k", 6)];
+        let history = [
+            put(b"k", 2, 1, b"1"),
+            put(b"k", 4, 2, b"2"),
+            tombstone(b"k", 6),
+        ];
         assert_eq!(retained(&history, 1).len(), 3);
         assert_eq!(retained(&history, 3).len(), 3);
         assert_eq!(retained(&history, 4).len(), 2);
