@@ -311,6 +311,7 @@ async fn damaged_snapshots_and_used_data_dirs_are_refused() {
     );
     assert!(saved.status.success(), "{}", stderr(&saved));
     let bytes = std::fs::read(&file).unwrap();
+    assert_eq!(gateway_snapshot_bytes(&source.endpoint()), bytes.len());
 
     let damaged = |name: &str, bytes: &[u8]| -> PathBuf {
         let path = dir.path().join(name);
@@ -335,6 +336,35 @@ async fn damaged_snapshots_and_used_data_dirs_are_refused() {
     }
     let output = restore(&file, &source.data_dir(), SHARDS);
     assert!(stderr(&output).contains("not empty"), "{}", stderr(&output));
+}
+
+/// Streams a snapshot through the JSON gateway (newline-delimited `{"result":...}` lines, as
+/// etcd's gateway) and returns the decoded length of its blobs, checking `remaining_bytes`.
+fn gateway_snapshot_bytes(endpoint: &str) -> usize {
+    let url = format!("{endpoint}/v3/maintenance/snapshot");
+    let output = Command::new("curl")
+        .args(["-sS", "-X", "POST", &url, "-d", "{}"])
+        .output()
+        .expect("run curl");
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = String::from_utf8(output.stdout).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let mut total = 0;
+    for (i, line) in lines.iter().enumerate() {
+        let result = &line["result"];
+        let blob = result["blob"].as_str().unwrap();
+        let padding = blob.bytes().rev().take_while(|&b| b == b'=').count();
+        let len = blob.len() / 4 * 3 - padding;
+        total += len;
+        let last = i + 1 == lines.len();
+        // proto3 JSON omits a zero `remaining_bytes`: only the last message has none.
+        assert_eq!(result.get("remaining_bytes").is_none(), last, "{result}");
+        assert!(last || len == 32 * 1024, "blobs are 32 KiB but the last");
+    }
+    total
 }
 
 /// A writer runs txns that each put every one of `TXN_KEYS` keys (on every shard) to the
