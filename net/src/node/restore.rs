@@ -122,12 +122,37 @@ pub fn restore(config: &RestoreConfig) -> Result<SnapshotStatus, String> {
     )?;
     status.compacted_revision = end.compacted_revision;
     status.total_keys = end.changes;
+    check_revisions(&per_shard, status)
+        .map_err(|e| format!("snapshot {}: {e}", config.snapshot.display()))?;
     for versions in &mut per_shard {
         *versions = compact(std::mem::take(versions), end.compacted_revision);
     }
     write_data_dir(config, status, per_shard, meta_records)
         .map_err(|e| format!("restoring into {}: {e}", dir.display()))?;
     Ok(status)
+}
+
+/// The checkpoint writer asserts what a store can hold; a file that passed its checksum but
+/// breaks it (not written by ferrocd) is refused here instead.
+fn check_revisions(per_shard: &[Vec<SavedVersion>], status: SnapshotStatus) -> Result<(), String> {
+    let revision = status.revision;
+    if revision < 1 || !(0..=revision).contains(&status.compacted_revision) {
+        return Err(format!(
+            "revision {revision} compacted at {} is not a valid state",
+            status.compacted_revision
+        ));
+    }
+    let outside = per_shard
+        .iter()
+        .flatten()
+        .find(|c| c.rev.main < 1 || c.rev.main > revision || c.rev.sub < 0);
+    match outside {
+        Some(c) => Err(format!(
+            "a change at {:?} lies outside the snapshot's revisions 1..={revision}",
+            c.rev
+        )),
+        None => Ok(()),
+    }
 }
 
 /// etcd's check that this member is in `--initial-cluster` under its peer URLs.
