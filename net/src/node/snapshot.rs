@@ -60,6 +60,9 @@ const STREAM_BUFFER_MESSAGES: usize = 4;
 /// What the meta group captures when a snapshot starts.
 pub struct SnapshotStart {
     pub revision: i64,
+    /// At most `revision`: compactions run in the meta group too, at most at the visible
+    /// revision.
+    pub compacted: i64,
     /// Lease grants, then auth roles, users and the enabled flag, as meta log records.
     pub meta_records: Vec<LogPayload>,
 }
@@ -93,6 +96,7 @@ pub fn capture(shared: &Shared) -> SnapshotStart {
     }
     SnapshotStart {
         revision: shared.seq.visible(),
+        compacted: shared.compacted(),
         meta_records,
     }
 }
@@ -145,7 +149,8 @@ impl Chunker {
             source_shards: self.shared.shards.len() as u32,
         };
         let mut encoder = Encoder::new(header, &mut self.pending);
-        let mut compacted = self.shared.compacted();
+        // Each batch's compaction is at most the revision, or its shard refused it.
+        let mut compacted = start.compacted;
         for shard in 0..self.shared.shards.len() {
             let mut after = None;
             loop {
