@@ -6,6 +6,7 @@ use ferrocd_net::node::checkpoint::{
     CheckpointConfig, DEFAULT_CHECKPOINT_INTERVAL_MS, DEFAULT_CHECKPOINT_MAX_CHANGES,
 };
 use ferrocd_net::node::compactor::{AutoCompaction, REVISION_MODE_INTERVAL_MS};
+use ferrocd_net::node::restore::{self, RestoreConfig};
 use ferrocd_net::node::space::DEFAULT_QUOTA_BYTES;
 use ferrocd_net::node::Limits;
 use ferrocd_net::server::{self, NodeConfig, Shutdown};
@@ -342,7 +343,136 @@ fn watch_signals(shutdown: Shutdown) {
     }
 }
 
+/// `ferrocd snapshot restore|status`: etcdctl's snapshot commands for ferrocd's snapshot files
+/// (`etcdctl snapshot save` against ferrocd writes one).
+#[derive(Parser, Debug)]
+#[command(name = "ferrocd snapshot")]
+enum SnapshotCommand {
+    /// Builds a new data dir from a snapshot file (a new cluster, as etcdctl's restore).
+    Restore {
+        /// The snapshot file.
+        file: PathBuf,
+        /// The data dir to create (default: <name>.ferrocd); it must not hold anything.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Human-readable name for this member.
+        #[arg(long, default_value = "default")]
+        name: String,
+        /// Initial cluster configuration for restore bootstrap.
+        #[arg(long, default_value = "default=http://localhost:2380")]
+        initial_cluster: String,
+        /// Initial cluster token for the cluster during restore bootstrap.
+        #[arg(long, default_value = "etcd-cluster")]
+        initial_cluster_token: String,
+        /// This member's peer URLs.
+        #[arg(long, default_value = "http://localhost:2380")]
+        initial_advertise_peer_urls: String,
+        /// Shards of the restored data dir (default: number of CPUs, as the server's); may
+        /// differ from the source's, keys are placed again.
+        #[arg(long)]
+        shards: Option<usize>,
+    },
+    /// Checks a snapshot file and shows its hash, revision, keys and size.
+    Status {
+        /// The snapshot file.
+        file: PathBuf,
+    },
+}
+
+fn snapshot_command(args: impl Iterator<Item = String>) -> Result<(), String> {
+    match SnapshotCommand::parse_from(args) {
+        SnapshotCommand::Restore {
+            file,
+            data_dir,
+            name,
+            initial_cluster,
+            initial_cluster_token,
+            initial_advertise_peer_urls,
+            shards,
+        } => {
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let shards = shards.unwrap_or(cpus);
+            if shards == 0 || shards > 256 {
+                return Err(format!("--shards {shards}: must be between 1 and 256"));
+            }
+            let config = RestoreConfig {
+                snapshot: file,
+                data_dir: data_dir.unwrap_or_else(|| PathBuf::from(format!("{name}.ferrocd"))),
+                shards,
+                name,
+                initial_cluster,
+                initial_cluster_token,
+                initial_advertise_peer_urls,
+            };
+            let status = restore::restore(&config)?;
+            println!(
+                "restored snapshot at revision {} ({} keys) into {}",
+                status.revision,
+                status.total_keys,
+                config.data_dir.display()
+            );
+        }
+        SnapshotCommand::Status { file } => print_status(&restore::status(&file)?),
+    }
+    Ok(())
+}
+
+/// etcdctl's `snapshot status` table.
+fn print_status(status: &restore::SnapshotStatus) {
+    let row = [
+        format!("{:x}", status.hash),
+        status.revision.to_string(),
+        status.total_keys.to_string(),
+        human_bytes(status.total_size_bytes),
+    ];
+    let titles = ["HASH", "REVISION", "TOTAL KEYS", "TOTAL SIZE"];
+    let widths: Vec<usize> = titles
+        .iter()
+        .zip(&row)
+        .map(|(t, v)| t.len().max(v.len()) + 2)
+        .collect();
+    let rule: String = widths
+        .iter()
+        .map(|w| format!("+{}", "-".repeat(*w)))
+        .collect();
+    let line = |cells: &[&str]| -> String {
+        let centered = cells.iter().zip(&widths).map(|(c, w)| format!("|{c:^w$}"));
+        centered.collect::<String>() + "|"
+    };
+    println!("{rule}+");
+    println!("{}", line(&titles));
+    println!("{rule}+");
+    let values: Vec<&str> = row.iter().map(String::as_str).collect();
+    println!("{}", line(&values));
+    println!("{rule}+");
+}
+
+/// Sizes as etcdctl prints them (go-humanize's SI units: 1 kB = 1000 bytes).
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1000.0 && unit + 1 < UNITS.len() {
+        value /= 1000.0;
+        unit += 1;
+    }
+    match unit {
+        0 => format!("{bytes} B"),
+        _ => format!("{value:.1} {}", UNITS[unit]),
+    }
+}
+
 fn main() -> ExitCode {
+    // `ferrocd snapshot ...` is a tool; any other first argument is a server flag.
+    if std::env::args().nth(1).as_deref() == Some("snapshot") {
+        return match snapshot_command(std::env::args().skip(1)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("Error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let flags = Flags::parse();
     let config = match config(&flags) {
         Ok(config) => config,

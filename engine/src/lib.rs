@@ -8,4 +8,5 @@ pub mod checkpoint;
 pub mod mvcc;
 pub mod reader;
 pub mod replay;
+pub mod snapshot;
 pub mod wal;

@@ -1,7 +1,7 @@
 //! The `Cluster` and `Maintenance` services, as far as a single member answers them today:
-//! `MemberList`, `Status`, `HashKV`, `Hash`, `Defragment`, `Alarm` (with the space quota) and
-//! `MoveLeader`. Member changes and `Snapshot` answer UNIMPLEMENTED until clustering and the
-//! maintenance issue land.
+//! `MemberList`, `Status`, `HashKV`, `Hash`, `Defragment`, `Alarm` (with the space quota),
+//! `Snapshot` (`node/snapshot.rs`) and `MoveLeader`. Member changes answer UNIMPLEMENTED
+//! until clustering lands.
 
 use crate::auth::AuthError;
 use crate::http::SERVER_VERSION;
@@ -11,8 +11,14 @@ use ferrocd_api::etcdserverpb::maintenance_server::Maintenance;
 use ferrocd_api::etcdserverpb::{
     AlarmRequest, AlarmResponse, DefragmentRequest, DefragmentResponse, HashKvRequest,
     HashKvResponse, HashRequest, HashResponse, Member, MemberListRequest, MemberListResponse,
-    MoveLeaderRequest, MoveLeaderResponse, StatusRequest, StatusResponse,
+    MoveLeaderRequest, MoveLeaderResponse, SnapshotRequest, SnapshotResponse, StatusRequest,
+    StatusResponse,
 };
+use futures::{Stream, StreamExt};
+use std::pin::Pin;
+
+/// The stream type tonic's generated trait expects for `Snapshot`.
+type SnapshotStream = Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>> + Send>>;
 use tonic::{Request, Response, Status};
 
 /// What this member advertises.
@@ -134,6 +140,18 @@ impl Maintenance for ClusterService {
             header: Some(self.node.shared().current_header()),
             alarms,
         }))
+    }
+
+    /// The node's state at one revision, in 32 KiB blobs (root only, as etcd).
+    async fn snapshot(
+        &self,
+        request: Request<SnapshotRequest>,
+    ) -> Result<Response<SnapshotStream>, Status> {
+        self.admin(&request)?;
+        let messages = self.node.snapshot().await?;
+        Ok(Response::new(Box::pin(
+            messages.map(|message| message.map_err(Status::from)),
+        )))
     }
 
     /// A single member has nobody to hand leadership to.

@@ -169,20 +169,21 @@ impl KeyHistory {
     /// The change at exactly `rev`, copied out for a checkpoint.
     pub(super) fn saved(&self, rev: Revision) -> Option<SavedState> {
         let i = self.versions.binary_search_by_key(&rev, |v| v.rev).ok()?;
-        Some(match &self.versions[i].state {
-            State::Put {
-                create_revision,
-                version,
-                lease,
-                value,
-            } => SavedState::Put {
-                create_revision: *create_revision,
-                version: *version,
-                lease: *lease,
-                value: value.to_vec(),
-            },
-            State::Tombstone => SavedState::Tombstone,
-        })
+        Some(saved_state(&self.versions[i].state))
+    }
+
+    /// The changes with `main <= upto` that survive compaction at `compacted`, copied out
+    /// for a snapshot: what a store compacted at `compacted` holds up to `upto`, whatever the
+    /// progress of a pending compaction (as [`KeyHistory::hash_into`]).
+    pub(super) fn exported(
+        &self,
+        compacted: i64,
+        upto: i64,
+    ) -> impl Iterator<Item = (Revision, SavedState)> + '_ {
+        self.versions[self.first_kept_at(compacted)..]
+            .iter()
+            .take_while(move |v| v.rev.main <= upto)
+            .map(|v| (v.rev, saved_state(&v.state)))
     }
 
     /// Appends a change read back from a checkpoint. Refuses what no history can
@@ -243,6 +244,23 @@ impl KeyHistory {
                 State::Tombstone => newest + 1,
             },
         }
+    }
+}
+
+fn saved_state(state: &State) -> SavedState {
+    match state {
+        State::Put {
+            create_revision,
+            version,
+            lease,
+            value,
+        } => SavedState::Put {
+            create_revision: *create_revision,
+            version: *version,
+            lease: *lease,
+            value: value.to_vec(),
+        },
+        State::Tombstone => SavedState::Tombstone,
     }
 }
 

@@ -51,7 +51,7 @@ pub mod codec;
 mod history;
 mod store;
 
-pub use store::{Changes, RangeResult, Store, StoreStats, Unsaved};
+pub use store::{Changes, Exported, RangeResult, Store, StoreStats, Unsaved};
 
 /// A point in the shard's history: `main` is the cluster-wide revision of a
 /// request, `sub` the index of a change within that request.

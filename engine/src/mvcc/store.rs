@@ -52,6 +52,16 @@ pub struct Unsaved {
     pub compacted_revision: i64,
 }
 
+/// What [`Store::export`] hands to a snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Exported {
+    pub versions: Vec<SavedVersion>,
+    /// The last key visited when the batch stopped early: the next batch starts after it.
+    pub next: Option<Vec<u8>>,
+    /// The compaction the batch reflects.
+    pub compacted_revision: i64,
+}
+
 /// Changes no checkpoint has taken yet.
 #[derive(Default)]
 struct UnsavedLog {
@@ -429,6 +439,41 @@ impl Store {
             self.stats.payload_bytes += key_bytes;
         }
         Ok(())
+    }
+
+    /// One batch of a snapshot of the store at `rev`: the retained changes (those surviving
+    /// the current compaction) with `main <= rev` of the keys after `after` (from the first
+    /// key when `None`), in key then revision order, whole keys until at least `max_bytes` of
+    /// keys and values are taken. `next` is the key to resume after, `None` once every key
+    /// was visited. Panics if `rev` is below the compacted revision.
+    pub fn export(&self, after: Option<&[u8]>, rev: i64, max_bytes: usize) -> Exported {
+        assert!(
+            rev >= self.compacted_revision,
+            "export at {rev} below compacted revision {}",
+            self.compacted_revision
+        );
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut exported = Exported {
+            versions: Vec::new(),
+            next: None,
+            compacted_revision: self.compacted_revision,
+        };
+        let mut bytes = 0;
+        for (key, history) in self.keys.range::<[u8], _>((start, Bound::Unbounded)) {
+            if bytes >= max_bytes {
+                exported.next = exported.versions.last().map(|v| v.key.clone());
+                break;
+            }
+            for (rev, state) in history.exported(self.compacted_revision, rev) {
+                if let SavedState::Put { value, .. } = &state {
+                    bytes += value.len();
+                }
+                bytes += key.len();
+                let key = key.to_vec();
+                exported.versions.push(SavedVersion { key, rev, state });
+            }
+        }
+        exported
     }
 
     /// A CRC-32 of every change with `main <= rev` that survives the current

@@ -46,6 +46,10 @@ pub enum MetaMsg {
         op: LeaseOp,
         reply: oneshot::Sender<Result<LeaseDone, KvError>>,
     },
+    /// Snapshot: the revision and meta state it starts from (`super::snapshot`).
+    Snapshot {
+        reply: oneshot::Sender<super::snapshot::SnapshotStart>,
+    },
     /// Change users, roles or the enabled flag (`crate::auth::ops`).
     Auth {
         op: AdminOp,
@@ -96,6 +100,9 @@ impl Meta {
                 }
                 MetaMsg::Lease { op, reply } => {
                     let _ = reply.send(crate::lease::ops::apply(&mut self, op).await);
+                }
+                MetaMsg::Snapshot { reply } => {
+                    let _ = reply.send(super::snapshot::capture(&self.shared));
                 }
                 MetaMsg::Auth { op, reply } => {
                     let _ = reply.send(crate::auth::ops::apply(&mut self, op).await);

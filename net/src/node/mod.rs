@@ -13,7 +13,9 @@ pub mod errors;
 mod hash;
 pub mod meta;
 pub mod recovery;
+pub mod restore;
 pub mod shard;
+pub mod snapshot;
 pub mod space;
 mod stats;
 

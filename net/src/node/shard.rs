@@ -26,7 +26,7 @@ use crate::watch::journal::RevisionEvents;
 use ferrocd_api::etcdserverpb::{TxnRequest, TxnResponse};
 use ferrocd_engine::checkpoint::{Checkpointer, FileStats};
 use ferrocd_engine::mvcc::codec::{encode, LogPayload};
-use ferrocd_engine::mvcc::{Change, Changes, KeyValue, Revision, Store};
+use ferrocd_engine::mvcc::{Change, Changes, Exported, KeyValue, Revision, Store};
 use ferrocd_engine::reader::ShardReader;
 use ferrocd_engine::wal::{Record, Wal};
 use ferrocd_raft::notify::wait_until;
@@ -84,6 +84,14 @@ pub enum ShardMsg {
     Compact {
         rev: i64,
         reply: oneshot::Sender<()>,
+    },
+    /// Snapshot: a batch of the shard's history at `rev`, keys after `after`
+    /// (`Store::export`); `Compacted` once a compaction passed `rev` (see `snapshot.rs`).
+    Export {
+        after: Option<Vec<u8>>,
+        rev: i64,
+        max_bytes: usize,
+        reply: Reply<Exported>,
     },
     /// Maintenance: the hash of the shard's history up to `rev`.
     Hash { rev: i64, reply: Reply<u32> },
@@ -239,6 +247,18 @@ impl Shard {
                     });
                 }
                 ShardMsg::Compact { rev, reply } => self.compact(rev, reply),
+                ShardMsg::Export {
+                    after,
+                    rev,
+                    max_bytes,
+                    reply,
+                } => {
+                    let store = self.store.borrow();
+                    let _ = reply.send(match rev < store.compacted_revision() {
+                        true => Err(KvError::Compacted),
+                        false => Ok(store.export(after.as_deref(), rev, max_bytes)),
+                    });
+                }
                 ShardMsg::Hash { rev, reply } => {
                     let _ = reply.send(self.hash(rev));
                 }
