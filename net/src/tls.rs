@@ -462,7 +462,7 @@ mod tests {
             Some((0x04, &[0xaa][..], &[0xbb][..]))
         );
         let mut long = vec![0x04, 0x82, 0x01, 0x00];
-        long.extend(std::iter::repeat(7).take(256));
+        long.extend([7; 256]);
         assert_eq!(
             der_next(&long).map(|(_, c, r)| (c.len(), r.len())),
             Some((256, 0))
