@@ -196,25 +196,10 @@ fn etcdctl(server: &Server, tls: &[String], args: &[&str]) -> Output {
     run("etcdctl", &all)
 }
 
-/// curl's `--cacert` and what follows, then `-w`: the body, a space, the HTTP version.
+/// curl of `path` on the server: the body, a space, the HTTP version used.
 fn curl(server: &Server, certs: &Certs, extra: &[&str], path: &str) -> String {
-    let mut args = vec![
-        "--silent".to_string(),
-        "--show-error".to_string(),
-        "--cacert".to_string(),
-        certs.path("ca.pem"),
-        "-w".to_string(),
-        " %{http_version}".to_string(),
-    ];
-    args.extend(extra.iter().map(|arg| arg.to_string()));
-    args.push(format!("{}{path}", server.endpoint()));
-    let output = run("curl", &args);
-    assert!(
-        output.status.success(),
-        "curl {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout(&output)
+    let args = [&["-w", " %{http_version}"], extra].concat();
+    curl_url(certs, &args, &format!("{}{path}", server.endpoint()))
 }
 
 /// Sends a plain HTTP request to a TLS port: the server must end the exchange (close or TLS
@@ -455,4 +440,90 @@ fn tls_flag_errors_read_as_etcds() {
         message.contains("KeyFile and CertFile must both be present"),
         "{message}"
     );
+}
+
+/// Kills a server process when the test ends, passed or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `http://` and `https://` client URLs side by side, as etcd allows: each port speaks its own
+/// scheme only. (The harness serves one client URL, so this test starts the servers itself.)
+#[test]
+fn mixed_http_and_https_listen_urls() {
+    let certs = Certs::generate();
+    for program in ["etcd", env!("CARGO_BIN_EXE_ferrocd")] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let listeners: Vec<_> = (0..3)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+            .collect();
+        let ports: Vec<u16> = listeners
+            .iter()
+            .map(|l| l.local_addr().expect("local addr").port())
+            .collect();
+        drop(listeners);
+        let (https, http) = (
+            format!("https://127.0.0.1:{}", ports[0]),
+            format!("http://127.0.0.1:{}", ports[1]),
+        );
+        let peer = format!("http://127.0.0.1:{}", ports[2]);
+        let child = Command::new(program)
+            .args(["--data-dir", dir.path().join("d").to_str().unwrap()])
+            .args(["--listen-client-urls", &format!("{https},{http}")])
+            .args(["--advertise-client-urls", &https])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("default={peer}")])
+            .args(certs.server_args(&[]))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {program}: {e}"));
+        let _server = KillOnDrop(child);
+        // curl retries until the server listens (bounded: 20 tries, 20 s).
+        let wait = ["--retry", "20", "--retry-delay", "1", "--retry-connrefused"];
+        let secure = curl_url(&certs, &wait, &format!("{https}/health"));
+        assert!(
+            secure.starts_with(r#"{"health":"true""#),
+            "{program}: {secure}"
+        );
+        let plain = curl_url(&certs, &[], &format!("{http}/health"));
+        assert!(
+            plain.starts_with(r#"{"health":"true""#),
+            "{program}: {plain}"
+        );
+        let wrong_scheme = run(
+            "curl",
+            &[
+                "--silent".into(),
+                "--max-time".into(),
+                "5".into(),
+                format!("http://127.0.0.1:{}/health", ports[0]),
+            ],
+        );
+        assert!(
+            !stdout(&wrong_scheme).contains("health"),
+            "{program}: {wrong_scheme:?}"
+        );
+    }
+}
+
+/// curl of a full URL trusting the test CA; must succeed. Returns what it prints.
+fn curl_url(certs: &Certs, extra: &[&str], url: &str) -> String {
+    let mut args = vec!["--silent".to_string(), "--show-error".to_string()];
+    args.extend(["--cacert".to_string(), certs.path("ca.pem")]);
+    args.extend(extra.iter().map(|arg| arg.to_string()));
+    args.push(url.to_string());
+    let output = run("curl", &args);
+    assert!(
+        output.status.success(),
+        "curl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout(&output)
 }
