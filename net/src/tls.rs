@@ -133,14 +133,13 @@ impl ServerTls {
         urls: &[ListenUrl],
         fixtures_dir: &Path,
     ) -> Result<Option<ServerTls>, String> {
-        for url in urls.iter().filter(|u| !u.tls) {
-            if files.is_configured() {
-                eprintln!(
-                    "ferrocd: warning: the scheme of client url {} is HTTP while TLS flags are \
-                     given: TLS is not used on it",
-                    url.url
-                );
-            }
+        let plain_urls = urls.iter().filter(|u| !u.tls);
+        for url in plain_urls.filter(|_| files.is_configured()) {
+            eprintln!(
+                "ferrocd: warning: the scheme of client url {} is HTTP while TLS flags are \
+                 given: TLS is not used on it",
+                url.url
+            );
         }
         let Some(https) = urls.iter().find(|u| u.tls) else {
             return Ok(None);
