@@ -10,8 +10,8 @@ use ferrocd_net::node::restore::{self, RestoreConfig};
 use ferrocd_net::node::space::DEFAULT_QUOTA_BYTES;
 use ferrocd_net::node::Limits;
 use ferrocd_net::server::{self, NodeConfig, Shutdown};
+use ferrocd_net::tls::{ListenUrl, TlsFiles};
 use ferrocd_net::watch::journal::JournalLimits;
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -109,70 +109,71 @@ struct Flags {
     tls: TlsFlags,
 }
 
-/// etcd's TLS flags: accepted so scripts parse, refused until TLS is implemented.
+/// etcd's TLS flags. The client ones secure the `https://` client URLs; the peer ones are
+/// checked and kept for the peer transport (a single member has no peers yet).
 #[derive(clap::Args, Debug)]
 struct TlsFlags {
+    /// Path to the client server TLS certificate file (PEM).
     #[arg(long)]
-    cert_file: Option<String>,
+    cert_file: Option<PathBuf>,
+    /// Path to the client server TLS key file (PEM).
     #[arg(long)]
-    key_file: Option<String>,
+    key_file: Option<PathBuf>,
+    /// Path to the client server TLS trusted CA file: client certificates must be signed by it.
     #[arg(long)]
-    trusted_ca_file: Option<String>,
+    trusted_ca_file: Option<PathBuf>,
+    /// Enable client cert authentication: a verified certificate's Common Name is the user
+    /// of a request without a token.
     #[arg(long)]
     client_cert_auth: bool,
+    /// Client TLS using a generated certificate (under <data-dir>/fixtures/client).
     #[arg(long)]
     auto_tls: bool,
+    /// Path to the peer server TLS certificate file (validated and kept: no peer transport
+    /// yet, single member).
     #[arg(long)]
-    peer_cert_file: Option<String>,
+    peer_cert_file: Option<PathBuf>,
+    /// Path to the peer server TLS key file (validated and kept: no peer transport yet).
     #[arg(long)]
-    peer_key_file: Option<String>,
+    peer_key_file: Option<PathBuf>,
+    /// Path to the peer server TLS trusted CA file (validated and kept: no peer transport yet).
     #[arg(long)]
-    peer_trusted_ca_file: Option<String>,
+    peer_trusted_ca_file: Option<PathBuf>,
+    /// Enable peer client cert authentication (kept: no peer transport yet).
     #[arg(long)]
     peer_client_cert_auth: bool,
+    /// Peer TLS using generated certificates (kept: no peer transport yet).
     #[arg(long)]
     peer_auto_tls: bool,
 }
 
 impl TlsFlags {
-    fn any(&self) -> bool {
-        let files = [
-            &self.cert_file,
-            &self.key_file,
-            &self.trusted_ca_file,
-            &self.peer_cert_file,
-            &self.peer_key_file,
-            &self.peer_trusted_ca_file,
-        ];
-        files.iter().any(|f| f.is_some())
-            || self.client_cert_auth
-            || self.auto_tls
-            || self.peer_client_cert_auth
-            || self.peer_auto_tls
+    fn client(&self) -> TlsFiles {
+        TlsFiles {
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+            trusted_ca_file: self.trusted_ca_file.clone(),
+            client_cert_auth: self.client_cert_auth,
+            auto_tls: self.auto_tls,
+        }
+    }
+
+    fn peer(&self) -> TlsFiles {
+        TlsFiles {
+            cert_file: self.peer_cert_file.clone(),
+            key_file: self.peer_key_file.clone(),
+            trusted_ca_file: self.peer_trusted_ca_file.clone(),
+            client_cert_auth: self.peer_client_cert_auth,
+            auto_tls: self.peer_auto_tls,
+        }
     }
 }
 
-/// Resolves `http://host:port` URLs to socket addresses (the first address of each host).
-fn parse_urls(flag: &str, urls: &str) -> Result<Vec<SocketAddr>, String> {
-    urls.split(',')
-        .map(|url| {
-            let url = url.trim();
-            let host_port =
-                url.strip_prefix("http://")
-                    .ok_or_else(|| match url.starts_with("https://") {
-                        true => format!("--{flag}: {url}: TLS is not supported yet"),
-                        false => {
-                            format!("--{flag}: {url}: expected a URL like http://127.0.0.1:2379")
-                        }
-                    })?;
-            let host_port = host_port.trim_end_matches('/');
-            let mut addrs = host_port
-                .to_socket_addrs()
-                .map_err(|e| format!("--{flag}: {url}: {e}"))?;
-            addrs
-                .next()
-                .ok_or_else(|| format!("--{flag}: {url}: host has no address"))
-        })
+/// Resolves comma-separated `http(s)://host:port` URLs.
+fn parse_urls(flag: &str, urls: &str) -> Result<Vec<ListenUrl>, String> {
+    split_urls(urls)
+        .iter()
+        .map(|url| ListenUrl::parse(url).map_err(|e| format!("--{flag}: {e}")))
         .collect()
 }
 
@@ -249,9 +250,6 @@ fn split_urls(urls: &str) -> Vec<String> {
 }
 
 fn config(flags: &Flags) -> Result<NodeConfig, String> {
-    if flags.tls.any() {
-        return Err("TLS flags are not supported yet: ferrocd serves plain http only".into());
-    }
     let members = flags
         .initial_cluster
         .split(',')
@@ -272,7 +270,6 @@ fn config(flags: &Flags) -> Result<NodeConfig, String> {
     if shards == 0 || shards > 256 {
         return Err(format!("--shards {shards}: must be between 1 and 256"));
     }
-    parse_urls("listen-peer-urls", &flags.listen_peer_urls)?;
     // Every record must fit a segment (a larger one would be a fatal WAL error): a write's
     // record is smaller than twice its request, plus framing.
     let min_segment_bytes = 2 * flags.max_request_bytes as u64 + 64 * 1024;
@@ -291,6 +288,9 @@ fn config(flags: &Flags) -> Result<NodeConfig, String> {
         shards,
         cores: shards.min(cpus),
         listen_client: parse_urls("listen-client-urls", &flags.listen_client_urls)?,
+        listen_peer: parse_urls("listen-peer-urls", &flags.listen_peer_urls)?,
+        client_tls: flags.tls.client(),
+        peer_tls: flags.tls.peer(),
         advertise_client_urls: split_urls(&flags.advertise_client_urls),
         advertise_peer_urls: split_urls(&flags.initial_advertise_peer_urls),
         watch_progress_notify_interval_ms: parse_duration_ms(

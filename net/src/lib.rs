@@ -13,5 +13,6 @@ pub mod metrics;
 pub mod node;
 pub mod recipes;
 pub mod server;
+pub mod tls;
 pub mod transport;
 pub mod watch;

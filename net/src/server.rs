@@ -19,6 +19,7 @@ use crate::node::meta::{Meta, MetaMsg};
 use crate::node::recovery::{self, Recovered};
 use crate::node::shard::{Shard, ShardMsg};
 use crate::node::{Limits, Node, Shared, INBOX_CAPACITY};
+use crate::tls::{self, ListenUrl, ServerTls, TlsFiles};
 use crate::transport::{self, max_grpc_message_bytes, Routes, ServerConfig};
 use crate::watch::deletion::Deletions;
 use crate::watch::hub::Hub;
@@ -39,7 +40,6 @@ use ferrocd_engine::wal::{Recovered as WalRecovered, Wal, WalOptions};
 use ferrocd_raft::notify::wait_until;
 use ferrocd_raft::sequencer::Sequencer;
 use glommio::{LocalExecutorBuilder, Placement};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -52,7 +52,14 @@ pub struct NodeConfig {
     pub shards: usize,
     /// Executors (threads); each owns the shards `s` with `s % cores == core`.
     pub cores: usize,
-    pub listen_client: Vec<SocketAddr>,
+    pub listen_client: Vec<ListenUrl>,
+    /// Not served yet (a single member has no peers); validated and kept for the peer
+    /// transport, as are the peer TLS flags.
+    pub listen_peer: Vec<ListenUrl>,
+    /// `--cert-file`, `--key-file`, `--trusted-ca-file`, `--client-cert-auth`, `--auto-tls`.
+    pub client_tls: TlsFiles,
+    /// The `--peer-*` TLS flags (see `listen_peer`).
+    pub peer_tls: TlsFiles,
     pub advertise_client_urls: Vec<String>,
     pub advertise_peer_urls: Vec<String>,
     pub limits: Limits,
@@ -107,6 +114,10 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
         .and_then(|()| config.data_dir.canonicalize())
         .map(|dir| config.data_dir = dir)
         .map_err(|e| format!("cannot use data dir {}: {e}", config.data_dir.display()))?;
+    // TLS files are read now, so a bad one stops the start before anything else (as etcd).
+    let fixtures = config.data_dir.join("fixtures").join("client");
+    let client_tls = ServerTls::for_client(&config.client_tls, &config.listen_client, &fixtures)?;
+    tls::validate_peer(&config.peer_tls, &config.listen_peer)?;
     let identity = recovery::open_identity(&config.data_dir, config.shards, &config.name)?;
     let Recovered {
         stores,
@@ -119,8 +130,9 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
         auth,
     } = recovery::recover(&config.data_dir, config.shards, config.lease)?;
     // Bind every address once here so a busy port is reported before anything starts.
-    for addr in &config.listen_client {
-        std::net::TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    for url in &config.listen_client {
+        std::net::TcpListener::bind(url.addr)
+            .map_err(|e| format!("cannot listen on {}: {e}", url.addr))?;
     }
 
     let (shard_txs, shard_rxs): (Vec<_>, Vec<_>) = (0..config.shards)
@@ -144,8 +156,17 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
         .with_readers(seed_readers(&stores, &checkpointers)),
     );
     eprintln!(
-        "ferrocd: member {:016x} of cluster {:016x}: {} shards on {} cores, revision {current_rev}, serving clients on {:?}",
-        identity.member_id, identity.cluster_id, config.shards, config.cores, config.listen_client
+        "ferrocd: member {:016x} of cluster {:016x}: {} shards on {} cores, revision {current_rev}, serving clients on {}",
+        identity.member_id,
+        identity.cluster_id,
+        config.shards,
+        config.cores,
+        config
+            .listen_client
+            .iter()
+            .map(|u| u.url.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
     );
 
     let mut wals = wals.into_iter();
@@ -182,6 +203,7 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
             shutdown: shutdown.clone(),
             serving: serving.clone(),
             grpc_metrics: grpc_metrics.clone(),
+            client_tls: client_tls.clone(),
         };
         let handle = LocalExecutorBuilder::new(Placement::Unbound)
             .name(&format!("ferrocd-core-{core}"))
@@ -242,6 +264,8 @@ struct CoreSetup {
     shutdown: Shutdown,
     serving: Arc<(AtomicUsize, Event)>,
     grpc_metrics: Arc<GrpcMetrics>,
+    /// For the `https://` listen URLs.
+    client_tls: Option<ServerTls>,
 }
 
 /// Each shard's reader: its checkpoint, plus the replayed tail above it in the read buffer.
@@ -364,15 +388,24 @@ impl CoreSetup {
                 PATH_METRICS,
                 metrics_handler(node.clone(), self.grpc_metrics.clone()),
             )
-            .add_http(gateway::PATH_PREFIX, gateway.into_handler())
+            .add_http(
+                gateway::PATH_PREFIX,
+                tls::refuse_named_certificates_on_gateway(
+                    self.shared.clone(),
+                    gateway.into_handler(),
+                ),
+            )
             .count_grpc(self.grpc_metrics.clone(), self.core);
-        let server_config = ServerConfig::default();
         let mut servers = Vec::new();
-        for addr in &self.config.listen_client {
-            let listener = transport::bind(*addr)
-                .map_err(|e| format!("core {}: cannot listen on {addr}: {e}", self.core))?;
-            let (routes, config, shutdown) =
-                (routes.clone(), server_config.clone(), self.shutdown.clone());
+        for url in &self.config.listen_client {
+            let listener = transport::bind(url.addr)
+                .map_err(|e| format!("core {}: cannot listen on {}: {e}", self.core, url.url))?;
+            let config = ServerConfig {
+                tls: self.client_tls.clone().filter(|_| url.tls),
+                ..ServerConfig::default()
+            };
+            assert!(!url.tls || config.tls.is_some(), "https URL without TLS");
+            let (routes, shutdown) = (routes.clone(), self.shutdown.clone());
             servers.push(glommio::spawn_local(async move {
                 transport::serve(listener, routes, &config, shutdown.wait()).await;
             }));

@@ -10,6 +10,9 @@
 //! Like etcd, HTTP/1.1 and HTTP/2 share the port (hyper-util's auto builder reads the
 //! connection preface). Requests with a gRPC content type go to the service named in the
 //! path (`/etcdserverpb.KV/Range` -> `etcdserverpb.KV`); others go to the HTTP handlers.
+//!
+//! A listener configured with TLS ([`ServerConfig::tls`]) runs the handshake first, in the
+//! connection's own task, then serves the same way on the encrypted stream (see `tls.rs`).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -23,7 +26,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
-use ::http::header::CONTENT_TYPE;
+use ::http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use ::http::{Request, Response};
 use futures::future::Map;
 use futures::FutureExt;
@@ -38,8 +41,10 @@ use tonic::server::NamedService;
 use tonic::Status;
 use tower_service::Service;
 
+use crate::auth::TLS_COMMON_NAME_METADATA_KEY;
 use crate::http::{with_access_control, HttpHandler, ResponseFuture};
 use crate::metrics::{grpc_status, CountedBody, GrpcMetrics};
+use crate::tls::ServerTls;
 
 /// etcd's `--max-request-bytes` default: the largest request a client may send.
 pub const MAX_REQUEST_BYTES_DEFAULT: usize = 3 * 512 * 1024;
@@ -77,6 +82,10 @@ pub struct ServerConfig {
     /// After shutdown, how long open connections get to finish their requests before
     /// they are closed.
     pub drain_timeout_ms: u64,
+    /// Serve TLS (an `https://` listen URL); `None` serves plain text.
+    pub tls: Option<ServerTls>,
+    /// Longest a TLS handshake may take: a client that connects and stalls is dropped then.
+    pub tls_handshake_timeout_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -89,6 +98,8 @@ impl Default for ServerConfig {
             stream_window_bytes: 4 * 1024 * 1024,
             connection_window_bytes: 16 * 1024 * 1024,
             drain_timeout_ms: 5 * 1000,
+            tls: None,
+            tls_handshake_timeout_ms: 10 * 1000,
         }
     }
 }
@@ -340,6 +351,10 @@ pub async fn serve(
                     Rc::clone(&routes),
                     Rc::clone(&builder),
                     Rc::clone(&state),
+                    config
+                        .tls
+                        .clone()
+                        .map(|tls| (tls, config.tls_handshake_timeout_ms)),
                 );
                 glommio::spawn_local(connection).detach();
             }
@@ -382,14 +397,74 @@ async fn serve_connection(
     routes: Rc<Routes>,
     builder: Rc<auto::Builder<LocalExecutor>>,
     state: Rc<ShutdownState>,
+    tls: Option<(ServerTls, u64)>,
 ) {
     let _open = OpenConnection::new(Rc::clone(&state));
     // Small request/response pairs dominate etcd traffic: do not let Nagle hold them back.
     if stream.set_nodelay(true).is_err() {
         return; // The peer is already gone.
     }
-    let mut connection =
-        pin!(builder.serve_connection(GlommioIo(stream), ConnectionService(routes)));
+    let Some((tls, timeout_ms)) = tls else {
+        let service = ConnectionService {
+            routes,
+            common_name: None,
+        };
+        return serve_http(stream, service, &builder, &state).await;
+    };
+    let Some(accepted) = handshake(&tls, stream, timeout_ms, &state).await else {
+        return;
+    };
+    let service = ConnectionService {
+        routes,
+        // A name that cannot be a header value (control characters) authenticates nobody.
+        common_name: accepted
+            .common_name
+            .and_then(|name| HeaderValue::from_str(&name).ok()),
+    };
+    serve_http(accepted.stream, service, &builder, &state).await;
+}
+
+/// Runs the TLS handshake; `None` when it failed, timed out or shutdown began first. A
+/// failure is logged as etcd logs it ("rejected connection"); the client sees the TLS alert or
+/// the closed connection (a plain-text client on a TLS port gets an immediate close).
+async fn handshake(
+    tls: &ServerTls,
+    stream: TcpStream,
+    timeout_ms: u64,
+    state: &ShutdownState,
+) -> Option<crate::tls::Accepted<TcpStream>> {
+    let peer = stream.peer_addr().ok();
+    let accept = async {
+        match tls.accept(stream).await {
+            Ok(accepted) => Some(accepted),
+            Err(error) => {
+                let peer = peer.map_or("?".to_string(), |p| p.to_string());
+                eprintln!("ferrocd: rejected connection from {peer}: {error}");
+                None
+            }
+        }
+    };
+    let give_up = async {
+        let timeout = async {
+            glommio::timer::Timer::new(Duration::from_millis(timeout_ms)).await;
+        };
+        futures_lite::future::or(timeout, state.draining.wait()).await;
+        None
+    };
+    futures_lite::future::or(accept, give_up).await
+}
+
+/// Serves HTTP/1.1 and HTTP/2 on an open (plain or TLS) stream until it closes or the drain
+/// ends it.
+async fn serve_http<S>(
+    stream: S,
+    service: ConnectionService,
+    builder: &auto::Builder<LocalExecutor>,
+    state: &ShutdownState,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + 'static,
+{
+    let mut connection = pin!(builder.serve_connection(GlommioIo(stream), service));
     let finished = futures_lite::future::or(async { Some(connection.as_mut().await) }, async {
         state.draining.wait().await;
         None
@@ -496,7 +571,11 @@ impl Flag {
 }
 
 /// The per-connection hyper service: hands every request to the shared [`Routes`].
-struct ConnectionService(Rc<Routes>);
+struct ConnectionService {
+    routes: Rc<Routes>,
+    /// The Common Name of the client's verified certificate (certificate authentication).
+    common_name: Option<HeaderValue>,
+}
 
 type ConnectionFuture =
     Map<ResponseFuture, fn(Response<Body>) -> Result<Response<Body>, Infallible>>;
@@ -506,8 +585,15 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionService {
     type Error = Infallible;
     type Future = ConnectionFuture;
 
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
-        self.0.dispatch(req).map(Ok)
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+        // The auth layer trusts this header: only the connection may set it, never the client.
+        // (The gateway does not pass it on: etcd never takes a gateway caller from it.)
+        let key = HeaderName::from_static(TLS_COMMON_NAME_METADATA_KEY);
+        req.headers_mut().remove(&key);
+        if let Some(name) = &self.common_name {
+            req.headers_mut().insert(key, name.clone());
+        }
+        self.routes.dispatch(req).map(Ok)
     }
 }
 
@@ -567,14 +653,14 @@ impl hyper::rt::Timer for GlommioTimer {
     }
 }
 
-/// Adapts glommio's `TcpStream` (futures-io traits) to hyper's IO traits.
-struct GlommioIo(TcpStream);
+/// Adapts a futures-io stream (glommio's `TcpStream`, or TLS over it) to hyper's IO traits.
+struct GlommioIo<S>(S);
 
 /// Upper bound on one read. hyper hands us uninitialised buffer space, which must be zeroed
 /// before a `&mut [u8]` can point at it; the bound caps that cost per read.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
 
-impl hyper::rt::Read for GlommioIo {
+impl<S: AsyncRead + Unpin> hyper::rt::Read for GlommioIo<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -590,7 +676,7 @@ impl hyper::rt::Read for GlommioIo {
     }
 }
 
-impl hyper::rt::Write for GlommioIo {
+impl<S: AsyncWrite + Unpin> hyper::rt::Write for GlommioIo<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

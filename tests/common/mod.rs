@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, ConnectOptions, KvClient};
+use etcd_client::{Client, ConnectOptions, KvClient, TlsOptions};
 use tempfile::TempDir;
 
 /// Environment variable that picks the server under test: `etcd` or `ferrocd` (the default).
@@ -52,6 +52,18 @@ pub enum Flavor {
 }
 
 impl Flavor {
+    /// The server under test, chosen by `FERROCD_TEST_SERVER` (`etcd` or `ferrocd`, default
+    /// `ferrocd`); `ferrocd_args` only apply to ferrocd.
+    pub fn subject(ferrocd_args: &[&str]) -> Flavor {
+        match std::env::var(SERVER_ENV).as_deref() {
+            Ok("etcd") => Flavor::Etcd,
+            Ok("ferrocd") | Err(std::env::VarError::NotPresent) => {
+                Flavor::Ferrocd(ferrocd_args.iter().map(|arg| arg.to_string()).collect())
+            }
+            other => panic!("{SERVER_ENV} must be `etcd` or `ferrocd`, got {other:?}"),
+        }
+    }
+
     fn program(&self) -> &str {
         match self {
             Flavor::Etcd => "etcd",
@@ -67,9 +79,20 @@ impl Flavor {
     }
 }
 
+/// TLS on the client URL (tests/tls.rs): the server's TLS flags (etcd's names, which both
+/// flavours take) and how the harness's own clients connect.
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    pub server_args: Vec<String>,
+    /// `None` when no client can verify the server (`--auto-tls`): readiness is then probed
+    /// with `curl --insecure` on `/health`, and `client()` is not available.
+    pub client: Option<TlsOptions>,
+}
+
 /// A running server process with its own data dir and log file.
 pub struct Server {
     flavor: Flavor,
+    tls: Option<ClientTls>,
     /// Holds the data dir and the log; removed when the server is dropped.
     root: TempDir,
     client_port: u16,
@@ -92,16 +115,19 @@ impl Server {
     /// The server under test, chosen by `FERROCD_TEST_SERVER` (`etcd` or `ferrocd`, default
     /// `ferrocd`); `ferrocd_args` only apply to ferrocd.
     pub async fn subject(ferrocd_args: &[&str]) -> Server {
-        match std::env::var(SERVER_ENV).as_deref() {
-            Ok("etcd") => Server::etcd().await,
-            Ok("ferrocd") | Err(std::env::VarError::NotPresent) => {
-                Server::ferrocd(ferrocd_args).await
-            }
-            other => panic!("{SERVER_ENV} must be `etcd` or `ferrocd`, got {other:?}"),
-        }
+        Server::spawn(Flavor::subject(ferrocd_args)).await
+    }
+
+    /// A server whose client URL is `https://`.
+    pub async fn with_tls(flavor: Flavor, tls: ClientTls) -> Server {
+        Server::spawn_with(flavor, Some(tls)).await
     }
 
     async fn spawn(flavor: Flavor) -> Server {
+        Server::spawn_with(flavor, None).await
+    }
+
+    async fn spawn_with(flavor: Flavor, tls: Option<ClientTls>) -> Server {
         let root = tempfile::Builder::new()
             .prefix("ferrocd-test-")
             .tempdir()
@@ -109,6 +135,7 @@ impl Server {
         let (client_port, peer_port) = pick_two_free_ports();
         let mut server = Server {
             flavor,
+            tls,
             root,
             client_port,
             peer_port,
@@ -118,9 +145,10 @@ impl Server {
         server
     }
 
-    /// `http://127.0.0.1:PORT`, the client URL.
+    /// `http://127.0.0.1:PORT` (`https://` with TLS), the client URL.
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     pub fn flavor(&self) -> &Flavor {
@@ -145,6 +173,7 @@ impl Server {
         let options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_millis(READY_TIMEOUT_MS))
             .with_timeout(Duration::from_millis(CLIENT_REQUEST_TIMEOUT_MS));
+        let options = self.with_client_tls(options);
         Client::connect([self.endpoint()], Some(options))
             .await
             .unwrap_or_else(|e| panic!("connect to {}: {e}", self.endpoint()))
@@ -297,7 +326,37 @@ impl Server {
             format!("node1={peer_url}"),
         ];
         args.extend(self.flavor.extra_args().iter().cloned());
+        args.extend(
+            self.tls
+                .iter()
+                .flat_map(|tls| tls.server_args.iter().cloned()),
+        );
         args
+    }
+
+    /// Adds the client TLS settings, if the server has TLS.
+    fn with_client_tls(&self, options: ConnectOptions) -> ConnectOptions {
+        match &self.tls {
+            None => options,
+            Some(ClientTls {
+                client: Some(tls), ..
+            }) => options.with_tls(tls.clone()),
+            Some(ClientTls { client: None, .. }) => {
+                panic!("no client can verify this server's certificate")
+            }
+        }
+    }
+
+    /// `/health` over TLS without verifying the certificate, for servers no client can verify.
+    async fn probe_insecure(&self) -> bool {
+        let output = tokio::process::Command::new("curl")
+            .args(["--silent", "--insecure", "--max-time"])
+            .arg((PROBE_REQUEST_TIMEOUT_MS / 1000).max(1).to_string())
+            .arg(format!("{}/health", self.endpoint()))
+            .output()
+            .await
+            .expect("run curl");
+        String::from_utf8_lossy(&output.stdout).contains(r#""health":"true""#)
     }
 
     /// Polls a real request until it succeeds, the child exits, or the deadline passes.
@@ -340,9 +399,13 @@ impl Server {
 
     /// One Range request with short timeouts: it proves the gRPC KV path answers.
     async fn probe(&self) -> bool {
+        if self.tls.as_ref().is_some_and(|tls| tls.client.is_none()) {
+            return self.probe_insecure().await;
+        }
         let options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_millis(PROBE_CONNECT_TIMEOUT_MS))
             .with_timeout(Duration::from_millis(PROBE_REQUEST_TIMEOUT_MS));
+        let options = self.with_client_tls(options);
         let Ok(mut client) = Client::connect([self.endpoint()], Some(options)).await else {
             return false;
         };

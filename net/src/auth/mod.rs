@@ -30,6 +30,10 @@ const TOKEN_LETTERS: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVW
 const TOKEN_LETTERS_LEN: usize = 16;
 /// The gRPC metadata keys etcd reads a token from (the second is the gateway's header).
 const TOKEN_METADATA_KEYS: [&str; 2] = ["token", "authorization"];
+/// Where the transport puts the Common Name of a gRPC client's verified TLS certificate when
+/// `--client-cert-auth` is on (etcd's `AuthInfoFromTLS`). The transport removes this header
+/// from every request first, so a client cannot send it.
+pub const TLS_COMMON_NAME_METADATA_KEY: &str = "ferrocd-internal-tls-common-name";
 /// Tokens held before expired ones are swept out on the next insert (doubles as needed).
 const TOKEN_SWEEP_MIN: usize = 1024;
 
@@ -243,18 +247,23 @@ impl AuthStore {
         token
     }
 
-    /// The caller a request's metadata names: no token is [`Caller::Anonymous`]; an unknown
-    /// or expired token is etcd's "invalid auth token", whether or not auth is enabled (etcd
-    /// looks every given token up). A valid token's TTL restarts, as etcd's simple tokens do.
+    /// The caller a request's metadata names: an unknown or expired token is etcd's "invalid
+    /// auth token", whether or not auth is enabled (etcd looks every given token up); a valid
+    /// token's TTL restarts, as etcd's simple tokens do. Without a token, the Common Name of a
+    /// verified client certificate is the user (etcd's `AuthInfoFromTLS`, a token wins), else
+    /// the caller is [`Caller::Anonymous`].
     pub fn caller(&self, metadata: &MetadataMap) -> Result<Caller, AuthError> {
         let token = TOKEN_METADATA_KEYS
             .iter()
             .find_map(|key| metadata.get(*key))
             .map(|value| value.to_str().map_err(|_| AuthError::InvalidAuthToken));
-        match token {
-            None => Ok(Caller::Anonymous),
-            Some(token) => self.caller_of_token(token?),
+        if let Some(token) = token {
+            return self.caller_of_token(token?);
         }
+        let common_name = metadata
+            .get(TLS_COMMON_NAME_METADATA_KEY)
+            .and_then(|name| std::str::from_utf8(name.as_encoded_bytes()).ok());
+        Ok(common_name.map_or(Caller::Anonymous, |name| Caller::User(name.to_string())))
     }
 
     pub fn caller_of_token(&self, token: &str) -> Result<Caller, AuthError> {
