@@ -440,7 +440,7 @@ fn snapshot_meta_from_record(record: &Record) -> Result<SnapshotMeta, StoreError
     let bad = || StoreError::BadSnapshot {
         index: record.index,
     };
-    if record.data.len() % 8 != 0 {
+    if !record.data.len().is_multiple_of(8) {
         return Err(bad());
     }
     let words: Vec<u64> = record

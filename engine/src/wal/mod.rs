@@ -134,7 +134,7 @@ impl RecordKind {
 
 /// Largest `data` of a [`RecordKind::Snapshot`] record: it is repeated in every segment, so a
 /// segment reserves room for it.
-pub const MAX_SNAPSHOT_DATA_BYTES: usize = 2048;
+pub const MAX_SNAPSHOT_DATA_BYTES: usize = 1024;
 
 /// One WAL record.
 #[derive(Debug, Clone, PartialEq, Eq)]
