@@ -5,7 +5,10 @@ mod wal_support;
 use std::path::Path;
 use std::rc::Rc;
 
-use ferrocd_engine::wal::{HardState, IoMode, Record, Wal, WalError, WalOptions, WalStats};
+use ferrocd_engine::wal::{
+    encoded_len, HardState, IoMode, Record, Wal, WalError, WalOptions, WalStats,
+    MAX_SNAPSHOT_DATA_BYTES,
+};
 use wal_support::*;
 
 /// Appends `records[i]` from task `i`, all tasks spawned at once on one executor, then closes.
@@ -210,7 +213,9 @@ fn oversized_record_is_refused_and_the_wal_stays_usable() {
             wal.append(&[too_big]).await,
             Err(WalError::RecordTooLarge { .. })
         ));
-        let largest = Record::entry(1, 1, vec![1; SMALL_SEGMENT_BYTES as usize - 200]);
+        // Room stays for the HardState and Snapshot records repeated at a segment's head.
+        let sticky_bytes = 200 + encoded_len(MAX_SNAPSHOT_DATA_BYTES);
+        let largest = Record::entry(1, 1, vec![1; SMALL_SEGMENT_BYTES as usize - sticky_bytes]);
         wal.append(&[largest.clone(), entry(2)]).await.unwrap();
         wal.close().await.unwrap();
         let recovered = recover(dir.path());

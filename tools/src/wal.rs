@@ -193,7 +193,7 @@ fn dump_record(
     }
     let payload = match record.kind {
         RecordKind::Entry => Some(decode(&record.data)),
-        RecordKind::HardState => None,
+        RecordKind::HardState | RecordKind::Snapshot | RecordKind::ConfEntry => None,
     };
     let rows = rows_of(record, payload.as_ref());
     let passing: Vec<&Data<'_>> = rows.iter().filter(|row| passes(row, filters)).collect();
@@ -522,6 +522,8 @@ impl Printer<'_> {
         let type_name = match record.kind {
             RecordKind::Entry => "entry",
             RecordKind::HardState => "hardstate",
+            RecordKind::Snapshot => "snapshot",
+            RecordKind::ConfEntry => "confentry",
         };
         match self.format {
             Format::Text => {

@@ -16,7 +16,7 @@
 //! | bytes          | field        | meaning                                                        |
 //! |----------------|--------------|----------------------------------------------------------------|
 //! | 0..4           | `record_len` | u32: header + data bytes, padding excluded. 0 = end of data    |
-//! | 4              | `kind`       | u8: 1 = Entry, 2 = HardState                                   |
+//! | 4              | `kind`       | u8: 1 = Entry, 2 = HardState, 3 = Snapshot, 4 = ConfEntry      |
 //! | 5..8           | reserved     | zero                                                           |
 //! | 8..12          | `crc`        | u32: CRC-32 (IEEE, crc32fast) over kind, term, index, data     |
 //! | 12..16         | reserved     | zero                                                           |
@@ -29,8 +29,12 @@
 //! marks the end of written data. Reserved and padding bytes must be zero. An Entry carries an
 //! opaque Raft entry (`term`, `index` are the entry's). A HardState carries
 //! `term, vote, commit` as three u64 in `data` ([`HardState`]); its header `term` is the
-//! hard state's term and `index` its commit index. The writer repeats the latest HardState as
-//! the first record of every new segment, so releasing old segments never loses it.
+//! hard state's term and `index` its commit index. A ConfEntry is an Entry whose data is a
+//! membership change (same framing; the WAL treats both as entries). A Snapshot carries the
+//! Raft log's compaction point: header `term`, `index` are the snapshot's, `data` (at most
+//! [`MAX_SNAPSHOT_DATA_BYTES`]) is opaque to the WAL (the raft crate's `WalLogStore` puts the
+//! membership there). The writer repeats the latest HardState and the latest Snapshot, in that
+//! order, as the first records of every new segment, so releasing old segments never loses them.
 //!
 //! # Durability and failure
 //!
@@ -91,6 +95,10 @@ pub enum RecordKind {
     Entry = 1,
     /// Raft hard state (`term`, `vote`, `commit`), see [`HardState`].
     HardState = 2,
+    /// The Raft log's compaction point (a snapshot's `term`, `index`; `data` opaque).
+    Snapshot = 3,
+    /// A Raft log entry holding a membership change; `data` is opaque to the WAL.
+    ConfEntry = 4,
 }
 
 impl RecordKind {
@@ -98,6 +106,8 @@ impl RecordKind {
         match value {
             1 => Some(RecordKind::Entry),
             2 => Some(RecordKind::HardState),
+            3 => Some(RecordKind::Snapshot),
+            4 => Some(RecordKind::ConfEntry),
             _ => None,
         }
     }
@@ -106,9 +116,25 @@ impl RecordKind {
         match self {
             RecordKind::Entry => "Entry",
             RecordKind::HardState => "HardState",
+            RecordKind::Snapshot => "Snapshot",
+            RecordKind::ConfEntry => "ConfEntry",
         }
     }
+
+    /// Whether the record is a log entry (counts for segment naming and release).
+    pub fn is_entry(self) -> bool {
+        matches!(self, RecordKind::Entry | RecordKind::ConfEntry)
+    }
+
+    /// Whether the writer repeats the latest record of this kind at the head of each segment.
+    pub(crate) fn is_sticky(self) -> bool {
+        matches!(self, RecordKind::HardState | RecordKind::Snapshot)
+    }
 }
+
+/// Largest `data` of a [`RecordKind::Snapshot`] record: it is repeated in every segment, so a
+/// segment reserves room for it.
+pub const MAX_SNAPSHOT_DATA_BYTES: usize = 1024;
 
 /// One WAL record.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::codec::{align_up, decode, Frame, RecordView, RECORD_ALIGN_BYTES};
 use super::segment::{list_segments, SegmentFile};
-use super::{HardState, Record, RecordKind, WalError};
+use super::{HardState, Record, WalError};
 
 /// Where something was found: segment file, its sequence number and a byte offset in it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -248,8 +248,8 @@ pub struct TornTail {
 /// The result of [`read_dir`].
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Recovered {
-    /// Every valid record, in log order. The writer repeats the latest HardState at the head of
-    /// each segment, so HardState records can appear more than once; entries are as appended
+    /// Every valid record, in log order. The writer repeats the latest HardState and Snapshot at
+    /// the head of each segment, so those records can appear more than once; entries are as appended
     /// (a Raft layer applies its own overwrite rule to re-appended indexes).
     pub records: Vec<Record>,
     /// Segments holding them, oldest first; appends continue in the last one.
@@ -368,7 +368,7 @@ impl Recovery {
             .segments
             .last_mut()
             .expect("records are read inside a segment");
-        if record.kind == RecordKind::Entry {
+        if record.kind.is_entry() {
             segment.max_entry_index = Some(
                 segment
                     .max_entry_index

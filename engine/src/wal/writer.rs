@@ -22,6 +22,7 @@ use super::latency::LatencyHistogram;
 use super::reader::{read_dir, Recovered};
 use super::segment::{list_temp_files, segment_file_name, DEFAULT_SEGMENT_SIZE_BYTES, TEMP_SUFFIX};
 use super::waiters::{Gate, WakerList};
+use super::MAX_SNAPSHOT_DATA_BYTES;
 use super::{HardState, Record, RecordKind, WalError};
 
 /// How segment files are written.
@@ -84,7 +85,7 @@ pub struct Wal {
     directory: Rc<Directory>,
     dir: PathBuf,
     io_mode: IoMode,
-    /// A record must fit in an empty segment after the repeated HardState.
+    /// A record must fit in an empty segment after the repeated HardState and Snapshot.
     max_record_bytes: usize,
 }
 
@@ -184,9 +185,10 @@ impl Wal {
         recovered: &Recovered,
     ) -> Result<Wal, WalError> {
         let dir = dir.as_ref().to_path_buf();
-        let hard_state_bytes = encoded_len(HardState::default().to_record().data.len());
+        let sticky_bytes = encoded_len(HardState::default().to_record().data.len())
+            + encoded_len(MAX_SNAPSHOT_DATA_BYTES);
         assert!(
-            options.segment_size_bytes >= 2 * hard_state_bytes as u64,
+            options.segment_size_bytes >= 2 * sticky_bytes as u64,
             "segment_size_bytes {} too small",
             options.segment_size_bytes
         );
@@ -220,7 +222,7 @@ impl Wal {
             stats,
         )));
         let flusher = glommio::spawn_local(run_flusher(shared.clone(), tail));
-        let max_record_bytes = (options.segment_size_bytes as usize - hard_state_bytes)
+        let max_record_bytes = (options.segment_size_bytes as usize - sticky_bytes)
             .min(encoded_len(MAX_RECORD_DATA_BYTES));
         let wal = Wal {
             shared,
@@ -239,21 +241,51 @@ impl Wal {
         if records.is_empty() {
             return Ok(());
         }
-        let size_bytes = records.iter().map(|r| encoded_len(r.data.len())).sum();
-        if let Some(too_large) = records
-            .iter()
-            .map(|r| encoded_len(r.data.len()))
-            .find(|&s| s > self.max_record_bytes)
-        {
-            return Err(WalError::RecordTooLarge {
-                size_bytes: too_large,
-                limit_bytes: self.max_record_bytes,
-            });
-        }
+        let size_bytes = self.check_sizes(records)?;
         self.admit(size_bytes).await?;
         // No await between admission and framing: nothing can slip in between.
         let batch_id = self.frame(records);
-        self.wait_durable(batch_id).await
+        wait_durable(self.shared.clone(), batch_id).await
+    }
+
+    /// Like [`Wal::append`] but frames `records` before returning, so their place in the log is
+    /// fixed by this call even if the returned future is polled late or dropped (dropped: they
+    /// may or may not become durable). It skips the admission queue and the batch size limit:
+    /// for a single owner that bounds what it writes itself (Raft's in-flight limits), not to
+    /// be mixed with concurrent `append` calls.
+    pub fn submit(
+        &self,
+        records: &[Record],
+    ) -> Result<impl std::future::Future<Output = Result<(), WalError>> + 'static, WalError> {
+        self.check_sizes(records)?;
+        self.shared.borrow().fail_if_poisoned()?;
+        let batch_id = match records.is_empty() {
+            false => self.frame(records),
+            // Nothing to write: durable once everything framed so far is.
+            true => {
+                let shared = self.shared.borrow();
+                shared.pending_id - u64::from(shared.pending.bytes.is_empty())
+            }
+        };
+        Ok(wait_durable(self.shared.clone(), batch_id))
+    }
+
+    /// Total framed size of `records`, or the error for the first one that can never fit.
+    fn check_sizes(&self, records: &[Record]) -> Result<usize, WalError> {
+        for record in records {
+            let size_bytes = encoded_len(record.data.len());
+            let limit_bytes = match record.kind {
+                RecordKind::Snapshot => encoded_len(MAX_SNAPSHOT_DATA_BYTES),
+                _ => self.max_record_bytes,
+            };
+            if size_bytes > limit_bytes {
+                return Err(WalError::RecordTooLarge {
+                    size_bytes,
+                    limit_bytes,
+                });
+            }
+        }
+        Ok(records.iter().map(|r| encoded_len(r.data.len())).sum())
     }
 
     /// Waits until the pending batch has room for `size_bytes`, behind earlier waiters.
@@ -299,19 +331,6 @@ impl Wal {
         }
         shared.flusher_waiter.wake_all();
         shared.pending_id
-    }
-
-    async fn wait_durable(&self, batch_id: u64) -> Result<(), WalError> {
-        poll_fn(|cx| {
-            let mut shared = self.shared.borrow_mut();
-            if shared.durable_id >= batch_id {
-                return Poll::Ready(Ok(()));
-            }
-            shared.fail_if_poisoned()?;
-            shared.durable_waiters.register(cx.waker());
-            Poll::Pending
-        })
-        .await
     }
 
     /// Deletes the oldest segments whose entries all have an index below `index` (a checkpoint
@@ -375,6 +394,20 @@ impl Wal {
         }
         self.shared.borrow().fail_if_poisoned()
     }
+}
+
+/// Resolves once every batch up to `batch_id` is durable.
+async fn wait_durable(shared: Rc<RefCell<Shared>>, batch_id: u64) -> Result<(), WalError> {
+    poll_fn(|cx| {
+        let mut shared = shared.borrow_mut();
+        if shared.durable_id >= batch_id {
+            return Poll::Ready(Ok(()));
+        }
+        shared.fail_if_poisoned()?;
+        shared.durable_waiters.register(cx.waker());
+        Poll::Pending
+    })
+    .await
 }
 
 /// Leaves the admission queue when an `admit` future is dropped (admitted or cancelled).
@@ -495,8 +528,9 @@ struct Tail {
     /// Bytes from `block_start` to the end of data: the partially filled last block (already
     /// on disk) plus anything staged to go with the next write.
     block: Vec<u8>,
-    /// Framed copy of the latest HardState record, repeated at the head of each new segment.
-    last_hard_state: Option<Vec<u8>>,
+    /// Framed copies of the latest HardState and Snapshot records (in that order), repeated at
+    /// the head of each new segment.
+    sticky: [Option<Vec<u8>>; 2],
     /// Index the next entry is expected at; names new segments.
     next_entry_index: u64,
 }
@@ -510,14 +544,15 @@ impl Tail {
         requested: IoMode,
         stats: &mut WalStats,
     ) -> Result<Tail, WalError> {
-        let last_hard_state = recovered
-            .last_hard_state()
-            .map(|hs| frame_record(&hs.to_record()));
+        let mut sticky = [None, None];
+        for record in recovered.records.iter().filter(|r| r.kind.is_sticky()) {
+            sticky[sticky_slot(record.kind)] = Some(frame_record(record));
+        }
         let next_entry_index = recovered
             .records
             .iter()
             .rev()
-            .find(|r| r.kind == RecordKind::Entry)
+            .find(|r| r.kind.is_entry())
             .map_or(0, |r| r.index + 1);
         let (seq, offset, zero_until, path, file) =
             match (&recovered.tail, recovered.segments.last()) {
@@ -557,7 +592,7 @@ impl Tail {
             seq,
             block_start,
             block,
-            last_hard_state,
+            sticky,
             next_entry_index,
         };
         if zero_until > offset {
@@ -565,7 +600,7 @@ impl Tail {
             stats.fsyncs += 1;
         }
         if offset == 0 {
-            tail.stage_hard_state();
+            tail.stage_sticky();
         }
         Ok(tail)
     }
@@ -581,14 +616,15 @@ impl Tail {
         self.write_block_and(&zeros).await.map(|_end| ())
     }
 
-    /// A new segment starts with the latest HardState (written along with the next chunk).
-    fn stage_hard_state(&mut self) {
+    /// A new segment starts with the latest HardState and Snapshot (written along with the
+    /// next chunk).
+    fn stage_sticky(&mut self) {
         assert!(
             self.block.is_empty() && self.block_start == 0,
-            "HardState goes at the head of a segment"
+            "repeated records go at the head of a segment"
         );
-        if let Some(hard_state) = &self.last_hard_state {
-            self.block.extend_from_slice(hard_state);
+        for record in self.sticky.iter().flatten() {
+            self.block.extend_from_slice(record);
         }
     }
 
@@ -625,7 +661,7 @@ impl Tail {
         Ok(())
     }
 
-    /// Tracks the latest HardState and the segment's highest entry index.
+    /// Tracks the latest HardState and Snapshot and the segment's highest entry index.
     fn note_records(&mut self, shared: &Rc<RefCell<Shared>>, records: &[RecordMeta], chunk: &[u8]) {
         let mut state = shared.borrow_mut();
         let segment = state
@@ -638,18 +674,17 @@ impl Tail {
         );
         let mut offset = 0;
         for record in records {
-            match record.kind {
-                RecordKind::HardState => {
-                    self.last_hard_state = Some(chunk[offset..offset + record.size_bytes].to_vec())
-                }
-                RecordKind::Entry => {
-                    segment.max_entry_index = Some(
-                        segment
-                            .max_entry_index
-                            .map_or(record.index, |m| m.max(record.index)),
-                    );
-                    self.next_entry_index = record.index + 1;
-                }
+            if record.kind.is_sticky() {
+                self.sticky[sticky_slot(record.kind)] =
+                    Some(chunk[offset..offset + record.size_bytes].to_vec());
+            } else {
+                assert!(record.kind.is_entry(), "a record is sticky or an entry");
+                segment.max_entry_index = Some(
+                    segment
+                        .max_entry_index
+                        .map_or(record.index, |m| m.max(record.index)),
+                );
+                self.next_entry_index = record.index + 1;
             }
             offset += record.size_bytes;
         }
@@ -700,7 +735,7 @@ impl Tail {
         next: &RecordMeta,
     ) -> Result<(), WalError> {
         let seq = self.seq + 1;
-        let first_index = if next.kind == RecordKind::Entry {
+        let first_index = if next.kind.is_entry() {
             next.index
         } else {
             self.next_entry_index
@@ -723,7 +758,7 @@ impl Tail {
         self.seq = seq;
         self.block_start = 0;
         self.block.clear();
-        self.stage_hard_state();
+        self.stage_sticky();
         let mut state = shared.borrow_mut();
         state.segments.push_back(SegmentMeta {
             seq,
@@ -733,6 +768,15 @@ impl Tail {
         state.stats.fsyncs += 2;
         state.stats.segments_created += 1;
         Ok(())
+    }
+}
+
+/// Where `Tail::sticky` keeps the latest record of a sticky kind.
+fn sticky_slot(kind: RecordKind) -> usize {
+    match kind {
+        RecordKind::HardState => 0,
+        RecordKind::Snapshot => 1,
+        other => panic!("{} records are not repeated", other.name()),
     }
 }
 
