@@ -441,17 +441,16 @@ async fn write_batches(
             frames = 0;
         }
         let wait = next_ping.saturating_duration_since(Instant::now());
-        or(
-            async {
-                // Closed only when the peer is removed, which cancels this task too.
-                let _ = queue.recv().await.map(|payload| {
-                    frame::encode(&mut batch, Kind::Raft, core, me, peer, &payload);
-                    frames = 1;
-                });
-            },
-            sleep(wait),
-        )
+        // `recv` fails only when the peer is removed, which cancels this task too.
+        let woken_by = or(async { queue.recv().await.ok() }, async {
+            sleep(wait).await;
+            None
+        })
         .await;
+        if let Some(payload) = woken_by {
+            frame::encode(&mut batch, Kind::Raft, core, me, peer, &payload);
+            frames += 1;
+        }
     }
 }
 
@@ -634,9 +633,11 @@ async fn serve_frames(ctx: &CoreCtx, stream: &mut TcpStream, from: u64) -> io::R
 /// Reads frames from a stream in large reads, decoding every frame they hold.
 struct FrameReader {
     max_frame_bytes: usize,
+    /// Read bytes are `buf[start..end]`; `buf` only grows (no zeroing per read), back to
+    /// `READ_CHUNK_BYTES` once a large frame has been consumed.
     buf: Vec<u8>,
-    /// Start of the undecoded bytes in `buf`.
     start: usize,
+    end: usize,
     /// Bytes read since the last `take_read_bytes`.
     read_bytes: u64,
 }
@@ -650,6 +651,7 @@ impl FrameReader {
             max_frame_bytes,
             buf: Vec::new(),
             start: 0,
+            end: 0,
             read_bytes: 0,
         }
     }
@@ -661,22 +663,82 @@ impl FrameReader {
     /// The next frame; an error on end of stream, I/O failure or an invalid frame.
     async fn next(&mut self, stream: &mut (impl AsyncRead + Unpin)) -> io::Result<Frame> {
         loop {
-            if let Some((frame, used)) =
-                frame::decode(&self.buf[self.start..], self.max_frame_bytes)?
-            {
+            let unread = &self.buf[self.start..self.end];
+            if let Some((frame, used)) = frame::decode(unread, self.max_frame_bytes)? {
                 self.start += used;
                 return Ok(frame);
             }
-            self.buf.drain(..self.start);
-            self.start = 0;
-            let filled = self.buf.len();
-            self.buf.resize(filled + READ_CHUNK_BYTES, 0);
-            let read = stream.read(&mut self.buf[filled..]).await;
-            self.buf.truncate(filled + *read.as_ref().unwrap_or(&0));
-            match read? {
-                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-                n => self.read_bytes += n as u64,
+            if self.start > 0 {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
             }
+            if self.end == 0 && self.buf.len() > READ_CHUNK_BYTES {
+                self.buf = Vec::new();
+            }
+            if self.buf.len() < self.end + READ_CHUNK_BYTES {
+                self.buf.resize(self.end + READ_CHUNK_BYTES, 0);
+            }
+            match stream.read(&mut self.buf[self.end..]).await? {
+                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                read => {
+                    self.end += read;
+                    self.read_bytes += read as u64;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    /// Hands out its bytes at most `step` at a time, then end of stream.
+    struct Trickle {
+        bytes: Vec<u8>,
+        at: usize,
+        step: usize,
+    }
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut [u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = self.step.min(buf.len()).min(self.bytes.len() - self.at);
+            let at = self.at;
+            buf[..n].copy_from_slice(&self.bytes[at..at + n]);
+            self.at += n;
+            Poll::Ready(Ok(n))
+        }
+    }
+
+    #[test]
+    fn frame_reader_reassembles_frames_from_any_read_sizes() {
+        let payloads: Vec<Vec<u8>> = vec![b"a".to_vec(), vec![9; 3 * READ_CHUNK_BYTES], vec![]];
+        let mut bytes = Vec::new();
+        for p in &payloads {
+            frame::encode(&mut bytes, Kind::Raft, 1, 2, 3, p);
+        }
+        for step in [1, 7, READ_CHUNK_BYTES, usize::MAX] {
+            let mut stream = Trickle {
+                bytes: bytes.clone(),
+                at: 0,
+                step,
+            };
+            let mut reader = FrameReader::new(4 * READ_CHUNK_BYTES);
+            futures_lite::future::block_on(async {
+                for p in &payloads {
+                    assert_eq!(&reader.next(&mut stream).await.unwrap().payload, p);
+                }
+                let end = reader.next(&mut stream).await.unwrap_err();
+                assert_eq!(end.kind(), io::ErrorKind::UnexpectedEof);
+            });
+            assert_eq!(reader.take_read_bytes(), bytes.len() as u64, "step {step}");
         }
     }
 }
