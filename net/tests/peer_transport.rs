@@ -170,14 +170,16 @@ async fn every_core_pair_exchanges_envelopes() {
         for b in members.iter().filter(|b| b.id != a.id) {
             let stats = a.mesh.stats().clone();
             let id = b.id;
-            eventually("round trips measured", || {
-                stats.peer(id).rtt_count >= CORES as u64
+            // A frame may arrive before its writer has counted it.
+            eventually("frames counted and round trips measured", || {
+                let c = stats.peer(id);
+                c.sent_frames == CORES as u64 && c.rtt_count >= CORES as u64
             })
             .await;
             let counters = stats.peer(id);
             assert_eq!(counters.connected_cores, CORES);
-            assert_eq!(counters.sent_frames, CORES as u64);
             assert!(counters.sent_bytes > 0 && counters.received_bytes > 0);
+            assert_eq!(counters.dropped_frames + counters.connection_failures, 0);
         }
     }
     for member in members {
@@ -331,4 +333,93 @@ async fn garbage_and_oversized_frames_close_only_their_connection() {
     assert_eq!(a.mesh.stats().peer(2).connection_failures, 0);
     a.stop();
     b.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn order_holds_and_nothing_repeats_when_a_small_queue_overflows() {
+    const ROUNDS: u64 = 50;
+    const PER_ROUND: u64 = 100;
+    let mut a_config = config(1, 2, localhost());
+    a_config.peer_queue_limit_frames = 64;
+    let a = Member::start(a_config);
+    let b = Member::start(config(2, 2, localhost()));
+    a.add_peer(&b).await;
+    for round in 0..ROUNDS {
+        for core in 0..2 {
+            a.on_core(core, move |p| {
+                for seq in round * PER_ROUND..(round + 1) * PER_ROUND {
+                    // Dropped when full: counted below.
+                    let _ = p.send(2, seq.to_le_bytes().to_vec());
+                }
+            })
+            .await;
+        }
+    }
+    let stats = a.mesh.stats().clone();
+    let total = 2 * ROUNDS * PER_ROUND;
+    eventually("every frame written or dropped", || {
+        let c = stats.peer(2);
+        c.sent_frames + c.dropped_frames == total
+    })
+    .await;
+    let counters = stats.peer(2);
+    assert!(counters.dropped_frames > 0, "the small queue overflowed");
+    // Every written frame arrives, each core's in the order sent (so none twice).
+    let mut last: [Option<u64>; 2] = [None, None];
+    for _ in 0..counters.sent_frames {
+        let (core, d) = within(
+            "delivery",
+            futures_lite::future::or(async { (0, b.inboxes[0].recv().await.unwrap()) }, async {
+                (1, b.inboxes[1].recv().await.unwrap())
+            }),
+        )
+        .await;
+        let seq = u64::from_le_bytes(d.payload.try_into().unwrap());
+        assert!(
+            last[core] < Some(seq),
+            "core {core}: {seq} after {:?}",
+            last[core]
+        );
+        last[core] = Some(seq);
+    }
+    assert!(b.inboxes.iter().all(|inbox| inbox.is_empty()));
+    a.stop();
+    b.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_silent_peer_is_dropped_and_redialled_after_a_backoff() {
+    // A "peer" that accepts and reads but never answers a ping.
+    let silent = std::net::TcpListener::bind(localhost()).unwrap();
+    let mut a_config = config(1, 1, localhost());
+    a_config.silence_timeout_ms = 200;
+    a_config.backoff_min_ms = 500;
+    let a = Member::start(a_config);
+    let silent_addr = silent.local_addr().unwrap();
+    a.on_core(0, move |p| p.add_peer(2, silent_addr)).await;
+    let redial = tokio::task::spawn_blocking(move || {
+        let (mut first, _) = silent.accept().unwrap();
+        first.set_read_timeout(Some(WAIT)).unwrap();
+        let mut hello = [0; 32];
+        first.read_exact(&mut hello).unwrap();
+        let mut rest = Vec::new();
+        // Ends when the dialer gives up on the silence (pings arrive until then).
+        first.read_to_end(&mut rest).unwrap();
+        let closed = Instant::now();
+        let (mut second, _) = silent.accept().unwrap();
+        let redialled_after = closed.elapsed();
+        second.set_read_timeout(Some(WAIT)).unwrap();
+        second.read_exact(&mut hello).unwrap();
+        (redialled_after, hello)
+    });
+    let (redialled_after, hello) = within("redial", redial).await.unwrap();
+    assert_eq!(hello[8], Kind::Hello as u8);
+    // Not before the first backoff step (500 ms). A lower bound with slack for how late this
+    // side saw the close, so scheduling delays cannot fail it.
+    assert!(
+        redialled_after >= Duration::from_millis(250),
+        "{redialled_after:?}"
+    );
+    assert!(a.mesh.stats().peer(2).connection_failures >= 1);
+    a.stop();
 }
