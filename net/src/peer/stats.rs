@@ -4,11 +4,12 @@
 //! One slot per core: a core only locks its own (uncontended, once per written batch or
 //! read buffer); a `/metrics` scrape or a test sums the slots.
 
-use std::fmt::Write;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use hashbrown::HashMap;
+
+use crate::metrics::family;
 
 /// etcd's RTT buckets: upper bounds 0.1 ms doubling to 3.2768 s (16 buckets).
 pub const RTT_BUCKETS: usize = 16;
@@ -65,6 +66,54 @@ impl PeerCounters {
     }
 }
 
+/// A per-peer metric family other than the round trip histogram.
+struct PeerFamily {
+    name: &'static str,
+    kind: &'static str,
+    help: &'static str,
+    /// `To` for what we send, `From` for what we receive (etcd's labels).
+    label: &'static str,
+    value: fn(&PeerCounters) -> u64,
+}
+
+const PEER_FAMILIES: [PeerFamily; 5] = [
+    PeerFamily {
+        name: "etcd_network_peer_sent_bytes_total",
+        kind: "counter",
+        help: "The total number of bytes sent to peers.",
+        label: "To",
+        value: |c| c.sent_bytes,
+    },
+    PeerFamily {
+        name: "etcd_network_peer_received_bytes_total",
+        kind: "counter",
+        help: "The total number of bytes received from peers.",
+        label: "From",
+        value: |c| c.received_bytes,
+    },
+    PeerFamily {
+        name: "etcd_network_peer_sent_failures_total",
+        kind: "counter",
+        help: "The total number of send failures from peers.",
+        label: "To",
+        value: |c| c.connection_failures,
+    },
+    PeerFamily {
+        name: "ferrocd_network_peer_dropped_frames_total",
+        kind: "counter",
+        help: "Frames dropped because a peer's queue was full.",
+        label: "To",
+        value: |c| c.dropped_frames,
+    },
+    PeerFamily {
+        name: "ferrocd_network_peer_connected_cores",
+        kind: "gauge",
+        help: "Cores with an open connection to the peer.",
+        label: "To",
+        value: |c| c.connected_cores as u64,
+    },
+];
+
 pub struct PeerStats {
     cores: Vec<Mutex<HashMap<u64, PeerCounters>>>,
 }
@@ -112,82 +161,47 @@ impl PeerStats {
             .into_iter()
             .map(|p| (p, self.peer(p)))
             .collect();
-        let counter = |out: &mut String,
-                       name: &str,
-                       help: &str,
-                       label: &str,
-                       f: &dyn Fn(&PeerCounters) -> u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            for (peer, counters) in &peers {
-                let _ = writeln!(out, "{name}{{{label}=\"{peer:x}\"}} {}", f(counters));
-            }
-        };
-        counter(
-            out,
-            "etcd_network_peer_sent_bytes_total",
-            "The total number of bytes sent to peers.",
-            "To",
-            &|c| c.sent_bytes,
-        );
-        counter(
-            out,
-            "etcd_network_peer_received_bytes_total",
-            "The total number of bytes received from peers.",
-            "From",
-            &|c| c.received_bytes,
-        );
-        counter(
-            out,
-            "etcd_network_peer_sent_failures_total",
-            "The total number of send failures from peers.",
-            "To",
-            &|c| c.connection_failures,
-        );
-        counter(
-            out,
-            "ferrocd_network_peer_dropped_frames_total",
-            "Frames dropped because a peer's queue was full.",
-            "To",
-            &|c| c.dropped_frames,
-        );
-        let _ = writeln!(
-            out,
-            "# HELP ferrocd_network_peer_connected_cores Cores with an open connection to the peer.\n# TYPE ferrocd_network_peer_connected_cores gauge"
-        );
-        for (peer, counters) in &peers {
-            let _ = writeln!(
-                out,
-                "ferrocd_network_peer_connected_cores{{To=\"{peer:x}\"}} {}",
-                counters.connected_cores
-            );
+        for f in &PEER_FAMILIES {
+            let samples: Vec<(String, String)> = peers
+                .iter()
+                .map(|(peer, c)| {
+                    (
+                        format!("{{{}=\"{peer:x}\"}}", f.label),
+                        (f.value)(c).to_string(),
+                    )
+                })
+                .collect();
+            family(out, f.name, f.kind, f.help, &samples);
         }
-        let name = "etcd_network_peer_round_trip_time_seconds";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Round-Trip-Time histogram between peers\n# TYPE {name} histogram"
-        );
-        for (peer, counters) in &peers {
+        let mut rtt = Vec::new();
+        for (peer, c) in &peers {
             let mut cumulative = 0;
-            for (bucket, count) in counters.rtt_buckets.iter().enumerate() {
+            for (bucket, count) in c.rtt_buckets.iter().enumerate() {
                 cumulative += count;
-                let _ = writeln!(
-                    out,
-                    "{name}_bucket{{To=\"{peer:x}\",le=\"{}\"}} {cumulative}",
-                    rtt_bound_s(bucket)
-                );
+                let le = rtt_bound_s(bucket);
+                rtt.push((
+                    format!("_bucket{{To=\"{peer:x}\",le=\"{le}\"}}"),
+                    cumulative.to_string(),
+                ));
             }
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{To=\"{peer:x}\",le=\"+Inf\"}} {}",
-                counters.rtt_count
-            );
-            let _ = writeln!(out, "{name}_sum{{To=\"{peer:x}\"}} {}", counters.rtt_sum_s);
-            let _ = writeln!(
-                out,
-                "{name}_count{{To=\"{peer:x}\"}} {}",
-                counters.rtt_count
-            );
+            rtt.push((
+                format!("_bucket{{To=\"{peer:x}\",le=\"+Inf\"}}"),
+                c.rtt_count.to_string(),
+            ));
+            rtt.push((format!("_sum{{To=\"{peer:x}\"}}"), c.rtt_sum_s.to_string()));
+            rtt.push((
+                format!("_count{{To=\"{peer:x}\"}}"),
+                c.rtt_count.to_string(),
+            ));
         }
+        let help = "Round-Trip-Time histogram between peers";
+        family(
+            out,
+            "etcd_network_peer_round_trip_time_seconds",
+            "histogram",
+            help,
+            &rtt,
+        );
     }
 }
 
