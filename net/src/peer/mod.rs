@@ -279,6 +279,8 @@ impl PeerCore {
             member, self.ctx.mesh.config.member_id,
             "a member is not its own peer"
         );
+        // A connection that is replaced mid-write is gone with its task: so is its flag.
+        self.remove_peer(member);
         let (queue, pending) = async_channel::bounded(self.ctx.config().peer_queue_limit_frames);
         let task = spawn_local(run_outbound(self.ctx.clone(), member, addr, pending));
         self.peers.insert(member, Outbound { queue, _task: task });
