@@ -11,6 +11,7 @@ pub mod lease;
 pub mod lock;
 pub mod metrics;
 pub mod node;
+pub mod peer;
 pub mod recipes;
 pub mod server;
 pub mod tls;

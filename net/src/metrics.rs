@@ -198,8 +198,15 @@ pub fn metrics_handler(node: Node, grpc: Arc<GrpcMetrics>) -> HttpHandler {
     })
 }
 
-/// Writes one metric family: its HELP and TYPE lines and samples.
-fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, String)]) {
+/// Writes one metric family: its HELP and TYPE lines and samples (label set or name suffix
+/// plus label set, then value).
+pub(crate) fn family(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    samples: &[(String, String)],
+) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
     for (labels, value) in samples {

@@ -290,6 +290,13 @@ pub struct Listener {
 
 /// Binds a listener for the calling glommio executor (it registers with its reactor).
 pub fn bind(addr: SocketAddr) -> io::Result<Listener> {
+    bind_socket(addr).and_then(Listener::register)
+}
+
+/// Binds and listens on `addr` with the options of [`bind`], on any thread; the calling
+/// core turns it into its [`Listener`] with [`Listener::register`]. Binding every core's
+/// socket up front lets port 0 resolve once for all cores.
+pub fn bind_socket(addr: SocketAddr) -> io::Result<socket2::Socket> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
@@ -301,13 +308,23 @@ pub fn bind(addr: SocketAddr) -> io::Result<Listener> {
     socket.set_reuse_port(true)?;
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
-    let control = socket.try_clone()?;
-    // SAFETY: `into_raw_fd` hands over sole ownership of a valid listening socket fd.
-    let accept = unsafe { TcpListener::from_raw_fd(socket.into_raw_fd()) };
-    Ok(Listener { accept, control })
+    Ok(socket)
 }
 
 impl Listener {
+    /// Registers a socket from [`bind_socket`] with the calling glommio executor.
+    pub fn register(socket: socket2::Socket) -> io::Result<Listener> {
+        let control = socket.try_clone()?;
+        // SAFETY: `into_raw_fd` hands over sole ownership of a valid listening socket fd.
+        let accept = unsafe { TcpListener::from_raw_fd(socket.into_raw_fd()) };
+        Ok(Listener { accept, control })
+    }
+
+    /// Accepts one connection on the calling executor.
+    pub(crate) async fn accept(&self) -> io::Result<TcpStream> {
+        self.accept.accept().await.map_err(io::Error::from)
+    }
+
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.accept.local_addr().map_err(io::Error::from)
     }
@@ -316,7 +333,7 @@ impl Listener {
     /// accept still references the socket, which then stays in the `SO_REUSEPORT` group
     /// and is handed new connections that nobody accepts (they get reset). A read shutdown
     /// takes a listening socket out of the group and fails that accept.
-    fn close(self) {
+    pub(crate) fn close(&self) {
         // Only fails if the socket is no longer listening, which is what we want anyway.
         let _ = self.control.shutdown(std::net::Shutdown::Read);
     }

@@ -1,0 +1,746 @@
+//! The peer transport: byte frames between the same core of two members.
+//!
+//! Core-to-core: core `c` of member A talks to core `c` of member B over its own TCP
+//! connection, so a raft envelope of a shard on core `c` reaches the core owning that shard on
+//! B without a cross-core hop. Every core listens on the peer port (`SO_REUSEPORT`, like the
+//! client port); the dialer's first frame is a hello naming the member it comes from, the
+//! member it means to reach and the core. The core that accepted reads just that frame and,
+//! when the hello names another core, hands the socket (an fd) to that core: one hop per
+//! connection, none per message.
+//!
+//! Outbound, per peer and core: a bounded queue (`peer_queue_limit_frames`; when full the
+//! frame is dropped and counted, raft retransmits) drained by one task that writes everything
+//! queued as one batch, pings for the round trip time, and reconnects after an error with
+//! exponential backoff. [`PeerCore::send`] never waits, so a peer that is down blocks neither
+//! the core nor the other peers. Inbound frames go to the core's bounded inbox, which the
+//! shard loop drains; a full inbox stops reading the connections (TCP flow control).
+//!
+//! A frame popped from a queue is written to one connection only: nothing is sent twice,
+//! order is kept per connection, and frames in a connection that breaks are lost (raft
+//! retransmits). TLS peers (`https://`) will wrap the stream in `connect` and at accept.
+
+pub mod frame;
+pub mod stats;
+
+use std::cell::Cell;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_channel::{Receiver, Sender, TrySendError};
+use event_listener::Event;
+use futures_lite::future::or;
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use glommio::net::TcpStream;
+use glommio::timer::sleep;
+use glommio::{spawn_local, Task};
+use hashbrown::HashMap;
+
+use frame::{Frame, PROTOCOL_VERSION};
+pub use frame::{FrameError, Kind, HEADER_BYTES};
+use stats::PeerStats;
+
+use crate::transport::{bind_socket, Listener};
+
+#[derive(Clone, Debug)]
+pub struct PeerConfig {
+    pub member_id: u64,
+    pub cores: usize,
+    /// `--listen-peer-urls` (see [`parse_peer_url`]); port 0 picks one for all cores.
+    pub listen_addr: SocketAddr,
+    /// Frames queued for one peer on one core; more are dropped and counted.
+    pub peer_queue_limit_frames: usize,
+    /// Frames a core's inbox holds before its connections stop being read.
+    pub inbox_limit_frames: usize,
+    /// Largest payload sent or accepted (snapshot chunks will be the largest frames).
+    pub max_frame_bytes: usize,
+    /// A batch stops taking queued frames once it holds this many bytes.
+    pub batch_limit_bytes: usize,
+    /// Reconnect delay after an error: starts here, doubles per failed try...
+    pub backoff_min_ms: u64,
+    /// ...up to this.
+    pub backoff_max_ms: u64,
+    pub connect_timeout_ms: u64,
+    /// A ping goes out at least this often on every outbound connection.
+    pub ping_interval_ms: u64,
+    /// An outbound connection with nothing read for this long is closed (a dead peer that
+    /// sent no reset).
+    pub silence_timeout_ms: u64,
+    /// How long an accepted connection may take to send its hello.
+    pub hello_timeout_ms: u64,
+}
+
+impl PeerConfig {
+    pub fn new(member_id: u64, cores: usize, listen_addr: SocketAddr) -> PeerConfig {
+        PeerConfig {
+            member_id,
+            cores,
+            listen_addr,
+            peer_queue_limit_frames: 4096,
+            inbox_limit_frames: 4096,
+            max_frame_bytes: 64 * 1024 * 1024,
+            batch_limit_bytes: 1024 * 1024,
+            backoff_min_ms: 50,
+            backoff_max_ms: 1000,
+            connect_timeout_ms: 1000,
+            ping_interval_ms: 1000,
+            silence_timeout_ms: 5000,
+            hello_timeout_ms: 5000,
+        }
+    }
+}
+
+/// The socket address of a peer URL. Only `http://` for now; `https://` comes with TLS.
+pub fn parse_peer_url(url: &str) -> Result<SocketAddr, String> {
+    if url.starts_with("https://") {
+        return Err(format!("peer URL {url}: TLS peers are not supported yet"));
+    }
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("peer URL {url} must start with http://"))?;
+    let host_port = rest.trim_end_matches('/');
+    std::net::ToSocketAddrs::to_socket_addrs(host_port)
+        .map_err(|e| format!("peer URL {url}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("peer URL {url} resolves to no address"))
+}
+
+/// A raft payload received from a peer, on the core it was sent from.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Delivery {
+    pub from: u64,
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum SendError {
+    UnknownPeer(u64),
+    TooLarge {
+        payload_bytes: usize,
+        max_bytes: usize,
+    },
+    /// The peer's queue was full; the frame is dropped (and counted).
+    QueueFull,
+}
+
+/// An accepted connection on its way to the core its hello named.
+struct Handoff {
+    fd: OwnedFd,
+    from: u64,
+}
+
+/// What all cores of a member share. Built before the executors start.
+pub struct PeerMesh {
+    config: PeerConfig,
+    local_addr: SocketAddr,
+    /// Each core's listening socket until that core starts.
+    sockets: Vec<Mutex<Option<socket2::Socket>>>,
+    handoffs: Vec<(Sender<Handoff>, Receiver<Handoff>)>,
+    stats: Arc<PeerStats>,
+}
+
+/// Accepted connections waiting to reach their core; more are closed (the dialer retries).
+const HANDOFF_LIMIT: usize = 64;
+
+impl PeerMesh {
+    /// Binds the peer port for every core.
+    pub fn new(config: PeerConfig) -> io::Result<Arc<PeerMesh>> {
+        assert!(config.cores > 0 && config.cores <= u16::MAX as usize);
+        assert!(config.peer_queue_limit_frames > 0 && config.inbox_limit_frames > 0);
+        assert!(config.backoff_min_ms > 0 && config.backoff_min_ms <= config.backoff_max_ms);
+        let first = bind_socket(config.listen_addr)?;
+        let local_addr = first
+            .local_addr()?
+            .as_socket()
+            .expect("a TCP socket has an IP address");
+        let mut sockets = vec![Mutex::new(Some(first))];
+        for _ in 1..config.cores {
+            sockets.push(Mutex::new(Some(bind_socket(local_addr)?)));
+        }
+        Ok(Arc::new(PeerMesh {
+            handoffs: (0..config.cores)
+                .map(|_| async_channel::bounded(HANDOFF_LIMIT))
+                .collect(),
+            stats: PeerStats::new(config.cores),
+            config,
+            local_addr,
+            sockets,
+        }))
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn stats(&self) -> &Arc<PeerStats> {
+        &self.stats
+    }
+
+    /// Starts `core`'s side of the transport; call on that core's glommio executor, once.
+    pub fn start_core(self: &Arc<Self>, core: usize) -> io::Result<PeerCore> {
+        let socket = self.sockets[core]
+            .lock()
+            .expect("peer socket slot poisoned")
+            .take()
+            .expect("peer core started twice");
+        let listener = Rc::new(Listener::register(socket)?);
+        let (inbox_tx, inbox) = async_channel::bounded(self.config.inbox_limit_frames);
+        let ctx = Rc::new(CoreCtx {
+            mesh: self.clone(),
+            core,
+            inbox_tx,
+            stop: Stop::default(),
+        });
+        let accept_task = spawn_local(accept_loop(ctx.clone(), listener.clone()));
+        let handoff_task = spawn_local(receive_handoffs(ctx.clone()));
+        Ok(PeerCore {
+            ctx,
+            inbox,
+            listener,
+            peers: HashMap::new(),
+            _tasks: [accept_task, handoff_task],
+        })
+    }
+}
+
+/// Set once when the core's transport is dropped; wakes every connection task.
+#[derive(Default)]
+struct Stop {
+    stopped: Cell<bool>,
+    event: Event,
+}
+
+impl Stop {
+    fn set(&self) {
+        self.stopped.set(true);
+        self.event.notify(usize::MAX);
+    }
+
+    async fn wait(&self) {
+        while !self.stopped.get() {
+            let listener = self.event.listen();
+            if self.stopped.get() {
+                return;
+            }
+            listener.await;
+        }
+    }
+}
+
+struct CoreCtx {
+    mesh: Arc<PeerMesh>,
+    core: usize,
+    inbox_tx: Sender<Delivery>,
+    stop: Stop,
+}
+
+impl CoreCtx {
+    fn config(&self) -> &PeerConfig {
+        &self.mesh.config
+    }
+
+    fn count(&self, peer: u64, change: impl FnOnce(&mut stats::PeerCounters)) {
+        self.mesh.stats.update(self.core, peer, change);
+    }
+}
+
+/// One core's end of the peer transport. Dropping it closes the listener and every
+/// connection of this core.
+pub struct PeerCore {
+    ctx: Rc<CoreCtx>,
+    inbox: Receiver<Delivery>,
+    listener: Rc<Listener>,
+    peers: HashMap<u64, Outbound>,
+    _tasks: [Task<()>; 2],
+}
+
+struct Outbound {
+    queue: Sender<Vec<u8>>,
+    /// Owns the connection; dropping it cancels it.
+    _task: Task<()>,
+}
+
+impl PeerCore {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.ctx.mesh.local_addr
+    }
+
+    /// Raft payloads from peers for this core. The shard loop drains it.
+    pub fn inbox(&self) -> &Receiver<Delivery> {
+        &self.inbox
+    }
+
+    /// Starts (or restarts, at a new address) the connection to `member` from this core.
+    pub fn add_peer(&mut self, member: u64, addr: SocketAddr) {
+        assert_ne!(
+            member, self.ctx.mesh.config.member_id,
+            "a member is not its own peer"
+        );
+        // A connection that is replaced mid-write is gone with its task: so is its flag.
+        self.remove_peer(member);
+        let (queue, pending) = async_channel::bounded(self.ctx.config().peer_queue_limit_frames);
+        let task = spawn_local(run_outbound(self.ctx.clone(), member, addr, pending));
+        self.peers.insert(member, Outbound { queue, _task: task });
+    }
+
+    /// Closes the connection to `member` and drops what was queued for it.
+    pub fn remove_peer(&mut self, member: u64) {
+        self.peers.remove(&member);
+        self.ctx.count(member, |c| c.connected_cores = 0);
+    }
+
+    /// Queues `payload` for `to`'s same core. Never waits.
+    pub fn send(&self, to: u64, payload: Vec<u8>) -> Result<(), SendError> {
+        let max_bytes = self.ctx.config().max_frame_bytes;
+        if payload.len() > max_bytes {
+            return Err(SendError::TooLarge {
+                payload_bytes: payload.len(),
+                max_bytes,
+            });
+        }
+        let peer = self.peers.get(&to).ok_or(SendError::UnknownPeer(to))?;
+        match peer.queue.try_send(payload) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => {
+                self.ctx.count(to, |c| c.dropped_frames += 1);
+                Err(SendError::QueueFull)
+            }
+            Err(TrySendError::Closed(_)) => unreachable!("the outbound task holds the receiver"),
+        }
+    }
+}
+
+impl Drop for PeerCore {
+    fn drop(&mut self) {
+        self.ctx.stop.set();
+        self.listener.close();
+    }
+}
+
+/// Runs `work` until it ends or the core's transport stops.
+async fn until_stopped<T>(ctx: &CoreCtx, work: impl std::future::Future<Output = T>) -> Option<T> {
+    or(async { Some(work.await) }, async {
+        ctx.stop.wait().await;
+        None
+    })
+    .await
+}
+
+async fn with_timeout<T>(
+    timeout_ms: u64,
+    what: &str,
+    work: impl std::future::Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    or(work, async {
+        sleep(Duration::from_millis(timeout_ms)).await;
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("{what}: no progress in {timeout_ms} ms"),
+        ))
+    })
+    .await
+}
+
+// ---- outbound ----
+
+/// Connects to `peer` again and again (exponential backoff between failed tries) and
+/// writes its queue; ends when the `PeerCore` drops its task.
+async fn run_outbound(ctx: Rc<CoreCtx>, peer: u64, addr: SocketAddr, queue: Receiver<Vec<u8>>) {
+    let config = ctx.config().clone();
+    let mut backoff_ms = config.backoff_min_ms;
+    loop {
+        let confirmed = match connect(addr, config.connect_timeout_ms).await {
+            Ok(stream) => {
+                ctx.count(peer, |c| c.connected_cores = 1);
+                let confirmed = Cell::new(false);
+                let _ = run_connection(&ctx, peer, stream, &queue, &confirmed).await;
+                ctx.count(peer, |c| c.connected_cores = 0);
+                confirmed.get()
+            }
+            Err(_) => false,
+        };
+        ctx.count(peer, |c| c.connection_failures += 1);
+        if confirmed {
+            backoff_ms = config.backoff_min_ms;
+        }
+        sleep(Duration::from_millis(backoff_ms)).await;
+        if !confirmed {
+            backoff_ms = (backoff_ms * 2).min(config.backoff_max_ms);
+        }
+    }
+}
+
+/// Opens a connection (the seam where TLS will wrap the stream).
+async fn connect(addr: SocketAddr, timeout_ms: u64) -> io::Result<TcpStream> {
+    let stream = TcpStream::connect_timeout(addr, Duration::from_millis(timeout_ms)).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Says hello, then writes batches and reads pongs until either side fails. `confirmed`
+/// turns true at the first pong: the peer accepted the hello.
+async fn run_connection(
+    ctx: &CoreCtx,
+    peer: u64,
+    stream: TcpStream,
+    queue: &Receiver<Vec<u8>>,
+    confirmed: &Cell<bool>,
+) -> io::Result<()> {
+    let started = Instant::now();
+    let (reader, writer) = futures_lite::io::split(stream);
+    or(
+        write_batches(ctx, peer, writer, queue, started),
+        read_pongs(ctx, peer, reader, started, confirmed),
+    )
+    .await
+}
+
+async fn write_batches(
+    ctx: &CoreCtx,
+    peer: u64,
+    mut writer: impl AsyncWrite + Unpin,
+    queue: &Receiver<Vec<u8>>,
+    started: Instant,
+) -> io::Result<()> {
+    let config = ctx.config();
+    let (core, me) = (ctx.core as u16, config.member_id);
+    let ping_interval = Duration::from_millis(config.ping_interval_ms);
+    let mut batch = Vec::new();
+    frame::encode(
+        &mut batch,
+        Kind::Hello,
+        core,
+        me,
+        peer,
+        &PROTOCOL_VERSION.to_le_bytes(),
+    );
+    let mut next_ping = Instant::now();
+    let mut frames = 0u64;
+    loop {
+        while batch.len() < config.batch_limit_bytes {
+            let Ok(payload) = queue.try_recv() else { break };
+            frame::encode(&mut batch, Kind::Raft, core, me, peer, &payload);
+            frames += 1;
+        }
+        // Checked on every batch: under steady traffic the queue never looks empty.
+        if Instant::now() >= next_ping {
+            let nanos = started.elapsed().as_nanos() as u64;
+            frame::encode(&mut batch, Kind::Ping, core, me, peer, &nanos.to_le_bytes());
+            next_ping = Instant::now() + ping_interval;
+        }
+        if !batch.is_empty() {
+            writer.write_all(&batch).await?;
+            writer.flush().await?;
+            let bytes = batch.len() as u64;
+            ctx.count(peer, |c| {
+                c.sent_bytes += bytes;
+                c.sent_frames += frames;
+            });
+            batch.clear();
+            frames = 0;
+        }
+        let wait = next_ping.saturating_duration_since(Instant::now());
+        // `recv` fails only when the peer is removed, which cancels this task too.
+        let woken_by = or(async { queue.recv().await.ok() }, async {
+            sleep(wait).await;
+            None
+        })
+        .await;
+        if let Some(payload) = woken_by {
+            frame::encode(&mut batch, Kind::Raft, core, me, peer, &payload);
+            frames += 1;
+        }
+    }
+}
+
+async fn read_pongs(
+    ctx: &CoreCtx,
+    peer: u64,
+    mut reader: impl AsyncRead + Unpin,
+    started: Instant,
+    confirmed: &Cell<bool>,
+) -> io::Result<()> {
+    let config = ctx.config();
+    let mut frames = FrameReader::new(config.max_frame_bytes);
+    loop {
+        let frame =
+            with_timeout(config.silence_timeout_ms, "peer", frames.next(&mut reader)).await?;
+        ctx.count(peer, |c| c.received_bytes += frames.take_read_bytes());
+        let echoed = match (frame.kind, <[u8; 8]>::try_from(frame.payload.as_slice())) {
+            (Kind::Pong, Ok(nanos)) => u64::from_le_bytes(nanos),
+            _ => {
+                return Err(FrameError::Unexpected(format!(
+                    "{:?} on an outbound connection",
+                    frame.kind
+                ))
+                .into())
+            }
+        };
+        let rtt = started
+            .elapsed()
+            .saturating_sub(Duration::from_nanos(echoed));
+        ctx.count(peer, |c| c.observe_rtt(rtt));
+        confirmed.set(true);
+    }
+}
+
+// ---- inbound ----
+
+async fn accept_loop(ctx: Rc<CoreCtx>, listener: Rc<Listener>) {
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                spawn_local(handshake(ctx.clone(), stream)).detach();
+            }
+            Err(_) if ctx.stop.stopped.get() => return,
+            // Out of fds or the like: do not spin.
+            Err(_) => sleep(Duration::from_millis(ctx.config().backoff_min_ms)).await,
+        }
+    }
+}
+
+/// Reads the hello of an accepted connection and serves it here or hands it to its core.
+async fn handshake(ctx: Rc<CoreCtx>, mut stream: TcpStream) {
+    let hello_timeout_ms = ctx.config().hello_timeout_ms;
+    let hello = until_stopped(
+        &ctx,
+        with_timeout(hello_timeout_ms, "hello", read_hello(&ctx, &mut stream)),
+    )
+    .await;
+    let Some(Ok((from, core))) = hello else {
+        return;
+    };
+    if core == ctx.core {
+        return serve_inbound(ctx, stream, from).await;
+    }
+    // The hello was read with exact-size reads, so nothing of the next frames is buffered
+    // here: the socket alone carries the connection to its core.
+    // SAFETY: the fd is open for as long as `stream`, which outlives this borrow.
+    let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) }.try_clone_to_owned();
+    drop(stream);
+    if let Ok(fd) = fd {
+        // Full or closed: the connection closes and the dialer retries.
+        let _ = ctx.mesh.handoffs[core].0.try_send(Handoff { fd, from });
+    }
+}
+
+/// Reads exactly one hello frame: (from member, core).
+async fn read_hello(ctx: &CoreCtx, stream: &mut TcpStream) -> io::Result<(u64, usize)> {
+    let config = ctx.config();
+    let mut header_bytes = [0; HEADER_BYTES];
+    stream.read_exact(&mut header_bytes).await?;
+    let header = frame::parse_header(&header_bytes, config.max_frame_bytes)?;
+    let unexpected = |what: String| io::Error::from(FrameError::Unexpected(what));
+    if header.kind != Kind::Hello || header.payload_bytes != 4 {
+        return Err(unexpected(format!(
+            "{:?} of {} bytes before hello",
+            header.kind, header.payload_bytes
+        )));
+    }
+    let mut payload = vec![0; 4];
+    stream.read_exact(&mut payload).await?;
+    let hello = frame::finish(&header, &header_bytes, payload)?;
+    let version = u32::from_le_bytes(hello.payload[..4].try_into().expect("4 bytes"));
+    if version != PROTOCOL_VERSION {
+        return Err(unexpected(format!("protocol version {version}")));
+    }
+    if hello.to != config.member_id || hello.from == config.member_id {
+        return Err(unexpected(format!(
+            "hello from {:x} to {:x}",
+            hello.from, hello.to
+        )));
+    }
+    if hello.core as usize >= config.cores {
+        return Err(unexpected(format!(
+            "hello for core {} of {}",
+            hello.core, config.cores
+        )));
+    }
+    ctx.count(hello.from, |c| {
+        c.received_bytes += (HEADER_BYTES + 4) as u64
+    });
+    Ok((hello.from, hello.core as usize))
+}
+
+async fn receive_handoffs(ctx: Rc<CoreCtx>) {
+    let handoffs = ctx.mesh.handoffs[ctx.core].1.clone();
+    while let Ok(Handoff { fd, from }) = handoffs.recv().await {
+        // SAFETY: `into_raw_fd` hands over sole ownership of a connected TCP socket.
+        let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
+        spawn_local(serve_inbound(ctx.clone(), stream, from)).detach();
+    }
+}
+
+/// Delivers the raft frames of one inbound connection and answers its pings, until it
+/// fails, sends something invalid, or the core's transport stops.
+async fn serve_inbound(ctx: Rc<CoreCtx>, mut stream: TcpStream, from: u64) {
+    let _ = until_stopped(&ctx, serve_frames(&ctx, &mut stream, from)).await;
+}
+
+async fn serve_frames(ctx: &CoreCtx, stream: &mut TcpStream, from: u64) -> io::Result<()> {
+    let config = ctx.config();
+    let mut frames = FrameReader::new(config.max_frame_bytes);
+    let mut pong = Vec::new();
+    loop {
+        let frame = frames.next(stream).await?;
+        let read_bytes = frames.take_read_bytes();
+        ctx.count(from, |c| {
+            c.received_bytes += read_bytes;
+            c.received_frames += 1;
+        });
+        if frame.from != from || frame.to != config.member_id || frame.core as usize != ctx.core {
+            return Err(FrameError::Unexpected(format!(
+                "frame from {:x} to {:x} core {} on a connection from {from:x} to core {}",
+                frame.from, frame.to, frame.core, ctx.core
+            ))
+            .into());
+        }
+        match frame.kind {
+            Kind::Raft => {
+                let delivery = Delivery {
+                    from,
+                    payload: frame.payload,
+                };
+                if ctx.inbox_tx.send(delivery).await.is_err() {
+                    return Ok(());
+                }
+            }
+            Kind::Ping => {
+                pong.clear();
+                frame::encode(
+                    &mut pong,
+                    Kind::Pong,
+                    frame.core,
+                    config.member_id,
+                    from,
+                    &frame.payload,
+                );
+                stream.write_all(&pong).await?;
+                stream.flush().await?;
+            }
+            Kind::Hello | Kind::Pong => {
+                return Err(FrameError::Unexpected(format!(
+                    "{:?} on an inbound connection",
+                    frame.kind
+                ))
+                .into())
+            }
+        }
+    }
+}
+
+/// Reads frames from a stream in large reads, decoding every frame they hold.
+struct FrameReader {
+    max_frame_bytes: usize,
+    /// Read bytes are `buf[start..end]`; `buf` only grows (no zeroing per read), back to
+    /// `READ_CHUNK_BYTES` once a large frame has been consumed.
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// Bytes read since the last `take_read_bytes`.
+    read_bytes: u64,
+}
+
+/// Bytes asked for per read.
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+
+impl FrameReader {
+    fn new(max_frame_bytes: usize) -> FrameReader {
+        FrameReader {
+            max_frame_bytes,
+            buf: Vec::new(),
+            start: 0,
+            end: 0,
+            read_bytes: 0,
+        }
+    }
+
+    fn take_read_bytes(&mut self) -> u64 {
+        std::mem::take(&mut self.read_bytes)
+    }
+
+    /// The next frame; an error on end of stream, I/O failure or an invalid frame.
+    async fn next(&mut self, stream: &mut (impl AsyncRead + Unpin)) -> io::Result<Frame> {
+        loop {
+            let unread = &self.buf[self.start..self.end];
+            if let Some((frame, used)) = frame::decode(unread, self.max_frame_bytes)? {
+                self.start += used;
+                return Ok(frame);
+            }
+            if self.start > 0 {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            if self.end == 0 && self.buf.len() > READ_CHUNK_BYTES {
+                self.buf = Vec::new();
+            }
+            if self.buf.len() < self.end + READ_CHUNK_BYTES {
+                self.buf.resize(self.end + READ_CHUNK_BYTES, 0);
+            }
+            match stream.read(&mut self.buf[self.end..]).await? {
+                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                read => {
+                    self.end += read;
+                    self.read_bytes += read as u64;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    /// Hands out its bytes at most `step` at a time, then end of stream.
+    struct Trickle {
+        bytes: Vec<u8>,
+        at: usize,
+        step: usize,
+    }
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut [u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = self.step.min(buf.len()).min(self.bytes.len() - self.at);
+            let at = self.at;
+            buf[..n].copy_from_slice(&self.bytes[at..at + n]);
+            self.at += n;
+            Poll::Ready(Ok(n))
+        }
+    }
+
+    #[test]
+    fn frame_reader_reassembles_frames_from_any_read_sizes() {
+        let payloads: Vec<Vec<u8>> = vec![b"a".to_vec(), vec![9; 3 * READ_CHUNK_BYTES], vec![]];
+        let mut bytes = Vec::new();
+        for p in &payloads {
+            frame::encode(&mut bytes, Kind::Raft, 1, 2, 3, p);
+        }
+        for step in [1, 7, READ_CHUNK_BYTES, usize::MAX] {
+            let mut stream = Trickle {
+                bytes: bytes.clone(),
+                at: 0,
+                step,
+            };
+            let mut reader = FrameReader::new(4 * READ_CHUNK_BYTES);
+            futures_lite::future::block_on(async {
+                for p in &payloads {
+                    assert_eq!(&reader.next(&mut stream).await.unwrap().payload, p);
+                }
+                let end = reader.next(&mut stream).await.unwrap_err();
+                assert_eq!(end.kind(), io::ErrorKind::UnexpectedEof);
+            });
+            assert_eq!(reader.take_read_bytes(), bytes.len() as u64, "step {step}");
+        }
+    }
+}
