@@ -2,6 +2,7 @@
 
 use clap::Parser;
 use ferrocd_net::lease::LeaseConfig;
+use ferrocd_net::log;
 use ferrocd_net::node::checkpoint::{
     CheckpointConfig, DEFAULT_CHECKPOINT_INTERVAL_MS, DEFAULT_CHECKPOINT_MAX_CHANGES,
 };
@@ -10,6 +11,7 @@ use ferrocd_net::node::space::DEFAULT_QUOTA_BYTES;
 use ferrocd_net::node::Limits;
 use ferrocd_net::server::{self, NodeConfig, Shutdown};
 use ferrocd_net::watch::journal::JournalLimits;
+use ferrocd_net::{error, info};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -79,6 +81,9 @@ struct Flags {
     /// Log level: debug, info, warn, error, panic, fatal.
     #[arg(long, default_value = "info")]
     log_level: String,
+    /// Log format: json (etcd's zap lines) or console.
+    #[arg(long, default_value = "json")]
+    log_format: String,
     /// Duration of periodic watch progress notifications (Go duration, e.g. 10m, 100ms).
     #[arg(long, default_value = "10m", hide = true)]
     experimental_watch_progress_notify_interval: String,
@@ -336,18 +341,26 @@ fn watch_signals(shutdown: Shutdown) {
         std::thread::spawn(move || {
             let mut signal = 0;
             libc::sigwait(&set, &mut signal);
-            eprintln!("ferrocd: received signal {signal}, shutting down");
+            info!("received a signal, shutting down", signal = signal);
             shutdown.request();
         });
     }
 }
 
+/// Sets up logging first, so that every later message (a bad flag included) is a log line.
+fn init_log(flags: &Flags) -> Result<(), String> {
+    let level = log::Level::parse(&flags.log_level)?;
+    let format = log::Format::parse(&flags.log_format)?;
+    log::init(level, format);
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let flags = Flags::parse();
-    let config = match config(&flags) {
+    let config = match init_log(&flags).and_then(|()| config(&flags)) {
         Ok(config) => config,
         Err(e) => {
-            eprintln!("ferrocd: {e}");
+            error!("invalid configuration", error = e);
             return ExitCode::from(2);
         }
     };
@@ -356,7 +369,7 @@ fn main() -> ExitCode {
     match server::run(config, shutdown) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ferrocd: {e}");
+            error!("ferrocd stopped", error = e);
             ExitCode::FAILURE
         }
     }

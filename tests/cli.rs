@@ -154,7 +154,7 @@ async fn revision_mode_auto_compaction_keeps_the_last_n_revisions() {
         .expect("revision 16 is kept");
     assert_eq!(kept.kvs()[0].value(), b"v14");
     assert!(
-        server.log().contains("auto compaction at revision 16"),
+        server.logged("auto compaction", &[("revision", 16.into())]),
         "{}",
         server.log()
     );
@@ -175,7 +175,7 @@ async fn periodic_auto_compaction_compacts_what_is_older_than_the_retention() {
     let latest = client.get("k", None).await.expect("get");
     assert_eq!(latest.kvs()[0].value(), b"v4");
     assert!(
-        server.log().contains("auto compaction at revision 6"),
+        server.logged("auto compaction", &[("revision", 6.into())]),
         "{}",
         server.log()
     );

@@ -5,5 +5,6 @@
 pub mod btree;
 pub mod checkpoint;
 pub mod mvcc;
+pub mod notice;
 pub mod replay;
 pub mod wal;

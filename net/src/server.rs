@@ -97,6 +97,24 @@ impl Shutdown {
 
 /// Recovers the data dir, starts the cores and blocks until `shutdown` is requested and every
 /// core has drained. Errors are start-up errors, worded for the operator.
+/// The facts etcd logs as it starts ("starting an etcd server"), before anything can fail.
+fn log_start(config: &NodeConfig) {
+    let urls = |addrs: &[std::net::SocketAddr]| -> Vec<String> {
+        addrs.iter().map(|a| format!("http://{a}")).collect()
+    };
+    crate::info!(
+        "starting ferrocd",
+        ferrocd_version = env!("CARGO_PKG_VERSION"),
+        name = config.name.as_str(),
+        data_dir = config.data_dir.display().to_string(),
+        listen_client_urls = urls(&config.listen_client),
+        advertise_client_urls = config.advertise_client_urls.clone(),
+        initial_advertise_peer_urls = config.advertise_peer_urls.clone(),
+        shards = config.shards,
+        cores = config.cores,
+    );
+}
+
 pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
     assert!(
         config.shards > 0 && config.cores > 0,
@@ -106,6 +124,7 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
         .and_then(|()| config.data_dir.canonicalize())
         .map(|dir| config.data_dir = dir)
         .map_err(|e| format!("cannot use data dir {}: {e}", config.data_dir.display()))?;
+    log_start(&config);
     let identity = recovery::open_identity(&config.data_dir, config.shards, &config.name)?;
     let Recovered {
         stores,
@@ -141,9 +160,12 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
             Duration::from_secs(config.auth_token_ttl_s),
         )),
     );
-    eprintln!(
-        "ferrocd: member {:016x} of cluster {:016x}: {} shards on {} cores, revision {current_rev}, serving clients on {:?}",
-        identity.member_id, identity.cluster_id, config.shards, config.cores, config.listen_client
+    crate::info!(
+        "starting local member",
+        local_member_id = format!("{:016x}", identity.member_id),
+        cluster_id = format!("{:016x}", identity.cluster_id),
+        revision = current_rev,
+        compact_revision = compacted_rev,
     );
 
     let mut wals = wals.into_iter();
@@ -357,11 +379,19 @@ impl CoreSetup {
         for addr in &self.config.listen_client {
             let listener = transport::bind(*addr)
                 .map_err(|e| format!("core {}: cannot listen on {addr}: {e}", self.core))?;
+            crate::debug!(
+                "core serving clients",
+                core = self.core,
+                address = addr.to_string()
+            );
             let (routes, config, shutdown) =
                 (routes.clone(), server_config.clone(), self.shutdown.clone());
             servers.push(glommio::spawn_local(async move {
                 transport::serve(listener, routes, &config, shutdown.wait()).await;
             }));
+        }
+        if self.core == 0 {
+            crate::info!("ready to serve client requests");
         }
         for server in servers {
             server.await;

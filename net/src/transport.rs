@@ -356,8 +356,10 @@ pub async fn serve(
 const ACCEPT_ERROR_BACKOFF_MS: u64 = 10;
 
 async fn accept_failed(error: glommio::GlommioError<()>) {
-    // No logging framework yet: stderr is where operators look.
-    eprintln!("ferrocd: accepting a client connection failed: {error}");
+    crate::warn!(
+        "accepting a client connection failed",
+        error = error.to_string()
+    );
     glommio::timer::Timer::new(Duration::from_millis(ACCEPT_ERROR_BACKOFF_MS)).await;
 }
 

@@ -140,6 +140,25 @@ impl Server {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
+    /// The server's log lines, each parsed as JSON (ferrocd's default `--log-format json`);
+    /// the harness's own `===` markers are skipped. Panics on a line that is not JSON.
+    pub fn log_lines(&self) -> Vec<serde_json::Value> {
+        self.log()
+            .lines()
+            .filter(|line| !line.starts_with("=== harness"))
+            .map(|line| {
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("log line {line:?}: {e}"))
+            })
+            .collect()
+    }
+
+    /// Whether the log has a line with message `msg` whose fields include `fields`.
+    pub fn logged(&self, msg: &str, fields: &[(&str, serde_json::Value)]) -> bool {
+        self.log_lines().iter().any(|line| {
+            line["msg"] == msg && fields.iter().all(|(key, value)| &line[*key] == value)
+        })
+    }
+
     /// A client connected to this server, with generous request timeouts and message limits.
     pub async fn client(&self) -> Client {
         let options = ConnectOptions::new()
