@@ -1,6 +1,7 @@
 //! `ferrocd`: an etcd v3 compatible server. Flags and defaults follow etcd's.
 
 use clap::Parser;
+use ferrocd_net::auth::jwt::{JwtOptions, DEFAULT_JWT_TTL};
 use ferrocd_net::lease::LeaseConfig;
 use ferrocd_net::log;
 use ferrocd_net::node::checkpoint::{
@@ -11,7 +12,7 @@ use ferrocd_net::node::space::DEFAULT_QUOTA_BYTES;
 use ferrocd_net::node::Limits;
 use ferrocd_net::server::{self, NodeConfig, Shutdown};
 use ferrocd_net::watch::journal::JournalLimits;
-use ferrocd_net::{error, info};
+use ferrocd_net::{error, info, warn};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -102,6 +103,10 @@ struct Flags {
     /// Number of waiting changes that starts a checkpoint at once (etcd: 10,000).
     #[arg(long, default_value_t = DEFAULT_CHECKPOINT_MAX_CHANGES, hide = true)]
     experimental_checkpoint_max_changes: usize,
+    /// Auth token type: `simple`, or
+    /// `jwt,pub-key=<pem>,priv-key=<pem>,sign-method=<RS256|PS256|ES256|...>,ttl=<duration>`.
+    #[arg(long, default_value = "simple")]
+    auth_token: String,
     /// Seconds a simple auth token lives after its last use (etcd's `--auth-token-ttl`).
     #[arg(long, default_value_t = ferrocd_net::auth::DEFAULT_TOKEN_TTL_S)]
     auth_token_ttl: u64,
@@ -208,6 +213,41 @@ fn auto_compaction(flags: &Flags) -> Result<Option<AutoCompaction>, String> {
     Ok(Some(AutoCompaction::Period {
         retention: Duration::from_millis(retention_ms),
     }))
+}
+
+/// etcd's `--auth-token`: `simple`, or `jwt` and comma-separated `key=value` options
+/// (`sign-method` required, `pub-key` and/or `priv-key`, `ttl` default 5m). Unknown options are
+/// logged and ignored, as etcd does.
+fn jwt_options(flag: &str) -> Result<Option<JwtOptions>, String> {
+    const FLAG: &str = "auth-token";
+    let mut parts = flag.split(',');
+    match parts.next() {
+        Some("simple") if flag == "simple" => return Ok(None),
+        Some("jwt") => {}
+        _ => return Err(format!("--{FLAG} {flag}: expected simple or jwt,<options>")),
+    }
+    let mut options = JwtOptions {
+        sign_method: String::new(),
+        pub_key: None,
+        priv_key: None,
+        ttl: DEFAULT_JWT_TTL,
+    };
+    for part in parts {
+        let (key, value) = part
+            .split_once('=')
+            .ok_or_else(|| format!("--{FLAG}: option {part:?} is not key=value"))?;
+        match key {
+            "sign-method" => options.sign_method = value.to_string(),
+            "pub-key" => options.pub_key = Some(PathBuf::from(value)),
+            "priv-key" => options.priv_key = Some(PathBuf::from(value)),
+            "ttl" => options.ttl = Duration::from_millis(parse_duration_ms(FLAG, value)?),
+            _ => warn!("unknown JWT option ignored", key = key),
+        }
+    }
+    if options.sign_method.is_empty() {
+        return Err(format!("--{FLAG}: jwt needs sign-method"));
+    }
+    Ok(Some(options))
 }
 
 /// A positive Go duration (`10m`, `1.5s`, `1h30m`, `100ms`) in whole milliseconds.
@@ -324,6 +364,7 @@ fn config(flags: &Flags) -> Result<NodeConfig, String> {
             checkpoint_interval_ms: flags.lease_checkpoint_interval_ms.max(1),
         },
         auth_token_ttl_s: flags.auth_token_ttl.max(1),
+        jwt: jwt_options(&flags.auth_token)?,
         auto_compaction,
     })
 }
@@ -377,7 +418,7 @@ fn main() -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::{auto_compaction, parse_duration_ms, AutoCompaction, Flags};
+    use super::{auto_compaction, jwt_options, parse_duration_ms, AutoCompaction, Flags};
     use clap::Parser;
     use std::time::Duration;
 
@@ -425,6 +466,24 @@ mod tests {
         ];
         assert!(compaction(&bad).is_err());
         assert!(compaction(&["--auto-compaction-retention", "soon"]).is_err());
+    }
+
+    #[test]
+    fn auth_token_flag_reads_as_etcd() {
+        assert_eq!(jwt_options("simple"), Ok(None));
+        let jwt = jwt_options("jwt,pub-key=a.pem,priv-key=b.pem,sign-method=RS256,ttl=10s")
+            .unwrap()
+            .unwrap();
+        assert_eq!(jwt.sign_method, "RS256");
+        assert_eq!(jwt.pub_key.as_deref(), Some(std::path::Path::new("a.pem")));
+        assert_eq!(jwt.priv_key.as_deref(), Some(std::path::Path::new("b.pem")));
+        assert_eq!(jwt.ttl, Duration::from_secs(10));
+        let default_ttl = jwt_options("jwt,priv-key=b.pem,sign-method=ES256").unwrap();
+        assert_eq!(default_ttl.unwrap().ttl, Duration::from_secs(300));
+        assert!(jwt_options("jwt,priv-key=b.pem").is_err(), "no sign-method");
+        assert!(jwt_options("simple,ttl=1s").is_err());
+        assert!(jwt_options("oauth").is_err());
+        assert!(jwt_options("jwt,sign-method").is_err());
     }
 
     #[test]

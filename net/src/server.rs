@@ -2,7 +2,9 @@
 //! core 0 the meta group), each accepting client connections on every listen address
 //! (SO_REUSEPORT), until shutdown.
 
+use crate::auth::jwt::{JwtOptions, JwtTokens};
 use crate::auth::service::AuthService;
+use crate::auth::token::{SimpleTokens, TokenProvider};
 use crate::auth::AuthStore;
 use crate::cluster::{ClusterService, MemberInfo};
 use crate::election::ElectionService;
@@ -62,8 +64,10 @@ pub struct NodeConfig {
     /// Size every WAL segment is preallocated to.
     pub wal_segment_size_bytes: u64,
     pub checkpoint: CheckpointConfig,
-    /// Seconds an auth token lives after its last use (etcd's `--auth-token-ttl`).
+    /// Seconds a simple auth token lives after its last use (etcd's `--auth-token-ttl`).
     pub auth_token_ttl_s: u64,
+    /// `--auth-token jwt,...`; `None` for simple tokens.
+    pub jwt: Option<JwtOptions>,
     /// `--auto-compaction-mode` / `--auto-compaction-retention`; `None` when off.
     pub auto_compaction: Option<AutoCompaction>,
 }
@@ -115,6 +119,16 @@ fn log_start(config: &NodeConfig) {
     );
 }
 
+/// The `--auth-token` provider; JWT keys are loaded here, so a bad key stops start-up.
+fn token_provider(config: &NodeConfig) -> Result<Box<dyn TokenProvider>, String> {
+    Ok(match &config.jwt {
+        Some(options) => Box::new(JwtTokens::load(options)?),
+        None => Box::new(SimpleTokens::new(Duration::from_secs(
+            config.auth_token_ttl_s,
+        ))),
+    })
+}
+
 pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
     assert!(
         config.shards > 0 && config.cores > 0,
@@ -125,6 +139,7 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
         .map(|dir| config.data_dir = dir)
         .map_err(|e| format!("cannot use data dir {}: {e}", config.data_dir.display()))?;
     log_start(&config);
+    let tokens = token_provider(&config)?;
     let identity = recovery::open_identity(&config.data_dir, config.shards, &config.name)?;
     let Recovered {
         stores,
@@ -155,10 +170,7 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
             config.limits.clone(),
             leases,
         )
-        .with_auth(AuthStore::new(
-            auth,
-            Duration::from_secs(config.auth_token_ttl_s),
-        )),
+        .with_auth(AuthStore::new(auth, tokens)),
     );
     crate::info!(
         "starting local member",

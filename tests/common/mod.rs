@@ -75,12 +75,22 @@ pub struct Server {
     client_port: u16,
     peer_port: u16,
     child: Option<Child>,
+    /// Extra flags for a real etcd (ferrocd's are in its flavor).
+    etcd_args: Vec<String>,
 }
 
 impl Server {
     /// A real etcd from PATH.
     pub async fn etcd() -> Server {
         Server::spawn(Flavor::Etcd).await
+    }
+
+    /// A real etcd with extra flags (e.g. `--auth-token jwt,...`).
+    pub async fn etcd_with(args: &[&str]) -> Server {
+        let mut server = Server::unstarted(Flavor::Etcd);
+        server.etcd_args = args.iter().map(|arg| arg.to_string()).collect();
+        server.start().await;
+        server
     }
 
     /// The `ferrocd` binary built with these tests, with extra arguments (e.g. `--shards 4`).
@@ -102,20 +112,25 @@ impl Server {
     }
 
     async fn spawn(flavor: Flavor) -> Server {
+        let mut server = Server::unstarted(flavor);
+        server.start().await;
+        server
+    }
+
+    fn unstarted(flavor: Flavor) -> Server {
         let root = tempfile::Builder::new()
             .prefix("ferrocd-test-")
             .tempdir()
             .expect("create temp dir");
         let (client_port, peer_port) = pick_two_free_ports();
-        let mut server = Server {
+        Server {
             flavor,
             root,
             client_port,
             peer_port,
             child: None,
-        };
-        server.start().await;
-        server
+            etcd_args: Vec::new(),
+        }
     }
 
     /// `http://127.0.0.1:PORT`, the client URL.
@@ -316,6 +331,7 @@ impl Server {
             format!("node1={peer_url}"),
         ];
         args.extend(self.flavor.extra_args().iter().cloned());
+        args.extend(self.etcd_args.iter().cloned());
         args
     }
 
