@@ -97,6 +97,9 @@ struct Flags {
     /// Size every WAL segment is preallocated to (etcd: 64 MB); small values for tests.
     #[arg(long, default_value_t = 64 * 1024 * 1024, hide = true)]
     experimental_wal_segment_size_bytes: u64,
+    /// Write WAL segments with O_DIRECT (default: buffered writes, each batch fdatasync'd).
+    #[arg(long, hide = true)]
+    experimental_wal_direct_io: bool,
     /// Longest time applied changes wait before they are checkpointed (etcd: 100 ms).
     #[arg(long, default_value_t = DEFAULT_CHECKPOINT_INTERVAL_MS, hide = true)]
     experimental_checkpoint_interval_ms: u64,
@@ -342,6 +345,7 @@ fn config(flags: &Flags) -> Result<NodeConfig, String> {
             &flags.experimental_watch_progress_notify_interval,
         )?,
         wal_segment_size_bytes: flags.experimental_wal_segment_size_bytes,
+        wal_direct_io: flags.experimental_wal_direct_io,
         checkpoint: CheckpointConfig {
             interval_ms: flags.experimental_checkpoint_interval_ms.max(1),
             max_changes: flags.experimental_checkpoint_max_changes.max(1),

@@ -28,8 +28,12 @@ const JWT_TTL_S: u64 = 4;
 /// Longest wait for a token to expire (ttl plus a second of `exp` rounding, plus slack).
 const EXPIRY_DEADLINE_MS: u64 = 15_000;
 
-/// Writes an RSA key pair (PKCS#8 private, SubjectPublicKeyInfo public) into `dir`.
-fn rsa_key_pair(dir: &Path) -> (String, String) {
+/// RSA for RS256 and the P-256 curve for ES256, as `openssl genpkey` options.
+const RSA_KEY: [&str; 4] = ["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"];
+const P256_KEY: [&str; 4] = ["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"];
+
+/// Writes a key pair (PKCS#8 private, SubjectPublicKeyInfo public) into `dir`.
+fn key_pair(dir: &Path, kind: [&str; 4]) -> (String, String) {
     let private = dir.join("jwt-private.pem");
     let public = dir.join("jwt-public.pem");
     let run = |args: &[&str]| {
@@ -40,21 +44,13 @@ fn rsa_key_pair(dir: &Path) -> (String, String) {
         assert!(output.status.success(), "openssl {args:?}: {output:?}");
     };
     let (private, public) = (private.to_str().unwrap(), public.to_str().unwrap());
-    run(&[
-        "genpkey",
-        "-algorithm",
-        "RSA",
-        "-pkeyopt",
-        "rsa_keygen_bits:2048",
-        "-out",
-        private,
-    ]);
+    run(&[&["genpkey"][..], &kind, &["-out", private]].concat());
     run(&["pkey", "-in", private, "-pubout", "-out", public]);
     (private.to_string(), public.to_string())
 }
 
-fn jwt_flag(private: &str, public: &str) -> String {
-    format!("jwt,pub-key={public},priv-key={private},sign-method=RS256,ttl={JWT_TTL_S}s")
+fn jwt_flag((private, public): &(String, String), method: &str, ttl: &str) -> String {
+    format!("jwt,pub-key={public},priv-key={private},sign-method={method},ttl={ttl}")
 }
 
 /// A gRPC answer as one comparable line.
@@ -223,8 +219,11 @@ async fn transcript(server: &Server) -> (Vec<String>, Vec<String>) {
 #[tokio::test]
 async fn jwt_tokens_answer_as_etcd_with_the_same_keys() {
     let keys = tempfile::tempdir().unwrap();
-    let (private, public) = rsa_key_pair(keys.path());
-    let flag = jwt_flag(&private, &public);
+    let flag = jwt_flag(
+        &key_pair(keys.path(), RSA_KEY),
+        "RS256",
+        &format!("{JWT_TTL_S}s"),
+    );
     let etcd = Server::etcd_with(&["--auth-token", &flag]).await;
     let ferrocd = Server::ferrocd(&["--auth-token", &flag]).await;
     let (etcd_run, ferrocd_run) = tokio::join!(transcript(&etcd), transcript(&ferrocd));
@@ -254,12 +253,11 @@ async fn jwt_tokens_answer_as_etcd_with_the_same_keys() {
 }
 
 /// A JWT is checked by signature and expiry only, so one issued before a restart still works;
-/// etcdctl `--user` authenticates and uses JWTs against ferrocd.
+/// etcdctl `--user` authenticates and uses JWTs against ferrocd. ES256 here (RS256 above).
 #[tokio::test]
 async fn a_jwt_survives_a_restart_and_etcdctl_uses_jwt() {
     let keys = tempfile::tempdir().unwrap();
-    let (private, public) = rsa_key_pair(keys.path());
-    let flag = jwt_flag(&private, &public).replace(&format!("ttl={JWT_TTL_S}s"), "ttl=10m");
+    let flag = jwt_flag(&key_pair(keys.path(), P256_KEY), "ES256", "10m");
     let mut server = Server::ferrocd(&["--auth-token", &flag]).await;
     set_up_users(&channel(&server).await).await;
     let token = authenticate(&channel(&server).await, "bob", USER_PASSWORD).await;

@@ -438,3 +438,26 @@ fn pick_two_free_ports() -> (u16, u16) {
 fn path_arg(path: &Path) -> String {
     path.to_str().expect("temp paths are UTF-8").to_string()
 }
+
+/// Bound on one run of an etcdctl script that takes seconds.
+pub const SCRIPT_TIMEOUT_S: u32 = 300;
+
+/// Runs `bash script ENDPOINT` under `timeout` (a hang fails the test): it must exit 0 and
+/// print its `checks passed against` line.
+pub fn run_etcdctl_script(server: &Server, script: &str, timeout_s: u32) {
+    let output = Command::new("timeout")
+        .args(["--kill-after=10", &timeout_s.to_string(), "bash", script])
+        .arg(server.endpoint())
+        .output()
+        .expect("run bash");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!("{stdout}");
+    assert!(
+        output.status.success(),
+        "{script} against {:?} failed ({}):\n{stdout}\n{stderr}",
+        server.flavor(),
+        output.status
+    );
+    assert!(stdout.contains("checks passed against"), "{stdout}");
+}
