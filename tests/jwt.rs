@@ -28,12 +28,19 @@ const JWT_TTL_S: u64 = 4;
 /// Longest wait for a token to expire (ttl plus a second of `exp` rounding, plus slack).
 const EXPIRY_DEADLINE_MS: u64 = 15_000;
 
-/// RSA for RS256 and the P-256 curve for ES256, as `openssl genpkey` options.
-const RSA_KEY: [&str; 4] = ["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"];
-const P256_KEY: [&str; 4] = ["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"];
+/// An RSA key for RS256 (PKCS#8), and a P-256 key for ES256 in the SEC1 form `openssl
+/// ecparam` writes: the openssl commands that write them.
+const RSA_KEY: &[&str] = &[
+    "genpkey",
+    "-algorithm",
+    "RSA",
+    "-pkeyopt",
+    "rsa_keygen_bits:2048",
+];
+const P256_KEY: &[&str] = &["ecparam", "-name", "prime256v1", "-genkey", "-noout"];
 
-/// Writes a key pair (PKCS#8 private, SubjectPublicKeyInfo public) into `dir`.
-fn key_pair(dir: &Path, kind: [&str; 4]) -> (String, String) {
+/// Writes a key pair (private as `generate` makes it, SubjectPublicKeyInfo public) into `dir`.
+fn key_pair(dir: &Path, generate: &[&str]) -> (String, String) {
     let private = dir.join("jwt-private.pem");
     let public = dir.join("jwt-public.pem");
     let run = |args: &[&str]| {
@@ -44,7 +51,7 @@ fn key_pair(dir: &Path, kind: [&str; 4]) -> (String, String) {
         assert!(output.status.success(), "openssl {args:?}: {output:?}");
     };
     let (private, public) = (private.to_str().unwrap(), public.to_str().unwrap());
-    run(&[&["genpkey"][..], &kind, &["-out", private]].concat());
+    run(&[generate, &["-out", private]].concat());
     run(&["pkey", "-in", private, "-pubout", "-out", public]);
     (private.to_string(), public.to_string())
 }
@@ -253,7 +260,8 @@ async fn jwt_tokens_answer_as_etcd_with_the_same_keys() {
 }
 
 /// A JWT is checked by signature and expiry only, so one issued before a restart still works;
-/// etcdctl `--user` authenticates and uses JWTs against ferrocd. ES256 here (RS256 above).
+/// etcdctl `--user` authenticates and uses JWTs against ferrocd. ES256 with a SEC1 key here
+/// (RS256 with PKCS#8 above).
 #[tokio::test]
 async fn a_jwt_survives_a_restart_and_etcdctl_uses_jwt() {
     let keys = tempfile::tempdir().unwrap();

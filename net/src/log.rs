@@ -78,11 +78,26 @@ impl Format {
 static MIN_LEVEL: AtomicU8 = AtomicU8::new(Level::Info as u8);
 static FORMAT: AtomicU8 = AtomicU8::new(Format::Json as u8);
 
-/// Sets the process's level and format, and routes the storage engine's notices here.
+/// Sets the process's level and format, routes the storage engine's notices here, and makes a
+/// panic a log line too (so that every stderr line is one), with zap's `stacktrace` field.
 pub fn init(level: Level, format: Format) {
     MIN_LEVEL.store(level as u8, Ordering::Relaxed);
     FORMAT.store(format as u8, Ordering::Relaxed);
     ferrocd_engine::notice::set_hook(engine_notice);
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current()
+            .name()
+            .unwrap_or("unnamed")
+            .to_string();
+        let stacktrace = std::backtrace::Backtrace::capture().to_string();
+        crate::log_at!(
+            Level::Panic,
+            "panic",
+            error = info.to_string(),
+            thread = thread,
+            stacktrace = stacktrace,
+        );
+    }));
 }
 
 pub fn enabled(level: Level) -> bool {

@@ -6,8 +6,8 @@
 //! refused by the auth revision check instead, as etcd's).
 //!
 //! Signatures use `ring`: RS256/384/512 and PS256/384/512 with an RSA key (PKCS#1 or PKCS#8
-//! PEM), ES256/ES384 with a P-256/P-384 key (PKCS#8 PEM; convert a SEC1 `EC PRIVATE KEY` with
-//! `openssl pkcs8 -topk8 -nocrypt`). The public key is a `PUBLIC KEY` (SubjectPublicKeyInfo)
+//! PEM), ES256/ES384 with a P-256/P-384 key (PKCS#8 or SEC1 `EC PRIVATE KEY` PEM). The public
+//! key is a `PUBLIC KEY` (SubjectPublicKeyInfo)
 //! PEM; without a private key the provider only verifies, as etcd's. ES512 (P-521) is refused
 //! at start-up: ring does not implement it.
 
@@ -253,23 +253,71 @@ fn load_signer(method: &Method, pem: &[u8], rng: &SystemRandom) -> Result<Signer
         PrivateKeyDer::from_pem_slice(pem).map_err(|e| format!("not a PEM private key: {e}"))?;
     let rejected = |e: ring::error::KeyRejected| format!("key rejected for {}: {e}", method.name);
     match (method.family, &key) {
-        (Family::Rsa, PrivateKeyDer::Pkcs1(der)) => {
-            RsaKeyPair::from_der(der.secret_pkcs1_der()).map(Signer::Rsa).map_err(rejected)
-        }
-        (Family::Rsa, PrivateKeyDer::Pkcs8(der)) => {
-            RsaKeyPair::from_pkcs8(der.secret_pkcs8_der()).map(Signer::Rsa).map_err(rejected)
-        }
+        (Family::Rsa, PrivateKeyDer::Pkcs1(der)) => RsaKeyPair::from_der(der.secret_pkcs1_der())
+            .map(Signer::Rsa)
+            .map_err(rejected),
+        (Family::Rsa, PrivateKeyDer::Pkcs8(der)) => RsaKeyPair::from_pkcs8(der.secret_pkcs8_der())
+            .map(Signer::Rsa)
+            .map_err(rejected),
         (Family::Ecdsa, PrivateKeyDer::Pkcs8(der)) => {
-            let signing = method.ecdsa_signing.expect("ECDSA method has a signing algorithm");
-            EcdsaKeyPair::from_pkcs8(signing, der.secret_pkcs8_der(), rng)
-                .map(Signer::Ecdsa)
-                .map_err(rejected)
+            ecdsa_pair(method, der.secret_pkcs8_der(), rng).map_err(rejected)
         }
-        (Family::Ecdsa, PrivateKeyDer::Sec1(_)) => Err(
-            "an EC PRIVATE KEY (SEC1) is not supported: convert it with `openssl pkcs8 -topk8 -nocrypt`".into(),
-        ),
+        (Family::Ecdsa, PrivateKeyDer::Sec1(der)) => {
+            let pkcs8 = sec1_to_pkcs8(method, der.secret_sec1_der());
+            ecdsa_pair(method, &pkcs8, rng).map_err(rejected)
+        }
         _ => Err(format!("not a private key for {}", method.name)),
     }
+}
+
+fn ecdsa_pair(
+    method: &Method,
+    pkcs8: &[u8],
+    rng: &SystemRandom,
+) -> Result<Signer, ring::error::KeyRejected> {
+    let signing = method
+        .ecdsa_signing
+        .expect("ECDSA method has a signing algorithm");
+    EcdsaKeyPair::from_pkcs8(signing, pkcs8, rng).map(Signer::Ecdsa)
+}
+
+/// DER object identifiers: id-ecPublicKey, and the curves of ES256 and ES384.
+const OID_EC_PUBLIC_KEY: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
+const OID_P256: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+const OID_P384: &[u8] = &[0x2b, 0x81, 0x04, 0x00, 0x22];
+
+/// Wraps a SEC1 `EC PRIVATE KEY` (what `openssl ecparam -genkey` writes; jwt-go reads both
+/// forms) in the PKCS#8 envelope ring reads: `SEQUENCE { INTEGER 0, SEQUENCE { ecPublicKey,
+/// curve }, OCTET STRING sec1 }`. ring checks the curve and the key itself.
+fn sec1_to_pkcs8(method: &Method, sec1: &[u8]) -> Vec<u8> {
+    let curve = if method.name == "ES384" {
+        OID_P384
+    } else {
+        OID_P256
+    };
+    let algorithm = [der(0x06, OID_EC_PUBLIC_KEY), der(0x06, curve)].concat();
+    let version_0 = der(0x02, &[0]);
+    let body = [version_0, der(0x30, &algorithm), der(0x04, sec1)].concat();
+    der(0x30, &body)
+}
+
+/// One DER item: tag, definite length (short or long form), contents.
+fn der(tag: u8, contents: &[u8]) -> Vec<u8> {
+    let len = contents.len();
+    let mut out = vec![tag];
+    if len < 0x80 {
+        out.push(len as u8);
+    } else {
+        let bytes: Vec<u8> = len
+            .to_be_bytes()
+            .into_iter()
+            .skip_while(|&b| b == 0)
+            .collect();
+        out.push(0x80 | bytes.len() as u8);
+        out.extend(bytes);
+    }
+    out.extend_from_slice(contents);
+    out
 }
 
 /// The subjectPublicKey bits of a `PUBLIC KEY` PEM: `SEQUENCE { SEQUENCE algorithm, BIT STRING
@@ -328,6 +376,15 @@ mod tests {
         assert_eq!((tag, body.len(), rest.len()), (0x03, 0x80, 0));
         assert_eq!(der_item(&[0x30, 0x05, 0x00]), None, "truncated");
         assert_eq!(der_item(&[0x30, 0x80]), None, "indefinite length");
+    }
+
+    #[test]
+    fn der_items_round_trip_through_the_reader() {
+        for len in [0, 5, 0x7f, 0x80, 300, 70_000] {
+            let contents = vec![9; len];
+            let item = der(0x04, &contents);
+            assert_eq!(der_item(&item), Some((0x04, &contents[..], &[][..])));
+        }
     }
 
     #[test]
