@@ -85,6 +85,13 @@ struct Flags {
     /// Log format: json (etcd's zap lines) or console.
     #[arg(long, default_value = "json")]
     log_format: String,
+    /// Where logs go: default (stderr), stderr or stdout.
+    #[arg(long, default_value = "default")]
+    log_outputs: String,
+    /// etcd 3.4's logger choice, accepted so its command lines run: ferrocd always logs through
+    /// its zap-shaped logger (`--log-format` picks JSON or console lines).
+    #[arg(long, default_value = "zap", value_parser = ["zap", "capnslog"])]
+    logger: String,
     /// Duration of periodic watch progress notifications (Go duration, e.g. 10m, 100ms).
     #[arg(long, default_value = "10m", hide = true)]
     experimental_watch_progress_notify_interval: String,
@@ -396,7 +403,8 @@ fn watch_signals(shutdown: Shutdown) {
 fn init_log(flags: &Flags) -> Result<(), String> {
     let level = log::Level::parse(&flags.log_level)?;
     let format = log::Format::parse(&flags.log_format)?;
-    log::init(level, format);
+    let output = log::Output::parse(&flags.log_outputs)?;
+    log::init(level, format, output);
     Ok(())
 }
 

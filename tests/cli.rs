@@ -43,6 +43,28 @@ fn an_unknown_flag_is_refused_with_usage() {
     );
 }
 
+/// etcd 3.4's logging flags parse; `--log-outputs stdout` moves the log lines to stdout.
+#[test]
+fn log_outputs_stdout_moves_the_log_lines() {
+    let output = ferrocd(&[
+        "--logger",
+        "zap",
+        "--log-outputs",
+        "stdout",
+        "--listen-client-urls",
+        "127.0.0.1:1",
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    assert_eq!(stderr(&output), "");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line: serde_json::Value = serde_json::from_str(stdout.trim_end()).expect("one JSON line");
+    assert_eq!(line["level"], "error");
+    assert!(line["error"]
+        .as_str()
+        .unwrap()
+        .contains("expected a URL like"));
+}
+
 #[test]
 fn a_malformed_url_is_refused() {
     let (code, message) = start_on("127.0.0.1:1");

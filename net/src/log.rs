@@ -1,4 +1,5 @@
-//! Leveled, structured logs on stderr, shaped as etcd's zap logger writes them.
+//! Leveled, structured logs on stderr (or stdout, `--log-outputs stdout`), shaped as etcd's zap
+//! logger writes them.
 //!
 //! JSON (etcd 3.5's default `--log-format json`, and 3.4's `--logger zap`) is one object per
 //! line: `{"level":"info","ts":"2024-01-02T03:04:05.678Z","caller":"node/recovery.rs:164",
@@ -75,14 +76,36 @@ impl Format {
     }
 }
 
+/// etcd's `--log-outputs` targets ferrocd has: `default` and `stderr` are stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Output {
+    Stderr,
+    Stdout,
+}
+
+impl Output {
+    pub fn parse(text: &str) -> Result<Output, String> {
+        match text {
+            "default" | "stderr" => Ok(Output::Stderr),
+            "stdout" => Ok(Output::Stdout),
+            _ => Err(format!(
+                "--log-outputs {text}: expected default, stderr or stdout (no log files)"
+            )),
+        }
+    }
+}
+
 static MIN_LEVEL: AtomicU8 = AtomicU8::new(Level::Info as u8);
 static FORMAT: AtomicU8 = AtomicU8::new(Format::Json as u8);
+static OUTPUT: AtomicU8 = AtomicU8::new(Output::Stderr as u8);
 
 /// Sets the process's level and format, routes the storage engine's notices here, and makes a
 /// panic a log line too (so that every stderr line is one), with zap's `stacktrace` field.
-pub fn init(level: Level, format: Format) {
+pub fn init(level: Level, format: Format, output: Output) {
     MIN_LEVEL.store(level as u8, Ordering::Relaxed);
     FORMAT.store(format as u8, Ordering::Relaxed);
+    OUTPUT.store(output as u8, Ordering::Relaxed);
     ferrocd_engine::notice::set_hook(engine_notice);
     std::panic::set_hook(Box::new(|info| {
         let thread = std::thread::current()
@@ -132,8 +155,12 @@ pub fn emit(level: Level, file: &str, line: u32, msg: &str, fields: &[(&str, Val
         f if f == Format::Console as u8 => console_line(level, &ts, &caller, msg, fields),
         _ => json_line(level, &ts, &caller, msg, fields),
     };
-    // stderr is unbuffered: one write per line. A failed write has nowhere to be reported.
-    let _ = std::io::stderr().lock().write_all(text.as_bytes());
+    // stderr is unbuffered and stdout flushes at each newline: one write per line. A failed
+    // write has nowhere to be reported.
+    let _ = match OUTPUT.load(Ordering::Relaxed) {
+        o if o == Output::Stdout as u8 => std::io::stdout().lock().write_all(text.as_bytes()),
+        _ => std::io::stderr().lock().write_all(text.as_bytes()),
+    };
 }
 
 /// Keys in zap's order (level, ts, caller, msg, then the fields as given), which a JSON map
