@@ -1,7 +1,9 @@
 //! `ferrocd`: an etcd v3 compatible server. Flags and defaults follow etcd's.
 
 use clap::Parser;
+use ferrocd_net::auth::jwt::{JwtOptions, DEFAULT_JWT_TTL};
 use ferrocd_net::lease::LeaseConfig;
+use ferrocd_net::log;
 use ferrocd_net::node::checkpoint::{
     CheckpointConfig, DEFAULT_CHECKPOINT_INTERVAL_MS, DEFAULT_CHECKPOINT_MAX_CHANGES,
 };
@@ -12,6 +14,7 @@ use ferrocd_net::node::Limits;
 use ferrocd_net::server::{self, NodeConfig, Shutdown};
 use ferrocd_net::tls::{ListenUrl, TlsFiles};
 use ferrocd_net::watch::journal::JournalLimits;
+use ferrocd_net::{error, info, warn};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -80,6 +83,16 @@ struct Flags {
     /// Log level: debug, info, warn, error, panic, fatal.
     #[arg(long, default_value = "info")]
     log_level: String,
+    /// Log format: json (etcd's zap lines) or console.
+    #[arg(long, default_value = "json")]
+    log_format: String,
+    /// Where logs go: default (stderr), stderr or stdout.
+    #[arg(long, default_value = "default")]
+    log_outputs: String,
+    /// etcd 3.4's logger choice, accepted so its command lines run: ferrocd always logs through
+    /// its zap-shaped logger (`--log-format` picks JSON or console lines).
+    #[arg(long, default_value = "zap", value_parser = ["zap", "capnslog"])]
+    logger: String,
     /// Duration of periodic watch progress notifications (Go duration, e.g. 10m, 100ms).
     #[arg(long, default_value = "10m", hide = true)]
     experimental_watch_progress_notify_interval: String,
@@ -92,12 +105,19 @@ struct Flags {
     /// Size every WAL segment is preallocated to (etcd: 64 MB); small values for tests.
     #[arg(long, default_value_t = 64 * 1024 * 1024, hide = true)]
     experimental_wal_segment_size_bytes: u64,
+    /// Write WAL segments with O_DIRECT (default: buffered writes, each batch fdatasync'd).
+    #[arg(long, hide = true)]
+    experimental_wal_direct_io: bool,
     /// Longest time applied changes wait before they are checkpointed (etcd: 100 ms).
     #[arg(long, default_value_t = DEFAULT_CHECKPOINT_INTERVAL_MS, hide = true)]
     experimental_checkpoint_interval_ms: u64,
     /// Number of waiting changes that starts a checkpoint at once (etcd: 10,000).
     #[arg(long, default_value_t = DEFAULT_CHECKPOINT_MAX_CHANGES, hide = true)]
     experimental_checkpoint_max_changes: usize,
+    /// Auth token type: `simple`, or
+    /// `jwt,pub-key=<pem>,priv-key=<pem>,sign-method=<RS256|PS256|ES256|...>,ttl=<duration>`.
+    #[arg(long, default_value = "simple")]
+    auth_token: String,
     /// Seconds a simple auth token lives after its last use (etcd's `--auth-token-ttl`).
     #[arg(long, default_value_t = ferrocd_net::auth::DEFAULT_TOKEN_TTL_S)]
     auth_token_ttl: u64,
@@ -207,6 +227,41 @@ fn auto_compaction(flags: &Flags) -> Result<Option<AutoCompaction>, String> {
     }))
 }
 
+/// etcd's `--auth-token`: `simple`, or `jwt` and comma-separated `key=value` options
+/// (`sign-method` required, `pub-key` and/or `priv-key`, `ttl` default 5m). Unknown options are
+/// logged and ignored, as etcd does.
+fn jwt_options(flag: &str) -> Result<Option<JwtOptions>, String> {
+    const FLAG: &str = "auth-token";
+    let mut parts = flag.split(',');
+    match parts.next() {
+        Some("simple") if flag == "simple" => return Ok(None),
+        Some("jwt") => {}
+        _ => return Err(format!("--{FLAG} {flag}: expected simple or jwt,<options>")),
+    }
+    let mut options = JwtOptions {
+        sign_method: String::new(),
+        pub_key: None,
+        priv_key: None,
+        ttl: DEFAULT_JWT_TTL,
+    };
+    for part in parts {
+        let (key, value) = part
+            .split_once('=')
+            .ok_or_else(|| format!("--{FLAG}: option {part:?} is not key=value"))?;
+        match key {
+            "sign-method" => options.sign_method = value.to_string(),
+            "pub-key" => options.pub_key = Some(PathBuf::from(value)),
+            "priv-key" => options.priv_key = Some(PathBuf::from(value)),
+            "ttl" => options.ttl = Duration::from_millis(parse_duration_ms(FLAG, value)?),
+            _ => warn!("unknown JWT option ignored", key = key),
+        }
+    }
+    if options.sign_method.is_empty() {
+        return Err(format!("--{FLAG}: jwt needs sign-method"));
+    }
+    Ok(Some(options))
+}
+
 /// A positive Go duration (`10m`, `1.5s`, `1h30m`, `100ms`) in whole milliseconds.
 fn parse_duration_ms(flag: &str, text: &str) -> Result<u64, String> {
     const UNITS_MS: [(&str, f64); 6] = [
@@ -298,6 +353,7 @@ fn config(flags: &Flags) -> Result<NodeConfig, String> {
             &flags.experimental_watch_progress_notify_interval,
         )?,
         wal_segment_size_bytes: flags.experimental_wal_segment_size_bytes,
+        wal_direct_io: flags.experimental_wal_direct_io,
         checkpoint: CheckpointConfig {
             interval_ms: flags.experimental_checkpoint_interval_ms.max(1),
             max_changes: flags.experimental_checkpoint_max_changes.max(1),
@@ -320,6 +376,7 @@ fn config(flags: &Flags) -> Result<NodeConfig, String> {
             checkpoint_interval_ms: flags.lease_checkpoint_interval_ms.max(1),
         },
         auth_token_ttl_s: flags.auth_token_ttl.max(1),
+        jwt: jwt_options(&flags.auth_token)?,
         auto_compaction,
     })
 }
@@ -337,7 +394,7 @@ fn watch_signals(shutdown: Shutdown) {
         std::thread::spawn(move || {
             let mut signal = 0;
             libc::sigwait(&set, &mut signal);
-            eprintln!("ferrocd: received signal {signal}, shutting down");
+            info!("received a signal, shutting down", signal = signal);
             shutdown.request();
         });
     }
@@ -462,6 +519,15 @@ fn human_bytes(bytes: u64) -> String {
     }
 }
 
+/// Sets up logging first, so that every later message (a bad flag included) is a log line.
+fn init_log(flags: &Flags) -> Result<(), String> {
+    let level = log::Level::parse(&flags.log_level)?;
+    let format = log::Format::parse(&flags.log_format)?;
+    let output = log::Output::parse(&flags.log_outputs)?;
+    log::init(level, format, output);
+    Ok(())
+}
+
 fn main() -> ExitCode {
     // `ferrocd snapshot ...` is a tool; any other first argument is a server flag.
     if std::env::args().nth(1).as_deref() == Some("snapshot") {
@@ -474,10 +540,10 @@ fn main() -> ExitCode {
         };
     }
     let flags = Flags::parse();
-    let config = match config(&flags) {
+    let config = match init_log(&flags).and_then(|()| config(&flags)) {
         Ok(config) => config,
         Err(e) => {
-            eprintln!("ferrocd: {e}");
+            error!("invalid configuration", error = e);
             return ExitCode::from(2);
         }
     };
@@ -486,7 +552,7 @@ fn main() -> ExitCode {
     match server::run(config, shutdown) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ferrocd: {e}");
+            error!("ferrocd stopped", error = e);
             ExitCode::FAILURE
         }
     }
@@ -494,7 +560,7 @@ fn main() -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::{auto_compaction, parse_duration_ms, AutoCompaction, Flags};
+    use super::{auto_compaction, jwt_options, parse_duration_ms, AutoCompaction, Flags};
     use clap::Parser;
     use std::time::Duration;
 
@@ -542,6 +608,24 @@ mod tests {
         ];
         assert!(compaction(&bad).is_err());
         assert!(compaction(&["--auto-compaction-retention", "soon"]).is_err());
+    }
+
+    #[test]
+    fn auth_token_flag_reads_as_etcd() {
+        assert_eq!(jwt_options("simple"), Ok(None));
+        let jwt = jwt_options("jwt,pub-key=a.pem,priv-key=b.pem,sign-method=RS256,ttl=10s")
+            .unwrap()
+            .unwrap();
+        assert_eq!(jwt.sign_method, "RS256");
+        assert_eq!(jwt.pub_key.as_deref(), Some(std::path::Path::new("a.pem")));
+        assert_eq!(jwt.priv_key.as_deref(), Some(std::path::Path::new("b.pem")));
+        assert_eq!(jwt.ttl, Duration::from_secs(10));
+        let default_ttl = jwt_options("jwt,priv-key=b.pem,sign-method=ES256").unwrap();
+        assert_eq!(default_ttl.unwrap().ttl, Duration::from_secs(300));
+        assert!(jwt_options("jwt,priv-key=b.pem").is_err(), "no sign-method");
+        assert!(jwt_options("simple,ttl=1s").is_err());
+        assert!(jwt_options("oauth").is_err());
+        assert!(jwt_options("jwt,sign-method").is_err());
     }
 
     #[test]

@@ -6,37 +6,13 @@
 
 mod common;
 
-use std::process::Command;
-
-use common::Server;
-
-/// Bound on one run of the script (it takes seconds); a hang fails the test instead.
-const SCRIPT_TIMEOUT_S: u32 = 300;
+use common::{run_etcdctl_script, Server, SCRIPT_TIMEOUT_S};
 
 const INTEROP_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/etcdctl_interop.sh");
 const AUTH_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/etcdctl_auth.sh");
 
 fn run_script(server: &Server, script: &str) {
-    let output = Command::new("timeout")
-        .args([
-            "--kill-after=10",
-            &SCRIPT_TIMEOUT_S.to_string(),
-            "bash",
-            script,
-        ])
-        .arg(server.endpoint())
-        .output()
-        .expect("run bash");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    println!("{stdout}");
-    assert!(
-        output.status.success(),
-        "{script} against {:?} failed ({}):\n{stdout}\n{stderr}",
-        server.flavor(),
-        output.status
-    );
-    assert!(stdout.contains("checks passed against"), "{stdout}");
+    run_etcdctl_script(server, script, SCRIPT_TIMEOUT_S);
 }
 
 #[tokio::test]

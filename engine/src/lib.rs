@@ -6,6 +6,7 @@
 pub mod btree;
 pub mod checkpoint;
 pub mod mvcc;
+pub mod notice;
 pub mod reader;
 pub mod replay;
 pub mod snapshot;

@@ -9,6 +9,7 @@ pub mod http;
 pub mod kv;
 pub mod lease;
 pub mod lock;
+pub mod log;
 pub mod metrics;
 pub mod node;
 pub mod peer;

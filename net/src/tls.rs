@@ -135,10 +135,9 @@ impl ServerTls {
     ) -> Result<Option<ServerTls>, String> {
         let plain_urls = urls.iter().filter(|u| !u.tls);
         for url in plain_urls.filter(|_| files.is_configured()) {
-            eprintln!(
-                "ferrocd: warning: the scheme of client url {} is HTTP while TLS flags are \
-                 given: TLS is not used on it",
-                url.url
+            crate::warn!(
+                "scheme is HTTP while key and cert files are present; ignoring key and cert files",
+                client_url = url.url.clone()
             );
         }
         let Some(https) = urls.iter().find(|u| u.tls) else {
@@ -238,7 +237,7 @@ pub fn validate_peer(files: &TlsFiles, urls: &[ListenUrl]) -> Result<(), String>
 fn with_auto_cert(files: &TlsFiles, hosts: &[String], dir: &Path) -> Result<TlsFiles, String> {
     if !files.auto_tls || files.has_cert() {
         if files.auto_tls {
-            eprintln!("ferrocd: warning: ignoring --auto-tls since certificates are given");
+            crate::warn!("ignoring client auto TLS since certs given");
         }
         return Ok(files.clone());
     }

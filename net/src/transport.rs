@@ -388,8 +388,10 @@ pub async fn serve(
 const ACCEPT_ERROR_BACKOFF_MS: u64 = 10;
 
 async fn accept_failed(error: glommio::GlommioError<()>) {
-    // No logging framework yet: stderr is where operators look.
-    eprintln!("ferrocd: accepting a client connection failed: {error}");
+    crate::warn!(
+        "accepting a client connection failed",
+        error = error.to_string()
+    );
     glommio::timer::Timer::new(Duration::from_millis(ACCEPT_ERROR_BACKOFF_MS)).await;
 }
 
@@ -456,7 +458,11 @@ async fn handshake(
             Ok(accepted) => Some(accepted),
             Err(error) => {
                 let peer = peer.map_or("?".to_string(), |p| p.to_string());
-                eprintln!("ferrocd: rejected connection from {peer}: {error}");
+                crate::warn!(
+                    "rejected connection",
+                    remote_addr = peer,
+                    error = error.to_string()
+                );
                 None
             }
         }

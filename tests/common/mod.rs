@@ -98,12 +98,22 @@ pub struct Server {
     client_port: u16,
     peer_port: u16,
     child: Option<Child>,
+    /// Extra flags for a real etcd (ferrocd's are in its flavor).
+    etcd_args: Vec<String>,
 }
 
 impl Server {
     /// A real etcd from PATH.
     pub async fn etcd() -> Server {
         Server::spawn(Flavor::Etcd).await
+    }
+
+    /// A real etcd with extra flags (e.g. `--auth-token jwt,...`).
+    pub async fn etcd_with(args: &[&str]) -> Server {
+        let mut server = Server::unstarted(Flavor::Etcd, None);
+        server.etcd_args = args.iter().map(|arg| arg.to_string()).collect();
+        server.start().await;
+        server
     }
 
     /// The `ferrocd` binary built with these tests, with extra arguments (e.g. `--shards 4`).
@@ -128,21 +138,26 @@ impl Server {
     }
 
     async fn spawn_with(flavor: Flavor, tls: Option<ClientTls>) -> Server {
+        let mut server = Server::unstarted(flavor, tls);
+        server.start().await;
+        server
+    }
+
+    fn unstarted(flavor: Flavor, tls: Option<ClientTls>) -> Server {
         let root = tempfile::Builder::new()
             .prefix("ferrocd-test-")
             .tempdir()
             .expect("create temp dir");
         let (client_port, peer_port) = pick_two_free_ports();
-        let mut server = Server {
+        Server {
             flavor,
             tls,
             root,
             client_port,
             peer_port,
             child: None,
-        };
-        server.start().await;
-        server
+            etcd_args: Vec::new(),
+        }
     }
 
     /// `http://127.0.0.1:PORT` (`https://` with TLS), the client URL.
@@ -166,6 +181,25 @@ impl Server {
     /// Everything the server printed so far, across restarts.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// The server's log lines, each parsed as JSON (ferrocd's default `--log-format json`);
+    /// the harness's own `===` markers are skipped. Panics on a line that is not JSON.
+    pub fn log_lines(&self) -> Vec<serde_json::Value> {
+        self.log()
+            .lines()
+            .filter(|line| !line.starts_with("=== harness"))
+            .map(|line| {
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("log line {line:?}: {e}"))
+            })
+            .collect()
+    }
+
+    /// Whether the log has a line with message `msg` whose fields include `fields`.
+    pub fn logged(&self, msg: &str, fields: &[(&str, serde_json::Value)]) -> bool {
+        self.log_lines().iter().any(|line| {
+            line["msg"] == msg && fields.iter().all(|(key, value)| &line[*key] == value)
+        })
     }
 
     /// A client connected to this server, with generous request timeouts and message limits.
@@ -331,6 +365,7 @@ impl Server {
                 .iter()
                 .flat_map(|tls| tls.server_args.iter().cloned()),
         );
+        args.extend(self.etcd_args.iter().cloned());
         args
     }
 
@@ -465,4 +500,27 @@ fn pick_two_free_ports() -> (u16, u16) {
 
 fn path_arg(path: &Path) -> String {
     path.to_str().expect("temp paths are UTF-8").to_string()
+}
+
+/// Bound on one run of an etcdctl script that takes seconds.
+pub const SCRIPT_TIMEOUT_S: u32 = 300;
+
+/// Runs `bash script ENDPOINT` under `timeout` (a hang fails the test): it must exit 0 and
+/// print its `checks passed against` line.
+pub fn run_etcdctl_script(server: &Server, script: &str, timeout_s: u32) {
+    let output = Command::new("timeout")
+        .args(["--kill-after=10", &timeout_s.to_string(), "bash", script])
+        .arg(server.endpoint())
+        .output()
+        .expect("run bash");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!("{stdout}");
+    assert!(
+        output.status.success(),
+        "{script} against {:?} failed ({}):\n{stdout}\n{stderr}",
+        server.flavor(),
+        output.status
+    );
+    assert!(stdout.contains("checks passed against"), "{stdout}");
 }

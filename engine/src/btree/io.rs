@@ -5,6 +5,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 
+use crate::notice::{notify, Severity};
 use io_uring::{opcode, types, IoUring};
 
 /// Submission queue depth: writes in flight per submit.
@@ -99,7 +100,11 @@ impl FileWriter {
                     Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
                 );
                 if !transient {
-                    eprintln!("btree: io_uring_enter failed with writes in flight: {e}");
+                    notify(
+                        Severity::Error,
+                        "B+tree io_uring_enter failed with writes in flight; aborting",
+                        &[("error", e.to_string())],
+                    );
                     std::process::abort();
                 }
             }

@@ -267,21 +267,13 @@ impl Recovered {
     }
 }
 
-/// Recovers a WAL directory: every valid record in order, and where to append. Cuts (and logs)
-/// a torn tail; returns [`WalError::Corrupt`] when an invalid spot or a missing segment is
+/// Recovers a WAL directory: every valid record in order, and where to append. Cuts (and
+/// reports, for the caller to log) a torn tail; returns [`WalError::Corrupt`] when an invalid spot or a missing segment is
 /// followed by a valid record. Reads only; running it twice gives the same result.
 pub fn read_dir(dir: &Path) -> Result<Recovered, WalError> {
     let mut recovery = Recovery::default();
     for item in WalReader::open(dir)? {
         recovery.apply(item?)?;
-    }
-    if let Some(torn) = &recovery.out.torn_tail {
-        eprintln!(
-            "wal: cutting torn tail at {} offset {}: {}",
-            torn.file.display(),
-            torn.offset,
-            torn.detail
-        );
     }
     Ok(recovery.out)
 }

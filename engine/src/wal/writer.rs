@@ -24,6 +24,7 @@ use super::segment::{list_temp_files, segment_file_name, DEFAULT_SEGMENT_SIZE_BY
 use super::waiters::{Gate, WakerList};
 use super::MAX_SNAPSHOT_DATA_BYTES;
 use super::{HardState, Record, RecordKind, WalError};
+use crate::notice::{notify, Severity};
 
 /// How segment files are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -453,9 +454,10 @@ fn live_segments(recovered: &Recovered, tail: &Tail) -> VecDeque<SegmentMeta> {
 async fn remove_leftovers(dir: &Path, recovered: &Recovered) -> Result<(), WalError> {
     let temps = list_temp_files(dir)?;
     for path in temps.iter().chain(&recovered.discarded_segments) {
-        eprintln!(
-            "wal: removing {} (nothing recoverable in it)",
-            path.display()
+        notify(
+            Severity::Info,
+            "removing a WAL file with nothing recoverable in it",
+            &[("path", path.display().to_string())],
         );
         glommio::io::remove(path)
             .await
@@ -483,7 +485,11 @@ async fn run_flusher(shared: Rc<RefCell<Shared>>, mut tail: Tail) {
                 state.durable_waiters.wake_all();
             }
             Err(error) => {
-                eprintln!("{error}; the WAL accepts no more appends");
+                notify(
+                    Severity::Error,
+                    "WAL write failed; the WAL accepts no more appends",
+                    &[("error", error.to_string())],
+                );
                 state.poison(&error);
                 return;
             }
@@ -864,9 +870,10 @@ impl SegmentFile {
             match options.dma_open(path).await {
                 Ok(file) if o_direct_enabled(&file) => return Ok(SegmentFile::Direct(file)),
                 Ok(file) => {
-                    eprintln!(
-                        "wal: O_DIRECT not available for {}; using buffered I/O",
-                        path.display()
+                    notify(
+                        Severity::Warn,
+                        "O_DIRECT not available; the WAL uses buffered I/O",
+                        &[("path", path.display().to_string())],
                     );
                     file.close()
                         .await
@@ -875,9 +882,10 @@ impl SegmentFile {
                 Err(GlommioError::EnhancedIoError { source, .. })
                     if source.raw_os_error() == Some(libc::EINVAL) =>
                 {
-                    eprintln!(
-                        "wal: file system refused O_DIRECT for {}; using buffered I/O",
-                        path.display()
+                    notify(
+                        Severity::Warn,
+                        "file system refused O_DIRECT; the WAL uses buffered I/O",
+                        &[("path", path.display().to_string())],
                     );
                 }
                 Err(e) => return Err(WalError::io("opening", path, e)),

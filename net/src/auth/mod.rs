@@ -4,20 +4,22 @@
 //! *Where the state lives.* One [`AuthStore`] per node (in `Shared`): the [`AuthState`] behind
 //! a read-write lock, read by every core for each check, changed only by the meta group after
 //! the change's record is durable in the meta log (`ops.rs`); the enabled flag is mirrored in
-//! an atomic so that requests pay nothing while auth is off. Tokens live in memory only, as
-//! etcd's simple tokens do: a restart invalidates them and clients authenticate again.
+//! an atomic so that requests pay nothing while auth is off. Tokens come from a
+//! [`TokenProvider`] (`--auth-token`): simple tokens live in memory only, as etcd's (a restart
+//! invalidates them and clients authenticate again); JWTs are signed and stateless.
 
+pub mod jwt;
 pub mod ops;
 pub mod service;
 pub mod state;
+pub mod token;
 
-use rand::Rng;
 use state::{Access, AuthState};
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock, RwLockReadGuard};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{RwLock, RwLockReadGuard};
+use std::time::Duration;
+use token::{SimpleTokens, TokenInfo, TokenProvider};
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
 
@@ -25,17 +27,12 @@ use tonic::{Code, Status};
 pub const DEFAULT_TOKEN_TTL_S: u64 = 300;
 /// etcd's `bcrypt.DefaultCost`.
 pub const BCRYPT_COST: u32 = 10;
-/// Letters of etcd's simple tokens, and their length before the `.index` suffix.
-const TOKEN_LETTERS: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
-const TOKEN_LETTERS_LEN: usize = 16;
 /// The gRPC metadata keys etcd reads a token from (the second is the gateway's header).
 const TOKEN_METADATA_KEYS: [&str; 2] = ["token", "authorization"];
 /// Where the transport puts the Common Name of a gRPC client's verified TLS certificate when
 /// `--client-cert-auth` is on (etcd's `AuthInfoFromTLS`). The transport removes this header
 /// from every request first, so a client cannot send it.
 pub const TLS_COMMON_NAME_METADATA_KEY: &str = "ferrocd-internal-tls-common-name";
-/// Tokens held before expired ones are swept out on the next insert (doubles as needed).
-const TOKEN_SWEEP_MIN: usize = 1024;
 
 /// etcd's auth errors (api/v3rpc/rpctypes), with their gRPC codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +55,10 @@ pub enum AuthError {
     AuthNotEnabled,
     InvalidAuthToken,
     InvalidAuthMgmt,
+    /// A JWT issued before the latest auth change.
+    AuthOldRevision,
+    /// Authenticate on a JWT provider that has a public key only.
+    JwtVerifyOnly,
 }
 
 impl AuthError {
@@ -93,6 +94,12 @@ impl AuthError {
             AuthNotEnabled => (precondition, "etcdserver: authentication is not enabled"),
             InvalidAuthToken => (Code::Unauthenticated, "etcdserver: invalid auth token"),
             InvalidAuthMgmt => (Code::InvalidArgument, "etcdserver: invalid auth management"),
+            AuthOldRevision => (
+                Code::InvalidArgument,
+                "etcdserver: revision of auth store is old",
+            ),
+            // Not an rpctypes error: etcd answers it as UNKNOWN with the auth package's text.
+            JwtVerifyOnly => (Code::Unknown, self.raw_message()),
         }
     }
 }
@@ -119,6 +126,8 @@ impl AuthError {
             AuthNotEnabled => "auth: authentication is not enabled",
             InvalidAuthToken => "auth: invalid auth token",
             InvalidAuthMgmt => "auth: invalid auth management",
+            AuthOldRevision => "auth: revision in header is old",
+            JwtVerifyOnly => "auth: token signing attempted with verify-only key",
         }
     }
 
@@ -151,45 +160,29 @@ pub enum Caller {
     /// A client request without a token.
     Anonymous,
     /// A client request with a valid token of this user.
-    User(String),
-}
-
-struct Token {
-    user: String,
-    expires: Instant,
-}
-
-struct Tokens {
-    by_token: HashMap<String, Token>,
-    sweep_at_len: usize,
+    User(TokenInfo),
 }
 
 pub struct AuthStore {
     /// Mirrors `state.enabled`, so requests skip the lock while auth is off.
     enabled: AtomicBool,
     state: RwLock<AuthState>,
-    tokens: Mutex<Tokens>,
-    token_ttl: Duration,
-    /// Makes tokens unique (etcd appends the raft index).
-    issued: AtomicU64,
+    tokens: Box<dyn TokenProvider>,
 }
 
 impl AuthStore {
-    pub fn new(state: AuthState, token_ttl: Duration) -> AuthStore {
+    pub fn new(state: AuthState, tokens: Box<dyn TokenProvider>) -> AuthStore {
         AuthStore {
             enabled: AtomicBool::new(state.enabled),
             state: RwLock::new(state),
-            tokens: Mutex::new(Tokens {
-                by_token: HashMap::new(),
-                sweep_at_len: TOKEN_SWEEP_MIN,
-            }),
-            token_ttl,
-            issued: AtomicU64::new(0),
+            tokens,
         }
     }
 
-    pub fn default_token_ttl() -> Duration {
-        Duration::from_secs(DEFAULT_TOKEN_TTL_S)
+    /// With etcd's default simple tokens.
+    pub fn with_simple_tokens(state: AuthState) -> AuthStore {
+        let ttl = Duration::from_secs(DEFAULT_TOKEN_TTL_S);
+        AuthStore::new(state, Box::new(SimpleTokens::new(ttl)))
     }
 
     pub fn is_enabled(&self) -> bool {
@@ -209,42 +202,22 @@ impl AuthStore {
         assert!(state.apply(payload), "not an auth record: {payload:?}");
         self.enabled.store(state.enabled, Ordering::SeqCst);
         drop(state);
-        let mut tokens = self.tokens.lock().expect("token lock poisoned");
         match payload {
-            LogPayload::AuthEnable { enabled: false } => tokens.by_token.clear(),
-            LogPayload::AuthUserDelete { name } => tokens.by_token.retain(|_, t| &t.user != name),
+            LogPayload::AuthEnable { enabled: false } => self.tokens.invalidate_all(),
+            LogPayload::AuthUserDelete { name } => self.tokens.invalidate_user(name),
             _ => {}
         }
     }
 
     /// Ends every token of `user` (after a password change).
     pub fn end_tokens_of(&self, user: &str) {
-        let mut tokens = self.tokens.lock().expect("token lock poisoned");
-        tokens.by_token.retain(|_, t| t.user != user);
+        self.tokens.invalidate_user(user);
     }
 
-    /// A new simple token for `user`: 16 random letters, a dot and a counter, as etcd's.
-    pub fn issue_token(&self, user: &str) -> String {
-        let mut rng = rand::thread_rng();
-        let mut token: String = (0..TOKEN_LETTERS_LEN)
-            .map(|_| TOKEN_LETTERS[rng.gen_range(0..TOKEN_LETTERS.len())] as char)
-            .collect();
-        token.push_str(&format!(
-            ".{}",
-            self.issued.fetch_add(1, Ordering::Relaxed) + 1
-        ));
-        let now = Instant::now();
-        let mut tokens = self.tokens.lock().expect("token lock poisoned");
-        if tokens.by_token.len() >= tokens.sweep_at_len {
-            tokens.by_token.retain(|_, t| t.expires > now);
-            tokens.sweep_at_len = (tokens.by_token.len() * 2).max(TOKEN_SWEEP_MIN);
-        }
-        let entry = Token {
-            user: user.to_string(),
-            expires: now + self.token_ttl,
-        };
-        tokens.by_token.insert(token.clone(), entry);
-        token
+    /// A new token for `user`, at the current auth revision.
+    pub fn issue_token(&self, user: &str) -> Result<String, AuthError> {
+        let auth_revision = self.state().revision;
+        self.tokens.assign(user, auth_revision)
     }
 
     /// The caller a request's metadata names: an unknown or expired token is etcd's "invalid
@@ -263,23 +236,21 @@ impl AuthStore {
         let common_name = metadata
             .get(TLS_COMMON_NAME_METADATA_KEY)
             .and_then(|name| std::str::from_utf8(name.as_encoded_bytes()).ok());
-        Ok(common_name.map_or(Caller::Anonymous, |name| Caller::User(name.to_string())))
+        // A certificate's user is checked against the current auth state (etcd's
+        // AuthInfoFromTLS stamps the current revision), like a simple token's.
+        Ok(common_name.map_or(Caller::Anonymous, |name| {
+            Caller::User(TokenInfo {
+                user: name.to_string(),
+                auth_revision: None,
+            })
+        }))
     }
 
     pub fn caller_of_token(&self, token: &str) -> Result<Caller, AuthError> {
-        let now = Instant::now();
-        let mut tokens = self.tokens.lock().expect("token lock poisoned");
-        match tokens.by_token.get_mut(token) {
-            Some(t) if t.expires > now => {
-                t.expires = now + self.token_ttl;
-                Ok(Caller::User(t.user.clone()))
-            }
-            Some(_) => {
-                tokens.by_token.remove(token);
-                Err(AuthError::InvalidAuthToken)
-            }
-            None => Err(AuthError::InvalidAuthToken),
-        }
+        self.tokens
+            .info(token)
+            .map(Caller::User)
+            .ok_or(AuthError::InvalidAuthToken)
     }
 
     /// etcd's `isOpPermitted`: `access` on `[key, range_end)` (one key if `range_end` is
@@ -297,7 +268,14 @@ impl AuthStore {
         match caller {
             Caller::Server => Ok(()),
             Caller::Anonymous => Err(AuthError::UserEmpty),
-            Caller::User(user) => self.state().is_permitted(user, key, range_end, access),
+            Caller::User(info) => {
+                let state = self.state();
+                // etcd's isOpPermitted: a token from before the latest auth change is refused.
+                if info.auth_revision.is_some_and(|rev| rev < state.revision) {
+                    return Err(AuthError::AuthOldRevision);
+                }
+                state.is_permitted(&info.user, key, range_end, access)
+            }
         }
     }
 
@@ -309,7 +287,7 @@ impl AuthStore {
         match caller {
             Caller::Server => Ok(()),
             Caller::Anonymous => Err(AuthError::UserEmpty),
-            Caller::User(user) => {
+            Caller::User(TokenInfo { user, .. }) => {
                 let state = self.state();
                 state.user(user)?;
                 match state.is_root(user) {

@@ -49,7 +49,7 @@ impl AuthService {
         let caller = auth.caller(request.metadata())?;
         match (auth.check_admin(&caller), &caller) {
             (Ok(()), _) => Ok(()),
-            (Err(_), Caller::User(user)) if allowed(user) => Ok(()),
+            (Err(_), Caller::User(info)) if allowed(&info.user) => Ok(()),
             (Err(e), _) => Err(e),
         }
     }
@@ -128,7 +128,7 @@ impl Auth for AuthService {
         if !verify_password(r.password, hash).await {
             return Err(AuthError::AuthFailed.into());
         }
-        let token = auth.issue_token(&r.name);
+        let token = auth.issue_token(&r.name)?;
         Ok(Response::new(AuthenticateResponse {
             header: self.header(),
             token,

@@ -92,7 +92,7 @@ async fn compact(node: &Node, rev: i64) -> bool {
     };
     match node.compact(request).await {
         Ok(_) => {
-            eprintln!("ferrocd: auto compaction at revision {rev}");
+            crate::info!("auto compaction", revision = rev);
             true
         }
         Err(KvError::Stopped) => false,

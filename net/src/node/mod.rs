@@ -107,7 +107,7 @@ impl Shared {
             identity,
             limits,
             leases,
-            auth: AuthStore::new(AuthState::default(), AuthStore::default_token_ttl()),
+            auth: AuthStore::with_simple_tokens(AuthState::default()),
         }
     }
 

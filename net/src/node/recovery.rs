@@ -161,7 +161,12 @@ fn read_log(dir: &Path) -> Result<LogContents, String> {
     fs::create_dir_all(dir).map_err(|e| format!("cannot create WAL dir {}: {e}", dir.display()))?;
     let recovered = read_dir(dir).map_err(|e| format!("recovering WAL {}: {e}", dir.display()))?;
     if let Some(torn) = &recovered.torn_tail {
-        eprintln!("ferrocd: WAL {}: cut a torn tail: {torn:?}", dir.display());
+        crate::warn!(
+            "cut a torn WAL tail",
+            file = torn.file.display().to_string(),
+            offset = torn.offset,
+            detail = torn.detail.as_str(),
+        );
     }
     let mut payloads = Vec::new();
     let mut next_index = 1;
@@ -328,10 +333,10 @@ fn rebuild_leases(
             // Cannot happen with logs this server wrote (a revoke deletes its keys in the
             // same entry); keep the key rather than refuse to start.
             if !leases.attach(kv.key, kv.lease) {
-                eprintln!(
-                    "ferrocd: key {:?} names lease {:x} which does not exist",
-                    String::from_utf8_lossy(kv.key),
-                    kv.lease
+                crate::warn!(
+                    "a key names a lease which does not exist",
+                    key = String::from_utf8_lossy(kv.key),
+                    lease_id = format!("{:x}", kv.lease),
                 );
             }
         }

@@ -513,7 +513,11 @@ impl Shard {
                 file
             });
             let _ = reply.send(result.map_err(|e| {
-                eprintln!("ferrocd: shard {} checkpoint file: {e}", self.id);
+                crate::error!(
+                    "checkpoint file request failed",
+                    shard = self.id,
+                    error = e.to_string()
+                );
                 KvError::Stopped
             }));
         }
@@ -541,6 +545,6 @@ impl Shard {
 /// A failed WAL write or fsync leaves the log in an unknown state: like etcd, stop the process
 /// rather than acknowledge anything more.
 pub fn fatal(message: &str) -> ! {
-    eprintln!("ferrocd: fatal: {message}");
+    crate::fatal!("stopping the process", error = message);
     std::process::abort()
 }

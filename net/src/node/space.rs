@@ -76,9 +76,10 @@ impl Space {
         let used_bytes = self.used_bytes();
         if used_bytes + cost_bytes > quota_bytes {
             self.alarms().insert(nospace);
-            eprintln!(
-                "ferrocd: space quota of {quota_bytes} bytes exceeded ({used_bytes} used): \
-                 alarm NOSPACE raised"
+            crate::warn!(
+                "space quota exceeded: alarm NOSPACE raised",
+                quota_size_bytes = quota_bytes,
+                used_size_bytes = used_bytes,
             );
             return Err(KvError::NoSpace);
         }
