@@ -4,6 +4,7 @@
 
 pub mod btree;
 pub mod checkpoint;
+pub mod meta_checkpoint;
 pub mod mvcc;
 pub mod replay;
 pub mod wal;

@@ -15,7 +15,8 @@ use crate::lock::LockService;
 use crate::metrics::{metrics_handler, GrpcMetrics, PATH_METRICS};
 use crate::node::checkpoint::CheckpointConfig;
 use crate::node::compactor::{self, AutoCompaction};
-use crate::node::meta::{Meta, MetaMsg};
+use crate::node::meta::{Meta, MetaMsg, MetaStart};
+use crate::node::meta_checkpoint::MetaCheckpointConfig;
 use crate::node::recovery::{self, Recovered};
 use crate::node::shard::{Shard, ShardMsg};
 use crate::node::{Limits, Node, Shared, INBOX_CAPACITY};
@@ -115,7 +116,9 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
         next_index,
         wals,
         leases,
-        auth,
+        meta_state,
+        meta_touched,
+        meta_checkpoint_index,
     } = recovery::recover(&config.data_dir, config.shards, config.lease)?;
     // Bind every address once here so a busy port is reported before anything starts.
     for addr in &config.listen_client {
@@ -137,10 +140,11 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
             leases,
         )
         .with_auth(AuthStore::new(
-            auth,
+            meta_state.auth.clone(),
             Duration::from_secs(config.auth_token_ttl_s),
         )),
     );
+    shared.space.restore(meta_state.alarms.iter().copied());
     eprintln!(
         "ferrocd: member {:016x} of cluster {:016x}: {} shards on {} cores, revision {current_rev}, serving clients on {:?}",
         identity.member_id, identity.cluster_id, config.shards, config.cores, config.listen_client
@@ -162,10 +166,20 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
         });
     }
     let meta_wal = wals.next().expect("a recovered meta WAL");
+    let meta_start = MetaStart {
+        next_index: next_index[config.shards],
+        state: meta_state,
+        touched: meta_touched,
+        checkpoint_index: meta_checkpoint_index,
+        checkpoint: MetaCheckpointConfig {
+            path: recovery::meta_checkpoint_path(&config.data_dir),
+            bounds: config.checkpoint,
+        },
+    };
     let mut meta = Some(OwnedMeta {
         rx: meta_rx,
         wal: meta_wal,
-        next_index: next_index[config.shards],
+        start: meta_start,
     });
     let serving = Arc::new((AtomicUsize::new(config.cores), Event::new()));
     let grpc_metrics = GrpcMetrics::new(config.cores);
@@ -213,7 +227,7 @@ struct OwnedShard {
 struct OwnedMeta {
     rx: async_channel::Receiver<MetaMsg>,
     wal: WalRecovered,
-    next_index: u64,
+    start: MetaStart,
 }
 
 /// Opens a WAL for appending after what recovery read from it.
@@ -281,7 +295,7 @@ impl CoreSetup {
                 segment_size_bytes,
             )
             .await?;
-            let meta = Meta::new(self.shared.clone(), wal, owned.next_index);
+            let meta = Meta::new(self.shared.clone(), wal, owned.start);
             tasks.push(glommio::spawn_local(meta.run(owned.rx)).detach());
             // Ends by itself once the meta group's inbox is closed at shutdown.
             glommio::spawn_local(lessor::run(self.shared.clone())).detach();

@@ -163,6 +163,7 @@ impl Shard {
         shared
             .space
             .set_file_bytes(id, checkpointer.file_size_bytes());
+        shared.set_shard_covered(id, checkpointer.meta().covered_revision);
         let checkpoints = CheckpointWriter::spawn(id, checkpointer)?;
         Ok(Rc::new(Shard {
             id,
@@ -505,7 +506,10 @@ impl Shard {
             return; // Everything waiting is above the bound: not durable yet.
         }
         match self.checkpoints.write(unsaved, covered, wal_index).await {
-            Ok(size_bytes) => self.shared.space.set_file_bytes(self.id, size_bytes),
+            Ok(size_bytes) => {
+                self.shared.space.set_file_bytes(self.id, size_bytes);
+                self.shared.set_shard_covered(self.id, covered);
+            }
             Err(e) => fatal(&format!("shard {} checkpoint failed: {e}", self.id)),
         }
         if let Err(e) = self.wal.release_before(wal_index + 1).await {
