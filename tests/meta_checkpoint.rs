@@ -9,8 +9,8 @@ mod common;
 
 use common::Server;
 use etcd_client::{
-    AlarmAction, AlarmOptions, AlarmType, Client, ConnectOptions, GetOptions, Permission, PutOptions, Txn,
-    TxnOp,
+    AlarmAction, AlarmOptions, AlarmType, Client, ConnectOptions, GetOptions, Permission,
+    PutOptions, Txn, TxnOp,
 };
 use rand::Rng;
 use std::collections::{BTreeMap, BTreeSet};
@@ -116,7 +116,9 @@ async fn lease_worker(mut client: Client, progress: Arc<Progress>) {
             acked.leases.insert(id, (LEASE_TTL_S, Instant::now()));
         });
         let attached = PutOptions::new().with_lease(id);
-        let put = client.put(format!("leased/{id:x}"), "v", Some(attached)).await;
+        let put = client
+            .put(format!("leased/{id:x}"), "v", Some(attached))
+            .await;
         if put.is_err() {
             return;
         }
@@ -216,7 +218,12 @@ async fn kill9_under_meta_load_keeps_leases_auth_compaction_and_bounds_the_meta_
         let mut tasks = Vec::new();
         for id in 0..TXN_WRITERS {
             let client = server.client().await;
-            tasks.push(tokio::spawn(txn_writer(client, round, id, progress.clone())));
+            tasks.push(tokio::spawn(txn_writer(
+                client,
+                round,
+                id,
+                progress.clone(),
+            )));
         }
         let client = server.client().await;
         tasks.push(tokio::spawn(lease_worker(client, progress.clone())));
@@ -251,7 +258,11 @@ async fn kill9_under_meta_load_keeps_leases_auth_compaction_and_bounds_the_meta_
         check_leases(&mut client, &all, killed_at).await;
         check_auth(&mut client, &all).await;
         let (rev, before) = seen.expect("a history read before the kill");
-        assert_eq!(history_at(&mut client, rev).await, before, "history at {rev}");
+        assert_eq!(
+            history_at(&mut client, rev).await,
+            before,
+            "history at {rev}"
+        );
     }
     check_meta_wal_bounded(&server).await;
     check_auth_with_tokens(&mut server).await;
@@ -285,7 +296,10 @@ async fn check_keys(client: &mut Client, all: &Acked, compacted: i64) {
         let options = GetOptions::new().with_revision(compacted - 1);
         let error = client.get("a", Some(options)).await.expect_err("compacted");
         let message = error.to_string();
-        assert!(message.contains("required revision has been compacted"), "{message}");
+        assert!(
+            message.contains("required revision has been compacted"),
+            "{message}"
+        );
     }
 }
 
@@ -317,8 +331,22 @@ async fn check_leases(client: &mut Client, all: &Acked, killed_at: Instant) {
 }
 
 async fn check_auth(client: &mut Client, all: &Acked) {
-    let users: BTreeSet<String> = client.user_list().await.expect("users").users().to_vec().into_iter().collect();
-    let roles: BTreeSet<String> = client.role_list().await.expect("roles").roles().to_vec().into_iter().collect();
+    let users: BTreeSet<String> = client
+        .user_list()
+        .await
+        .expect("users")
+        .users()
+        .to_vec()
+        .into_iter()
+        .collect();
+    let roles: BTreeSet<String> = client
+        .role_list()
+        .await
+        .expect("roles")
+        .roles()
+        .to_vec()
+        .into_iter()
+        .collect();
     assert!(all.users.is_subset(&users), "users lost");
     assert!(all.roles.is_subset(&roles), "roles lost");
     for user in &all.users {
@@ -338,7 +366,10 @@ async fn check_meta_wal_bounded(server: &Server) {
     let mut client = server.client().await;
     let deadline = Instant::now() + Duration::from_millis(RELEASE_TIMEOUT_MS);
     loop {
-        let txn = Txn::new().and_then(vec![TxnOp::put("a/x", "1", None), TxnOp::put("b/x", "1", None)]);
+        let txn = Txn::new().and_then(vec![
+            TxnOp::put("a/x", "1", None),
+            TxnOp::put("b/x", "1", None),
+        ]);
         client.txn(txn).await.expect("txn");
         let (present, created) = segments(&meta_dir);
         if present <= MAX_META_SEGMENTS {
@@ -356,8 +387,14 @@ async fn check_meta_wal_bounded(server: &Server) {
 /// works, and a wrong password is refused.
 async fn check_auth_with_tokens(server: &mut Server) {
     let mut client = server.client().await;
-    client.user_add("root", ROOT_PASSWORD, None).await.expect("root");
-    client.user_grant_role("root", "root").await.expect("root role");
+    client
+        .user_add("root", ROOT_PASSWORD, None)
+        .await
+        .expect("root");
+    client
+        .user_grant_role("root", "root")
+        .await
+        .expect("root role");
     client.auth_enable().await.expect("auth enable");
     server.crash_restart().await;
     let options = ConnectOptions::new()
@@ -366,9 +403,13 @@ async fn check_auth_with_tokens(server: &mut Server) {
     let mut root = Client::connect([server.endpoint()], Some(options))
         .await
         .expect("authenticate as root after the restart");
-    root.put("after-restart", "v", None).await.expect("a put with the new token");
+    root.put("after-restart", "v", None)
+        .await
+        .expect("a put with the new token");
     let wrong = ConnectOptions::new().with_user("root", "wrong");
-    assert!(Client::connect([server.endpoint()], Some(wrong)).await.is_err());
+    assert!(Client::connect([server.endpoint()], Some(wrong))
+        .await
+        .is_err());
 }
 
 /// The space quota for the alarm test: 1 MiB, 100 KB values.
@@ -396,7 +437,10 @@ async fn nospace_survives_a_restart_until_disarmed() {
     let mut accepted = 0;
     loop {
         assert!(accepted < MAX_QUOTA_PUTS, "the quota never refused a put");
-        match client.put(format!("big{accepted:03}"), value.clone(), None).await {
+        match client
+            .put(format!("big{accepted:03}"), value.clone(), None)
+            .await
+        {
             Ok(_) => accepted += 1,
             Err(e) => {
                 assert!(e.to_string().contains(NO_SPACE), "{e}");
@@ -421,7 +465,10 @@ async fn nospace_survives_a_restart_until_disarmed() {
         .expect("run etcdctl");
     let listed = String::from_utf8_lossy(&listed.stdout);
     assert_eq!(listed.trim(), format!("memberID:{member_id} alarm:NOSPACE"));
-    let refused = client.put("small", "v", None).await.expect_err("still refused");
+    let refused = client
+        .put("small", "v", None)
+        .await
+        .expect_err("still refused");
     assert!(refused.to_string().contains(NO_SPACE), "{refused}");
 
     let prefix = etcd_client::DeleteOptions::new().with_prefix();
@@ -436,7 +483,10 @@ async fn nospace_survives_a_restart_until_disarmed() {
         .await
         .expect("disarm");
     assert_eq!(cleared.alarms().len(), 1);
-    client.put("small", "v", None).await.expect("a put after disarm");
+    client
+        .put("small", "v", None)
+        .await
+        .expect("a put after disarm");
 
     server.crash_restart().await;
     let mut client = server.client().await;
@@ -446,5 +496,8 @@ async fn nospace_survives_a_restart_until_disarmed() {
         .await
         .expect("alarm list");
     assert!(alarms.alarms().is_empty(), "the disarm is durable too");
-    client.put("small", "w", None).await.expect("a put after the restart");
+    client
+        .put("small", "w", None)
+        .await
+        .expect("a put after the restart");
 }

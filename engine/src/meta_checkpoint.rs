@@ -51,8 +51,14 @@ pub struct MetaCheckpoint {
 /// Why a checkpoint file cannot be used.
 #[derive(Debug)]
 pub enum Error {
-    Io { path: PathBuf, error: std::io::Error },
-    Corrupt { path: PathBuf, detail: String },
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    Corrupt {
+        path: PathBuf,
+        detail: String,
+    },
 }
 
 impl fmt::Display for Error {
@@ -167,7 +173,9 @@ pub fn write(path: &Path, checkpoint: &MetaCheckpoint) -> Result<u64, Error> {
     file.sync_all().map_err(io)?;
     drop(file);
     fs::rename(&tmp, path).map_err(io)?;
-    let dir = path.parent().expect("a checkpoint path names its directory");
+    let dir = path
+        .parent()
+        .expect("a checkpoint path names its directory");
     fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
     Ok(bytes.len() as u64)
 }
@@ -215,7 +223,10 @@ mod tests {
             assert!(decode(&damaged).is_err(), "flipped byte {at} accepted");
         }
         for len in 0..bytes.len() {
-            assert!(decode(&bytes[..len]).is_err(), "truncated to {len} accepted");
+            assert!(
+                decode(&bytes[..len]).is_err(),
+                "truncated to {len} accepted"
+            );
         }
         let empty = MetaCheckpoint::default();
         assert_eq!(decode(&encode(&empty)), Ok(empty));

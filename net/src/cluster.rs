@@ -6,7 +6,6 @@
 use crate::auth::AuthError;
 use crate::http::SERVER_VERSION;
 use crate::node::{space, Node};
-use ferrocd_engine::mvcc::codec::Alarm;
 use ferrocd_api::etcdserverpb::cluster_server::Cluster;
 use ferrocd_api::etcdserverpb::maintenance_server::Maintenance;
 use ferrocd_api::etcdserverpb::{
@@ -14,6 +13,7 @@ use ferrocd_api::etcdserverpb::{
     HashKvResponse, HashRequest, HashResponse, Member, MemberListRequest, MemberListResponse,
     MoveLeaderRequest, MoveLeaderResponse, StatusRequest, StatusResponse,
 };
+use ferrocd_engine::mvcc::codec::Alarm;
 use tonic::{Request, Response, Status};
 
 /// What this member advertises.

@@ -666,9 +666,11 @@ fn json_data(data: &Data<'_>) -> Vec<(&'static str, String)> {
             }
             fields
         }
-        Data::Auth(op, fields) | Data::Alarm(op, fields) => std::iter::once(("op", json_string(op)))
-            .chain(fields.iter().map(|(n, v)| (*n, json_string(v))))
-            .collect(),
+        Data::Auth(op, fields) | Data::Alarm(op, fields) => {
+            std::iter::once(("op", json_string(op)))
+                .chain(fields.iter().map(|(n, v)| (*n, json_string(v))))
+                .collect()
+        }
         // The record's term (in every row) is the hard state's term.
         Data::HardState(hs) => vec![
             ("vote", hs.vote.to_string()),

@@ -750,5 +750,9 @@ fn alarm_rows_and_the_meta_checkpoint() {
     flip_byte(&file, 20);
     let damaged = dump(&["db", "check", db]);
     assert_eq!(damaged.code, 1, "{}", damaged.stdout);
-    assert!(damaged.stdout.contains("meta: DAMAGED"), "{}", damaged.stdout);
+    assert!(
+        damaged.stdout.contains("meta: DAMAGED"),
+        "{}",
+        damaged.stdout
+    );
 }

@@ -18,16 +18,14 @@
 
 use super::apply::{self, GatheredView, HistoricalRead, Revs};
 use super::errors::KvError;
+use super::meta_checkpoint::{self, Job, MetaCheckpointConfig, MetaState, ReleasePoint, Schedule};
 use super::shard::{fatal, Gathered, ShardMsg, Span, SINGLE_VOTER_TERM};
-use super::meta_checkpoint::{
-    self, Job, MetaCheckpointConfig, MetaState, ReleasePoint, Schedule,
-};
 use super::Shared;
 use crate::auth::state::AdminOp;
 use crate::lease::ops::{LeaseDone, LeaseOp};
-use ferrocd_api::etcdserverpb::{TxnRequest, TxnResponse};
 use ferrocd_api::etcdserverpb::alarm_request::AlarmAction;
 use ferrocd_api::etcdserverpb::AlarmMember;
+use ferrocd_api::etcdserverpb::{TxnRequest, TxnResponse};
 use ferrocd_engine::mvcc::codec::{encode, Alarm, LogPayload};
 use ferrocd_engine::mvcc::Change;
 use ferrocd_engine::wal::{Record, Wal, WalStats};
@@ -147,16 +145,25 @@ impl Meta {
                 Some(Err(_closed)) => break,
                 None => {}
             }
-            if self.schedule.is_due(self.last_index(), Instant::now(), false) {
+            if self
+                .schedule
+                .is_due(self.last_index(), Instant::now(), false)
+            {
                 if let Ok(()) = jobs.try_send(self.checkpoint_job(None)) {
                     self.schedule.handed_over(self.last_index(), Instant::now());
                 }
             }
         }
-        if self.schedule.is_due(self.last_index(), Instant::now(), true) {
+        if self
+            .schedule
+            .is_due(self.last_index(), Instant::now(), true)
+        {
             let (done, written) = oneshot::channel();
             let sent = jobs.send(self.checkpoint_job(Some(done))).await;
-            assert!(sent.is_ok(), "the checkpoint task ends only when jobs closes");
+            assert!(
+                sent.is_ok(),
+                "the checkpoint task ends only when jobs closes"
+            );
             let _ = written.await;
         }
         jobs.close();

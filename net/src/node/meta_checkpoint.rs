@@ -85,7 +85,10 @@ impl MetaState {
             LogPayload::AlarmDeactivate(alarm) => {
                 self.alarms.remove(alarm);
             }
-            auth => assert!(self.auth.apply(auth), "every other payload is an auth record"),
+            auth => assert!(
+                self.auth.apply(auth),
+                "every other payload is an auth record"
+            ),
         }
         Ok(())
     }
@@ -95,13 +98,17 @@ impl MetaState {
         let auth = &self.auth;
         let mut records: Vec<LogPayload> = Vec::new();
         let roles = auth.role_names().into_iter();
-        records.extend(roles.map(|name| {
-            LogPayload::AuthRolePut(auth.role(&name).expect("a listed role").clone())
-        }));
+        records.extend(
+            roles.map(|name| {
+                LogPayload::AuthRolePut(auth.role(&name).expect("a listed role").clone())
+            }),
+        );
         let users = auth.user_names().into_iter();
-        records.extend(users.map(|name| {
-            LogPayload::AuthUserPut(auth.user(&name).expect("a listed user").clone())
-        }));
+        records.extend(
+            users.map(|name| {
+                LogPayload::AuthUserPut(auth.user(&name).expect("a listed user").clone())
+            }),
+        );
         if auth.enabled {
             records.push(LogPayload::AuthEnable { enabled: true });
         }
@@ -195,7 +202,10 @@ const MAX_RELEASE_POINTS: usize = 16;
 impl Releaser {
     pub fn push(&mut self, point: ReleasePoint) {
         if let Some(last) = self.points.back() {
-            assert!(point.wal_index > last.wal_index, "checkpoints in index order");
+            assert!(
+                point.wal_index > last.wal_index,
+                "checkpoints in index order"
+            );
         }
         if self.points.len() == MAX_RELEASE_POINTS {
             self.points.pop_back();
@@ -209,7 +219,7 @@ impl Releaser {
         let satisfied = |p: &ReleasePoint| p.needed.iter().zip(covered).all(|(n, c)| n <= c);
         // `needed` only grows with the index, so the satisfied points are a prefix.
         let count = self.points.iter().take_while(|p| satisfied(p)).count();
-        self.points.drain(..count).last().map(|p| p.wal_index)
+        self.points.drain(..count).next_back().map(|p| p.wal_index)
     }
 }
 
@@ -360,7 +370,11 @@ mod tests {
         }
         assert_eq!(releaser.points.len(), MAX_RELEASE_POINTS);
         assert_eq!(releaser.releasable(&[15]), Some(15));
-        assert_eq!(releaser.releasable(&[1000]), Some(100), "the newest is kept");
+        assert_eq!(
+            releaser.releasable(&[1000]),
+            Some(100),
+            "the newest is kept"
+        );
     }
 
     #[test]
@@ -437,7 +451,10 @@ mod tests {
             ttl_s: 20,
             remaining_ms: 700,
         };
-        assert_eq!(restored.leases.into_iter().collect::<Vec<_>>(), [(2, lease_2)]);
+        assert_eq!(
+            restored.leases.into_iter().collect::<Vec<_>>(),
+            [(2, lease_2)]
+        );
         assert_eq!(restored.compacted_rev, 7);
         assert_eq!(restored.alarms, state.alarms);
         assert_eq!(restored.alarms.len(), 1);
@@ -445,7 +462,9 @@ mod tests {
         assert_eq!(restored.auth.revision, 3, "two auth changes after 1");
         assert!(restored.auth.enabled);
         assert_eq!(restored.auth.user_names(), ["root"]);
-        assert!(state.apply(&LogPayload::LeaseGrant { id: 2, ttl_s: 1 }).is_err());
+        assert!(state
+            .apply(&LogPayload::LeaseGrant { id: 2, ttl_s: 1 })
+            .is_err());
     }
 
     #[test]

@@ -271,7 +271,8 @@ pub fn recover(
             note_touched(&mut meta_touched, main, changes);
         }
         match payload {
-            LogPayload::Changes { main, changes } | LogPayload::LeaseRevoke { main, changes, .. }
+            LogPayload::Changes { main, changes }
+            | LogPayload::LeaseRevoke { main, changes, .. }
                 if main > 0 =>
             {
                 replay.meta_entry(main, changes, Origin::Meta { index })

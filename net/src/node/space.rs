@@ -17,11 +17,11 @@
 use super::errors::KvError;
 use super::meta::MetaMsg;
 use super::Shared;
-use ferrocd_engine::mvcc::codec::Alarm;
-use futures::channel::oneshot;
 use ferrocd_api::etcdserverpb::alarm_request::AlarmAction;
 use ferrocd_api::etcdserverpb::request_op::Request as Op;
 use ferrocd_api::etcdserverpb::{AlarmMember, AlarmType, TxnRequest};
+use ferrocd_engine::mvcc::codec::Alarm;
+use futures::channel::oneshot;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -212,10 +212,18 @@ mod tests {
         space.set_file_bytes(0, 400);
         space.set_file_bytes(1, 400);
         assert_eq!(space.admit(7, 100), Admission::Admitted);
-        assert_eq!(space.admit(7, 0), Admission::Admitted, "deletes cost nothing");
+        assert_eq!(
+            space.admit(7, 0),
+            Admission::Admitted,
+            "deletes cost nothing"
+        );
         assert_eq!(space.admit(7, 300), Admission::OverQuota);
         space.alarm(AlarmAction::Activate, 7, AlarmType::Nospace as i32);
-        assert_eq!(space.admit(7, 1), Admission::Refused, "raised until disarmed");
+        assert_eq!(
+            space.admit(7, 1),
+            Admission::Refused,
+            "raised until disarmed"
+        );
         let listed = space.alarm(AlarmAction::Get, 0, 0);
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].alarm, AlarmType::Nospace as i32);
