@@ -418,9 +418,9 @@ const QUOTA_VALUE_BYTES: usize = 100_000;
 const MAX_QUOTA_PUTS: usize = 100;
 const NO_SPACE: &str = "etcdserver: mvcc: database space exceeded";
 
-/// NOSPACE is durable, as etcd's: after a crash the alarm is still listed (also by etcdctl)
-/// and writes are refused; once space is freed and the alarm disarmed, writes pass, also after
-/// the next restart.
+/// NOSPACE is durable, as etcd's: after a crash or a graceful restart the alarm is still
+/// listed (also by etcdctl) and writes are refused; once space is freed and the alarm
+/// disarmed, writes pass, also after the next restart.
 #[tokio::test]
 async fn nospace_survives_a_restart_until_disarmed() {
     let mut server = Server::ferrocd(&[
@@ -475,6 +475,16 @@ async fn nospace_survives_a_restart_until_disarmed() {
     let deleted = client.delete("big", Some(prefix)).await.expect("delete");
     let rev = deleted.header().unwrap().revision();
     client.compact(rev, None).await.expect("compact");
+    // A graceful stop checkpoints the deletes and the compaction, so defragment then frees
+    // the space; the alarm survives this restart too.
+    server.restart().await;
+    let mut client = server.client().await;
+    let mut maintenance = client.maintenance_client();
+    let alarms = maintenance
+        .alarm(AlarmAction::Get, AlarmType::None, None)
+        .await
+        .expect("alarm list");
+    assert_eq!(alarms.alarms().len(), 1, "NOSPACE after a graceful restart");
     maintenance.defragment().await.expect("defragment");
     let mut disarm = AlarmOptions::new();
     disarm.with_member(member_id);
