@@ -70,8 +70,8 @@ pub fn replay(data_dir: &Path) -> Result<Replayed, String> {
     let checkpoints = loaded.iter().map(|(_, meta)| *meta).collect();
     let mut replay = Replay::new(loaded);
     let meta_checkpoint = load_meta_checkpoint(data_dir, &mut problems);
-    let compacted = meta_checkpoint.iter().flat_map(|c| &c.records);
-    for record in compacted {
+    let records = meta_checkpoint.iter().flat_map(|c| &c.records);
+    for record in records {
         if let LogPayload::Compact { rev } = record {
             replay.compaction(*rev);
         }

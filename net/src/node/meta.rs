@@ -145,13 +145,14 @@ impl Meta {
                 Some(Err(_closed)) => break,
                 None => {}
             }
-            if self
+            // The state is cloned only when the task can take it at once.
+            let due = self
                 .schedule
-                .is_due(self.last_index(), Instant::now(), false)
-            {
-                if let Ok(()) = jobs.try_send(self.checkpoint_job(None)) {
-                    self.schedule.handed_over(self.last_index(), Instant::now());
-                }
+                .is_due(self.last_index(), Instant::now(), false);
+            if due && !jobs.is_full() {
+                let sent = jobs.try_send(self.checkpoint_job(None));
+                assert!(sent.is_ok(), "only this loop sends, and the slot was free");
+                self.schedule.handed_over(self.last_index(), Instant::now());
             }
         }
         if self

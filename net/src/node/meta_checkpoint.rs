@@ -261,9 +261,10 @@ pub async fn run(
         });
         match next.await {
             Some(Ok(job)) => {
-                write(&config.path, job.checkpoint.clone()).await;
+                let wal_index = job.checkpoint.wal_index;
+                write(&config.path, job.checkpoint).await;
                 releaser.push(ReleasePoint {
-                    wal_index: job.checkpoint.wal_index,
+                    wal_index,
                     needed: job.needed,
                 });
                 if let Some(done) = job.done {
