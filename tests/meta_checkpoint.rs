@@ -511,3 +511,46 @@ async fn nospace_survives_a_restart_until_disarmed() {
         .await
         .expect("a put after the restart");
 }
+
+/// A data dir without `db/meta.ckpt` (written before meta checkpoints existed, or by a
+/// restore as meta log records) recovers its leases, auth and compaction from the meta log
+/// alone.
+#[tokio::test]
+async fn without_a_meta_checkpoint_the_meta_log_alone_recovers_the_state() {
+    let mut server = Server::ferrocd(&["--shards", "2"]).await;
+    let mut client = server.client().await;
+    let lease = client.lease_grant(LEASE_TTL_S, None).await.expect("grant");
+    let attached = PutOptions::new().with_lease(lease.id());
+    client.put("k", "v", Some(attached)).await.expect("put");
+    let put = client.put("k2", "v", None).await.expect("put");
+    let rev = put.header().unwrap().revision();
+    client.compact(rev - 1, None).await.expect("compact");
+    client.role_add("reader").await.expect("role");
+    client.user_add("alice", "pw", None).await.expect("user");
+    client
+        .user_grant_role("alice", "reader")
+        .await
+        .expect("grant");
+    server.stop();
+    let checkpoint = server.data_dir().join("db/meta.ckpt");
+    std::fs::remove_file(&checkpoint).expect("the graceful stop wrote a meta checkpoint");
+    server.start().await;
+    let mut client = server.client().await;
+    let ttl = client
+        .lease_time_to_live(lease.id(), None)
+        .await
+        .expect("ttl");
+    assert_eq!(ttl.granted_ttl(), LEASE_TTL_S);
+    let alice = client.user_get("alice").await.expect("alice");
+    assert_eq!(alice.roles(), ["reader"]);
+    let options = GetOptions::new().with_revision(rev - 2);
+    let error = client.get("k", Some(options)).await.expect_err("compacted");
+    assert!(
+        error
+            .to_string()
+            .contains("required revision has been compacted"),
+        "{error}"
+    );
+    client.lease_revoke(lease.id()).await.expect("revoke");
+    assert!(client.get("k", None).await.expect("get").kvs().is_empty());
+}
