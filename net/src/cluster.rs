@@ -5,7 +5,7 @@
 
 use crate::auth::AuthError;
 use crate::http::SERVER_VERSION;
-use crate::node::Node;
+use crate::node::{space, Node};
 use ferrocd_api::etcdserverpb::cluster_server::Cluster;
 use ferrocd_api::etcdserverpb::maintenance_server::Maintenance;
 use ferrocd_api::etcdserverpb::{
@@ -19,6 +19,7 @@ use std::pin::Pin;
 
 /// The stream type tonic's generated trait expects for `Snapshot`.
 type SnapshotStream = Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>> + Send>>;
+use ferrocd_engine::mvcc::codec::Alarm;
 use tonic::{Request, Response, Status};
 
 /// What this member advertises.
@@ -131,11 +132,11 @@ impl Maintenance for ClusterService {
         // Any caller with a valid token (or none): etcd checks only the token here.
         self.node.shared().auth.caller(request.metadata())?;
         let request = request.into_inner();
-        let alarms =
-            self.node
-                .shared()
-                .space
-                .alarm(request.action(), request.member_id, request.alarm);
+        let alarm = Alarm {
+            member_id: request.member_id,
+            alarm: request.alarm,
+        };
+        let alarms = space::alarm(self.node.shared(), request.action(), alarm).await?;
         Ok(Response::new(AlarmResponse {
             header: Some(self.node.shared().current_header()),
             alarms,

@@ -17,7 +17,8 @@ use crate::lock::LockService;
 use crate::metrics::{metrics_handler, GrpcMetrics, PATH_METRICS};
 use crate::node::checkpoint::CheckpointConfig;
 use crate::node::compactor::{self, AutoCompaction};
-use crate::node::meta::{Meta, MetaMsg};
+use crate::node::meta::{Meta, MetaMsg, MetaStart};
+use crate::node::meta_checkpoint::MetaCheckpointConfig;
 use crate::node::recovery::{self, Recovered};
 use crate::node::shard::{Shard, ShardMsg};
 use crate::node::{Limits, Node, Shared, INBOX_CAPACITY};
@@ -165,7 +166,9 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
         next_index,
         wals,
         leases,
-        auth,
+        meta_state,
+        meta_touched,
+        meta_checkpoint_index,
     } = recovery::recover(&config.data_dir, config.shards, config.lease)?;
     // Bind every address once here so a busy port is reported before anything starts.
     for url in &config.listen_client {
@@ -187,9 +190,10 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
             config.limits.clone(),
             leases,
         )
-        .with_auth(AuthStore::new(auth, tokens))
+        .with_auth(AuthStore::new(meta_state.auth.clone(), tokens))
         .with_readers(seed_readers(&stores, &checkpointers)),
     );
+    shared.space.restore(meta_state.alarms.iter().copied());
     crate::info!(
         "starting local member",
         local_member_id = format!("{:016x}", identity.member_id),
@@ -214,10 +218,20 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
         });
     }
     let meta_wal = wals.next().expect("a recovered meta WAL");
+    let meta_start = MetaStart {
+        next_index: next_index[config.shards],
+        state: meta_state,
+        touched: meta_touched,
+        checkpoint_index: meta_checkpoint_index,
+        checkpoint: MetaCheckpointConfig {
+            path: recovery::meta_checkpoint_path(&config.data_dir),
+            bounds: config.checkpoint,
+        },
+    };
     let mut meta = Some(OwnedMeta {
         rx: meta_rx,
         wal: meta_wal,
-        next_index: next_index[config.shards],
+        start: meta_start,
     });
     let serving = Arc::new((AtomicUsize::new(config.cores), Event::new()));
     let grpc_metrics = GrpcMetrics::new(config.cores);
@@ -266,7 +280,7 @@ struct OwnedShard {
 struct OwnedMeta {
     rx: async_channel::Receiver<MetaMsg>,
     wal: WalRecovered,
-    next_index: u64,
+    start: MetaStart,
 }
 
 /// Opens a WAL for appending after what recovery read from it.
@@ -343,7 +357,7 @@ impl CoreSetup {
         }
         if let Some(owned) = self.meta {
             let wal = open_wal(&recovery::meta_wal_dir(data_dir), &owned.wal, &self.config).await?;
-            let meta = Meta::new(self.shared.clone(), wal, owned.next_index);
+            let meta = Meta::new(self.shared.clone(), wal, owned.start);
             tasks.push(glommio::spawn_local(meta.run(owned.rx)).detach());
             // Ends by itself once the meta group's inbox is closed at shutdown.
             glommio::spawn_local(lessor::run(self.shared.clone())).detach();

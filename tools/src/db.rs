@@ -3,7 +3,7 @@
 //! This rebuilds them exactly as the server's recovery does, with the same code
 //! (`ferrocd_engine::replay`): each shard's checkpoint (`db/shard-NNN.db`), then the entries of
 //! its WAL and the meta WAL above the checkpoint's covered revision, in revision order, then
-//! the newest compaction. Unlike the server, this goes on past damage: corrupt spots are
+//! the newest compaction (the meta checkpoint's, `db/meta.ckpt`, counts too). Unlike the server, this goes on past damage: corrupt spots are
 //! skipped, a checkpoint that cannot be read counts as empty, and entries that cannot apply (a
 //! revision seen twice, a delete of an absent key) are reported and skipped, so a damaged data
 //! dir can still be inspected.
@@ -13,6 +13,7 @@ use std::path::Path;
 
 use ferrocd_engine::btree::Database;
 use ferrocd_engine::checkpoint::{self, CheckpointMeta};
+use ferrocd_engine::meta_checkpoint::{self, MetaCheckpoint};
 use ferrocd_engine::mvcc::codec::{decode, LogPayload};
 use ferrocd_engine::mvcc::{Change, Effect, KvRef, Store, StoreStats};
 use ferrocd_engine::replay::{Origin, Replay};
@@ -43,6 +44,8 @@ pub struct Replayed {
     pub stores: Vec<Store>,
     /// What each shard's checkpoint covers (all zero without one).
     pub checkpoints: Vec<CheckpointMeta>,
+    /// The meta group's checkpoint, if the data dir has one.
+    pub meta_checkpoint: Option<MetaCheckpoint>,
     /// The highest revision in any checkpoint or log (1 for an empty store, as the server).
     pub current_revision: i64,
     pub compacted_revision: i64,
@@ -66,6 +69,13 @@ pub fn replay(data_dir: &Path) -> Result<Replayed, String> {
         .collect();
     let checkpoints = loaded.iter().map(|(_, meta)| *meta).collect();
     let mut replay = Replay::new(loaded);
+    let meta_checkpoint = load_meta_checkpoint(data_dir, &mut problems);
+    let records = meta_checkpoint.iter().flat_map(|c| &c.records);
+    for record in records {
+        if let LogPayload::Compact { rev } = record {
+            replay.compaction(*rev);
+        }
+    }
     let mut logs = Vec::new();
     let mut torn_tails = Vec::new();
     for wal in &wals {
@@ -86,6 +96,7 @@ pub fn replay(data_dir: &Path) -> Result<Replayed, String> {
         conf,
         stores: replayed.stores,
         checkpoints,
+        meta_checkpoint,
         current_revision: replayed.current_revision,
         compacted_revision: replayed.compacted_revision,
         logs,
@@ -126,6 +137,48 @@ fn load_checkpoint(
             (Store::new(), CheckpointMeta::default())
         }
     }
+}
+
+/// The meta checkpoint, or `None` (missing: an older or fresh data dir; unreadable: a problem).
+fn load_meta_checkpoint(data_dir: &Path, problems: &mut Vec<String>) -> Option<MetaCheckpoint> {
+    let path = meta_checkpoint::path_in(&data_dir.join("db"));
+    meta_checkpoint::read(&path).unwrap_or_else(|e| {
+        problems.push(e.to_string());
+        None
+    })
+}
+
+/// Writes the meta checkpoint's summary line, and one line per raised alarm.
+fn print_meta_checkpoint(checkpoint: &MetaCheckpoint, out: &mut dyn Write) -> std::io::Result<()> {
+    let count = |pick: fn(&LogPayload) -> usize| checkpoint.records.iter().map(pick).sum::<usize>();
+    let leases = count(|r| usize::from(matches!(r, LogPayload::LeaseGrant { .. })));
+    let users = count(|r| usize::from(matches!(r, LogPayload::AuthUserPut(_))));
+    let roles = count(|r| usize::from(matches!(r, LogPayload::AuthRolePut(_))));
+    let enabled = checkpoint
+        .records
+        .iter()
+        .any(|r| matches!(r, LogPayload::AuthEnable { enabled: true }));
+    let compacted = checkpoint.records.iter().find_map(|r| match r {
+        LogPayload::Compact { rev } => Some(*rev),
+        _ => None,
+    });
+    writeln!(
+        out,
+        "checkpoint meta: wal index {} leases {leases} users {users} roles {roles} auth enabled {enabled} auth revision {} compacted revision {}",
+        checkpoint.wal_index,
+        checkpoint.auth_revision,
+        compacted.unwrap_or(0)
+    )?;
+    for record in &checkpoint.records {
+        if let LogPayload::AlarmActivate(alarm) = record {
+            writeln!(
+                out,
+                "alarm member {:016x} type {}",
+                alarm.member_id, alarm.alarm
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// Where [`read_log`] puts what it finds.
@@ -263,6 +316,9 @@ pub fn print_stats(replayed: &Replayed, out: &mut dyn Write) -> std::io::Result<
             checkpoint.compacted_revision,
             checkpoint.wal_index
         )?;
+    }
+    if let Some(checkpoint) = &replayed.meta_checkpoint {
+        print_meta_checkpoint(checkpoint, out)?;
     }
     for log in &replayed.logs {
         let group = match log.group {

@@ -1,12 +1,14 @@
 //! `ferrocd-dump db check`: verifies every shard's checkpoint file (`db/shard-NNN.db`) page by
 //! page (checksums, key order, page accounting: the engine's `Database::check`) and prints
-//! its B+tree statistics and what its checkpoint covers.
+//! its B+tree statistics and what its checkpoint covers; then the meta checkpoint
+//! (`db/meta.ckpt`: checksum and records).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use ferrocd_engine::btree::{self, Database};
 use ferrocd_engine::checkpoint::{self, CheckpointMeta};
+use ferrocd_engine::meta_checkpoint;
 
 use crate::datadir::read_member_conf;
 
@@ -76,5 +78,19 @@ pub fn check_data_dir(data_dir: &Path, out: &mut dyn Write) -> Result<bool, Stri
         };
         writeln!(out, "{line}").map_err(|e| format!("writing output: {e}"))?;
     }
+    let meta_path = meta_checkpoint::path_in(&data_dir.join("db"));
+    let line = match meta_checkpoint::read(&meta_path) {
+        Ok(None) => "meta: no checkpoint file".to_string(),
+        Ok(Some(checkpoint)) => format!(
+            "meta: ok records {} wal index {}",
+            checkpoint.records.len(),
+            checkpoint.wal_index
+        ),
+        Err(e) => {
+            clean = false;
+            format!("meta: DAMAGED {e}")
+        }
+    };
+    writeln!(out, "{line}").map_err(|e| format!("writing output: {e}"))?;
     Ok(clean)
 }

@@ -17,6 +17,7 @@
 //! meta 1 3 lease grant id=0000000000000007 ttl=10
 //! meta 1 4 lease revoke id=0000000000000007 rev=12   (then one delete row per key, or rev=0)
 //! meta 1 5 lease checkpoint id=0000000000000007 remaining_ms=4200
+//! meta 1 6 alarm activate member_id="00000000000000aa" alarm="NOSPACE"   (or deactivate)
 //! 0 1 6 hardstate term=1 vote=1 commit=6
 //! 0 1 7 undecodable error="…" data=0x…  (an entry whose payload does not decode)
 //! ```
@@ -28,7 +29,8 @@
 //! # JSON output (`-o json`)
 //!
 //! One object per line, with the same content; `type` tells which: `wal` (header), `put`,
-//! `delete`, `compact`, `noop`, `lease` (with `op` grant, revoke or checkpoint), `hardstate`,
+//! `delete`, `compact`, `noop`, `lease` (with `op` grant, revoke or checkpoint), `auth`, `alarm`
+//! (with `op` activate or deactivate), `hardstate`,
 //! `undecodable`, `entry` (raw), `corrupt`, `torn_tail`. Lease ids are rendered as etcdctl
 //! does, 16 hex digits. `shard` is always a string. Bytes are lowercase hex in `*_hex` fields; ids are
 //! 16-digit hex strings, as in `member.conf`.
@@ -43,7 +45,7 @@
 
 use std::io::Write;
 
-use ferrocd_engine::mvcc::codec::{decode, DecodeError, LogPayload};
+use ferrocd_engine::mvcc::codec::{decode, Alarm, DecodeError, LogPayload};
 use ferrocd_engine::mvcc::{Change, Effect, Revision};
 use ferrocd_engine::wal::{HardState, Record, RecordKind};
 
@@ -60,6 +62,7 @@ pub enum RowType {
     Compact,
     Lease,
     Auth,
+    Alarm,
     Hardstate,
 }
 
@@ -236,6 +239,8 @@ enum Data<'a> {
     Lease(LeaseRow),
     /// An auth change: its op and `(name, text)` fields (never a password hash).
     Auth(&'static str, Vec<(&'static str, String)>),
+    /// An alarm raised or cleared: its op and fields, as an auth row.
+    Alarm(&'static str, Vec<(&'static str, String)>),
     HardState(HardState),
     Undecodable {
         detail: String,
@@ -252,6 +257,7 @@ impl Data<'_> {
             Data::Noop { .. } => "noop",
             Data::Lease(_) => "lease",
             Data::Auth(..) => "auth",
+            Data::Alarm(..) => "alarm",
             Data::HardState(_) => "hardstate",
             Data::Undecodable { .. } => "undecodable",
         }
@@ -264,6 +270,7 @@ impl Data<'_> {
             Data::Compact { .. } => Some(RowType::Compact),
             Data::Lease(_) => Some(RowType::Lease),
             Data::Auth(..) => Some(RowType::Auth),
+            Data::Alarm(..) => Some(RowType::Alarm),
             Data::HardState(_) => Some(RowType::Hardstate),
             Data::Noop { .. } | Data::Undecodable { .. } => None,
         }
@@ -343,6 +350,18 @@ fn auth_row(payload: &LogPayload) -> Option<Data<'static>> {
     Some(Data::Auth(op, fields))
 }
 
+/// An alarm row: the member id in hex (as `member.conf`), the alarm by etcd's name.
+fn alarm_row(op: &'static str, alarm: &Alarm) -> Data<'static> {
+    let name = match alarm.alarm {
+        0 => "NONE".to_string(),
+        1 => "NOSPACE".to_string(),
+        2 => "CORRUPT".to_string(),
+        other => other.to_string(),
+    };
+    let member_id = format!("{:016x}", alarm.member_id);
+    Data::Alarm(op, vec![("member_id", member_id), ("alarm", name)])
+}
+
 /// One row per change, each at revision `main`.
 fn change_rows(main: i64, changes: &[Change]) -> impl Iterator<Item = Data<'_>> {
     changes.iter().map(move |change| {
@@ -405,6 +424,8 @@ fn rows_of<'a>(
                 })
             })
             .collect(),
+        Some(Ok(LogPayload::AlarmActivate(alarm))) => vec![alarm_row("activate", alarm)],
+        Some(Ok(LogPayload::AlarmDeactivate(alarm))) => vec![alarm_row("deactivate", alarm)],
         Some(Ok(payload)) => {
             vec![auth_row(payload).expect("every other payload is an auth record")]
         }
@@ -600,7 +621,7 @@ fn text_data(data: &Data<'_>) -> String {
                 .collect();
             format!("{} {}", row.op(), fields.join(" "))
         }
-        Data::Auth(op, fields) => {
+        Data::Auth(op, fields) | Data::Alarm(op, fields) => {
             let fields: Vec<String> = fields
                 .iter()
                 .map(|(n, v)| format!("{n}={}", quoted(v.as_bytes())))
@@ -647,9 +668,11 @@ fn json_data(data: &Data<'_>) -> Vec<(&'static str, String)> {
             }
             fields
         }
-        Data::Auth(op, fields) => std::iter::once(("op", json_string(op)))
-            .chain(fields.iter().map(|(n, v)| (*n, json_string(v))))
-            .collect(),
+        Data::Auth(op, fields) | Data::Alarm(op, fields) => {
+            std::iter::once(("op", json_string(op)))
+                .chain(fields.iter().map(|(n, v)| (*n, json_string(v))))
+                .collect()
+        }
         // The record's term (in every row) is the hard state's term.
         Data::HardState(hs) => vec![
             ("vote", hs.vote.to_string()),

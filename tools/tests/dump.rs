@@ -611,7 +611,7 @@ fn db_check_verifies_every_checkpoint_file() {
     let check = dump(&["db", "check", path.to_str().expect("utf-8 path")]);
     assert_eq!(check.code, 0, "{}\n{}", check.stdout, check.stderr);
     let lines: Vec<&str> = check.stdout.lines().collect();
-    assert_eq!(lines.len(), 2, "{}", check.stdout);
+    assert_eq!(lines.len(), 3, "{}", check.stdout);
     assert!(lines[0].starts_with("shard 0: ok pages "), "{}", lines[0]);
     assert!(
         lines[0].ends_with("covered revision 3 wal index 2"),
@@ -619,6 +619,7 @@ fn db_check_verifies_every_checkpoint_file() {
         lines[0]
     );
     assert_eq!(lines[1], "shard 1: no checkpoint file");
+    assert_eq!(lines[2], "meta: no checkpoint file");
 
     // Page 2 is the first page after the two meta pages: the tree's root leaf here.
     flip_byte(&file, 2 * 4096 + 64);
@@ -687,4 +688,71 @@ fn auth_entries_render_without_hashes() {
     assert!(!json.stdout.contains(hash) && !out.stdout.contains(hash));
     let stats = dump(&["db", path.to_str().expect("utf-8 path")]);
     assert_eq!(stats.code, 0, "{}", stats.stderr);
+}
+
+/// Alarm records render as `alarm activate|deactivate` rows; `db` shows the meta checkpoint
+/// (`db/meta.ckpt`) with its alarms and takes its compaction, and `db check` verifies its
+/// checksum.
+#[test]
+fn alarm_rows_and_the_meta_checkpoint() {
+    use ferrocd_engine::meta_checkpoint::{self, MetaCheckpoint};
+    use ferrocd_engine::mvcc::codec::Alarm;
+    let temp = empty_data_dir(1);
+    let path = temp.path();
+    write_wal(&path.join("wal/shard-000"), Vec::new());
+    let nospace = Alarm {
+        member_id: 0xaa,
+        alarm: 1,
+    };
+    write_wal(
+        &path.join("wal/meta"),
+        entries(&[
+            LogPayload::AlarmActivate(nospace),
+            LogPayload::AlarmDeactivate(nospace),
+        ]),
+    );
+    let out = dump_wal(&path.join("wal/meta"), &["--entry-type", "alarm"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(
+        out.rows(),
+        [
+            r#"meta 1 1 alarm activate member_id="00000000000000aa" alarm="NOSPACE""#,
+            r#"meta 1 2 alarm deactivate member_id="00000000000000aa" alarm="NOSPACE""#,
+        ]
+    );
+    let checkpoint = MetaCheckpoint {
+        wal_index: 2,
+        auth_revision: 1,
+        records: vec![
+            LogPayload::LeaseGrant { id: 7, ttl_s: 60 },
+            LogPayload::Compact { rev: 1 },
+            LogPayload::AlarmActivate(nospace),
+        ],
+    };
+    std::fs::create_dir(path.join("db")).expect("db dir");
+    let file = meta_checkpoint::path_in(&path.join("db"));
+    meta_checkpoint::write(&file, &checkpoint).expect("write the meta checkpoint");
+    let db = path.to_str().expect("utf-8 path");
+    let stats = dump(&["db", db]);
+    assert_eq!(stats.code, 0, "{}", stats.stderr);
+    assert!(
+        stats.has_line(
+            "checkpoint meta: wal index 2 leases 1 users 0 roles 0 auth enabled false \
+             auth revision 1 compacted revision 1"
+        ),
+        "{}",
+        stats.stdout
+    );
+    assert!(stats.has_line("alarm member 00000000000000aa type 1"));
+    assert!(stats.has_line("compacted revision 1"), "{}", stats.stdout);
+    let check = dump(&["db", "check", db]);
+    assert!(check.stdout.contains("meta: ok records 3 wal index 2"));
+    flip_byte(&file, 20);
+    let damaged = dump(&["db", "check", db]);
+    assert_eq!(damaged.code, 1, "{}", damaged.stdout);
+    assert!(
+        damaged.stdout.contains("meta: DAMAGED"),
+        "{}",
+        damaged.stdout
+    );
 }

@@ -24,6 +24,8 @@
 //! tag 9    = AuthRolePut: name:str perm_count:uvar perm*perm_count
 //! perm     = type:u8 (0 READ, 1 WRITE, 2 READWRITE) key:bytes range_end:bytes
 //! tag 10   = AuthRoleDelete: name:str (also takes the role from every user)
+//! tag 11   = AlarmActivate: member_id:u64 alarm:i64 (an `etcdserverpb.AlarmType`, 0..=i32::MAX)
+//! tag 12   = AlarmDeactivate: member_id:u64 alarm:i64 (same domain)
 //! str      = len:uvar utf-8 bytes (non-empty); bytes = len:uvar bytes
 //! ```
 //!
@@ -51,6 +53,8 @@ const TAG_AUTH_USER_PUT: u8 = 7;
 const TAG_AUTH_USER_DELETE: u8 = 8;
 const TAG_AUTH_ROLE_PUT: u8 = 9;
 const TAG_AUTH_ROLE_DELETE: u8 = 10;
+const TAG_ALARM_ACTIVATE: u8 = 11;
+const TAG_ALARM_DEACTIVATE: u8 = 12;
 /// The highest `authpb.Permission.Type` (READWRITE).
 const MAX_PERM_TYPE: u8 = 2;
 const KIND_DELETE: u8 = 0;
@@ -107,6 +111,18 @@ pub enum LogPayload {
     AuthRoleDelete {
         name: String,
     },
+    /// An alarm raised for a member (etcd's `AlarmRequest` ACTIVATE; NOSPACE when the space
+    /// quota is exceeded): it stays raised across restarts until deactivated.
+    AlarmActivate(Alarm),
+    /// An alarm cleared (`etcdctl alarm disarm`).
+    AlarmDeactivate(Alarm),
+}
+
+/// One alarm: the member it is raised for and its `etcdserverpb.AlarmType` number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Alarm {
+    pub member_id: u64,
+    pub alarm: i32,
 }
 
 /// A user as the meta log stores it. The password is only ever stored as a bcrypt hash;
@@ -275,7 +291,16 @@ pub fn encode_into(payload: &LogPayload, out: &mut Vec<u8>) {
             out.push(TAG_AUTH_ROLE_DELETE);
             put_str(out, name);
         }
+        LogPayload::AlarmActivate(alarm) => encode_alarm(TAG_ALARM_ACTIVATE, alarm, out),
+        LogPayload::AlarmDeactivate(alarm) => encode_alarm(TAG_ALARM_DEACTIVATE, alarm, out),
     }
+}
+
+fn encode_alarm(tag: u8, alarm: &Alarm, out: &mut Vec<u8>) {
+    assert!(alarm.alarm >= 0, "a negative alarm type");
+    out.push(tag);
+    out.extend_from_slice(&alarm.member_id.to_le_bytes());
+    out.extend_from_slice(&i64::from(alarm.alarm).to_le_bytes());
 }
 
 fn put_str(out: &mut Vec<u8>, name: &str) {
@@ -361,6 +386,8 @@ pub fn decode(bytes: &[u8]) -> Result<LogPayload, DecodeError> {
         TAG_AUTH_ROLE_DELETE => LogPayload::AuthRoleDelete {
             name: reader.name()?,
         },
+        TAG_ALARM_ACTIVATE => LogPayload::AlarmActivate(decode_alarm(&mut reader)?),
+        TAG_ALARM_DEACTIVATE => LogPayload::AlarmDeactivate(decode_alarm(&mut reader)?),
         tag => return Err(DecodeError::UnknownTag(tag)),
     };
     match reader.rest.len() {
@@ -499,6 +526,15 @@ fn decode_auth_role(reader: &mut Reader<'_>) -> Result<LogPayload, DecodeError> 
         });
     }
     Ok(LogPayload::AuthRolePut(AuthRole { name, perms }))
+}
+
+fn decode_alarm(reader: &mut Reader<'_>) -> Result<Alarm, DecodeError> {
+    let member_id = reader.i64()? as u64;
+    let alarm = i32::try_from(reader.i64()?)
+        .ok()
+        .filter(|alarm| *alarm >= 0)
+        .ok_or(DecodeError::Invalid("alarm type outside 0..=i32::MAX"))?;
+    Ok(Alarm { member_id, alarm })
 }
 
 fn decode_change(reader: &mut Reader<'_>) -> Result<Change, DecodeError> {
@@ -720,6 +756,32 @@ mod tests {
         );
         let bad_kind = [1, TAG_CHANGES, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 7, 0];
         assert_eq!(decode(&bad_kind), Err(DecodeError::UnknownChangeKind(7)));
+    }
+
+    #[test]
+    fn alarm_payloads_round_trip() {
+        let alarm = Alarm {
+            member_id: u64::MAX,
+            alarm: 1,
+        };
+        for payload in [
+            LogPayload::AlarmActivate(alarm),
+            LogPayload::AlarmDeactivate(Alarm {
+                member_id: 7,
+                alarm: i32::MAX,
+            }),
+        ] {
+            assert_eq!(decode(&encode(&payload)), Ok(payload));
+        }
+        let bytes = encode(&LogPayload::AlarmActivate(alarm));
+        assert_eq!(bytes.len(), 18, "format, tag, member id, alarm");
+        let mut negative = bytes.clone();
+        negative[10..18].copy_from_slice(&(-1i64).to_le_bytes());
+        assert!(matches!(decode(&negative), Err(DecodeError::Invalid(_))));
+        let mut too_big = bytes.clone();
+        too_big[10..18].copy_from_slice(&(1i64 << 40).to_le_bytes());
+        assert!(matches!(decode(&too_big), Err(DecodeError::Invalid(_))));
+        assert_eq!(decode(&bytes[..17]), Err(DecodeError::Truncated));
     }
 
     #[test]

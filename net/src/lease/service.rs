@@ -66,10 +66,7 @@ impl Lease for LeaseService {
     ) -> Result<Response<LeaseGrantResponse>, Status> {
         // etcd checks only the token of a grant, and the space quota.
         self.shared().auth.caller(request.metadata())?;
-        let member_id = self.shared().identity.member_id;
-        self.shared()
-            .space
-            .admit(member_id, LEASE_GRANT_COST_BYTES)?;
+        crate::node::space::admit(self.shared(), LEASE_GRANT_COST_BYTES).await?;
         let r = request.into_inner();
         let op = LeaseOp::Grant {
             id: r.id,

@@ -11,20 +11,29 @@
 //!
 //! Recovery replays the meta log's changes into the shards they belong to, merged with each
 //! shard's own log by revision; a meta entry is on disk whole or not at all.
+//!
+//! The meta group also keeps the log's non-KV state (`MetaState`: leases, auth, compaction,
+//! alarms) and hands it to its checkpoint task (`meta_checkpoint.rs`) every interval, which
+//! writes it and releases the meta WAL segments covered.
 
 use super::apply::{self, GatheredView, HistoricalRead, Revs};
 use super::errors::KvError;
+use super::meta_checkpoint::{self, Job, MetaCheckpointConfig, MetaState, ReleasePoint, Schedule};
 use super::shard::{fatal, Gathered, ShardMsg, Span, SINGLE_VOTER_TERM};
 use super::Shared;
 use crate::auth::state::AdminOp;
 use crate::lease::ops::{LeaseDone, LeaseOp};
+use ferrocd_api::etcdserverpb::alarm_request::AlarmAction;
+use ferrocd_api::etcdserverpb::AlarmMember;
 use ferrocd_api::etcdserverpb::{TxnRequest, TxnResponse};
-use ferrocd_engine::mvcc::codec::{encode, LogPayload};
+use ferrocd_engine::mvcc::codec::{encode, Alarm, LogPayload};
 use ferrocd_engine::mvcc::Change;
 use ferrocd_engine::wal::{Record, Wal, WalStats};
 use futures::channel::oneshot;
 use std::collections::BTreeMap;
+use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Instant;
 
 pub enum MetaMsg {
     Write {
@@ -55,20 +64,54 @@ pub enum MetaMsg {
         op: AdminOp,
         reply: oneshot::Sender<Result<(), KvError>>,
     },
+    /// Raise or clear an alarm (`AlarmAction::Get` is answered by `Space` directly).
+    Alarm {
+        action: AlarmAction,
+        alarm: Alarm,
+        reply: oneshot::Sender<Vec<AlarmMember>>,
+    },
+}
+
+/// What recovery hands the meta group besides its WAL.
+pub struct MetaStart {
+    pub next_index: u64,
+    /// The meta log's non-KV state after recovery.
+    pub state: MetaState,
+    /// Per shard: the highest revision of a meta entry in the log touching it.
+    pub touched: Vec<i64>,
+    /// The meta WAL index the checkpoint file covers (0: none).
+    pub checkpoint_index: u64,
+    pub checkpoint: MetaCheckpointConfig,
 }
 
 pub struct Meta {
     shared: Arc<Shared>,
-    wal: Wal,
+    wal: Rc<Wal>,
     next_index: u64,
+    state: MetaState,
+    touched: Vec<i64>,
+    schedule: Schedule,
+    checkpoint: MetaCheckpointConfig,
+    /// The meta WAL index the checkpoint file found at start covers (0: none).
+    recovered_index: u64,
 }
 
 impl Meta {
-    pub fn new(shared: Arc<Shared>, wal: Wal, next_index: u64) -> Meta {
+    pub fn new(shared: Arc<Shared>, wal: Wal, start: MetaStart) -> Meta {
+        assert_eq!(start.touched.len(), shared.shards.len(), "one per shard");
         Meta {
             shared,
-            wal,
-            next_index,
+            wal: Rc::new(wal),
+            next_index: start.next_index,
+            state: start.state,
+            touched: start.touched,
+            schedule: Schedule::new(
+                start.checkpoint.bounds,
+                start.checkpoint_index,
+                Instant::now(),
+            ),
+            checkpoint: start.checkpoint,
+            recovered_index: start.checkpoint_index,
         }
     }
 
@@ -77,38 +120,127 @@ impl Meta {
         shared.shards.len()
     }
 
+    /// Serves until the inbox is closed, then writes a last checkpoint and stops its task.
     pub async fn run(mut self, rx: async_channel::Receiver<MetaMsg>) {
-        while let Ok(msg) = rx.recv().await {
-            match msg {
-                MetaMsg::Write {
-                    txn,
-                    spans,
-                    involved,
-                    put_first_checks_lease,
-                    reply,
-                } => {
-                    let result = self
-                        .write(&txn, &spans, &involved, put_first_checks_lease)
-                        .await;
-                    let _ = reply.send(result);
-                }
-                MetaMsg::Compact { rev, reply } => {
-                    let _ = reply.send(self.compact(rev).await);
-                }
-                MetaMsg::Stats { reply } => {
-                    let _ = reply.send(self.wal.stats());
-                }
-                MetaMsg::Lease { op, reply } => {
-                    let _ = reply.send(crate::lease::ops::apply(&mut self, op).await);
-                }
-                MetaMsg::Snapshot { reply } => {
-                    let _ = reply.send(super::snapshot::capture(&self.shared));
-                }
-                MetaMsg::Auth { op, reply } => {
-                    let _ = reply.send(crate::auth::ops::apply(&mut self, op).await);
-                }
+        // One slot: a checkpoint due while one is being written waits for the next interval.
+        let (jobs, queue) = async_channel::bounded(1);
+        // The checkpoint found at start: `touched` counts every entry still in the log, at
+        // least what the entries it covers touch.
+        let recovered = (self.recovered_index > 0).then(|| ReleasePoint {
+            wal_index: self.recovered_index,
+            needed: self.touched.clone(),
+        });
+        let task = meta_checkpoint::run(
+            self.shared.clone(),
+            self.wal.clone(),
+            self.checkpoint.clone(),
+            recovered,
+            queue,
+        );
+        let task = glommio::spawn_local(task).detach();
+        let interval = std::time::Duration::from_millis(self.checkpoint.bounds.interval_ms);
+        loop {
+            let next = futures_lite::future::or(async { Some(rx.recv().await) }, async {
+                glommio::timer::sleep(interval).await;
+                None
+            });
+            match next.await {
+                Some(Ok(msg)) => self.handle(msg).await,
+                Some(Err(_closed)) => break,
+                None => {}
+            }
+            // The state is cloned only when the task can take it at once.
+            let due = self
+                .schedule
+                .is_due(self.last_index(), Instant::now(), false);
+            if due && !jobs.is_full() {
+                let sent = jobs.try_send(self.checkpoint_job(None));
+                assert!(sent.is_ok(), "only this loop sends, and the slot was free");
+                self.schedule.handed_over(self.last_index(), Instant::now());
             }
         }
+        if self
+            .schedule
+            .is_due(self.last_index(), Instant::now(), true)
+        {
+            let (done, written) = oneshot::channel();
+            let sent = jobs.send(self.checkpoint_job(Some(done))).await;
+            assert!(
+                sent.is_ok(),
+                "the checkpoint task ends only when jobs closes"
+            );
+            let _ = written.await;
+        }
+        jobs.close();
+        task.await;
+    }
+
+    fn last_index(&self) -> u64 {
+        self.next_index - 1
+    }
+
+    fn checkpoint_job(&self, done: Option<oneshot::Sender<()>>) -> Job {
+        Job {
+            checkpoint: self.state.checkpoint(self.last_index()),
+            needed: self.touched.clone(),
+            done,
+        }
+    }
+
+    async fn handle(&mut self, msg: MetaMsg) {
+        match msg {
+            MetaMsg::Write {
+                txn,
+                spans,
+                involved,
+                put_first_checks_lease,
+                reply,
+            } => {
+                let result = self
+                    .write(&txn, &spans, &involved, put_first_checks_lease)
+                    .await;
+                let _ = reply.send(result);
+            }
+            MetaMsg::Compact { rev, reply } => {
+                let _ = reply.send(self.compact(rev).await);
+            }
+            MetaMsg::Stats { reply } => {
+                let _ = reply.send(self.wal.stats());
+            }
+            MetaMsg::Lease { op, reply } => {
+                let _ = reply.send(crate::lease::ops::apply(self, op).await);
+            }
+            MetaMsg::Auth { op, reply } => {
+                let _ = reply.send(crate::auth::ops::apply(self, op).await);
+            }
+            MetaMsg::Snapshot { reply } => {
+                let _ = reply.send(super::snapshot::capture(&self.shared));
+            }
+            MetaMsg::Alarm {
+                action,
+                alarm,
+                reply,
+            } => {
+                let _ = reply.send(self.alarm(action, alarm).await);
+            }
+        }
+    }
+
+    /// etcd's ACTIVATE and DEACTIVATE: the change is durable in the meta log before `Space`
+    /// (which refuses writes under NOSPACE) sees it, so a restart keeps every raised alarm.
+    async fn alarm(&mut self, action: AlarmAction, alarm: Alarm) -> Vec<AlarmMember> {
+        let raised = self.state.alarms.contains(&alarm);
+        match action {
+            AlarmAction::Activate if !raised => {
+                self.append(&LogPayload::AlarmActivate(alarm)).await
+            }
+            AlarmAction::Deactivate if raised => {
+                self.append(&LogPayload::AlarmDeactivate(alarm)).await
+            }
+            _ => {}
+        }
+        let space = &self.shared.space;
+        space.alarm(action, alarm.member_id, alarm.alarm)
     }
 
     async fn write(
@@ -263,12 +395,19 @@ impl Meta {
         Ok(())
     }
 
-    /// Appends one entry to the meta log and returns once it is durable.
+    /// Appends one entry to the meta log and returns once it is durable; the entry's non-KV
+    /// effect is then in the state the next checkpoint writes.
     pub async fn append(&mut self, payload: &LogPayload) {
         let record = Record::entry(SINGLE_VOTER_TERM, self.next_index, encode(payload));
         self.next_index += 1;
         if let Err(e) = self.wal.append(&[record]).await {
             fatal(&format!("meta WAL append failed: {e}"));
+        }
+        if let Err(e) = self.state.apply(payload) {
+            panic!("the meta group logged an entry its state refuses: {e}");
+        }
+        if let Some((main, changes)) = meta_checkpoint::kv_changes(payload) {
+            meta_checkpoint::note_touched(&mut self.touched, main, changes);
         }
     }
 }

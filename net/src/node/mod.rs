@@ -12,6 +12,7 @@ pub mod compactor;
 pub mod errors;
 mod hash;
 pub mod meta;
+pub mod meta_checkpoint;
 pub mod recovery;
 pub mod restore;
 pub mod shard;
@@ -80,6 +81,9 @@ pub struct Shared {
     pub auth: AuthStore,
     /// The space quota and the alarms.
     pub space: Space,
+    /// Each shard's covered revision as of its last durable checkpoint (the meta WAL release
+    /// rule reads them, `meta_checkpoint.rs`).
+    shard_covered: Vec<AtomicI64>,
 }
 
 impl Shared {
@@ -96,7 +100,9 @@ impl Shared {
             .map(|_| Journal::new(seq.visible(), limits.watch_journal))
             .collect();
         let space = Space::new(shards.len(), limits.quota_bytes);
+        let shard_covered = shards.iter().map(|_| AtomicI64::new(0)).collect();
         Shared {
+            shard_covered,
             journals,
             space,
             seq,
@@ -134,6 +140,17 @@ impl Shared {
 
     pub fn set_compacted(&self, rev: i64) {
         self.compacted.fetch_max(rev, Ordering::SeqCst);
+    }
+
+    /// Shard `shard`'s checkpoint file is durable up to `rev`.
+    pub fn set_shard_covered(&self, shard: usize, rev: i64) {
+        self.shard_covered[shard].fetch_max(rev, Ordering::SeqCst);
+    }
+
+    /// Each shard's covered revision as last published.
+    pub fn shards_covered(&self) -> Vec<i64> {
+        let covered = self.shard_covered.iter();
+        covered.map(|c| c.load(Ordering::SeqCst)).collect()
     }
 
     /// The shards holding keys of `spans`, ascending: all of them if any span is a range
@@ -409,10 +426,7 @@ impl Node {
         txn: TxnRequest,
         put_first_checks_lease: bool,
     ) -> Result<TxnResponse, KvError> {
-        let member_id = self.shared.identity.member_id;
-        self.shared
-            .space
-            .admit(member_id, space::txn_cost_bytes(&txn))?;
+        space::admit(&self.shared, space::txn_cost_bytes(&txn)).await?;
         let mut spans = Vec::new();
         apply::txn_spans(&txn, &mut spans);
         let shards = self.shared.shards_for(&spans);

@@ -7,18 +7,23 @@
 //!                      checkpoint's covered revision, and the WAL index it covers
 //! wal/shard-000/ ...   one WAL per shard: entries for writes confined to that shard; segments
 //!                      a checkpoint covers are released
-//! wal/meta/            the meta group's WAL: cross-shard writes, compactions, leases (never
-//!                      released yet: it also holds the lease table)
+//! db/meta.ckpt         the meta group's checkpoint: leases, auth, compaction, alarms as of a
+//!                      meta WAL index (`engine::meta_checkpoint`; absent until the first)
+//! wal/meta/            the meta group's WAL: cross-shard writes, compactions, leases, auth,
+//!                      alarms; segments released under `meta_checkpoint.rs`'s rule
 //! ```
 //! Recovery loads each shard's checkpoint, then replays (`engine::replay`) the shard's own WAL
 //! entries merged by revision with the meta entries that touch it, each only above that
 //! shard's covered revision, then applies the newest compaction where a store is behind it.
-//! The lease table is rebuilt from the meta log. A torn tail is cut by the WAL reader; any
-//! other corruption stops start-up with the file and offset.
+//! The meta state (lease table, auth, compaction, alarms) is the meta checkpoint's plus the
+//! non-KV effects of the meta entries above its index; without a checkpoint file (an old data
+//! dir, or one a restore wrote as meta log records) the whole meta log. A torn tail is cut by
+//! the WAL reader; any other corruption stops start-up with the file and offset.
 
-use crate::auth::state::AuthState;
+use super::meta_checkpoint::{kv_changes, note_touched, LoggedLease, MetaState};
 use crate::lease::{ttl, LeaseConfig, Leases};
 use ferrocd_engine::checkpoint::Checkpointer;
+use ferrocd_engine::meta_checkpoint;
 use ferrocd_engine::mvcc::codec::{decode, LogPayload};
 use ferrocd_engine::mvcc::Store;
 use ferrocd_engine::replay::{Origin, Replay};
@@ -42,6 +47,11 @@ pub struct Identity {
 
 pub fn shard_wal_dir(data_dir: &Path, shard: usize) -> PathBuf {
     data_dir.join("wal").join(format!("shard-{shard:03}"))
+}
+
+/// The meta group's checkpoint file (`engine::meta_checkpoint`).
+pub fn meta_checkpoint_path(data_dir: &Path) -> PathBuf {
+    meta_checkpoint::path_in(&data_dir.join(DB_DIR))
 }
 
 /// Shard `shard`'s checkpoint file (`engine::checkpoint`).
@@ -140,14 +150,12 @@ pub struct Recovered {
     pub wals: Vec<WalRecovered>,
     /// Live leases with their attached keys.
     pub leases: Leases,
-    /// Users, roles and the enabled flag, replayed from the meta log.
-    pub auth: AuthState,
-}
-
-/// A lease as the meta log leaves it: granted TTL and last checkpoint (0 = none).
-struct LoggedLease {
-    ttl_s: i64,
-    remaining_ms: i64,
+    /// The meta log's non-KV state: leases as logged, auth, compaction, alarms.
+    pub meta_state: MetaState,
+    /// Per shard: the highest revision of a meta entry still in the meta log touching it.
+    pub meta_touched: Vec<i64>,
+    /// The meta WAL index the meta checkpoint covers (0: no checkpoint).
+    pub meta_checkpoint_index: u64,
 }
 
 /// One log's entries with their indexes.
@@ -240,48 +248,46 @@ pub fn recover(
         // Released segments may have taken every entry: the checkpoint knows the last index.
         next_index.push(log.next_index.max(checkpointer.meta().wal_index + 1));
     }
-    next_index.push(meta.next_index);
+    let checkpoint_path = meta_checkpoint_path(data_dir);
+    let (mut meta_state, checkpoint_index) = match meta_checkpoint::read(&checkpoint_path) {
+        Ok(Some(checkpoint)) => (
+            MetaState::from_checkpoint(&checkpoint)
+                .map_err(|e| format!("{}: {e}", checkpoint_path.display()))?,
+            checkpoint.wal_index,
+        ),
+        Ok(None) => (MetaState::default(), 0),
+        Err(e) => return Err(format!("cannot load meta checkpoint: {e}")),
+    };
+    replay.compaction(meta_state.compacted_rev);
+    // Released segments may have taken every entry: the checkpoint knows the last index.
+    next_index.push(meta.next_index.max(checkpoint_index + 1));
     wals.push(meta.wal);
-    let mut logged_leases: BTreeMap<i64, LoggedLease> = BTreeMap::new();
-    let mut auth = AuthState::default();
+    let mut meta_touched = vec![0; shards];
     for (index, payload) in meta.payloads {
-        let origin = Origin::Meta { index };
+        // Non-KV effects from above the checkpoint only: it holds those of the others.
+        if index > checkpoint_index {
+            meta_state
+                .apply(&payload)
+                .map_err(|e| format!("meta WAL entry {index}: {e}"))?;
+        }
+        // KV changes from every entry still in the log: the replay keeps those above each
+        // shard's covered revision (the segment was not released, so a shard may lack them).
+        if let Some((main, changes)) = kv_changes(&payload) {
+            note_touched(&mut meta_touched, main, changes);
+        }
         match payload {
-            LogPayload::Changes { main, changes } => replay.meta_entry(main, changes, origin),
+            LogPayload::Changes { main, changes }
+            | LogPayload::LeaseRevoke { main, changes, .. }
+                if main > 0 =>
+            {
+                replay.meta_entry(main, changes, Origin::Meta { index })
+            }
             LogPayload::Compact { rev } => replay.compaction(rev),
-            LogPayload::LeaseGrant { id, ttl_s } => {
-                let lease = LoggedLease {
-                    ttl_s,
-                    remaining_ms: 0,
-                };
-                if logged_leases.insert(id, lease).is_some() {
-                    return Err(format!("meta WAL grants lease {id:x} twice"));
-                }
-            }
-            LogPayload::LeaseRevoke { id, main, changes } => {
-                logged_leases.remove(&id);
-                if main > 0 {
-                    replay.meta_entry(main, changes, origin);
-                }
-            }
-            LogPayload::LeaseCheckpoint { checkpoints } => {
-                for cp in checkpoints {
-                    if let Some(lease) = logged_leases.get_mut(&cp.id) {
-                        lease.remaining_ms = cp.remaining_ms;
-                    }
-                }
-            }
-            auth_record @ (LogPayload::AuthEnable { .. }
-            | LogPayload::AuthUserPut(_)
-            | LogPayload::AuthUserDelete { .. }
-            | LogPayload::AuthRolePut(_)
-            | LogPayload::AuthRoleDelete { .. }) => {
-                assert!(auth.apply(&auth_record), "an auth record applies");
-            }
+            _ => {}
         }
     }
     let replayed = replay.finish(|problem| Err(format!("cannot replay {problem}")))?;
-    let leases = rebuild_leases(logged_leases, &replayed.stores, lease_config);
+    let leases = rebuild_leases(&meta_state.leases, &replayed.stores, lease_config);
     Ok(Recovered {
         stores: replayed.stores,
         checkpointers,
@@ -290,7 +296,9 @@ pub fn recover(
         next_index,
         wals,
         leases,
-        auth,
+        meta_state,
+        meta_touched,
+        meta_checkpoint_index: checkpoint_index,
     })
 }
 
@@ -306,19 +314,20 @@ fn payload_kind(payload: &LogPayload) -> &'static str {
         | LogPayload::AuthUserDelete { .. }
         | LogPayload::AuthRolePut(_)
         | LogPayload::AuthRoleDelete { .. } => "auth change",
+        LogPayload::AlarmActivate(_) | LogPayload::AlarmDeactivate(_) => "alarm",
     }
 }
 
 /// The lease table after a restart: each lease gets its checkpointed remaining TTL, or its
 /// full TTL, from now (so a restart never shortens a lease), and the live keys naming it.
 fn rebuild_leases(
-    logged: BTreeMap<i64, LoggedLease>,
+    logged: &BTreeMap<i64, LoggedLease>,
     stores: &[Store],
     config: LeaseConfig,
 ) -> Leases {
     let leases = Leases::new(config);
     let now = std::time::Instant::now();
-    for (id, lease) in logged {
+    for (&id, lease) in logged {
         let (remaining, checkpointed) = match lease.remaining_ms {
             0 => (ttl(lease.ttl_s), false),
             ms => (std::time::Duration::from_millis(ms as u64), true),

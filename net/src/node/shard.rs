@@ -159,6 +159,7 @@ impl Shard {
         shared
             .space
             .set_file_bytes(id, checkpointer.file_size_bytes());
+        shared.set_shard_covered(id, checkpointer.meta().covered_revision);
         let checkpoints = CheckpointWriter::spawn(id, checkpointer)?;
         Ok(Rc::new(Shard {
             id,
@@ -493,6 +494,7 @@ impl Shard {
             Ok((size_bytes, published)) => {
                 self.shared.space.set_file_bytes(self.id, size_bytes);
                 self.reader().publish(published);
+                self.shared.set_shard_covered(self.id, covered);
             }
             Err(e) => fatal(&format!("shard {} checkpoint failed: {e}", self.id)),
         }

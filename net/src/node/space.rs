@@ -9,13 +9,19 @@
 //! the writes by at most one checkpoint interval (100 ms): the quota is a bound on what
 //! checkpoints found, like etcd's on what its backend commits found.
 //!
-//! Alarms live in memory: a restart forgets them, and the next write over the quota raises
-//! NOSPACE again.
+//! Alarms are durable, as etcd's (its backend keeps them): raising or clearing one is a meta
+//! log record (`AlarmActivate`, `AlarmDeactivate`) applied through the meta group, kept in the
+//! meta checkpoint, and restored at start, so a server restarted under NOSPACE still refuses
+//! writes that add data until the alarm is disarmed. The set here is what requests check.
 
 use super::errors::KvError;
+use super::meta::MetaMsg;
+use super::Shared;
 use ferrocd_api::etcdserverpb::alarm_request::AlarmAction;
 use ferrocd_api::etcdserverpb::request_op::Request as Op;
 use ferrocd_api::etcdserverpb::{AlarmMember, AlarmType, TxnRequest};
+use ferrocd_engine::mvcc::codec::Alarm;
+use futures::channel::oneshot;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -61,29 +67,34 @@ impl Space {
         self.alarms.lock().expect("alarm set poisoned")
     }
 
+    /// Alarms recovered from the meta log and checkpoint.
+    pub fn restore(&self, alarms: impl IntoIterator<Item = Alarm>) {
+        let mut set = self.alarms();
+        set.extend(alarms.into_iter().map(|a| (a.member_id, a.alarm)));
+    }
+
     /// etcd's quota check before a request adding `cost_bytes` (0: nothing to check).
-    pub fn admit(&self, member_id: u64, cost_bytes: u64) -> Result<(), KvError> {
+    pub fn admit(&self, member_id: u64, cost_bytes: u64) -> Admission {
         if cost_bytes == 0 {
-            return Ok(());
+            return Admission::Admitted;
         }
         let nospace = (member_id, AlarmType::Nospace as i32);
         if self.alarms().contains(&nospace) {
-            return Err(KvError::NoSpace);
+            return Admission::Refused;
         }
         let Some(quota_bytes) = self.quota_bytes else {
-            return Ok(());
+            return Admission::Admitted;
         };
         let used_bytes = self.used_bytes();
         if used_bytes + cost_bytes > quota_bytes {
-            self.alarms().insert(nospace);
             crate::warn!(
-                "space quota exceeded: alarm NOSPACE raised",
+                "space quota exceeded: raising alarm NOSPACE",
                 quota_size_bytes = quota_bytes,
                 used_size_bytes = used_bytes,
             );
-            return Err(KvError::NoSpace);
+            return Admission::OverQuota;
         }
-        Ok(())
+        Admission::Admitted
     }
 
     /// etcd's `Alarm`: GET lists the raised alarms; ACTIVATE raises one; DEACTIVATE clears it
@@ -103,6 +114,54 @@ impl Space {
             },
         }
     }
+}
+
+/// The quota's answer to a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    Admitted,
+    /// NOSPACE is raised.
+    Refused,
+    /// The request would pass the quota: NOSPACE must be raised, the request refused.
+    OverQuota,
+}
+
+/// The quota check of a request adding `cost_bytes` on this member: raises NOSPACE (durably,
+/// through the meta group, as etcd's quota check proposes the alarm) when it is exceeded.
+pub async fn admit(shared: &Shared, cost_bytes: u64) -> Result<(), KvError> {
+    let member_id = shared.identity.member_id;
+    match shared.space.admit(member_id, cost_bytes) {
+        Admission::Admitted => Ok(()),
+        Admission::Refused => Err(KvError::NoSpace),
+        Admission::OverQuota => {
+            let nospace = Alarm {
+                member_id,
+                alarm: AlarmType::Nospace as i32,
+            };
+            alarm(shared, AlarmAction::Activate, nospace).await?;
+            Err(KvError::NoSpace)
+        }
+    }
+}
+
+/// etcd's `Alarm`: GET lists the raised alarms; ACTIVATE and DEACTIVATE go through the meta
+/// group, which makes them durable first.
+pub async fn alarm(
+    shared: &Shared,
+    action: AlarmAction,
+    alarm: Alarm,
+) -> Result<Vec<AlarmMember>, KvError> {
+    if action == AlarmAction::Get {
+        return Ok(shared.space.alarm(action, 0, 0));
+    }
+    let (reply, answer) = oneshot::channel();
+    let msg = MetaMsg::Alarm {
+        action,
+        alarm,
+        reply,
+    };
+    shared.meta.send(msg).await.map_err(|_| KvError::Stopped)?;
+    answer.await.map_err(|_| KvError::Stopped)
 }
 
 /// What etcd's quota counts for a txn: the costlier branch's puts, nested txns included.
@@ -153,12 +212,17 @@ mod tests {
         let space = Space::new(2, Some(1000));
         space.set_file_bytes(0, 400);
         space.set_file_bytes(1, 400);
-        assert_eq!(space.admit(7, 100), Ok(()));
-        assert_eq!(space.admit(7, 0), Ok(()), "deletes cost nothing");
-        assert_eq!(space.admit(7, 300), Err(KvError::NoSpace));
+        assert_eq!(space.admit(7, 100), Admission::Admitted);
+        assert_eq!(
+            space.admit(7, 0),
+            Admission::Admitted,
+            "deletes cost nothing"
+        );
+        assert_eq!(space.admit(7, 300), Admission::OverQuota);
+        space.alarm(AlarmAction::Activate, 7, AlarmType::Nospace as i32);
         assert_eq!(
             space.admit(7, 1),
-            Err(KvError::NoSpace),
+            Admission::Refused,
             "raised until disarmed"
         );
         let listed = space.alarm(AlarmAction::Get, 0, 0);
@@ -167,10 +231,17 @@ mod tests {
         space.set_file_bytes(0, 100);
         let cleared = space.alarm(AlarmAction::Deactivate, 7, AlarmType::Nospace as i32);
         assert_eq!(cleared.len(), 1);
-        assert_eq!(space.admit(7, 100), Ok(()));
-        assert!(
-            Space::new(1, None).admit(7, u64::MAX / 2).is_ok(),
+        assert_eq!(space.admit(7, 100), Admission::Admitted);
+        assert_eq!(
+            Space::new(1, None).admit(7, u64::MAX / 2),
+            Admission::Admitted,
             "no quota"
         );
+        let restarted = Space::new(1, Some(1000));
+        restarted.restore([Alarm {
+            member_id: 7,
+            alarm: AlarmType::Nospace as i32,
+        }]);
+        assert_eq!(restarted.admit(7, 1), Admission::Refused, "restored alarm");
     }
 }
