@@ -18,17 +18,19 @@ fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
-/// Runs ferrocd on a fresh data dir, listening on `client_url`, and returns its exit status
-/// and standard error.
-fn start_on(client_url: &str) -> (Option<i32>, String) {
+/// Runs ferrocd on a fresh data dir, listening on `client_url` (plus `args`), and returns its
+/// exit status and standard error.
+fn start_on(client_url: &str, args: &[&str]) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("d");
-    let output = ferrocd(&[
+    let mut all = vec![
         "--data-dir",
         data_dir.to_str().unwrap(),
         "--listen-client-urls",
         client_url,
-    ]);
+    ];
+    all.extend_from_slice(args);
+    let output = ferrocd(&all);
     (output.status.code(), stderr(&output))
 }
 
@@ -67,7 +69,7 @@ fn log_outputs_stdout_moves_the_log_lines() {
 
 #[test]
 fn a_malformed_url_is_refused() {
-    let (code, message) = start_on("127.0.0.1:1");
+    let (code, message) = start_on("127.0.0.1:1", &[]);
     assert_eq!(code, Some(2));
     assert!(message.contains("expected a URL like http://"), "{message}");
 }
@@ -76,10 +78,23 @@ fn a_malformed_url_is_refused() {
 fn a_busy_client_port_is_reported() {
     let busy = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", busy.local_addr().unwrap());
-    let (code, message) = start_on(&url);
+    let (code, message) = start_on(&url, &[]);
     assert_eq!(code, Some(1));
     assert!(
         message.contains("cannot listen on") && message.contains("in use"),
+        "{message}"
+    );
+}
+
+/// etcd binds its peer port even as a single member, and stops when it is taken.
+#[test]
+fn a_busy_peer_port_is_reported() {
+    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let peer_url = format!("http://{}", busy.local_addr().unwrap());
+    let (code, message) = start_on("http://127.0.0.1:0", &["--listen-peer-urls", &peer_url]);
+    assert_eq!(code, Some(1));
+    assert!(
+        message.contains(&format!("cannot listen on {peer_url}")) && message.contains("in use"),
         "{message}"
     );
 }

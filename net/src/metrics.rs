@@ -8,6 +8,7 @@
 
 use crate::http::{method_not_allowed, respond, HttpHandler, ResponseFuture};
 use crate::node::Node;
+use crate::peer::stats::PeerStats;
 use ::http::{Method, Request, StatusCode};
 use bytes::Bytes;
 use ferrocd_engine::wal::latency::{LatencyHistogram, BUCKET_BOUNDS_S};
@@ -185,14 +186,21 @@ fn grpc_labels(path: &str) -> (&str, &str, &'static str) {
 }
 
 /// `/metrics`: GET only.
-pub fn metrics_handler(node: Node, grpc: Arc<GrpcMetrics>) -> HttpHandler {
+pub fn metrics_handler(
+    node: Node,
+    grpc: Arc<GrpcMetrics>,
+    peers: Option<Arc<PeerStats>>,
+) -> HttpHandler {
     Arc::new(move |req: Request<Incoming>| -> ResponseFuture {
         if req.method() != Method::GET {
             return Box::pin(std::future::ready(method_not_allowed(Method::GET)));
         }
-        let (node, grpc) = (node.clone(), grpc.clone());
+        let (node, grpc, peers) = (node.clone(), grpc.clone(), peers.clone());
         Box::pin(async move {
-            let text = render(&node, &grpc).await;
+            let mut text = render(&node, &grpc).await;
+            if let Some(peers) = peers {
+                peers.render(&mut text);
+            }
             respond(StatusCode::OK, "text/plain; version=0.0.4", text)
         })
     })

@@ -22,6 +22,7 @@ use crate::node::meta_checkpoint::MetaCheckpointConfig;
 use crate::node::recovery::{self, Recovered};
 use crate::node::shard::{Shard, ShardMsg};
 use crate::node::{Limits, Node, Shared, INBOX_CAPACITY};
+use crate::peer::{PeerConfig, PeerMesh};
 use crate::tls::{self, ListenUrl, ServerTls, TlsFiles};
 use crate::transport::{self, max_grpc_message_bytes, Routes, ServerConfig};
 use crate::watch::deletion::Deletions;
@@ -175,6 +176,7 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
         std::net::TcpListener::bind(url.addr)
             .map_err(|e| format!("cannot listen on {}: {e}", url.addr))?;
     }
+    let peers = bind_peers(&config, identity.member_id)?;
 
     let (shard_txs, shard_rxs): (Vec<_>, Vec<_>) = (0..config.shards)
         .map(|_| async_channel::bounded(INBOX_CAPACITY))
@@ -247,6 +249,7 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
             serving: serving.clone(),
             grpc_metrics: grpc_metrics.clone(),
             client_tls: client_tls.clone(),
+            peers: peers.clone(),
         };
         let handle = LocalExecutorBuilder::new(Placement::Unbound)
             .name(&format!("ferrocd-core-{core}"))
@@ -310,6 +313,34 @@ struct CoreSetup {
     grpc_metrics: Arc<GrpcMetrics>,
     /// For the `https://` listen URLs.
     client_tls: Option<ServerTls>,
+    /// The peer port, bound for every core (none when no plain peer URL is given).
+    peers: Option<Arc<PeerMesh>>,
+}
+
+/// Binds the peer port, as etcd does even for a single member: the first `http://` URL of
+/// `--listen-peer-urls`. Nothing is sent on it until replication lands; peers that dial in
+/// are checked (hello, member id) and counted in `/metrics`. `https://` peer URLs are not
+/// served yet (peer TLS comes with the peer wiring), extra URLs neither: both are logged.
+fn bind_peers(config: &NodeConfig, member_id: u64) -> Result<Option<Arc<PeerMesh>>, String> {
+    let mut plain = config.listen_peer.iter().filter(|u| !u.tls);
+    let Some(url) = plain.next() else {
+        for url in &config.listen_peer {
+            crate::warn!(
+                "peer TLS is not served yet; not listening",
+                peer_url = url.url.clone()
+            );
+        }
+        return Ok(None);
+    };
+    for other in plain.chain(config.listen_peer.iter().filter(|u| u.tls)) {
+        crate::warn!(
+            "only the first http peer URL is served",
+            peer_url = other.url.clone()
+        );
+    }
+    PeerMesh::new(PeerConfig::new(member_id, config.cores, url.addr))
+        .map(Some)
+        .map_err(|e| format!("cannot listen on {}: {e}", url.url))
 }
 
 /// Each shard's reader: its checkpoint, plus the replayed tail above it in the read buffer.
@@ -424,7 +455,11 @@ impl CoreSetup {
             .add_http(PATH_VERSION, version_handler())
             .add_http(
                 PATH_METRICS,
-                metrics_handler(node.clone(), self.grpc_metrics.clone()),
+                metrics_handler(
+                    node.clone(),
+                    self.grpc_metrics.clone(),
+                    self.peers.as_ref().map(|mesh| mesh.stats().clone()),
+                ),
             )
             .add_http(
                 gateway::PATH_PREFIX,
@@ -434,6 +469,14 @@ impl CoreSetup {
                 ),
             )
             .count_grpc(self.grpc_metrics.clone(), self.core);
+        // Held while the core serves: dropping it closes this core's peer listener.
+        let _peer_core = match &self.peers {
+            Some(mesh) => Some(
+                mesh.start_core(self.core)
+                    .map_err(|e| format!("core {}: cannot serve peers: {e}", self.core))?,
+            ),
+            None => None,
+        };
         let mut servers = Vec::new();
         for url in &self.config.listen_client {
             let listener = transport::bind(url.addr)

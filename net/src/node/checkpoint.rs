@@ -30,6 +30,18 @@ pub struct CheckpointConfig {
     pub max_changes: usize,
 }
 
+/// Writes to a shard wait while this many times `max_changes` changes wait for a checkpoint:
+/// the changes a checkpoint has not taken yet live in memory twice (store and read buffer), so
+/// a disk that cannot keep up with the write rate slows writers instead of filling memory.
+pub const BACKLOG_FACTOR: usize = 8;
+
+impl CheckpointConfig {
+    /// Changes waiting for a checkpoint above which the shard takes no new write.
+    pub fn backlog_limit_changes(&self) -> usize {
+        self.max_changes.saturating_mul(BACKLOG_FACTOR)
+    }
+}
+
 impl Default for CheckpointConfig {
     fn default() -> Self {
         CheckpointConfig {

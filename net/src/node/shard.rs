@@ -141,6 +141,8 @@ pub struct Shard {
     checkpoint_config: CheckpointConfig,
     /// Notified when enough changes wait for a checkpoint, a file request waits, and at stop.
     checkpoint_due: event_listener::Event,
+    /// Notified after each checkpoint: writes held back by the backlog limit re-check it.
+    checkpointed: event_listener::Event,
     /// File requests (size, defragment) for the checkpoint loop, which owns the file.
     file_requests: RefCell<Vec<(bool, Reply<FileStats>)>>,
     stopping: Cell<bool>,
@@ -173,6 +175,7 @@ impl Shard {
             checkpoints,
             checkpoint_config,
             checkpoint_due: event_listener::Event::new(),
+            checkpointed: event_listener::Event::new(),
             file_requests: RefCell::new(Vec::new()),
             stopping: Cell::new(false),
         }))
@@ -207,7 +210,10 @@ impl Shard {
                     txn,
                     put_first_checks_lease,
                     reply,
-                } => self.write(&txn, put_first_checks_lease, reply),
+                } => {
+                    self.wait_for_checkpoint_backlog().await;
+                    self.write(&txn, put_first_checks_lease, reply)
+                }
                 ShardMsg::Hold { reply } => {
                     self.wait_drained().await;
                     held = true;
@@ -455,6 +461,17 @@ impl Shard {
         &self.shared.readers[self.id]
     }
 
+    /// Back-pressure: while the checkpoints are more than the backlog limit behind, wait for
+    /// them. Cannot deadlock: a checkpoint covers every durable change of this shard, and the
+    /// writes in flight become durable without this loop.
+    async fn wait_for_checkpoint_backlog(&self) {
+        let limit = self.checkpoint_config.backlog_limit_changes();
+        wait_until(&self.checkpointed, || {
+            self.store.borrow().unsaved_changes() < limit || self.stopping.get()
+        })
+        .await
+    }
+
     async fn wait_drained(&self) {
         wait_until(&self.drained, || self.pending.borrow().is_empty()).await
     }
@@ -498,6 +515,7 @@ impl Shard {
             }
             Err(e) => fatal(&format!("shard {} checkpoint failed: {e}", self.id)),
         }
+        self.checkpointed.notify(usize::MAX);
         if let Err(e) = self.wal.release_before(wal_index + 1).await {
             fatal(&format!("shard {} WAL release failed: {e}", self.id));
         }

@@ -154,13 +154,17 @@ impl PeerStats {
         peers
     }
 
-    /// Appends the Prometheus text of every peer's figures to `out`.
+    /// Appends the Prometheus text of every peer's figures to `out`; nothing without peers
+    /// (Prometheus clients, etcd's included, leave out families that have no samples).
     pub fn render(&self, out: &mut String) {
         let peers: Vec<(u64, PeerCounters)> = self
             .peers()
             .into_iter()
             .map(|p| (p, self.peer(p)))
             .collect();
+        if peers.is_empty() {
+            return;
+        }
         for f in &PEER_FAMILIES {
             let samples: Vec<(String, String)> = peers
                 .iter()
