@@ -105,6 +105,10 @@ struct Flags {
     /// watch hubs fall behind and read from storage).
     #[arg(long, default_value_t = JournalLimits::default().max_revisions, hide = true)]
     watch_journal_max_revisions: usize,
+    /// Test-only disk fault (docs/RELIABILITY.md): `fsync-error` makes every fdatasync fail
+    /// with EIO from the moment the process receives SIGUSR2.
+    #[arg(long, hide = true)]
+    experimental_fault_injection: Option<ferrocd_engine::fault::Fault>,
     #[command(flatten)]
     tls: TlsFlags,
 }
@@ -324,6 +328,15 @@ fn config(flags: &Flags) -> Result<NodeConfig, String> {
     })
 }
 
+/// A write past the file size limit (RLIMIT_FSIZE) then fails with EFBIG, which the WAL and
+/// the checkpoint handle as any failed write (a logged fatal error), instead of SIGXFSZ
+/// killing the process without a word in the middle of the write.
+fn ignore_file_size_signal() {
+    // SAFETY: sets a signal disposition to SIG_IGN; no handler, no memory involved.
+    let previous = unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+    assert_ne!(previous, libc::SIG_ERR, "ignoring SIGXFSZ");
+}
+
 /// Blocks SIGINT and SIGTERM in every thread and turns their arrival into a shutdown request.
 fn watch_signals(shutdown: Shutdown) {
     // SAFETY: plain libc calls on a local, initialised sigset; called before any other thread
@@ -481,6 +494,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    ignore_file_size_signal();
+    if let Some(fault) = flags.experimental_fault_injection {
+        if let Err(e) = ferrocd_engine::fault::install(fault) {
+            eprintln!("ferrocd: cannot install fault injection: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let shutdown = Shutdown::default();
     watch_signals(shutdown.clone());
     match server::run(config, shutdown) {

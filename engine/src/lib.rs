@@ -5,6 +5,7 @@
 
 pub mod btree;
 pub mod checkpoint;
+pub mod fault;
 pub mod mvcc;
 pub mod reader;
 pub mod replay;

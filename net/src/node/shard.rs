@@ -540,7 +540,11 @@ impl Shard {
 
 /// A failed WAL write or fsync leaves the log in an unknown state: like etcd, stop the process
 /// rather than acknowledge anything more.
+///
+/// Not `eprintln!`: it panics when stderr cannot be written (a full disk under the log file),
+/// and a panic in a shard task ends that task, not the process, which then hangs.
 pub fn fatal(message: &str) -> ! {
-    eprintln!("ferrocd: fatal: {message}");
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "ferrocd: fatal: {message}");
     std::process::abort()
 }
