@@ -328,6 +328,17 @@ fn config(flags: &Flags) -> Result<NodeConfig, String> {
     })
 }
 
+/// A panic on any thread stops the whole process, as an unrecovered panic stops etcd: a shard
+/// executor thread that died of one would otherwise leave the others serving while that
+/// shard's requests hang forever (found with a full disk, where logging itself fails).
+fn abort_on_panic() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        std::process::abort();
+    }));
+}
+
 /// A write past the file size limit (RLIMIT_FSIZE) then fails with EFBIG, which the WAL and
 /// the checkpoint handle as any failed write (a logged fatal error), instead of SIGXFSZ
 /// killing the process without a word in the middle of the write.
@@ -494,6 +505,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    abort_on_panic();
     ignore_file_size_signal();
     if let Some(fault) = flags.experimental_fault_injection {
         if let Err(e) = ferrocd_engine::fault::install(fault) {

@@ -2,8 +2,10 @@
 //! gets, reads at a past revision, prefix ranges, puts (some with a lease), deletes, prefix
 //! deletes, compare-and-set txns, multi-key txns across shards, lease grants and revokes and
 //! compactions against a real single-node server, while watchers follow the key space and a
-//! fault task crashes the server (kill -9 and restart), freezes it (SIGSTOP/SIGCONT) or leaves
-//! it alone. Each round's history goes through the linearizability checker
+//! fault task crashes the server (kill -9 and restart), freezes it (SIGSTOP/SIGCONT), makes
+//! its fsyncs fail (a test-only flag) or its disk full (RLIMIT_FSIZE), or leaves it alone;
+//! after a disk fault the server must stop by itself, having acknowledged no write sent after
+//! the fault, and is restarted. Each round's history goes through the linearizability checker
 //! (tests/linearizability) with the etcd model, every acknowledged write is read back at its
 //! revision, revisions may never go backwards across a restart, and every watcher's events
 //! (its watch re-created from its last revision + 1 after each crash) are checked against a
