@@ -1156,6 +1156,7 @@ impl Worker {
                 }
                 None => Request::Get { key },
             },
+            96 => Request::Defragment,
             _ => {
                 // Compact the past window only: the round's own revisions stay readable, so
                 // the reference watch and the read-back of acknowledged writes reach them.
@@ -1316,6 +1317,7 @@ fn observe(seen: &mut Seen, request: &Request, response: &Response) {
             | Request::LeaseGrant { .. }
             | Request::LeaseRevoke { .. }
             | Request::Compact { .. }
+            | Request::Defragment
             | Request::Put { .. },
             _,
         ) => {}
@@ -1445,6 +1447,10 @@ async fn execute(client: &mut Client, request: &Request) -> Result<Response, etc
                 revision: header_revision(compact.header()),
             },
             Err(error) => return known_error(&error).ok_or(error),
+        },
+        Request::Defragment => match client.defragment().await {
+            Ok(_) => Response::Defragmented,
+            Err(error) => return Err(error),
         },
     };
     Ok(response)
