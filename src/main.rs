@@ -125,6 +125,10 @@ struct Flags {
     /// watch hubs fall behind and read from storage).
     #[arg(long, default_value_t = JournalLimits::default().max_revisions, hide = true)]
     watch_journal_max_revisions: usize,
+    /// Test-only disk fault (docs/RELIABILITY.md): `fsync-error` makes every fdatasync fail
+    /// with EIO from the moment the process receives SIGUSR2.
+    #[arg(long, hide = true)]
+    experimental_fault_injection: Option<ferrocd_engine::fault::Fault>,
     #[command(flatten)]
     tls: TlsFlags,
 }
@@ -381,6 +385,26 @@ fn config(flags: &Flags) -> Result<NodeConfig, String> {
     })
 }
 
+/// A panic on any thread stops the whole process, as an unrecovered panic stops etcd: a shard
+/// executor thread that died of one would otherwise leave the others serving while that
+/// shard's requests hang forever (found with a full disk, where logging itself fails).
+fn abort_on_panic() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        std::process::abort();
+    }));
+}
+
+/// A write past the file size limit (RLIMIT_FSIZE) then fails with EFBIG, which the WAL and
+/// the checkpoint handle as any failed write (a logged fatal error), instead of SIGXFSZ
+/// killing the process without a word in the middle of the write.
+fn ignore_file_size_signal() {
+    // SAFETY: sets a signal disposition to SIG_IGN; no handler, no memory involved.
+    let previous = unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+    assert_ne!(previous, libc::SIG_ERR, "ignoring SIGXFSZ");
+}
+
 /// Blocks SIGINT and SIGTERM in every thread and turns their arrival into a shutdown request.
 fn watch_signals(shutdown: Shutdown) {
     // SAFETY: plain libc calls on a local, initialised sigset; called before any other thread
@@ -547,6 +571,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    abort_on_panic();
+    ignore_file_size_signal();
+    if let Some(fault) = flags.experimental_fault_injection {
+        if let Err(e) = ferrocd_engine::fault::install(fault) {
+            error!("cannot install fault injection", error = e.to_string());
+            return ExitCode::FAILURE;
+        }
+    }
     let shutdown = Shutdown::default();
     watch_signals(shutdown.clone());
     match server::run(config, shutdown) {

@@ -2,8 +2,10 @@
 //! gets, reads at a past revision, prefix ranges, puts (some with a lease), deletes, prefix
 //! deletes, compare-and-set txns, multi-key txns across shards, lease grants and revokes and
 //! compactions against a real single-node server, while watchers follow the key space and a
-//! fault task crashes the server (kill -9 and restart), freezes it (SIGSTOP/SIGCONT) or leaves
-//! it alone. Each round's history goes through the linearizability checker
+//! fault task crashes the server (kill -9 and restart), freezes it (SIGSTOP/SIGCONT), makes
+//! its fsyncs fail (a test-only flag) or its disk full (RLIMIT_FSIZE), or leaves it alone;
+//! after a disk fault the server must stop by itself, having acknowledged no write sent after
+//! the fault, and is restarted. Each round's history goes through the linearizability checker
 //! (tests/linearizability) with the etcd model, every acknowledged write is read back at its
 //! revision, revisions may never go backwards across a restart, and every watcher's events
 //! (its watch re-created from its last revision + 1 after each crash) are checked against a
@@ -31,6 +33,7 @@ use etcd_client::{
     GetOptions, LeaseGrantOptions, PutOptions, Txn, TxnOp, TxnOpResponse, WatchFilterType,
     WatchOptions,
 };
+use ferrocd_engine::fault::ARMED_LOG_LINE;
 use linearizability::etcd::{Compare, EtcdModel, KeyValue, Past, Request, Response, State, Write};
 use linearizability::watch::{
     check_reference, check_watcher, Batch, Event, EventKind, WatchFigures, WatchSpec,
@@ -87,6 +90,17 @@ const CLIENT_JOIN_TIMEOUT_MS: u64 = RECONNECT_DEADLINE_MS + 2 * REQUEST_TIMEOUT_
 const KILL_INTERVAL_MS: Range<u64> = 200..800;
 const PAUSE_INTERVAL_MS: Range<u64> = 200..600;
 const PAUSE_LENGTH_MS: Range<u64> = 100..500;
+/// When in its round a disk fault (one per round) strikes; the rest of the round runs on the
+/// restarted server.
+const DISK_FAULT_AT_MS: Range<u64> = 500..2_500;
+/// How long the server may keep running after a disk fault before the round fails: it must
+/// stop (etcd's behaviour on a failed fsync), not serve on.
+const DISK_FAULT_EXIT_TIMEOUT_MS: u64 = 10_000;
+/// How long the armed fault's log line may take to appear after SIGUSR2.
+const FAULT_ARMED_TIMEOUT_MS: u64 = 5_000;
+const EXIT_POLL_MS: u64 = 10;
+/// The test-only server flag that makes fsyncs fail once the server gets SIGUSR2.
+const FSYNC_ERROR_ARGS: [&str; 2] = ["--experimental-fault-injection", "fsync-error"];
 
 /// The checker gives up (and the round fails) past these.
 const CHECK_BUDGET: Budget = Budget {
@@ -99,6 +113,10 @@ enum Fault {
     None,
     Kill,
     Pause,
+    /// Every fsync fails from a moment in the round (test-only flag, armed by SIGUSR2).
+    FsyncError,
+    /// Every file write fails from a moment in the round (RLIMIT_FSIZE lowered to 0).
+    DiskFull,
 }
 
 impl Fault {
@@ -107,7 +125,14 @@ impl Fault {
             Fault::None => "none",
             Fault::Kill => "kill9",
             Fault::Pause => "sigstop",
+            Fault::FsyncError => "fsync_error",
+            Fault::DiskFull => "disk_full",
         }
+    }
+
+    /// Faults after which the server process dies (and is started again).
+    fn crashes(self) -> bool {
+        matches!(self, Fault::Kill | Fault::FsyncError | Fault::DiskFull)
     }
 }
 
@@ -124,6 +149,17 @@ async fn linearizable_across_kill9_and_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn linearizable_across_sigstop_pauses() {
     run_fault_kind(Fault::Pause).await;
+}
+
+/// ferrocd only: etcd has no fault injection flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linearizable_across_fsync_errors() {
+    run_fault_kind(Fault::FsyncError).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linearizable_across_a_full_disk() {
+    run_fault_kind(Fault::DiskFull).await;
 }
 
 /// The pipeline can fail: a real history, recorded from the server under test, is accepted
@@ -218,7 +254,15 @@ fn assert_rejected(init: &State, history: &[Op], context: &str) {
 /// Runs every round of one fault kind on one server and prints the totals.
 async fn run_fault_kind(fault: Fault) {
     let base_seed = base_seed();
-    let mut server = Server::subject(&SERVER_ARGS).await;
+    let flavor = match fault {
+        Fault::FsyncError => Flavor::subject(&[&SERVER_ARGS[..], &FSYNC_ERROR_ARGS[..]].concat()),
+        _ => Flavor::subject(&SERVER_ARGS),
+    };
+    if fault == Fault::FsyncError && flavor == Flavor::Etcd {
+        println!("robustness etcd fault fsync_error: skipped (etcd has no fault injection)");
+        return;
+    }
+    let mut server = Server::subject_flavor(flavor).await;
     let server_name = match server.flavor() {
         Flavor::Etcd => "etcd",
         Flavor::Ferrocd(_) => "ferrocd",
@@ -496,6 +540,9 @@ async fn record_round(
         definite_failures += log.definite_failures;
     }
     bound_unknown_outcomes(&mut history, &faults.kills_ns);
+    for (fault_ns, death_ns) in &faults.disk_faults_ns {
+        check_nothing_acknowledged_after_fault(&history, *fault_ns, *death_ns, context);
+    }
     history.push(final_read(server, origin).await);
     let last_revision = final_state(&history).revision;
     let reference = reference_events(server, init.revision + 1, last_revision, context).await;
@@ -580,7 +627,7 @@ fn check_history(
     context: &str,
 ) -> (Report, bool) {
     let strict = check(&EtcdModel::default(), init, history, CHECK_BUDGET);
-    let gaps_possible = fault == Fault::Kill && matches!(server.flavor(), Flavor::Ferrocd(_));
+    let gaps_possible = fault.crashes() && matches!(server.flavor(), Flavor::Ferrocd(_));
     let (report, needed_gaps) = match &strict.verdict {
         Verdict::Illegal(explanation) if gaps_possible => {
             let model = EtcdModel {
@@ -616,6 +663,9 @@ struct FaultLog {
     count: u64,
     /// When each killed process was dead (reaped), in ns since the round's origin, ascending.
     kills_ns: Vec<u64>,
+    /// Each disk fault: when it was in effect and when the server was dead, in ns since the
+    /// round's origin.
+    disk_faults_ns: Vec<(u64, u64)>,
 }
 
 /// The fault task: injects `fault` at random intervals until `deadline`, leaving the server
@@ -635,6 +685,16 @@ async fn inject_faults(
         Fault::None => return log,
         Fault::Kill => KILL_INTERVAL_MS,
         Fault::Pause => PAUSE_INTERVAL_MS,
+        Fault::FsyncError | Fault::DiskFull => {
+            let at = origin + Duration::from_millis(rng.gen_range(DISK_FAULT_AT_MS));
+            tokio::time::sleep_until(at.into()).await;
+            let (fault_ns, death_ns) =
+                disk_fault_and_restart(server, fault, shared, origin, context).await;
+            log.kills_ns.push(death_ns);
+            log.disk_faults_ns.push((fault_ns, death_ns));
+            log.count += 1;
+            return log;
+        }
     };
     loop {
         let next = Instant::now() + Duration::from_millis(rng.gen_range(interval_ms.clone()));
@@ -653,7 +713,9 @@ async fn inject_faults(
                 tokio::time::sleep(Duration::from_millis(length_ms)).await;
                 server.resume();
             }
-            Fault::None => unreachable!("no faults to inject"),
+            Fault::None | Fault::FsyncError | Fault::DiskFull => {
+                unreachable!("no repeated faults to inject")
+            }
         }
         log.count += 1;
     }
@@ -671,6 +733,19 @@ async fn crash_and_restart(
     let max_before = shared.max_revision.load(Ordering::SeqCst);
     server.kill9();
     let killed_ns = nanos_since(origin);
+    restart_and_check_revision(server, shared, max_before, context).await;
+    killed_ns
+}
+
+/// Starts the server again on its data dir (the fault is gone: a fresh process has neither
+/// the armed fault nor the lowered limit); the first answer may not report an older revision
+/// than `max_before`, the highest any answer reported before.
+async fn restart_and_check_revision(
+    server: &mut Server,
+    shared: &Shared,
+    max_before: i64,
+    context: &str,
+) {
     server.start().await;
     *shared.endpoint.lock().expect("endpoint lock") = server.endpoint();
     let after = server.client().await.get(KEY_PREFIX, None).await;
@@ -683,7 +758,140 @@ async fn crash_and_restart(
         revision >= max_before,
         "{context}: revision went back from {max_before} to {revision} across a restart"
     );
-    killed_ns
+}
+
+/// Injects a disk fault into the running server, waits for it to stop by itself (it may not
+/// serve on with a disk that failed), checks how it stopped, and starts it again. Returns
+/// when the fault was in effect and when the process was dead, in ns since `origin`.
+async fn disk_fault_and_restart(
+    server: &mut Server,
+    fault: Fault,
+    shared: &Shared,
+    origin: Instant,
+    context: &str,
+) -> (u64, u64) {
+    let max_before = shared.max_revision.load(Ordering::SeqCst);
+    let log_before = server.log().len();
+    match fault {
+        Fault::FsyncError => {
+            server.signal(libc::SIGUSR2);
+            wait_for_log(server, log_before, ARMED_LOG_LINE.trim_end(), context).await;
+        }
+        Fault::DiskFull => limit_file_size(server.pid(), 0),
+        _ => unreachable!("{fault:?} is not a disk fault"),
+    }
+    let fault_ns = nanos_since(origin);
+    let status = wait_exit(server, context).await;
+    let death_ns = nanos_since(origin);
+    let new_log = server.log().split_off(log_before);
+    check_fault_exit(server.flavor(), fault, status, &new_log, context);
+    restart_and_check_revision(server, shared, max_before, context).await;
+    (fault_ns, death_ns)
+}
+
+/// Lowers the file size limit of process `pid` (prlimit(2)): every write past
+/// `limit_bytes` fails with EFBIG, as on a full disk (or kills with SIGXFSZ a process that does
+/// not ignore it).
+fn limit_file_size(pid: libc::pid_t, limit_bytes: u64) {
+    let limit = libc::rlimit {
+        rlim_cur: limit_bytes,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: prlimit(2) on a child we spawned and have not reaped, reading one local struct.
+    let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_FSIZE, &limit, std::ptr::null_mut()) };
+    assert_eq!(
+        rc,
+        0,
+        "prlimit on pid {pid}: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Polls the server log (from byte `from`) until it holds `line`.
+async fn wait_for_log(server: &Server, from: usize, line: &str, context: &str) {
+    let deadline = Instant::now() + Duration::from_millis(FAULT_ARMED_TIMEOUT_MS);
+    while !server.log()[from..].contains(line) {
+        assert!(
+            Instant::now() < deadline,
+            "{context}: no `{line}` in the log after {FAULT_ARMED_TIMEOUT_MS} ms"
+        );
+        tokio::time::sleep(Duration::from_millis(EXIT_POLL_MS)).await;
+    }
+}
+
+/// Polls until the server exited by itself; fails the round if it keeps running.
+async fn wait_exit(server: &mut Server, context: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_millis(DISK_FAULT_EXIT_TIMEOUT_MS);
+    loop {
+        if let Some(status) = server.exited() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{context}: the server kept running {DISK_FAULT_EXIT_TIMEOUT_MS} ms after the fault"
+        );
+        tokio::time::sleep(Duration::from_millis(EXIT_POLL_MS)).await;
+    }
+}
+
+/// How the server stopped: ferrocd aborts (SIGABRT) after logging its fatal error where the
+/// log can still be written; etcd (disk full) must not exit successfully (it exits with 1, or
+/// dies from SIGXFSZ, its log unwritable).
+fn check_fault_exit(
+    flavor: &Flavor,
+    fault: Fault,
+    status: std::process::ExitStatus,
+    log: &str,
+    context: &str,
+) {
+    use std::os::unix::process::ExitStatusExt;
+    let fatal_line = log.lines().find(|line| line.contains("fatal"));
+    println!("{context}: the server stopped: {status}; log: {fatal_line:?}");
+    match flavor {
+        Flavor::Ferrocd(_) => assert_eq!(
+            status.signal(),
+            Some(libc::SIGABRT),
+            "{context}: the server stopped with {status}\n{log}"
+        ),
+        Flavor::Etcd => assert!(
+            !status.success(),
+            "{context}: the server stopped with {status}\n{log}"
+        ),
+    }
+    if matches!(flavor, Flavor::Ferrocd(_)) && fault == Fault::FsyncError {
+        assert!(
+            fatal_line.is_some_and(|line| line.contains("Input/output error")),
+            "{context}: no fatal EIO line in the log:\n{log}"
+        );
+    }
+}
+
+/// No write sent after the fault was in effect, and before the server died, may be
+/// acknowledged: it could not have been made durable.
+fn check_nothing_acknowledged_after_fault(
+    history: &[Op],
+    fault_ns: u64,
+    death_ns: u64,
+    context: &str,
+) {
+    let acknowledged: Vec<_> = history
+        .iter()
+        .filter(|op| op.call_ns > fault_ns && op.call_ns < death_ns)
+        .filter(|op| {
+            let lease_op = matches!(
+                (&op.input, &op.outcome),
+                (
+                    Request::LeaseGrant { .. } | Request::LeaseRevoke { .. },
+                    Outcome::Ok(_)
+                )
+            );
+            lease_op || !acknowledged_writes(op).is_empty()
+        })
+        .collect();
+    assert!(
+        acknowledged.is_empty(),
+        "{context}: writes acknowledged after the disk fault: {acknowledged:?}"
+    );
 }
 
 /// The whole key space at one revision, or now with the leases, read when no client runs.
@@ -948,6 +1156,7 @@ impl Worker {
                 }
                 None => Request::Get { key },
             },
+            96 => Request::Defragment,
             _ => {
                 // Compact the past window only: the round's own revisions stay readable, so
                 // the reference watch and the read-back of acknowledged writes reach them.
@@ -1108,6 +1317,7 @@ fn observe(seen: &mut Seen, request: &Request, response: &Response) {
             | Request::LeaseGrant { .. }
             | Request::LeaseRevoke { .. }
             | Request::Compact { .. }
+            | Request::Defragment
             | Request::Put { .. },
             _,
         ) => {}
@@ -1237,6 +1447,10 @@ async fn execute(client: &mut Client, request: &Request) -> Result<Response, etc
                 revision: header_revision(compact.header()),
             },
             Err(error) => return known_error(&error).ok_or(error),
+        },
+        Request::Defragment => match client.defragment().await {
+            Ok(_) => Response::Defragmented,
+            Err(error) => return Err(error),
         },
     };
     Ok(response)

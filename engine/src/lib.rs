@@ -5,6 +5,7 @@
 
 pub mod btree;
 pub mod checkpoint;
+pub mod fault;
 pub mod meta_checkpoint;
 pub mod mvcc;
 pub mod notice;

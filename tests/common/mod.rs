@@ -128,6 +128,11 @@ impl Server {
         Server::spawn(Flavor::subject(ferrocd_args)).await
     }
 
+    /// A server of the given flavour (e.g. `Flavor::subject` with arguments built at run time).
+    pub async fn subject_flavor(flavor: Flavor) -> Server {
+        Server::spawn(flavor).await
+    }
+
     /// A server whose client URL is `https://`.
     pub async fn with_tls(flavor: Flavor, tls: ClientTls) -> Server {
         Server::spawn_with(flavor, Some(tls)).await
@@ -289,9 +294,21 @@ impl Server {
         self.signal(libc::SIGCONT);
     }
 
-    fn signal(&self, signal: libc::c_int) {
-        let child = self.child.as_ref().expect("signal to a running server");
-        let pid = libc::pid_t::try_from(child.id()).expect("pid fits pid_t");
+    /// The running server's process id.
+    pub fn pid(&self) -> libc::pid_t {
+        let child = self.child.as_ref().expect("a running server");
+        libc::pid_t::try_from(child.id()).expect("pid fits pid_t")
+    }
+
+    /// The exit status once the server exited by itself (a fatal error), reaping it; `None`
+    /// while it runs. Callers poll it with their own deadline.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.reap_if_exited()
+    }
+
+    /// Sends `signal` to the running server.
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = self.pid();
         // SAFETY: kill(2) with a pid we spawned and have not reaped yet, so it cannot name
         // another process; no memory is involved.
         let rc = unsafe { libc::kill(pid, signal) };

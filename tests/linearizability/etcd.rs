@@ -249,6 +249,8 @@ pub enum Request {
     Compact {
         revision: i64,
     },
+    /// Maintenance: rewrites the backend; changes nothing a client can see.
+    Defragment,
 }
 
 impl Request {
@@ -256,7 +258,10 @@ impl Request {
     pub fn is_write(&self) -> bool {
         !matches!(
             self,
-            Request::Get { .. } | Request::GetAt { .. } | Request::Range { .. }
+            Request::Get { .. }
+                | Request::GetAt { .. }
+                | Request::Range { .. }
+                | Request::Defragment
         )
     }
 }
@@ -301,6 +306,8 @@ pub enum Response {
     Compact {
         revision: i64,
     },
+    /// A Defragment's success; its header revision is not compared (etcd 3.4 sends none).
+    Defragmented,
     /// `etcdserver: mvcc: required revision has been compacted`.
     Compacted,
     /// `etcdserver: mvcc: required revision is a future revision`.
@@ -339,7 +346,10 @@ impl Response {
             | Response::LeaseGrant { revision }
             | Response::LeaseRevoke { revision }
             | Response::Compact { revision } => Some(*revision),
-            Response::Compacted | Response::FutureRevision | Response::LeaseNotFound => None,
+            Response::Defragmented
+            | Response::Compacted
+            | Response::FutureRevision
+            | Response::LeaseNotFound => None,
         }
     }
 }
@@ -431,6 +441,7 @@ impl EtcdModel {
                 next.compacted = *at;
                 (Some(next), Response::Compact { revision })
             }
+            Request::Defragment => (None, Response::Defragmented),
         }
     }
 }

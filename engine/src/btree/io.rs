@@ -84,7 +84,8 @@ impl FileWriter {
         // SAFETY: fsync references no buffer; the fd stays open (owned by self).
         unsafe { self.ring.submission().push(&entry) }.expect("empty submission queue");
         let results = self.wait(1);
-        check_result(results[0].1).map(|_| ())
+        check_result(results[0].1)?;
+        crate::fault::injected_fsync_error()
     }
 
     /// Submits queued entries and collects exactly `count` completions.

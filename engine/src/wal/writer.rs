@@ -947,7 +947,7 @@ impl SegmentFile {
             SegmentFile::Direct(file) => file.fdatasync().await?,
             SegmentFile::Buffered(file) => file.fdatasync().await?,
         }
-        Ok(())
+        crate::fault::injected_fsync_error()
     }
 
     async fn preallocate(&self, size_bytes: u64) -> std::io::Result<()> {

@@ -564,6 +564,9 @@ impl Shard {
 
 /// A failed WAL write or fsync leaves the log in an unknown state: like etcd, stop the process
 /// rather than acknowledge anything more.
+///
+/// The log line may not reach the disk (a full disk under the log file): the log ignores a
+/// failed write rather than panic, so the abort always follows.
 pub fn fatal(message: &str) -> ! {
     crate::fatal!("stopping the process", error = message);
     std::process::abort()
