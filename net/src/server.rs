@@ -248,6 +248,14 @@ async fn open_wal(
 ) -> Result<Wal, String> {
     let options = WalOptions {
         segment_size_bytes,
+        // Through the page cache, then fdatasync (as etcd does). glommio sends O_DIRECT writes
+        // to its IOPOLL ring whenever the kernel accepts polled I/O on the device, even one
+        // without poll queues (virtio: `queue/io_poll` 0); while such a write is in flight the
+        // executor cannot sleep and spins its reactor loop, each turn cancelling and re-arming
+        // its preemption timers: hundreds of io_uring submissions per put and the core's CPU
+        // taken from the other work on it. See docs/ARCHITECTURE.md
+        // "Known performance problem: the write path".
+        force_buffered: true,
         ..WalOptions::default()
     };
     Wal::open_recovered(dir, options, recovered)
