@@ -294,6 +294,12 @@ async fn open_wal(
 ) -> Result<Wal, String> {
     let options = WalOptions {
         segment_size_bytes: config.wal_segment_size_bytes,
+        // Through the page cache, then fdatasync (as etcd does), unless asked otherwise. glommio
+        // sends O_DIRECT writes to its IOPOLL ring whenever the kernel accepts polled I/O on the
+        // device, even one without poll queues (virtio: `queue/io_poll` 0); while such a write
+        // is in flight the executor cannot sleep and spins its reactor loop, each turn
+        // cancelling and re-arming its timers. See docs/ARCHITECTURE.md "Known performance
+        // problem: the write path" and "I/O mode".
         force_buffered: !config.wal_direct_io,
         ..WalOptions::default()
     };
