@@ -74,9 +74,9 @@ pub struct NodeConfig {
     /// Size every WAL segment is preallocated to.
     pub wal_segment_size_bytes: u64,
     /// Write WAL segments with O_DIRECT instead of buffered writes (both fdatasync each batch).
-    /// Off by default: on ext4 O_DIRECT writes into preallocated (unwritten) extents had tail
-    /// latencies of 0.4-0.7 s under `etcdctl check perf` where buffered writes stay near etcd's
-    /// 0.1-0.2 s.
+    /// Off by default: O_DIRECT had tail latencies of 0.4-0.75 s under `etcdctl check perf`
+    /// where buffered writes stay near etcd's 0.1-0.2 s (cause not found; not the unwritten
+    /// extents of fallocate, see docs/ARCHITECTURE.md "I/O mode").
     pub wal_direct_io: bool,
     pub checkpoint: CheckpointConfig,
     /// Seconds a simple auth token lives after its last use (etcd's `--auth-token-ttl`).
