@@ -77,6 +77,9 @@ impl Watch for WatchService {
         };
         // Dropped with the response stream: tells the session that the client is gone.
         let (alive, gone) = oneshot::channel::<()>();
+        // A request the server cannot decode ends the stream with its status, as etcd's
+        // recvLoop error does; dropped unsent when the stream ends otherwise.
+        let (fail, failed) = oneshot::channel::<Status>();
         let session = Session {
             hub,
             sink,
@@ -86,9 +89,12 @@ impl Watch for WatchService {
             metadata,
             progress_due: Cell::new(None),
         };
-        glommio::spawn_local(session.run(request.into_inner(), gone)).detach();
+        glommio::spawn_local(session.run(request.into_inner(), gone, fail)).detach();
         let responses = rx
             .flat_map(|batch| futures::stream::iter(batch.into_iter().map(Ok)))
+            .chain(
+                futures::stream::once(failed).filter_map(|failed| async { failed.ok().map(Err) }),
+            )
             .map(move |response| {
                 let _ = &alive;
                 response
@@ -116,13 +122,21 @@ struct Session {
 enum Input {
     Request(WatchRequest),
     RequestsEnded,
+    /// The request stream broke (undecodable message, bad frame): the stream ends with it.
+    RequestsBroken(Status),
     ProgressTick,
     ProgressReady,
     Stop,
 }
 
 impl Session {
-    async fn run(self, requests: Streaming<WatchRequest>, mut gone: oneshot::Receiver<()>) {
+    async fn run(
+        self,
+        requests: Streaming<WatchRequest>,
+        mut gone: oneshot::Receiver<()>,
+        fail: oneshot::Sender<Status>,
+    ) {
+        let mut fail = Some(fail);
         let mut requests = Some(requests);
         let mut next_tick = Instant::now() + self.progress_interval;
         loop {
@@ -132,6 +146,14 @@ impl Session {
                 Input::RequestsEnded => {
                     requests = None;
                     true
+                }
+                Input::RequestsBroken(status) => {
+                    let fail = fail
+                        .take()
+                        .expect("the loop ends at the first broken request");
+                    // The client may be gone already; then nobody reads the status.
+                    let _ = fail.send(status);
+                    false
                 }
                 Input::ProgressTick => {
                     next_tick += self.progress_interval;
@@ -175,8 +197,9 @@ impl Session {
             match requests {
                 Some(stream) => match stream.message().await {
                     Ok(Some(request)) => Input::Request(request),
-                    // A half-close or a broken request stream: keep sending, as etcd does.
-                    Ok(None) | Err(_) => Input::RequestsEnded,
+                    // A half-close: keep sending, as etcd does.
+                    Ok(None) => Input::RequestsEnded,
+                    Err(status) => Input::RequestsBroken(status),
                 },
                 None => std::future::pending().await,
             }
