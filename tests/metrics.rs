@@ -63,7 +63,21 @@ async fn metrics_count_what_clients_did() {
         .await;
     assert!(future.is_err(), "a read of a future revision fails");
 
+    // Defragment checkpoints what waits on every shard first: each shard with keys commits.
+    let mut maintenance = client.maintenance_client();
+    maintenance.defragment().await.expect("defragment");
+    let db_size = maintenance.status().await.expect("status").db_size();
+
     let metrics = samples(&scrape(&server).await);
+    assert!(
+        sample(&metrics, "etcd_disk_backend_commit_duration_seconds_count") >= 2.0,
+        "a checkpoint commit on each of the 2 shards"
+    );
+    assert_eq!(
+        sample(&metrics, "etcd_mvcc_db_total_size_in_bytes"),
+        db_size as f64,
+        "the checkpoint files Status reports"
+    );
     let put = "grpc_method=\"Put\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"";
     let range = "grpc_method=\"Range\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"";
     assert_eq!(

@@ -275,6 +275,12 @@ async fn render(node: &Node, grpc: &GrpcMetrics) -> String {
     );
     gauge(
         &mut out,
+        "etcd_mvcc_db_total_size_in_bytes",
+        "Total size of the underlying database physically allocated in bytes (every shard's checkpoint file).",
+        shared.space.used_bytes(),
+    );
+    gauge(
+        &mut out,
         "etcd_debugging_mvcc_compact_revision",
         "The revision of the last compaction in store.",
         shared.compacted(),
@@ -300,6 +306,16 @@ fn shard_metrics(out: &mut String, stats: &crate::node::NodeStats) {
         "etcd_disk_wal_fsync_duration_seconds",
         "The latency distributions of fsync called by WAL (every shard's and the meta group's).",
         &fsync,
+    );
+    let mut commits = LatencyHistogram::default();
+    for shard in &stats.shards {
+        commits.merge(&shard.checkpoint_commit);
+    }
+    histogram(
+        out,
+        "etcd_disk_backend_commit_duration_seconds",
+        "The latency distributions of commit called by backend (every shard's checkpoint).",
+        &commits,
     );
     let keys: usize = stats.shards.iter().map(|s| s.store.keys).sum();
     gauge(

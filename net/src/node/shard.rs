@@ -28,6 +28,7 @@ use ferrocd_engine::checkpoint::{Checkpointer, FileStats};
 use ferrocd_engine::mvcc::codec::{encode, LogPayload};
 use ferrocd_engine::mvcc::{Change, Changes, Exported, KeyValue, Revision, Store};
 use ferrocd_engine::reader::ShardReader;
+use ferrocd_engine::wal::latency::LatencyHistogram;
 use ferrocd_engine::wal::{Record, Wal};
 use ferrocd_raft::notify::wait_until;
 use futures::channel::oneshot;
@@ -35,7 +36,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Keys one compaction step visits before the shard serves other work (etcd compacts its
 /// backend in batches of 1,000 keys).
@@ -145,6 +146,8 @@ pub struct Shard {
     checkpointed: event_listener::Event,
     /// File requests (size, defragment) for the checkpoint loop, which owns the file.
     file_requests: RefCell<Vec<(bool, Reply<FileStats>)>>,
+    /// How long checkpoint commits took, from hand-over to durable (etcd's backend commit).
+    commit_latency: RefCell<LatencyHistogram>,
     stopping: Cell<bool>,
 }
 
@@ -177,6 +180,7 @@ impl Shard {
             checkpoint_due: event_listener::Event::new(),
             checkpointed: event_listener::Event::new(),
             file_requests: RefCell::new(Vec::new()),
+            commit_latency: RefCell::new(LatencyHistogram::default()),
             stopping: Cell::new(false),
         }))
     }
@@ -273,6 +277,7 @@ impl Shard {
                     let _ = reply.send(Ok(ShardStats {
                         store: self.store.borrow().stats(),
                         wal: self.wal.stats(),
+                        checkpoint_commit: *self.commit_latency.borrow(),
                     }));
                 }
                 ShardMsg::File { defragment, reply } => {
@@ -507,8 +512,10 @@ impl Shard {
         if unsaved.versions.is_empty() && unsaved.dropped.is_empty() {
             return; // Everything waiting is above the bound: not durable yet.
         }
+        let started = Instant::now();
         match self.checkpoints.write(unsaved, covered, wal_index).await {
             Ok((size_bytes, published)) => {
+                self.commit_latency.borrow_mut().record(started.elapsed());
                 self.shared.space.set_file_bytes(self.id, size_bytes);
                 self.reader().publish(published);
                 self.shared.set_shard_covered(self.id, covered);

@@ -7,6 +7,7 @@ use super::shard::ShardMsg;
 use super::Node;
 use ferrocd_engine::checkpoint::FileStats;
 use ferrocd_engine::mvcc::StoreStats;
+use ferrocd_engine::wal::latency::LatencyHistogram;
 use ferrocd_engine::wal::WalStats;
 use futures::channel::oneshot;
 
@@ -15,6 +16,8 @@ use futures::channel::oneshot;
 pub struct ShardStats {
     pub store: StoreStats,
     pub wal: WalStats,
+    /// Checkpoint commits (page writes and fdatasyncs of the shard's B+tree file).
+    pub checkpoint_commit: LatencyHistogram,
 }
 
 /// Every shard's figures in shard order, and the meta group's log counters.
