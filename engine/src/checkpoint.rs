@@ -517,7 +517,7 @@ fn get_revision(bytes: &[u8]) -> Option<Revision> {
     (main > 0 && bytes.len() == REVISION_BYTES).then_some(Revision { main, sub })
 }
 
-fn encode_state(state: &SavedState) -> Vec<u8> {
+pub(crate) fn encode_state(state: &SavedState) -> Vec<u8> {
     match state {
         SavedState::Tombstone => vec![STATE_TOMBSTONE],
         SavedState::Put {

@@ -32,12 +32,13 @@
 use std::fmt;
 use std::io::{self, Read};
 
+use crate::checkpoint;
 use crate::mvcc::codec::{self, LogPayload};
 use crate::mvcc::{Revision, SavedState, SavedVersion};
 use sha2::{Digest, Sha256};
 
 pub const MAGIC: &[u8; 8] = b"FERROSNP";
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 const HEADER_BYTES: usize = 24;
 const CHECKSUM_BYTES: usize = 32;
 /// The file's length is `CHECKSUM_BYTES` more than a multiple of this (etcd's convention).
@@ -45,8 +46,6 @@ const ALIGN_BYTES: usize = 512;
 const TAG_CHANGE: u8 = 1;
 const TAG_META: u8 = 2;
 const TAG_END: u8 = 3;
-const KIND_TOMBSTONE: u8 = 0;
-const KIND_PUT: u8 = 1;
 /// A record longer than this is corrupt: keys and values are bounded by the request size
 /// (far below it), so the reader never allocates on a corrupt length.
 pub const MAX_RECORD_BYTES: usize = 64 << 20;
@@ -145,31 +144,15 @@ impl Encoder {
         encoder
     }
 
+    /// A change record: revision, key, then the state as a checkpoint stores it.
     pub fn change(&mut self, change: &SavedVersion, out: &mut Vec<u8>) {
-        let mut body = Vec::with_capacity(64 + change.key.len());
+        let state = checkpoint::encode_state(&change.state);
+        let mut body = Vec::with_capacity(20 + change.key.len() + state.len());
         body.extend_from_slice(&change.rev.main.to_le_bytes());
         body.extend_from_slice(&change.rev.sub.to_le_bytes());
-        let value: &[u8] = match &change.state {
-            SavedState::Tombstone => {
-                body.push(KIND_TOMBSTONE);
-                &[]
-            }
-            SavedState::Put {
-                create_revision,
-                version,
-                lease,
-                value,
-            } => {
-                body.push(KIND_PUT);
-                body.extend_from_slice(&create_revision.to_le_bytes());
-                body.extend_from_slice(&version.to_le_bytes());
-                body.extend_from_slice(&lease.to_le_bytes());
-                value
-            }
-        };
         body.extend_from_slice(&(change.key.len() as u32).to_le_bytes());
         body.extend_from_slice(&change.key);
-        body.extend_from_slice(value);
+        body.extend_from_slice(&state);
         self.record(TAG_CHANGE, &body, out);
         self.end.changes += 1;
     }
@@ -348,24 +331,9 @@ fn decode_change(body: &[u8]) -> Option<SavedVersion> {
         main: fields.i64()?,
         sub: fields.i64()?,
     };
-    let kind = fields.take(1)?[0];
-    let put = match kind {
-        KIND_TOMBSTONE => None,
-        KIND_PUT => Some((fields.i64()?, fields.i64()?, fields.i64()?)),
-        _ => return None,
-    };
     let key_len = fields.u32()? as usize;
     let key = fields.take(key_len)?.to_vec();
-    let state = match put {
-        None if fields.0.is_empty() => SavedState::Tombstone,
-        None => return None,
-        Some((create_revision, version, lease)) => SavedState::Put {
-            create_revision,
-            version,
-            lease,
-            value: fields.0.to_vec(),
-        },
-    };
+    let state = checkpoint::decode_state(fields.0).ok()?;
     Some(SavedVersion { key, rev, state })
 }
 
