@@ -9,28 +9,13 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod model_support;
+
 use ferrocd_engine::checkpoint::Checkpointer;
 use ferrocd_engine::mvcc::{Change, Effect, RangeResult, Revision, Store};
 use ferrocd_engine::reader::{ReadError, ShardReader};
+use model_support::{keys, op, ModelShard, Op};
 use proptest::prelude::*;
-use tempfile::TempDir;
-
-/// Short keys with zero bytes, keys around the B+tree key limit, long keys.
-fn keys() -> Vec<Vec<u8>> {
-    let mut long_zero = vec![b'L'; 1500];
-    long_zero.push(0);
-    vec![
-        b"a".to_vec(),
-        b"a\0".to_vec(),
-        b"a\0\xff".to_vec(),
-        b"b".to_vec(),
-        vec![0; 3],
-        vec![b'm'; 980],
-        vec![0; 495],
-        vec![b'L'; 1500],
-        long_zero,
-    ]
-}
 
 /// Ranges read at every revision: everything, from a key on, half-open ranges that start or
 /// end at long keys, single keys, an empty range.
@@ -47,150 +32,72 @@ fn ranges() -> Vec<(Vec<u8>, Vec<u8>)> {
     ranges
 }
 
-#[derive(Clone, Debug)]
-enum Op {
-    /// A request `gap` revisions after the latest: `(key index, value length)` puts, or a
-    /// delete (`None`) when the key is live.
-    Request {
-        gap: i64,
-        writes: Vec<(usize, Option<usize>)>,
-    },
-    Compact {
-        offset: i64,
-    },
-    /// A checkpoint covering all but the newest `lag` revisions.
-    Checkpoint {
-        lag: i64,
-    },
-    Reopen,
-}
-
-fn op() -> impl Strategy<Value = Op> {
-    let write = (0..keys().len(), prop::option::weighted(0.7, 0usize..3000));
-    prop_oneof![
-        6 => (1i64..3, prop::collection::vec(write, 1..4))
-            .prop_map(|(gap, writes)| Op::Request { gap, writes }),
-        1 => (0i64..6).prop_map(|offset| Op::Compact { offset }),
-        2 => (0i64..3).prop_map(|lag| Op::Checkpoint { lag }),
-        1 => Just(Op::Reopen),
-    ]
-}
-
+/// The model shard plus the reader it feeds, as a shard does.
 struct Harness {
-    dir: TempDir,
-    checkpointer: Option<Checkpointer>,
-    store: Store,
+    shard: ModelShard,
     reader: ShardReader,
-    log: Vec<(i64, Vec<Change>)>,
-    compacted: i64,
 }
 
 impl Harness {
     fn new() -> Harness {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let (checkpointer, store) = Checkpointer::open(&dir.path().join("shard.db")).expect("open");
+        let shard = ModelShard::new();
+        let checkpointer = shard.checkpointer.as_ref().expect("open");
         let reader = ShardReader::new(checkpointer.published(), 0);
-        Harness {
-            dir,
-            checkpointer: Some(checkpointer),
-            store,
-            reader,
-            log: Vec::new(),
-            compacted: 0,
-        }
+        Harness { shard, reader }
     }
 
     fn request(&mut self, gap: i64, writes: &[(usize, Option<usize>)]) {
-        let main = self.store.latest_revision().max(self.compacted) + gap;
-        let keys = keys();
-        let mut changes: Vec<Change> = Vec::new();
-        for (sub, (key, value_len)) in writes.iter().enumerate() {
-            let key = keys[*key].clone();
-            let earlier = changes.iter().rev().find(|c| c.effect.key() == key);
-            let live = match earlier {
-                Some(c) => matches!(c.effect, Effect::Put { .. }),
-                None => self.store.get(&key, Store::LATEST).is_some(),
-            };
-            let effect = match value_len {
-                None if live => Effect::Delete { key },
-                _ => Effect::Put {
-                    value: vec![sub as u8 + 1; value_len.unwrap_or(1)],
-                    lease: main % 3,
-                    key,
-                },
-            };
-            changes.push(Change {
-                sub: sub as i64,
-                effect,
-            });
-        }
-        apply(&mut self.store, &self.reader, main, &changes);
-        self.log.push((main, changes));
+        let (main, changes) = self.shard.request(gap, writes);
+        apply(&mut self.shard.store, &self.reader, main, &changes);
+        self.shard.logged(main, changes);
     }
 
     fn compact(&mut self, offset: i64) {
-        let rev = self.compacted + offset;
-        if rev > self.compacted {
-            self.compacted = rev;
+        // From now on the reader refuses reads below the compaction, as a shard's does.
+        if let Some(rev) = self.shard.compact(offset) {
             self.reader.set_compacted(rev);
-            self.store.compact(rev);
         }
     }
 
     fn checkpoint(&mut self, lag: i64) {
-        let checkpointer = self.checkpointer.as_mut().expect("open");
-        let covered = (self.store.latest_revision() - lag)
-            .max(self.compacted)
-            .max(checkpointer.meta().covered_revision);
-        let unsaved = self.store.take_unsaved(covered);
-        checkpointer
-            .write(&unsaved, covered, covered as u64)
-            .expect("checkpoint");
+        self.shard.checkpoint(lag);
+        let checkpointer = self.shard.checkpointer.as_ref().expect("open");
         self.reader.publish(checkpointer.published());
     }
 
     /// Reopens the file, replays what it does not cover and seeds a new reader as recovery
     /// does.
     fn reopen(&mut self) {
-        self.checkpointer = None;
-        let (checkpointer, mut restored) =
-            Checkpointer::open(&self.dir.path().join("shard.db")).expect("reopen");
-        let covered = checkpointer.meta().covered_revision;
-        for (main, changes) in self.log.iter().filter(|(main, _)| *main > covered) {
-            restored.apply(*main, changes);
-        }
-        if self.compacted > restored.compacted_revision() {
-            restored.compact(self.compacted);
-        }
+        let restored = self.shard.reopen();
+        let checkpointer = self.shard.checkpointer.as_ref().expect("reopened");
         let reader = ShardReader::new(checkpointer.published(), restored.compacted_revision());
         for version in restored.unsaved_versions() {
             reader.insert(version);
         }
-        self.store = restored;
+        self.shard.store = restored;
         self.reader = reader;
-        self.checkpointer = Some(checkpointer);
     }
 
     /// Every range at every revision, as the store answers it.
     fn check_reads(&self) {
-        for rev in 1..=self.store.latest_revision() + 1 {
+        for rev in 1..=self.shard.store.latest_revision() + 1 {
             for (key, end) in ranges() {
                 let read =
                     |limit, count_only| self.reader.range(&key, &end, rev, limit, count_only);
-                if rev < self.store.compacted_revision() {
+                if rev < self.shard.store.compacted_revision() {
                     assert!(matches!(read(0, false), Err(ReadError::Compacted)));
                     continue;
                 }
                 for limit in [0, 1, 2] {
                     assert_eq!(
                         read(limit, false).expect("read"),
-                        self.store.range(&key, &end, rev, limit),
+                        self.shard.store.range(&key, &end, rev, limit),
                         "range {key:?}..{end:?} at {rev} limit {limit}"
                     );
                 }
                 let expected = RangeResult {
                     kvs: Vec::new(),
-                    count: self.store.range(&key, &end, rev, 0).count,
+                    count: self.shard.store.range(&key, &end, rev, 0).count,
                 };
                 assert_eq!(read(1, true).expect("read"), expected, "count at {rev}");
             }
@@ -217,7 +124,7 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
 
     #[test]
-    fn reader_answers_as_the_store(ops in prop::collection::vec(op(), 1..40)) {
+    fn reader_answers_as_the_store(ops in prop::collection::vec(op(3000), 1..40)) {
         let mut harness = Harness::new();
         for op in &ops {
             match op {
