@@ -531,6 +531,13 @@ impl Shard {
     /// Answers the waiting file requests, one job at a time on the checkpoint thread.
     async fn serve_file_requests(&self) {
         let requests = std::mem::take(&mut *self.file_requests.borrow_mut());
+        if requests.is_empty() {
+            return;
+        }
+        // A checkpoint that was already running when a request came may predate a compaction
+        // the caller finished before asking (etcd: defragment after compact): put what waits
+        // now, the compaction's drops included, into the file before measuring or packing it.
+        self.checkpoint().await;
         for (defragment, reply) in requests {
             let result = self.checkpoints.file(defragment).await;
             let result = result.map(|(file, published)| {
