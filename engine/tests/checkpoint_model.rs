@@ -7,7 +7,7 @@
 mod model_support;
 
 use ferrocd_engine::mvcc::Store;
-use model_support::{op, ModelShard, Op};
+use model_support::{op, Model, ModelShard};
 use proptest::prelude::*;
 
 /// The model shard, checking every reopen against the store it replaces (later checkpoints
@@ -22,7 +22,9 @@ impl Harness {
             shard: ModelShard::new(),
         }
     }
+}
 
+impl Model for Harness {
     fn request(&mut self, gap: i64, writes: &[(usize, Option<usize>)]) {
         let (main, changes) = self.shard.request(gap, writes);
         self.shard.store.apply(main, &changes);
@@ -68,12 +70,7 @@ proptest! {
     fn reopened_checkpoint_plus_replay_equals_the_store(ops in prop::collection::vec(op(6000), 1..60)) {
         let mut harness = Harness::new();
         for op in &ops {
-            match op {
-                Op::Request { gap, writes } => harness.request(*gap, writes),
-                Op::Compact { offset } => harness.compact(*offset),
-                Op::Checkpoint { lag } => harness.checkpoint(*lag),
-                Op::Reopen => harness.reopen(),
-            }
+            harness.run(op);
         }
         harness.checkpoint(0);
         harness.reopen();

@@ -14,7 +14,7 @@ mod model_support;
 use ferrocd_engine::checkpoint::Checkpointer;
 use ferrocd_engine::mvcc::{Change, Effect, RangeResult, Revision, Store};
 use ferrocd_engine::reader::{ReadError, ShardReader};
-use model_support::{keys, op, ModelShard, Op};
+use model_support::{keys, op, Model, ModelShard};
 use proptest::prelude::*;
 
 /// Ranges read at every revision: everything, from a key on, half-open ranges that start or
@@ -45,7 +45,9 @@ impl Harness {
         let reader = ShardReader::new(checkpointer.published(), 0);
         Harness { shard, reader }
     }
+}
 
+impl Model for Harness {
     fn request(&mut self, gap: i64, writes: &[(usize, Option<usize>)]) {
         let (main, changes) = self.shard.request(gap, writes);
         apply(&mut self.shard.store, &self.reader, main, &changes);
@@ -77,7 +79,9 @@ impl Harness {
         self.shard.store = restored;
         self.reader = reader;
     }
+}
 
+impl Harness {
     /// Every range at every revision, as the store answers it.
     fn check_reads(&self) {
         for rev in 1..=self.shard.store.latest_revision() + 1 {
@@ -127,12 +131,7 @@ proptest! {
     fn reader_answers_as_the_store(ops in prop::collection::vec(op(3000), 1..40)) {
         let mut harness = Harness::new();
         for op in &ops {
-            match op {
-                Op::Request { gap, writes } => harness.request(*gap, writes),
-                Op::Compact { offset } => harness.compact(*offset),
-                Op::Checkpoint { lag } => harness.checkpoint(*lag),
-                Op::Reopen => harness.reopen(),
-            }
+            harness.run(op);
             harness.check_reads();
         }
     }

@@ -14,6 +14,7 @@
 //! A listener configured with TLS ([`ServerConfig::tls`]) runs the handshake first, in the
 //! connection's own task, then serves the same way on the encrypted stream (see `tls.rs`).
 
+use ferrocd_raft::notify::wait_until;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::{poll_fn, ready, Future};
@@ -540,13 +541,7 @@ struct ShutdownState {
 
 impl ShutdownState {
     async fn wait_all_closed(&self) {
-        loop {
-            let listener = self.closed.listen();
-            if self.open.get() == 0 {
-                return;
-            }
-            listener.await;
-        }
+        wait_until(&self.closed, || self.open.get() == 0).await
     }
 }
 
@@ -569,27 +564,26 @@ impl Drop for OpenConnection {
     }
 }
 
-/// A one-way, core-local flag that tasks can wait for.
+/// A one-way, core-local flag that tasks can wait for (shutdown of client and peer
+/// connections).
 #[derive(Default)]
-struct Flag {
+pub(crate) struct Flag {
     set: std::cell::Cell<bool>,
     changed: event_listener::Event,
 }
 
 impl Flag {
-    fn set(&self) {
+    pub(crate) fn set(&self) {
         self.set.set(true);
         self.changed.notify(usize::MAX);
     }
 
-    async fn wait(&self) {
-        loop {
-            let listener = self.changed.listen();
-            if self.set.get() {
-                return;
-            }
-            listener.await;
-        }
+    pub(crate) fn is_set(&self) -> bool {
+        self.set.get()
+    }
+
+    pub(crate) async fn wait(&self) {
+        wait_until(&self.changed, || self.set.get()).await
     }
 }
 

@@ -247,6 +247,24 @@ fn term_in(contents: &Contents, index: u64) -> Option<u64> {
     Some(contents.log[(index - snap.index - 1) as usize].term)
 }
 
+/// The first of `entries`, then as many more as keep the data within `max_bytes` (the
+/// `LogStore::entries` rule).
+pub(crate) fn limit_size<'a>(
+    entries: impl IntoIterator<Item = &'a Entry>,
+    max_bytes: u64,
+) -> Vec<Entry> {
+    let mut size_bytes = 0u64;
+    let mut out = Vec::new();
+    for entry in entries {
+        size_bytes += entry.data.len() as u64;
+        if !out.is_empty() && size_bytes > max_bytes {
+            break;
+        }
+        out.push(entry.clone());
+    }
+    out
+}
+
 impl LogStore for MemLogStore {
     fn hard_state(&self) -> HardState {
         self.current.hard_state
@@ -264,16 +282,7 @@ impl LogStore for MemLogStore {
         let base = self.current.snapshot.meta.index;
         assert!(low > base && high <= self.last_index() + 1 && low <= high);
         let slice = &self.current.log[(low - base - 1) as usize..(high - base - 1) as usize];
-        let mut size_bytes = 0u64;
-        let mut out = Vec::new();
-        for entry in slice {
-            size_bytes += entry.data.len() as u64;
-            if !out.is_empty() && size_bytes > max_bytes {
-                break;
-            }
-            out.push(entry.clone());
-        }
-        out
+        limit_size(slice, max_bytes)
     }
 
     fn append(&mut self, entries: &[Entry]) {

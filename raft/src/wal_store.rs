@@ -52,7 +52,9 @@ use std::rc::Rc;
 
 use ferrocd_engine::wal::{self, Record, RecordKind, Wal, WalError, WalOptions};
 
-use crate::storage::{ConfState, Entry, EntryKind, HardState, LogStore, Snapshot, SnapshotMeta};
+use crate::storage::{
+    limit_size, ConfState, Entry, EntryKind, HardState, LogStore, Snapshot, SnapshotMeta,
+};
 
 /// Why a WAL directory cannot be opened as a log.
 #[derive(Debug)]
@@ -288,20 +290,8 @@ impl LogStore for WalLogStore {
             "entries [{low}, {high}) outside ({base}, {}]",
             self.last_index()
         );
-        let mut size_bytes = 0u64;
-        let mut out = Vec::new();
-        for entry in self
-            .state
-            .log
-            .range((low - base - 1) as usize..(high - base - 1) as usize)
-        {
-            size_bytes += entry.data.len() as u64;
-            if !out.is_empty() && size_bytes > max_bytes {
-                break;
-            }
-            out.push(entry.clone());
-        }
-        out
+        let range = (low - base - 1) as usize..(high - base - 1) as usize;
+        limit_size(self.state.log.range(range), max_bytes)
     }
 
     fn append(&mut self, entries: &[Entry]) {

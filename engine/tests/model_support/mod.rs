@@ -56,6 +56,23 @@ pub fn op(max_value_bytes: usize) -> impl Strategy<Value = Op> {
     ]
 }
 
+/// A model test's harness: what each operation does to it.
+pub trait Model {
+    fn request(&mut self, gap: i64, writes: &[(usize, Option<usize>)]);
+    fn compact(&mut self, offset: i64);
+    fn checkpoint(&mut self, lag: i64);
+    fn reopen(&mut self);
+
+    fn run(&mut self, op: &Op) {
+        match op {
+            Op::Request { gap, writes } => self.request(*gap, writes),
+            Op::Compact { offset } => self.compact(*offset),
+            Op::Checkpoint { lag } => self.checkpoint(*lag),
+            Op::Reopen => self.reopen(),
+        }
+    }
+}
+
 /// A shard's store with its checkpoint file, and every request applied, for replay.
 pub struct ModelShard {
     dir: TempDir,

@@ -31,7 +31,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_channel::{Receiver, Sender, TrySendError};
-use event_listener::Event;
 use futures_lite::future::or;
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
@@ -43,7 +42,7 @@ use frame::{Frame, PROTOCOL_VERSION};
 pub use frame::{FrameError, Kind, HEADER_BYTES};
 use stats::PeerStats;
 
-use crate::transport::{bind_socket, Listener};
+use crate::transport::{bind_socket, Flag, Listener};
 
 #[derive(Clone, Debug)]
 pub struct PeerConfig {
@@ -192,7 +191,7 @@ impl PeerMesh {
             mesh: self.clone(),
             core,
             inbox_tx,
-            stop: Stop::default(),
+            stop: Flag::default(),
         });
         let accept_task = spawn_local(accept_loop(ctx.clone(), listener.clone()));
         let handoff_task = spawn_local(receive_handoffs(ctx.clone()));
@@ -206,35 +205,12 @@ impl PeerMesh {
     }
 }
 
-/// Set once when the core's transport is dropped; wakes every connection task.
-#[derive(Default)]
-struct Stop {
-    stopped: Cell<bool>,
-    event: Event,
-}
-
-impl Stop {
-    fn set(&self) {
-        self.stopped.set(true);
-        self.event.notify(usize::MAX);
-    }
-
-    async fn wait(&self) {
-        while !self.stopped.get() {
-            let listener = self.event.listen();
-            if self.stopped.get() {
-                return;
-            }
-            listener.await;
-        }
-    }
-}
-
 struct CoreCtx {
     mesh: Arc<PeerMesh>,
     core: usize,
     inbox_tx: Sender<Delivery>,
-    stop: Stop,
+    /// Set once when the core's transport is dropped; wakes every connection task.
+    stop: Flag,
 }
 
 impl CoreCtx {
@@ -495,7 +471,7 @@ async fn accept_loop(ctx: Rc<CoreCtx>, listener: Rc<Listener>) {
             Ok(stream) => {
                 spawn_local(handshake(ctx.clone(), stream)).detach();
             }
-            Err(_) if ctx.stop.stopped.get() => return,
+            Err(_) if ctx.stop.is_set() => return,
             // Out of fds or the like: do not spin.
             Err(_) => sleep(Duration::from_millis(ctx.config().backoff_min_ms)).await,
         }
