@@ -22,6 +22,13 @@ pub enum KvError {
     NoSpace,
     /// The node is shutting down or a shard stopped: the request may be retried elsewhere.
     Stopped,
+    /// Clustered: no leader is known (an election is under way or a quorum is lost).
+    NoLeader,
+    /// Clustered: the leader changed while the request was in flight; it may or may not have
+    /// been applied (etcd's `ErrLeaderChanged`).
+    LeaderChanged,
+    /// Clustered: the leader did not answer a forwarded request in time.
+    Timeout,
     /// Refused by auth (invalid token, permission denied, ...) or an auth management error.
     Auth(AuthError),
 }
@@ -60,6 +67,9 @@ impl KvError {
                 "etcdserver: mvcc: database space exceeded",
             ),
             Stopped => (Code::Unavailable, "etcdserver: server stopped"),
+            NoLeader => (Code::Unavailable, "etcdserver: no leader"),
+            LeaderChanged => (Code::Unavailable, "etcdserver: leader changed"),
+            Timeout => (Code::Unavailable, "etcdserver: request timed out"),
             Auth(e) => e.code_and_message(),
         }
     }

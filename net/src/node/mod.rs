@@ -15,6 +15,7 @@ pub mod meta;
 pub mod meta_checkpoint;
 pub mod recovery;
 pub mod restore;
+pub mod role;
 pub mod shard;
 pub mod snapshot;
 pub mod space;
@@ -84,6 +85,8 @@ pub struct Shared {
     /// Each shard's covered revision as of its last durable checkpoint (the meta WAL release
     /// rule reads them, `meta_checkpoint.rs`).
     shard_covered: Vec<AtomicI64>,
+    /// Who leads (always this member when it is the only one).
+    pub role: role::Role,
 }
 
 impl Shared {
@@ -102,6 +105,7 @@ impl Shared {
         let space = Space::new(shards.len(), limits.quota_bytes);
         let shard_covered = shards.iter().map(|_| AtomicI64::new(0)).collect();
         Shared {
+            role: role::Role::single(identity.member_id),
             shard_covered,
             journals,
             space,
@@ -120,6 +124,12 @@ impl Shared {
     /// The node's recovered auth state (a new node starts with auth disabled and no users).
     pub fn with_auth(mut self, auth: AuthStore) -> Shared {
         self.auth = auth;
+        self
+    }
+
+    /// A member of a cluster: leadership comes from the meta group's Raft driver.
+    pub fn clustered(mut self) -> Shared {
+        self.role = role::Role::clustered(self.identity.member_id);
         self
     }
 
@@ -201,7 +211,7 @@ impl Shared {
             cluster_id: self.identity.cluster_id,
             member_id: self.identity.member_id,
             revision,
-            raft_term: shard::SINGLE_VOTER_TERM,
+            raft_term: self.role.term(),
         }
     }
 }
