@@ -71,8 +71,8 @@ impl Cluster for ClusterService {
 
 #[tonic::async_trait]
 impl Maintenance for ClusterService {
-    /// A single member leads every group. The Raft index reported is the visible revision
-    /// (groups have one voter, so every entry is committed once durable).
+    /// Leader and term of the meta group; a single member reports its visible revision as the
+    /// Raft index (one voter: every entry is committed once durable).
     async fn status(
         &self,
         _request: Request<StatusRequest>,
@@ -81,15 +81,21 @@ impl Maintenance for ClusterService {
         let revision = shared.seq.visible();
         // etcd's db size is its backend file's: ours are the shards' checkpoint files.
         let files = self.node.db_files(false).await?;
+        let role = &shared.role;
+        // A single member's log indexes are its revisions (one voter: durable is committed).
+        let (raft_index, raft_applied_index) = match role.is_clustered() {
+            true => role.indexes(),
+            false => (revision as u64, revision as u64),
+        };
         Ok(Response::new(StatusResponse {
             header: Some(shared.header(revision)),
             version: SERVER_VERSION.to_string(),
             db_size: files.size_bytes as i64,
             db_size_in_use: files.in_use_bytes as i64,
-            leader: shared.identity.member_id,
-            raft_index: revision as u64,
-            raft_applied_index: revision as u64,
-            raft_term: crate::node::shard::SINGLE_VOTER_TERM,
+            leader: role.leader().unwrap_or(0),
+            raft_index,
+            raft_applied_index,
+            raft_term: role.term(),
             ..Default::default()
         }))
     }

@@ -17,7 +17,7 @@ use crate::lock::LockService;
 use crate::metrics::{metrics_handler, GrpcMetrics, PATH_METRICS};
 use crate::node::checkpoint::CheckpointConfig;
 use crate::node::compactor::{self, AutoCompaction};
-use crate::node::meta::{Meta, MetaMsg, MetaStart};
+use crate::node::meta::{Meta, MetaLog, MetaMsg, MetaStart};
 use crate::node::meta_checkpoint::MetaCheckpointConfig;
 use crate::node::recovery::{self, Recovered};
 use crate::node::shard::{Shard, ShardMsg};
@@ -170,7 +170,7 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
         meta_state,
         meta_touched,
         meta_checkpoint_index,
-    } = recovery::recover(&config.data_dir, config.shards, config.lease)?;
+    } = recovery::recover(&config.data_dir, config.shards, config.lease, None)?;
     // Bind every address once here so a busy port is reported before anything starts.
     for url in &config.listen_client {
         std::net::TcpListener::bind(url.addr)
@@ -394,7 +394,8 @@ impl CoreSetup {
         }
         if let Some(owned) = self.meta {
             let wal = open_wal(&recovery::meta_wal_dir(data_dir), &owned.wal, &self.config).await?;
-            let meta = Meta::new(self.shared.clone(), wal, owned.start);
+            let log = MetaLog::Single(std::rc::Rc::new(wal));
+            let meta = Meta::new(self.shared.clone(), log, owned.start);
             tasks.push(glommio::spawn_local(meta.run(owned.rx)).detach());
             // Ends by itself once the meta group's inbox is closed at shutdown.
             glommio::spawn_local(lessor::run(self.shared.clone())).detach();

@@ -179,11 +179,14 @@ impl<S: LogStore> Group<S> {
         self.raw.tick();
     }
 
-    pub fn propose(&mut self, data: Vec<u8>) -> Result<(), ProposeError> {
+    /// Appends `data` to the leader's log; returns the entry's index (it is committed with
+    /// the leader's current term at that index, or never).
+    pub fn propose(&mut self, data: Vec<u8>) -> Result<u64, ProposeError> {
         self.check_leader()?;
         self.raw
             .propose(Vec::new(), data)
-            .map_err(|_| ProposeError::Dropped)
+            .map_err(|_| ProposeError::Dropped)?;
+        Ok(self.raw.raft.raft_log.last_index())
     }
 
     pub fn propose_membership(&mut self, change: MembershipChange) -> Result<(), ProposeError> {

@@ -123,7 +123,7 @@ impl<S: LogStore> Node<S> {
         self.follow_meta_leader();
     }
 
-    pub fn propose(&mut self, group: GroupId, data: Vec<u8>) -> Result<(), ProposeError> {
+    pub fn propose(&mut self, group: GroupId, data: Vec<u8>) -> Result<u64, ProposeError> {
         self.group_or_panic(group).propose(data)
     }
 

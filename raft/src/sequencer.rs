@@ -93,6 +93,29 @@ impl Sequencer {
         }
     }
 
+    /// A follower applied every committed change up to `rev`: it takes no revisions itself, so
+    /// the watermark is simply what it applied (replicated changes arrive in revision order).
+    pub fn follow(&self, rev: i64) {
+        assert!(
+            self.floors.iter().all(|f| f.load(SeqCst) == NONE_PENDING),
+            "a follower has no revision of its own pending"
+        );
+        self.counter.fetch_max(rev, SeqCst);
+        if self.visible.fetch_max(rev, SeqCst) < rev {
+            self.advanced.notify(usize::MAX);
+        }
+    }
+
+    /// Leadership was lost: the revisions taken and not settled will never be settled here
+    /// (each write either commits under the next leader and is applied by `follow`, or never).
+    /// The watermark stays where it is; the counter keeps its height, so a revision abandoned
+    /// here is never reused by this member (a gap, which clients tolerate).
+    pub fn abandon(&self) {
+        for floor in self.floors.iter() {
+            floor.store(NONE_PENDING, SeqCst);
+        }
+    }
+
     /// The highest revision whose changes, and all changes before it, are durable and applied.
     pub fn visible(&self) -> i64 {
         self.visible.load(SeqCst)

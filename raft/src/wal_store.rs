@@ -327,6 +327,20 @@ impl LogStore for WalLogStore {
 /// header the first sync wrote or a copy at the head of the oldest segment left, both the
 /// snapshot point of the log around them. Also says whether they hold a Snapshot record (a WAL that
 /// describes itself) or are from an old single-voter directory.
+/// What a log's recovered records say was committed: the snapshot point and the entries
+/// after it up to the hard state's commit index, as `WalLogStore::open` would see them (later
+/// records at an index replace earlier ones). Start-up applies exactly these; entries after
+/// the commit index are handed out by the group once it learns they are committed.
+pub fn committed_entries(
+    records: &[Record],
+    initial: SnapshotMeta,
+) -> Result<(SnapshotMeta, Vec<Entry>), StoreError> {
+    let (state, _) = replay(records, initial)?;
+    let commit = state.hard_state.commit;
+    let entries = state.log.into_iter().filter(|e| e.index <= commit);
+    Ok((state.snapshot.meta, entries.collect()))
+}
+
 fn replay(records: &[Record], initial: SnapshotMeta) -> Result<(LogState, bool), StoreError> {
     let first_snapshot = records.iter().find(|r| r.kind == RecordKind::Snapshot);
     let described = first_snapshot.is_some();

@@ -14,7 +14,7 @@ pub async fn apply(meta: &mut Meta, op: AdminOp) -> Result<(), KvError> {
     let Some(payload) = planned.map_err(KvError::Auth)? else {
         return Ok(());
     };
-    meta.append(&payload).await;
+    meta.append(&payload).await?;
     let auth = &meta.shared().auth;
     auth.apply(&payload);
     if let AdminOp::UserChangePassword { name, .. } = op {

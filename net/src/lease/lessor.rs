@@ -39,6 +39,10 @@ pub async fn run(shared: Arc<Shared>) {
         if shared.meta.is_closed() {
             return;
         }
+        // Expiry is the leader's decision (design brief §2); followers apply its revokes.
+        if !shared.role.is_serving() {
+            continue;
+        }
         for id in shared.leases.expired(Instant::now(), MAX_REVOKES_PER_TICK) {
             let op = LeaseOp::Revoke {
                 id,

@@ -198,6 +198,15 @@ impl Leases {
         }
     }
 
+    /// A member became leader: its followers' copy of every expiry is stale (keep-alives went to
+    /// the old leader), so every lease gets its full TTL from `now`, as etcd's lessor `Promote`
+    /// does. A lease may outlive its last keep-alive by up to one TTL plus the election.
+    pub fn promote(&self, now: Instant) {
+        for lease in self.table().values_mut() {
+            lease.expiry = now + ttl(lease.ttl_s);
+        }
+    }
+
     /// Renews a live lease (expiry = now + granted TTL). `None` if it does not exist or has
     /// already expired (it is about to be revoked; etcd answers the same).
     pub fn renew(&self, id: i64, now: Instant) -> Option<Renewed> {

@@ -67,7 +67,7 @@ pub async fn apply(meta: &mut Meta, op: LeaseOp) -> Result<LeaseDone, KvError> {
             caller,
         } => revoke(meta, id, only_if_expired, &caller).await,
         LeaseOp::Checkpoint => {
-            checkpoint(meta).await;
+            checkpoint(meta).await?;
             Ok(LeaseDone::Checkpointed)
         }
         LeaseOp::ClearCheckpoint { id } => {
@@ -77,7 +77,7 @@ pub async fn apply(meta: &mut Meta, op: LeaseOp) -> Result<LeaseDone, KvError> {
                     remaining_ms: 0,
                 }];
                 meta.append(&LogPayload::LeaseCheckpoint { checkpoints })
-                    .await;
+                    .await?;
             }
             Ok(LeaseDone::Checkpointed)
         }
@@ -96,7 +96,7 @@ async fn grant(meta: &mut Meta, id: i64, ttl_s: i64) -> Result<LeaseDone, KvErro
         id => id,
     };
     let ttl_s = ttl_s.max(leases.config().min_ttl_s);
-    meta.append(&LogPayload::LeaseGrant { id, ttl_s }).await;
+    meta.append(&LogPayload::LeaseGrant { id, ttl_s }).await?;
     // Only now can a put name the lease: its grant is durable.
     meta.shared()
         .leases
@@ -170,7 +170,14 @@ async fn revoke(
         main => main,
     };
     let payload = LogPayload::LeaseRevoke { id, main, changes };
-    meta.append(&payload).await;
+    if let Err(e) = meta.append(&payload).await {
+        // Not committed here (leadership moved): a revision taken is abandoned.
+        if main != 0 {
+            seq.abandon();
+        }
+        meta.release(&all, 0, Vec::new()).await?;
+        return Err(e);
+    }
     leases.remove(id);
     let LogPayload::LeaseRevoke { changes, .. } = payload else {
         unreachable!("the payload was built as a revoke")
@@ -183,7 +190,7 @@ async fn revoke(
     Ok(LeaseDone::Revoked { revision })
 }
 
-async fn checkpoint(meta: &mut Meta) {
+async fn checkpoint(meta: &mut Meta) -> Result<(), KvError> {
     let leases = &meta.shared().leases;
     let interval = Duration::from_millis(leases.config().checkpoint_interval_ms);
     let checkpoints = leases.take_checkpoints(Instant::now(), interval);
@@ -191,6 +198,7 @@ async fn checkpoint(meta: &mut Meta) {
         let payload = LogPayload::LeaseCheckpoint {
             checkpoints: batch.to_vec(),
         };
-        meta.append(&payload).await;
+        meta.append(&payload).await?;
     }
+    Ok(())
 }

@@ -84,8 +84,12 @@ async fn by_period(node: Node, retention: Duration) {
     }
 }
 
-/// Compacts at `rev`; false once the node is stopping.
+/// Compacts at `rev`; false once the node is stopping. In a cluster only the leader compacts
+/// (as etcd's compactor runs on the leader); every member follows the compaction.
 async fn compact(node: &Node, rev: i64) -> bool {
+    if !node.shared().role.is_serving() {
+        return true;
+    }
     let request = CompactionRequest {
         revision: rev,
         physical: false,

@@ -19,6 +19,7 @@
 use super::apply::{self, GatheredView, HistoricalRead, Revs};
 use super::errors::KvError;
 use super::meta_checkpoint::{self, Job, MetaCheckpointConfig, MetaState, ReleasePoint, Schedule};
+use super::replica::Replica;
 use super::shard::{fatal, Gathered, ShardMsg, Span, SINGLE_VOTER_TERM};
 use super::Shared;
 use crate::auth::state::AdminOp;
@@ -26,7 +27,7 @@ use crate::lease::ops::{LeaseDone, LeaseOp};
 use ferrocd_api::etcdserverpb::alarm_request::AlarmAction;
 use ferrocd_api::etcdserverpb::AlarmMember;
 use ferrocd_api::etcdserverpb::{TxnRequest, TxnResponse};
-use ferrocd_engine::mvcc::codec::{encode, Alarm, LogPayload};
+use ferrocd_engine::mvcc::codec::{decode, encode, Alarm, LogPayload};
 use ferrocd_engine::mvcc::Change;
 use ferrocd_engine::wal::{Record, Wal, WalStats};
 use futures::channel::oneshot;
@@ -84,9 +85,16 @@ pub struct MetaStart {
     pub checkpoint: MetaCheckpointConfig,
 }
 
+/// Where the meta log goes: the member's own WAL (a single member: durable is committed), or a
+/// Raft group replicated to the other members (`replica.rs`).
+pub enum MetaLog {
+    Single(Rc<Wal>),
+    Replicated(Rc<Replica>),
+}
+
 pub struct Meta {
     shared: Arc<Shared>,
-    wal: Rc<Wal>,
+    log: MetaLog,
     next_index: u64,
     state: MetaState,
     touched: Vec<i64>,
@@ -97,11 +105,11 @@ pub struct Meta {
 }
 
 impl Meta {
-    pub fn new(shared: Arc<Shared>, wal: Wal, start: MetaStart) -> Meta {
+    pub fn new(shared: Arc<Shared>, log: MetaLog, start: MetaStart) -> Meta {
         assert_eq!(start.touched.len(), shared.shards.len(), "one per shard");
         Meta {
             shared,
-            wal: Rc::new(wal),
+            log,
             next_index: start.next_index,
             state: start.state,
             touched: start.touched,
@@ -130,9 +138,13 @@ impl Meta {
             wal_index: self.recovered_index,
             needed: self.touched.clone(),
         });
+        let wal = match &self.log {
+            MetaLog::Single(wal) => Some(wal.clone()),
+            MetaLog::Replicated(_) => None,
+        };
         let task = meta_checkpoint::run(
             self.shared.clone(),
-            self.wal.clone(),
+            wal,
             self.checkpoint.clone(),
             recovered,
             queue,
@@ -141,7 +153,7 @@ impl Meta {
         let interval = std::time::Duration::from_millis(self.checkpoint.bounds.interval_ms);
         loop {
             let next = futures_lite::future::or(async { Some(rx.recv().await) }, async {
-                glommio::timer::sleep(interval).await;
+                futures_lite::future::or(glommio::timer::sleep(interval), self.followed()).await;
                 None
             });
             match next.await {
@@ -149,6 +161,7 @@ impl Meta {
                 Some(Err(_closed)) => break,
                 None => {}
             }
+            self.follow_committed().await;
             // The state is cloned only when the task can take it at once.
             let due = self
                 .schedule
@@ -196,22 +209,41 @@ impl Meta {
                 put_first_checks_lease,
                 reply,
             } => {
-                let result = self
-                    .write(&txn, &spans, &involved, put_first_checks_lease)
-                    .await;
+                let result = match self.lead().await {
+                    Ok(()) => {
+                        self.write(&txn, &spans, &involved, put_first_checks_lease)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                };
                 let _ = reply.send(result);
             }
             MetaMsg::Compact { rev, reply } => {
-                let _ = reply.send(self.compact(rev).await);
+                let result = match self.lead().await {
+                    Ok(()) => self.compact(rev).await,
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(result);
             }
             MetaMsg::Stats { reply } => {
-                let _ = reply.send(self.wal.stats());
+                let _ = reply.send(match &self.log {
+                    MetaLog::Single(wal) => wal.stats(),
+                    MetaLog::Replicated(replica) => replica.wal_stats(),
+                });
             }
             MetaMsg::Lease { op, reply } => {
-                let _ = reply.send(crate::lease::ops::apply(self, op).await);
+                let result = match self.lead().await {
+                    Ok(()) => crate::lease::ops::apply(self, op).await,
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(result);
             }
             MetaMsg::Auth { op, reply } => {
-                let _ = reply.send(crate::auth::ops::apply(self, op).await);
+                let result = match self.lead().await {
+                    Ok(()) => crate::auth::ops::apply(self, op).await,
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(result);
             }
             MetaMsg::Snapshot { reply } => {
                 let _ = reply.send(super::snapshot::capture(&self.shared));
@@ -230,17 +262,152 @@ impl Meta {
     /// (which refuses writes under NOSPACE) sees it, so a restart keeps every raised alarm.
     async fn alarm(&mut self, action: AlarmAction, alarm: Alarm) -> Vec<AlarmMember> {
         let raised = self.state.alarms.contains(&alarm);
-        match action {
-            AlarmAction::Activate if !raised => {
-                self.append(&LogPayload::AlarmActivate(alarm)).await
+        let payload = match action {
+            AlarmAction::Activate if !raised => Some(LogPayload::AlarmActivate(alarm)),
+            AlarmAction::Deactivate if raised => Some(LogPayload::AlarmDeactivate(alarm)),
+            _ => None,
+        };
+        if let Some(payload) = payload {
+            // In a cluster the change may fail (no leader): the alarm stays as it was.
+            let logged = match self.lead().await {
+                Ok(()) => self.append(&payload).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = logged {
+                crate::warn!("alarm change not logged", error = e.to_string());
+                return space_alarms(&self.shared);
             }
-            AlarmAction::Deactivate if raised => {
-                self.append(&LogPayload::AlarmDeactivate(alarm)).await
-            }
-            _ => {}
         }
         let space = &self.shared.space;
         space.alarm(action, alarm.member_id, alarm.alarm)
+    }
+
+    /// Clustered: waits until this member serves as leader (`replica.rs`: taken over), applying
+    /// committed entries meanwhile; a member that does not lead refuses (the request was routed
+    /// here before leadership moved, or no leader is known). A single member always leads.
+    async fn lead(&mut self) -> Result<(), KvError> {
+        let MetaLog::Replicated(replica) = &self.log else {
+            return Ok(());
+        };
+        let replica = replica.clone();
+        let role = &self.shared.clone().role;
+        let limit = replica.timing().request_timeout();
+        let started = Instant::now();
+        loop {
+            self.follow_committed().await;
+            if role.is_serving() {
+                return Ok(());
+            }
+            match role.leader() {
+                Some(leader) if leader != role.member_id() => return Err(KvError::LeaderChanged),
+                _ if started.elapsed() >= limit => return Err(KvError::NoLeader),
+                _ => {}
+            }
+            let changed = ferrocd_raft::notify::wait_until(replica.progress(), || {
+                role.is_serving() || replica.has_followed()
+            });
+            let left = limit.saturating_sub(started.elapsed());
+            futures_lite::future::or(changed, glommio::timer::sleep(left)).await;
+        }
+    }
+
+    /// Resolves when committed entries wait to be followed (never for a single member).
+    async fn followed(&self) {
+        match &self.log {
+            MetaLog::Single(_) => futures::future::pending().await,
+            MetaLog::Replicated(replica) => {
+                ferrocd_raft::notify::wait_until(replica.progress(), || replica.has_followed())
+                    .await
+            }
+        }
+    }
+
+    /// Applies every committed entry queued for following.
+    async fn follow_committed(&mut self) {
+        let MetaLog::Replicated(replica) = &self.log else {
+            return;
+        };
+        let replica = replica.clone();
+        while let Some(entry) = replica.take_followed() {
+            if !entry.data.is_empty() {
+                let payload = decode(&entry.data).unwrap_or_else(|e| {
+                    fatal(&format!(
+                        "committed meta entry {} undecodable: {e}",
+                        entry.index
+                    ))
+                });
+                self.record(&payload);
+                self.follow(payload).await;
+            }
+            // Empty entries (a new leader's first) and membership changes have no effect here.
+            self.next_index = entry.index + 1;
+            replica.set_applied(entry.index);
+        }
+    }
+
+    /// The effects of a committed entry another member evaluated: the same as its leader's
+    /// after `append` (compare `write`, `compact`, `lease::ops`, `auth::ops`, `alarm`), without
+    /// evaluating anything.
+    async fn follow(&mut self, payload: LogPayload) {
+        let shared = self.shared.clone();
+        let stopped = match payload {
+            LogPayload::Changes { main, changes } => self.follow_changes(main, changes).await,
+            LogPayload::LeaseRevoke { id, main, changes } => {
+                shared.leases.remove(id);
+                self.follow_changes(main, changes).await
+            }
+            LogPayload::Compact { rev } => self.compact_shards(rev).await,
+            LogPayload::LeaseGrant { id, ttl_s } => {
+                let remaining = crate::lease::ttl(ttl_s);
+                shared
+                    .leases
+                    .insert(id, ttl_s, remaining, false, Instant::now());
+                Ok(())
+            }
+            // Remaining TTLs matter to a leader only; a new leader renews every lease.
+            LogPayload::LeaseCheckpoint { .. } => Ok(()),
+            LogPayload::AlarmActivate(alarm) => {
+                shared
+                    .space
+                    .alarm(AlarmAction::Activate, alarm.member_id, alarm.alarm);
+                Ok(())
+            }
+            LogPayload::AlarmDeactivate(alarm) => {
+                shared
+                    .space
+                    .alarm(AlarmAction::Deactivate, alarm.member_id, alarm.alarm);
+                Ok(())
+            }
+            auth @ (LogPayload::AuthEnable { .. }
+            | LogPayload::AuthUserPut(_)
+            | LogPayload::AuthUserDelete { .. }
+            | LogPayload::AuthRolePut(_)
+            | LogPayload::AuthRoleDelete { .. }) => {
+                shared.auth.apply(&auth);
+                Ok(())
+            }
+        };
+        if stopped.is_err() {
+            fatal("a shard stopped while following the meta log");
+        }
+    }
+
+    /// Applies replicated changes at `main` to the shards holding their keys, then makes the
+    /// revision visible (the leader committed every revision below it first).
+    async fn follow_changes(&mut self, main: i64, changes: Vec<Change>) -> Result<(), KvError> {
+        if main == 0 {
+            return Ok(());
+        }
+        let mut involved: Vec<usize> = changes
+            .iter()
+            .map(|c| self.shared.shard_of(c.effect.key()))
+            .collect();
+        involved.sort_unstable();
+        involved.dedup();
+        self.hold(&involved).await?;
+        self.release(&involved, main, changes).await?;
+        self.shared.seq.follow(main);
+        Ok(())
     }
 
     async fn write(
@@ -276,7 +443,12 @@ impl Meta {
         let changes = match rev {
             Some(rev) => {
                 let payload = LogPayload::Changes { main: rev, changes };
-                self.append(&payload).await;
+                if let Err(e) = self.append(&payload).await {
+                    // Not committed here (leadership moved): the revision is abandoned.
+                    self.shared.seq.abandon();
+                    self.release(involved, 0, Vec::new()).await?;
+                    return Err(e);
+                }
                 let LogPayload::Changes { changes, .. } = payload else {
                     unreachable!("the payload was built as changes")
                 };
@@ -383,7 +555,12 @@ impl Meta {
         if rev > self.shared.seq.visible() {
             return Err(KvError::FutureRev);
         }
-        self.append(&LogPayload::Compact { rev }).await;
+        self.append(&LogPayload::Compact { rev }).await?;
+        self.compact_shards(rev).await
+    }
+
+    /// Every shard drops its history below `rev` (the compaction is committed).
+    async fn compact_shards(&self, rev: i64) -> Result<(), KvError> {
         self.shared.set_compacted(rev);
         for shard in 0..self.shared.shards.len() {
             let (reply, done) = oneshot::channel();
@@ -395,14 +572,33 @@ impl Meta {
         Ok(())
     }
 
-    /// Appends one entry to the meta log and returns once it is durable; the entry's non-KV
-    /// effect is then in the state the next checkpoint writes.
-    pub async fn append(&mut self, payload: &LogPayload) {
-        let record = Record::entry(SINGLE_VOTER_TERM, self.next_index, encode(payload));
-        self.next_index += 1;
-        if let Err(e) = self.wal.append(&[record]).await {
-            fatal(&format!("meta WAL append failed: {e}"));
+    /// Appends one entry to the meta log and returns once it is committed (a single member:
+    /// durable; a cluster: durable on a quorum); the entry's non-KV effect is then in the state
+    /// the next checkpoint writes. In a cluster it fails when leadership moves (the entry may
+    /// still commit under the next leader: this member then follows it).
+    pub async fn append(&mut self, payload: &LogPayload) -> Result<(), KvError> {
+        match &self.log {
+            MetaLog::Single(wal) => {
+                let record = Record::entry(SINGLE_VOTER_TERM, self.next_index, encode(payload));
+                self.next_index += 1;
+                if let Err(e) = wal.append(&[record]).await {
+                    fatal(&format!("meta WAL append failed: {e}"));
+                }
+            }
+            MetaLog::Replicated(replica) => {
+                let replica = replica.clone();
+                let (index, committed) = replica.propose(encode(payload))?;
+                committed.await.map_err(|_| KvError::LeaderChanged)??;
+                self.next_index = index + 1;
+                replica.set_applied(index);
+            }
         }
+        self.record(payload);
+        Ok(())
+    }
+
+    /// Notes a committed entry in the meta state and the per-shard touched revisions.
+    fn record(&mut self, payload: &LogPayload) {
         if let Err(e) = self.state.apply(payload) {
             panic!("the meta group logged an entry its state refuses: {e}");
         }
@@ -410,4 +606,9 @@ impl Meta {
             meta_checkpoint::note_touched(&mut self.touched, main, changes);
         }
     }
+}
+
+/// The alarms as `Space` reports them, unchanged.
+fn space_alarms(shared: &Shared) -> Vec<AlarmMember> {
+    shared.space.alarm(AlarmAction::Get, 0, 0)
 }

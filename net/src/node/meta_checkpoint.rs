@@ -243,10 +243,12 @@ pub struct MetaCheckpointConfig {
 /// executor) and releases the meta WAL segments they and the shards' checkpoints cover, also
 /// between checkpoints, as the shards catch up. Ends when the job channel is closed and empty.
 /// `recovered` is the checkpoint file found at start, if any: what it covers may be released
-/// as soon as the shards cover it too.
+/// as soon as the shards cover it too. `wal` is `None` in a cluster: the meta log is then a
+/// Raft log, whose entries followers may still need; it is kept whole until log compaction
+/// with snapshot transfer is built (docs/ARCHITECTURE.md "Replication").
 pub async fn run(
     shared: Arc<Shared>,
-    wal: Rc<Wal>,
+    wal: Option<Rc<Wal>>,
     config: MetaCheckpointConfig,
     recovered: Option<ReleasePoint>,
     jobs: async_channel::Receiver<Job>,
@@ -274,6 +276,7 @@ pub async fn run(
             Some(Err(_closed)) => break,
             None => {}
         }
+        let Some(wal) = &wal else { continue };
         if let Some(index) = releaser.releasable(&shared.shards_covered()) {
             if let Err(e) = wal.release_before(index + 1).await {
                 fatal(&format!("meta WAL release failed: {e}"));

@@ -14,6 +14,7 @@ mod hash;
 pub mod meta;
 pub mod meta_checkpoint;
 pub mod recovery;
+pub mod replica;
 pub mod restore;
 pub mod role;
 pub mod shard;
@@ -87,6 +88,8 @@ pub struct Shared {
     shard_covered: Vec<AtomicI64>,
     /// Who leads (always this member when it is the only one).
     pub role: role::Role,
+    /// Clustered: linearizable reads wait on it (a single member reads at once).
+    pub read_barrier: Option<replica::ReadBarrier>,
 }
 
 impl Shared {
@@ -106,6 +109,7 @@ impl Shared {
         let shard_covered = shards.iter().map(|_| AtomicI64::new(0)).collect();
         Shared {
             role: role::Role::single(identity.member_id),
+            read_barrier: None,
             shard_covered,
             journals,
             space,
@@ -128,8 +132,9 @@ impl Shared {
     }
 
     /// A member of a cluster: leadership comes from the meta group's Raft driver.
-    pub fn clustered(mut self) -> Shared {
+    pub fn clustered(mut self, read_barrier: replica::ReadBarrier) -> Shared {
         self.role = role::Role::clustered(self.identity.member_id);
+        self.read_barrier = Some(read_barrier);
         self
     }
 
@@ -321,6 +326,16 @@ impl Node {
         }
     }
 
+    /// Before a linearizable read: in a cluster, wait until this member has applied everything
+    /// committed when the read arrived (`replica::ReadBarrier`). A single member's visible
+    /// revision already covers every acknowledged write.
+    pub async fn linearize(&self) -> Result<(), KvError> {
+        match &self.shared.read_barrier {
+            Some(barrier) => barrier.wait().await,
+            None => Ok(()),
+        }
+    }
+
     fn check_size(&self, request: &impl Message) -> Result<(), KvError> {
         if request.encoded_len() > self.shared.limits.max_request_bytes {
             return Err(KvError::RequestTooLarge);
@@ -331,6 +346,9 @@ impl Node {
     pub async fn range(&self, r: RangeRequest) -> Result<RangeResponse, KvError> {
         apply::check_range(&r)?;
         self.check(&r.key, &r.range_end, Access::Read)?;
+        if !r.serializable {
+            self.linearize().await?;
+        }
         let revs = self.revs();
         apply::check_read_rev(r.revision, revs)?;
         let rev = if r.revision > 0 {
@@ -474,6 +492,7 @@ impl Node {
 
     /// A txn without writes reads committed state at the visible revision, like a Range.
     async fn read_only_txn(&self, r: &TxnRequest) -> Result<TxnResponse, KvError> {
+        self.linearize().await?;
         let revs = self.revs();
         let mut spans = Vec::new();
         apply::txn_spans(r, &mut spans);

@@ -28,6 +28,8 @@ use ferrocd_engine::mvcc::codec::{decode, LogPayload};
 use ferrocd_engine::mvcc::Store;
 use ferrocd_engine::replay::{Origin, Replay};
 use ferrocd_engine::wal::{read_dir, RecordKind, Recovered as WalRecovered};
+use ferrocd_raft::storage::{EntryKind, SnapshotMeta};
+use ferrocd_raft::wal_store::committed_entries;
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
@@ -165,7 +167,8 @@ struct LogContents {
     wal: WalRecovered,
 }
 
-fn read_log(dir: &Path) -> Result<LogContents, String> {
+/// Reads a log's records, cutting a torn tail (logged).
+fn read_records(dir: &Path) -> Result<WalRecovered, String> {
     fs::create_dir_all(dir).map_err(|e| format!("cannot create WAL dir {}: {e}", dir.display()))?;
     let recovered = read_dir(dir).map_err(|e| format!("recovering WAL {}: {e}", dir.display()))?;
     if let Some(torn) = &recovered.torn_tail {
@@ -176,28 +179,54 @@ fn read_log(dir: &Path) -> Result<LogContents, String> {
             detail = torn.detail.as_str(),
         );
     }
-    let mut payloads = Vec::new();
-    let mut next_index = 1;
-    for record in recovered
-        .records
-        .iter()
-        .filter(|r| r.kind == RecordKind::Entry)
-    {
-        let payload = decode(&record.data).map_err(|e| {
-            format!(
-                "WAL {}: entry {} does not decode: {e}",
-                dir.display(),
-                record.index
-            )
-        })?;
-        payloads.push((record.index, payload));
-        next_index = record.index + 1;
-    }
+    Ok(recovered)
+}
+
+/// A log written by a single member: every entry is committed.
+fn read_log(dir: &Path) -> Result<LogContents, String> {
+    let wal = read_records(dir)?;
+    let entries = wal.records.iter().filter(|r| r.kind == RecordKind::Entry);
+    let payloads = decode_entries(dir, entries.map(|r| (r.index, r.data.as_slice())))?;
+    let next_index = payloads.last().map_or(1, |(index, _)| index + 1);
     Ok(LogContents {
         payloads,
         next_index,
-        wal: recovered,
+        wal,
     })
+}
+
+/// A Raft log (a member of a cluster): the entries committed as of its last hard state, as
+/// `WalLogStore` resolves them (a later leader's entry replaces an earlier one at its index).
+/// `initial` is the group's bootstrap point (see `ferrocd_raft::wal_store`).
+fn read_raft_log(dir: &Path, initial: SnapshotMeta) -> Result<LogContents, String> {
+    let wal = read_records(dir)?;
+    let (base, entries) = committed_entries(&wal.records, initial)
+        .map_err(|e| format!("recovering WAL {}: {e}", dir.display()))?;
+    let next_index = entries.last().map_or(base.index, |e| e.index) + 1;
+    // A new leader's empty entry and membership changes carry no payload of ours.
+    let ours = entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::Normal && !e.data.is_empty());
+    let payloads = decode_entries(dir, ours.map(|e| (e.index, e.data.as_slice())))?;
+    Ok(LogContents {
+        payloads,
+        next_index,
+        wal,
+    })
+}
+
+fn decode_entries<'a>(
+    dir: &Path,
+    entries: impl Iterator<Item = (u64, &'a [u8])>,
+) -> Result<Vec<(u64, LogPayload)>, String> {
+    entries
+        .map(|(index, data)| {
+            let payload = decode(data).map_err(|e| {
+                format!("WAL {}: entry {index} does not decode: {e}", dir.display())
+            })?;
+            Ok((index, payload))
+        })
+        .collect()
 }
 
 /// Opens (creating when missing) every shard's checkpoint file and loads its store.
@@ -217,16 +246,22 @@ fn open_checkpoints(data_dir: &Path, shards: usize) -> Result<Vec<(Checkpointer,
         .collect()
 }
 
+/// Recovers a data dir. `raft_initial` is `Some` for a member of a cluster: the meta log is
+/// then a Raft log starting at that bootstrap point, of which only committed entries apply.
 pub fn recover(
     data_dir: &Path,
     shards: usize,
     lease_config: LeaseConfig,
+    raft_initial: Option<SnapshotMeta>,
 ) -> Result<Recovered, String> {
     let (checkpointers, stores): (Vec<Checkpointer>, Vec<Store>) =
         open_checkpoints(data_dir, shards)?.into_iter().unzip();
     let metas = checkpointers.iter().map(Checkpointer::meta);
     let mut replay = Replay::new(stores.into_iter().zip(metas).collect());
-    let meta = read_log(&meta_wal_dir(data_dir))?;
+    let meta = match raft_initial {
+        None => read_log(&meta_wal_dir(data_dir))?,
+        Some(initial) => read_raft_log(&meta_wal_dir(data_dir), initial)?,
+    };
     let mut next_index = Vec::with_capacity(shards + 1);
     let mut wals = Vec::with_capacity(shards + 1);
     for (shard, checkpointer) in checkpointers.iter().enumerate() {

@@ -18,6 +18,9 @@ pub struct Role {
     /// This member leads and has finished taking over (fenced the revision counter), so it
     /// may evaluate writes.
     serving: AtomicBool,
+    /// Clustered: the meta group's commit and applied indexes, for Maintenance.Status.
+    commit_index: AtomicU64,
+    applied_index: AtomicU64,
 }
 
 impl Role {
@@ -29,6 +32,8 @@ impl Role {
             leader: AtomicU64::new(member_id),
             term: AtomicU64::new(crate::node::shard::SINGLE_VOTER_TERM),
             serving: AtomicBool::new(true),
+            commit_index: AtomicU64::new(0),
+            applied_index: AtomicU64::new(0),
         }
     }
 
@@ -40,6 +45,8 @@ impl Role {
             leader: AtomicU64::new(NO_LEADER),
             term: AtomicU64::new(0),
             serving: AtomicBool::new(false),
+            commit_index: AtomicU64::new(0),
+            applied_index: AtomicU64::new(0),
         }
     }
 
@@ -83,6 +90,19 @@ impl Role {
         if leader != Some(self.member_id) {
             self.serving.store(false, SeqCst);
         }
+    }
+
+    /// The meta group's Raft indexes as last published: (commit, applied).
+    pub fn indexes(&self) -> (u64, u64) {
+        (
+            self.commit_index.load(SeqCst),
+            self.applied_index.load(SeqCst),
+        )
+    }
+
+    pub fn set_indexes(&self, commit: u64, applied: u64) {
+        self.commit_index.store(commit, SeqCst);
+        self.applied_index.store(applied, SeqCst);
     }
 
     /// The driver finished taking over as leader: writes may be evaluated here.

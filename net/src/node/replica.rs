@@ -1,0 +1,488 @@
+//! The meta group's log replicated with Raft (issue 5, first step): in a cluster, every write
+//! is one meta log entry, and that log is a raft-rs group over the peer transport.
+//!
+//! The driver runs on core 0 beside the meta group (`meta.rs`) and owns the group's Raft state
+//! (`ferrocd_raft::multi::Node` holding group 0, its log a `WalLogStore` on the meta WAL):
+//!
+//! - ticks every `tick_ms`, steps peers' envelopes in, makes each ready durable (the WAL's group
+//!   commit; a leader's appends leave before its own fdatasync) and sends the envelopes out;
+//! - a leader's proposal waits for its index to come out committed *with the term it was
+//!   proposed in* (else another leader's entry took the index: `LeaderChanged`); the meta group
+//!   then applies the entry's effects itself (it evaluated the request, see `meta.rs`);
+//! - every other committed entry is *followed*: queued for the meta group, which applies its
+//!   effects without evaluating anything (invariant I6: replicas apply the same effects);
+//! - linearizable reads on any member ask for a read point (`ReadBarrier`, ReadIndex with
+//!   raft-rs's `Safe` option: the leader confirms it still leads with a heartbeat round),
+//!   then wait until this member applied up to it.
+//!
+//! Taking over (the fencing rule of the design brief): a new leader evaluates nothing until
+//! it has committed an entry of its own term and applied every entry before it. Then every
+//! revision in its log is applied, the sequencer's counter is above all of them (`follow`
+//! raised it), and no revision a client has seen can be handed out again. Stepping down
+//! fails the proposals in flight (`LeaderChanged`; each may still commit under the next
+//! leader and is then followed) and abandons the revisions they took.
+
+use super::errors::KvError;
+use super::Shared;
+use crate::peer::PeerCore;
+use event_listener::Event;
+use ferrocd_raft::group::GroupConfig;
+use ferrocd_raft::multi::{Envelope, Node as RaftNode, NodeConfig as RaftNodeConfig, META_GROUP};
+use ferrocd_raft::notify::wait_until;
+use ferrocd_raft::storage::Entry;
+use ferrocd_raft::wal_store::WalLogStore;
+use futures::channel::oneshot;
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::Future;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Upper bound on the entry bytes in one append message to a follower.
+const MAX_APPEND_BYTES: u64 = 1 << 20;
+/// Appends in flight to one follower before the leader waits for acknowledgements.
+const MAX_INFLIGHT_APPENDS: usize = 256;
+/// Raft messages queued for one peer between two sends; more are dropped (raft retransmits).
+const PEER_QUEUE_LIMIT_MSGS: usize = 4096;
+/// Read requests waiting for a read point, across all cores; more wait to be queued.
+const READ_QUEUE_LIMIT: usize = 4096;
+
+/// Raft timing, in etcd's terms (`--heartbeat-interval`, `--election-timeout`).
+#[derive(Clone, Debug)]
+pub struct RaftTiming {
+    pub tick_ms: u64,
+    pub election_ticks: usize,
+}
+
+impl RaftTiming {
+    pub fn from_etcd_flags(heartbeat_ms: u64, election_timeout_ms: u64) -> RaftTiming {
+        assert!(heartbeat_ms > 0, "heartbeat interval must be positive");
+        RaftTiming {
+            tick_ms: heartbeat_ms,
+            election_ticks: (election_timeout_ms / heartbeat_ms).max(2) as usize,
+        }
+    }
+
+    /// How long a request may wait for a leader or a read point: a few election timeouts.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.tick_ms * self.election_ticks as u64 * 5)
+    }
+}
+
+type ReadReply = oneshot::Sender<Result<u64, KvError>>;
+
+/// Linearizable reads from any core: a read point confirmed by a quorum, then local apply.
+pub struct ReadBarrier {
+    requests: async_channel::Sender<ReadReply>,
+    applied_index: AtomicU64,
+    applied: Event,
+    timeout: Duration,
+}
+
+impl ReadBarrier {
+    /// The barrier and the receiving end of its requests (for the driver on core 0).
+    pub fn new(timing: &RaftTiming) -> (ReadBarrier, async_channel::Receiver<ReadReply>) {
+        let (requests, rx) = async_channel::bounded(READ_QUEUE_LIMIT);
+        let barrier = ReadBarrier {
+            requests,
+            applied_index: AtomicU64::new(0),
+            applied: Event::new(),
+            timeout: timing.request_timeout(),
+        };
+        (barrier, rx)
+    }
+
+    /// Resolves once this member has applied every entry committed before the call: a read at
+    /// the visible revision after it reflects every write acknowledged before it (I4).
+    pub async fn wait(&self) -> Result<(), KvError> {
+        let (reply, point) = oneshot::channel();
+        self.requests
+            .send(reply)
+            .await
+            .map_err(|_| KvError::Stopped)?;
+        let index = within(self.timeout, point)
+            .await
+            .ok_or(KvError::Timeout)?
+            .map_err(|_| KvError::LeaderChanged)??;
+        let applied = wait_until(&self.applied, || self.applied_index.load(SeqCst) >= index);
+        within(self.timeout, applied).await.ok_or(KvError::Timeout)
+    }
+
+    fn set_applied(&self, index: u64) {
+        if self.applied_index.fetch_max(index, SeqCst) < index {
+            self.applied.notify(usize::MAX);
+        }
+    }
+}
+
+/// `future`'s output, or `None` once `limit` has passed. `Send` (request handlers are): the
+/// glommio timer is polled only on the core that created it, which `SendWrapper` checks.
+async fn within<T>(limit: Duration, future: impl Future<Output = T>) -> Option<T> {
+    let timer = send_wrapper::SendWrapper::new(glommio::timer::sleep(limit));
+    futures_lite::future::or(async { Some(future.await) }, async {
+        timer.await;
+        None
+    })
+    .await
+}
+
+/// What the driver starts from.
+pub struct ReplicaStart {
+    pub store: WalLogStore,
+    /// The highest index recovery applied (committed entries up to it are not handed out).
+    pub applied_index: u64,
+    pub timing: RaftTiming,
+    pub reads: async_channel::Receiver<ReadReply>,
+}
+
+type Proposed = oneshot::Sender<Result<(), KvError>>;
+
+pub struct Replica {
+    shared: Arc<Shared>,
+    raft: RefCell<RaftNode<WalLogStore>>,
+    peer: Rc<PeerCore>,
+    timing: RaftTiming,
+    /// Set (and `wake` notified) when the driver has work: a tick, a message, a proposal, a
+    /// durable ready, a read request, an apply.
+    dirty: Cell<bool>,
+    wake: Event,
+    /// Notified when followed entries are queued or leadership changes (the meta group waits).
+    progress: Event,
+    /// This leader's proposals by index, with the term they were proposed in.
+    proposed: RefCell<BTreeMap<u64, (u64, Proposed)>>,
+    /// Committed entries for the meta group to follow, in order.
+    followed: RefCell<VecDeque<Entry>>,
+    /// The meta group applied every entry up to here.
+    applied: Cell<u64>,
+    /// Applied index last reported to raft.
+    reported_applied: Cell<u64>,
+    /// Highest ready number made durable and reported.
+    persisted: Cell<u64>,
+    /// Read requests not yet asked for, and those asked for under a context.
+    reads_waiting: RefCell<Vec<ReadReply>>,
+    reads_asked: RefCell<HashMap<u64, Vec<ReadReply>>>,
+    next_read_context: Cell<u64>,
+    /// Leader and term as last published to `Shared::role`.
+    seen: Cell<(Option<u64>, u64)>,
+}
+
+impl Replica {
+    /// Builds the driver and starts its tasks on the current (glommio) executor.
+    pub fn start(shared: Arc<Shared>, peer: Rc<PeerCore>, start: ReplicaStart) -> Rc<Replica> {
+        let member_id = shared.identity.member_id;
+        let config = RaftNodeConfig {
+            group: GroupConfig {
+                member_id,
+                election_ticks: start.timing.election_ticks,
+                max_election_ticks: start.timing.election_ticks * 2,
+                heartbeat_ticks: 1,
+                max_size_per_msg_bytes: MAX_APPEND_BYTES,
+                max_inflight_msgs: MAX_INFLIGHT_APPENDS,
+                applied_index: start.applied_index,
+            },
+            peer_queue_limit_msgs: PEER_QUEUE_LIMIT_MSGS,
+            affinity_retry_ticks: start.timing.election_ticks as u64,
+        };
+        let mut raft = RaftNode::new(config);
+        raft.add_group(META_GROUP, start.store, start.applied_index);
+        let replica = Rc::new(Replica {
+            shared,
+            raft: RefCell::new(raft),
+            peer,
+            timing: start.timing,
+            dirty: Cell::new(true),
+            wake: Event::new(),
+            progress: Event::new(),
+            proposed: RefCell::new(BTreeMap::new()),
+            followed: RefCell::new(VecDeque::new()),
+            applied: Cell::new(start.applied_index),
+            reported_applied: Cell::new(start.applied_index),
+            persisted: Cell::new(0),
+            reads_waiting: RefCell::new(Vec::new()),
+            reads_asked: RefCell::new(HashMap::new()),
+            next_read_context: Cell::new(1),
+            seen: Cell::new((None, 0)),
+        });
+        glommio::spawn_local(replica.clone().ticks()).detach();
+        glommio::spawn_local(replica.clone().inbound()).detach();
+        glommio::spawn_local(replica.clone().read_requests(start.reads)).detach();
+        glommio::spawn_local(replica.clone().drive()).detach();
+        replica
+    }
+
+    fn member_id(&self) -> u64 {
+        self.shared.identity.member_id
+    }
+
+    fn poke(&self) {
+        self.dirty.set(true);
+        self.wake.notify(1);
+    }
+
+    async fn ticks(self: Rc<Self>) {
+        let tick = Duration::from_millis(self.timing.tick_ms);
+        loop {
+            glommio::timer::sleep(tick).await;
+            self.raft.borrow_mut().tick();
+            self.poke();
+        }
+    }
+
+    async fn inbound(self: Rc<Self>) {
+        let me = self.member_id();
+        while let Ok(delivery) = self.peer.inbox().recv().await {
+            let envelope = Envelope {
+                from: delivery.from,
+                to: me,
+                bytes: delivery.payload,
+            };
+            if let Err(e) = self.raft.borrow_mut().receive(&envelope) {
+                crate::warn!(
+                    "dropped an undecodable raft envelope",
+                    from = format!("{:x}", envelope.from),
+                    error = e.0
+                );
+            }
+            self.poke();
+        }
+    }
+
+    async fn read_requests(self: Rc<Self>, requests: async_channel::Receiver<ReadReply>) {
+        while let Ok(reply) = requests.recv().await {
+            self.reads_waiting.borrow_mut().push(reply);
+            self.poke();
+        }
+    }
+
+    async fn drive(self: Rc<Self>) {
+        loop {
+            wait_until(&self.wake, || self.dirty.get()).await;
+            self.dirty.set(false);
+            self.step();
+        }
+    }
+
+    /// One round: read requests, readies, envelopes, leadership.
+    fn step(self: &Rc<Self>) {
+        self.ask_read_point();
+        let readies = self.raft.borrow_mut().ready();
+        for (group, ready) in readies {
+            assert_eq!(group, META_GROUP, "the replica holds the meta group only");
+            if let Some(number) = ready.persist {
+                self.persist(number);
+            }
+            if ready.snapshot.is_some() {
+                // The leader never compacts the meta log yet, so it never sends one.
+                super::shard::fatal("received a raft snapshot: snapshot install is not built yet");
+            }
+            for entry in ready.committed {
+                self.committed(entry);
+            }
+            for point in ready.reads {
+                self.read_point(&point.context, point.index);
+            }
+        }
+        for envelope in self.raft.borrow_mut().take_envelopes() {
+            // A full queue or an unknown peer drops the batch; raft retransmits.
+            let _ = self.peer.send(envelope.to, envelope.bytes);
+        }
+        self.observe_leadership();
+        self.try_take_over();
+        let applied = self.applied.get();
+        if applied > self.reported_applied.get() {
+            self.reported_applied.set(applied);
+            self.raft.borrow_mut().on_applied(META_GROUP, applied);
+        }
+        let commit = self
+            .raft
+            .borrow()
+            .group(META_GROUP)
+            .expect("meta group")
+            .commit_index();
+        self.shared.role.set_indexes(commit, applied);
+    }
+
+    fn persist(self: &Rc<Self>, number: u64) {
+        let durable = {
+            let mut raft = self.raft.borrow_mut();
+            let group = raft.group_mut(META_GROUP).expect("meta group");
+            group.store_mut().sync()
+        };
+        let durable =
+            durable.unwrap_or_else(|e| super::shard::fatal(&format!("meta raft log: {e}")));
+        let replica = self.clone();
+        glommio::spawn_local(async move {
+            if let Err(e) = durable.await {
+                super::shard::fatal(&format!("meta raft log fdatasync failed: {e}"));
+            }
+            // Batches become durable in order; a later one reported first covers this one.
+            if number > replica.persisted.get() {
+                replica.persisted.set(number);
+                replica.raft.borrow_mut().on_persisted(META_GROUP, number);
+            }
+            replica.poke();
+        })
+        .detach();
+    }
+
+    fn committed(&self, entry: Entry) {
+        if entry.index <= self.applied.get() {
+            return; // applied by recovery
+        }
+        if let Some((term, proposed)) = self.proposed.borrow_mut().remove(&entry.index) {
+            if term == entry.term {
+                let _ = proposed.send(Ok(()));
+                return; // the meta group applies its own proposal
+            }
+            let _ = proposed.send(Err(KvError::LeaderChanged));
+        }
+        self.followed.borrow_mut().push_back(entry);
+        self.progress.notify(usize::MAX);
+    }
+
+    /// Appends `data` to the log (leader only); the receiver resolves once it is committed.
+    pub fn propose(
+        &self,
+        data: Vec<u8>,
+    ) -> Result<(u64, oneshot::Receiver<Result<(), KvError>>), KvError> {
+        let mut raft = self.raft.borrow_mut();
+        let group = raft.group_mut(META_GROUP).expect("meta group");
+        let term = group.term();
+        let index = group.propose(data).map_err(|e| match e {
+            ferrocd_raft::group::ProposeError::NotLeader { leader: 0 } => KvError::NoLeader,
+            _ => KvError::LeaderChanged,
+        })?;
+        let (done, committed) = oneshot::channel();
+        let previous = self.proposed.borrow_mut().insert(index, (term, done));
+        assert!(previous.is_none(), "two proposals at index {index}");
+        drop(raft);
+        self.poke();
+        Ok((index, committed))
+    }
+
+    /// The next committed entry the meta group must follow.
+    pub fn take_followed(&self) -> Option<Entry> {
+        self.followed.borrow_mut().pop_front()
+    }
+
+    pub fn has_followed(&self) -> bool {
+        !self.followed.borrow().is_empty()
+    }
+
+    /// Notified when entries are queued for following or leadership changed.
+    pub fn progress(&self) -> &Event {
+        &self.progress
+    }
+
+    /// The meta group applied every entry up to `index`.
+    pub fn set_applied(&self, index: u64) {
+        assert!(index >= self.applied.get(), "applied index went back");
+        self.applied.set(index);
+        if let Some(reads) = &self.shared.read_barrier {
+            reads.set_applied(index);
+        }
+        self.poke();
+    }
+
+    /// The counters of the meta log's WAL (metrics).
+    pub fn wal_stats(&self) -> ferrocd_engine::wal::WalStats {
+        let raft = self.raft.borrow();
+        raft.group(META_GROUP)
+            .expect("meta group")
+            .store()
+            .wal()
+            .stats()
+    }
+
+    pub fn timing(&self) -> &RaftTiming {
+        &self.timing
+    }
+
+    /// Asks one read point for every read waiting now (one heartbeat round serves them all).
+    fn ask_read_point(&self) {
+        let waiting = std::mem::take(&mut *self.reads_waiting.borrow_mut());
+        if waiting.is_empty() {
+            return;
+        }
+        if self.shared.role.leader().is_none() {
+            for reply in waiting {
+                let _ = reply.send(Err(KvError::NoLeader));
+            }
+            return;
+        }
+        let context = self.next_read_context.get();
+        self.next_read_context.set(context + 1);
+        self.reads_asked.borrow_mut().insert(context, waiting);
+        self.raft
+            .borrow_mut()
+            .read_index(META_GROUP, context.to_le_bytes().to_vec());
+    }
+
+    fn read_point(&self, context: &[u8], index: u64) {
+        let Ok(bytes) = <[u8; 8]>::try_from(context) else {
+            return;
+        };
+        let asked = self
+            .reads_asked
+            .borrow_mut()
+            .remove(&u64::from_le_bytes(bytes));
+        for reply in asked.into_iter().flatten() {
+            let _ = reply.send(Ok(index));
+        }
+    }
+
+    /// Publishes leadership changes; a leader that lost its place steps down.
+    fn observe_leadership(&self) {
+        let now = {
+            let raft = self.raft.borrow();
+            let group = raft.group(META_GROUP).expect("meta group");
+            (group.leader(), group.term())
+        };
+        let before = self.seen.replace(now);
+        if before == now {
+            return;
+        }
+        let me = Some(self.member_id());
+        crate::info!(
+            "meta group leadership",
+            leader = format!("{:x}", now.0.unwrap_or(0)),
+            term = now.1
+        );
+        if before.0 == me {
+            self.step_down();
+        }
+        self.shared.role.set_leader(now.0, now.1);
+        self.progress.notify(usize::MAX);
+    }
+
+    fn step_down(&self) {
+        for (_, (_, proposed)) in std::mem::take(&mut *self.proposed.borrow_mut()) {
+            let _ = proposed.send(Err(KvError::LeaderChanged));
+        }
+        // Read points asked as leader may never come: their readers time out or retry.
+        self.reads_asked.borrow_mut().clear();
+        self.shared.seq.abandon();
+    }
+
+    /// A leader serves once it committed an entry of its term and applied all before it.
+    fn try_take_over(&self) {
+        let role = &self.shared.role;
+        if role.leader() != Some(self.member_id()) || role.is_serving() {
+            return;
+        }
+        let ready = {
+            let raft = self.raft.borrow();
+            let group = raft.group(META_GROUP).expect("meta group");
+            group.leads_committed_term() && self.applied.get() >= group.commit_index()
+        };
+        if !ready || self.has_followed() {
+            return;
+        }
+        self.shared.leases.promote(Instant::now());
+        role.set_serving();
+        crate::info!("serving as leader", term = role.term());
+        self.progress.notify(usize::MAX);
+    }
+}
