@@ -4,10 +4,12 @@ use clap::Parser;
 use ferrocd_net::auth::jwt::{JwtOptions, DEFAULT_JWT_TTL};
 use ferrocd_net::lease::LeaseConfig;
 use ferrocd_net::log;
+use ferrocd_net::members::{parse_initial_cluster, ClusterState};
 use ferrocd_net::node::checkpoint::{
     CheckpointConfig, DEFAULT_CHECKPOINT_INTERVAL_MS, DEFAULT_CHECKPOINT_MAX_CHANGES,
 };
 use ferrocd_net::node::compactor::{AutoCompaction, REVISION_MODE_INTERVAL_MS};
+use ferrocd_net::node::recovery::Bootstrap;
 use ferrocd_net::node::restore::{self, RestoreConfig};
 use ferrocd_net::node::space::DEFAULT_QUOTA_BYTES;
 use ferrocd_net::node::Limits;
@@ -309,14 +311,9 @@ fn split_urls(urls: &str) -> Vec<String> {
 }
 
 fn config(flags: &Flags) -> Result<NodeConfig, String> {
-    let members = flags
-        .initial_cluster
-        .split(',')
-        .filter(|m| !m.trim().is_empty())
-        .count();
-    if members > 1 {
-        return Err(format!("--initial-cluster names {members} members: clustering is not supported yet (single member only)"));
-    }
+    // etcd reads the list (and refuses a bad URL) whether or not the data dir exists; the
+    // other checks apply only to a new data dir (`recovery::Bootstrap::verify`).
+    let initial_cluster = parse_initial_cluster(&flags.initial_cluster)?;
     let auto_compaction = auto_compaction(flags)?;
     if flags.max_txn_ops == 0 || flags.max_request_bytes == 0 {
         return Err("--max-txn-ops and --max-request-bytes must be positive".into());
@@ -352,6 +349,12 @@ fn config(flags: &Flags) -> Result<NodeConfig, String> {
         peer_tls: flags.tls.peer(),
         advertise_client_urls: split_urls(&flags.advertise_client_urls),
         advertise_peer_urls: split_urls(&flags.initial_advertise_peer_urls),
+        initial_cluster,
+        initial_cluster_state: match flags.initial_cluster_state.as_str() {
+            "existing" => ClusterState::Existing,
+            _ => ClusterState::New,
+        },
+        initial_cluster_token: flags.initial_cluster_token.clone(),
         watch_progress_notify_interval_ms: parse_duration_ms(
             "experimental-watch-progress-notify-interval",
             &flags.experimental_watch_progress_notify_interval,
@@ -480,10 +483,13 @@ fn snapshot_command(args: impl Iterator<Item = String>) -> Result<(), String> {
                 snapshot: file,
                 data_dir: data_dir.unwrap_or_else(|| PathBuf::from(format!("{name}.ferrocd"))),
                 shards,
-                name,
-                initial_cluster,
-                initial_cluster_token,
-                initial_advertise_peer_urls,
+                bootstrap: Bootstrap {
+                    name,
+                    initial_cluster: parse_initial_cluster(&initial_cluster)?,
+                    state: ClusterState::New,
+                    token: initial_cluster_token,
+                    advertise_peer_urls: split_urls(&initial_advertise_peer_urls),
+                },
             };
             let status = restore::restore(&config)?;
             println!(

@@ -27,23 +27,14 @@ use tonic::{Request, Response, Status};
 /// and no message of its own: it crashes on some such requests).
 pub const NEGATIVE_ALARM_TYPE: &str = "etcdserver: alarm type must not be negative";
 
-/// What this member advertises.
-#[derive(Clone, Debug)]
-pub struct MemberInfo {
-    pub name: String,
-    pub peer_urls: Vec<String>,
-    pub client_urls: Vec<String>,
-}
-
 #[derive(Clone)]
 pub struct ClusterService {
     node: Node,
-    member: MemberInfo,
 }
 
 impl ClusterService {
-    pub fn new(node: Node, member: MemberInfo) -> ClusterService {
-        ClusterService { node, member }
+    pub fn new(node: Node) -> ClusterService {
+        ClusterService { node }
     }
 }
 
@@ -54,17 +45,18 @@ impl Cluster for ClusterService {
         _request: Request<MemberListRequest>,
     ) -> Result<Response<MemberListResponse>, Status> {
         let shared = self.node.shared();
-        let member = Member {
-            id: shared.identity.member_id,
-            name: self.member.name.clone(),
-            peer_ur_ls: self.member.peer_urls.clone(),
-            client_ur_ls: self.member.client_urls.clone(),
-            is_learner: false,
-        };
+        // By id, as etcd lists them; a member that has not published yet shows no client URLs.
+        let members = shared.members.list().into_iter().map(|m| Member {
+            id: m.id,
+            name: m.name,
+            peer_ur_ls: m.peer_urls,
+            client_ur_ls: m.client_urls,
+            is_learner: m.is_learner,
+        });
         Ok(Response::new(MemberListResponse {
             // etcd's cluster service fills no revision in its headers.
             header: Some(shared.header(0)),
-            members: vec![member],
+            members: members.collect(),
         }))
     }
 }

@@ -10,6 +10,7 @@ pub mod kv;
 pub mod lease;
 pub mod lock;
 pub mod log;
+pub mod members;
 pub mod metrics;
 pub mod node;
 pub mod peer;

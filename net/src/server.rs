@@ -6,7 +6,7 @@ use crate::auth::jwt::{JwtOptions, JwtTokens};
 use crate::auth::service::AuthService;
 use crate::auth::token::{SimpleTokens, TokenProvider};
 use crate::auth::AuthStore;
-use crate::cluster::{ClusterService, MemberInfo};
+use crate::cluster::ClusterService;
 use crate::election::ElectionService;
 use crate::gateway::{self, Gateway};
 use crate::http::{health_handler, version_handler, Health, PATH_HEALTH, PATH_VERSION};
@@ -14,12 +14,13 @@ use crate::kv::KvService;
 use crate::lease::service::LeaseService;
 use crate::lease::{lessor, LeaseConfig};
 use crate::lock::LockService;
+use crate::members::{ClusterState, InitialMember, Members};
 use crate::metrics::{metrics_handler, GrpcMetrics, PATH_METRICS};
 use crate::node::checkpoint::CheckpointConfig;
 use crate::node::compactor::{self, AutoCompaction};
 use crate::node::meta::{Meta, MetaLog, MetaMsg, MetaStart};
 use crate::node::meta_checkpoint::MetaCheckpointConfig;
-use crate::node::recovery::{self, Recovered};
+use crate::node::recovery::{self, Bootstrap, Recovered};
 use crate::node::shard::{Shard, ShardMsg};
 use crate::node::{Limits, Node, Shared, INBOX_CAPACITY};
 use crate::peer::{PeerConfig, PeerMesh};
@@ -66,6 +67,11 @@ pub struct NodeConfig {
     pub peer_tls: TlsFiles,
     pub advertise_client_urls: Vec<String>,
     pub advertise_peer_urls: Vec<String>,
+    /// `--initial-cluster`, `--initial-cluster-state`, `--initial-cluster-token`: used only
+    /// when the data dir is new (`recovery::Bootstrap`).
+    pub initial_cluster: Vec<InitialMember>,
+    pub initial_cluster_state: ClusterState,
+    pub initial_cluster_token: String,
     pub limits: Limits,
     pub lease: LeaseConfig,
     /// Interval of watch progress notifications (etcd's hidden
@@ -158,7 +164,14 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
     let fixtures = config.data_dir.join("fixtures").join("client");
     let client_tls = ServerTls::for_client(&config.client_tls, &config.listen_client, &fixtures)?;
     tls::validate_peer(&config.peer_tls, &config.listen_peer)?;
-    let identity = recovery::open_identity(&config.data_dir, config.shards, &config.name)?;
+    let bootstrap = Bootstrap {
+        name: config.name.clone(),
+        initial_cluster: config.initial_cluster.clone(),
+        state: config.initial_cluster_state,
+        token: config.initial_cluster_token.clone(),
+        advertise_peer_urls: config.advertise_peer_urls.clone(),
+    };
+    let (identity, members) = recovery::open_identity(&config.data_dir, config.shards, &bootstrap)?;
     let Recovered {
         stores,
         checkpointers,
@@ -193,9 +206,14 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
             leases,
         )
         .with_auth(AuthStore::new(meta_state.auth.clone(), tokens))
-        .with_readers(seed_readers(&stores, &checkpointers)),
+        .with_readers(seed_readers(&stores, &checkpointers))
+        .with_members(Members::new(members)),
     );
     shared.space.restore(meta_state.alarms.iter().copied());
+    meta_state
+        .published
+        .values()
+        .for_each(|attributes| shared.members.publish(attributes));
     crate::info!(
         "starting local member",
         local_member_id = format!("{:016x}", identity.member_id),
@@ -237,6 +255,7 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
     });
     let serving = Arc::new((AtomicUsize::new(config.cores), Event::new()));
     let grpc_metrics = GrpcMetrics::new(config.cores);
+    let published = Shutdown::default();
     let mut handles = Vec::new();
     for (core, shards) in owned.into_iter().enumerate() {
         let core_setup = CoreSetup {
@@ -250,6 +269,7 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
             grpc_metrics: grpc_metrics.clone(),
             client_tls: client_tls.clone(),
             peers: peers.clone(),
+            published: published.clone(),
         };
         let handle = LocalExecutorBuilder::new(Placement::Unbound)
             .name(&format!("ferrocd-core-{core}"))
@@ -321,6 +341,9 @@ struct CoreSetup {
     client_tls: Option<ServerTls>,
     /// The peer port, bound for every core (none when no plain peer URL is given).
     peers: Option<Arc<PeerMesh>>,
+    /// Set (a one-way flag, as `Shutdown`) once core 0 has published this member's
+    /// attributes: cores serve clients only then.
+    published: Shutdown,
 }
 
 /// Binds the peer port, as etcd does even for a single member: the first `http://` URL of
@@ -359,6 +382,19 @@ fn seed_readers(stores: &[Store], checkpointers: &[Checkpointer]) -> Vec<Arc<Sha
         Arc::new(reader)
     };
     stores.iter().zip(checkpointers).map(seed).collect()
+}
+
+/// A single member publishes its name and client URLs itself, as etcd does at start-up (in a
+/// cluster the replication wiring does, through the leader).
+async fn publish_single_member(shared: &Arc<Shared>, config: &NodeConfig) -> Result<(), String> {
+    if shared.members.len() != 1 {
+        return Ok(());
+    }
+    let node = Node::new(shared.clone());
+    let (name, client_urls) = (&config.name, &config.advertise_client_urls);
+    node.publish(name.clone(), client_urls.clone())
+        .await
+        .map_err(|e| format!("cannot publish this member's attributes: {e}"))
 }
 
 impl CoreSetup {
@@ -403,18 +439,17 @@ impl CoreSetup {
                 let node = Node::new(self.shared.clone());
                 glommio::spawn_local(compactor::run(node, mode)).detach();
             }
+            publish_single_member(&self.shared, &self.config).await?;
+            self.published.request();
         }
+        // Clients see this member's client URLs in MemberList from the first request on.
+        futures_lite::future::or(self.published.wait(), self.shutdown.wait()).await;
         let node = Node::new(self.shared.clone());
         let kv_service = KvService::new(node.clone());
         let kv = KvServer::new(kv_service.clone()).max_decoding_message_size(
             max_grpc_message_bytes(self.config.limits.max_request_bytes),
         );
-        let member = MemberInfo {
-            name: self.config.name.clone(),
-            peer_urls: self.config.advertise_peer_urls.clone(),
-            client_urls: self.config.advertise_client_urls.clone(),
-        };
-        let cluster = ClusterService::new(node.clone(), member);
+        let cluster = ClusterService::new(node.clone());
         let hub = Hub::new(self.shared.clone());
         glommio::spawn_local(hub.clone().run()).detach();
         let (closer, shutdown) = (hub.clone(), self.shutdown.clone());

@@ -63,6 +63,7 @@ pub enum RowType {
     Lease,
     Auth,
     Alarm,
+    Member,
     Hardstate,
 }
 
@@ -241,6 +242,8 @@ enum Data<'a> {
     Auth(&'static str, Vec<(&'static str, String)>),
     /// An alarm raised or cleared: its op and fields, as an auth row.
     Alarm(&'static str, Vec<(&'static str, String)>),
+    /// A member's published attributes: its op and fields, as an auth row.
+    Member(&'static str, Vec<(&'static str, String)>),
     HardState(HardState),
     Undecodable {
         detail: String,
@@ -258,6 +261,7 @@ impl Data<'_> {
             Data::Lease(_) => "lease",
             Data::Auth(..) => "auth",
             Data::Alarm(..) => "alarm",
+            Data::Member(..) => "member",
             Data::HardState(_) => "hardstate",
             Data::Undecodable { .. } => "undecodable",
         }
@@ -271,6 +275,7 @@ impl Data<'_> {
             Data::Lease(_) => Some(RowType::Lease),
             Data::Auth(..) => Some(RowType::Auth),
             Data::Alarm(..) => Some(RowType::Alarm),
+            Data::Member(..) => Some(RowType::Member),
             Data::HardState(_) => Some(RowType::Hardstate),
             Data::Noop { .. } | Data::Undecodable { .. } => None,
         }
@@ -426,6 +431,14 @@ fn rows_of<'a>(
             .collect(),
         Some(Ok(LogPayload::AlarmActivate(alarm))) => vec![alarm_row("activate", alarm)],
         Some(Ok(LogPayload::AlarmDeactivate(alarm))) => vec![alarm_row("deactivate", alarm)],
+        Some(Ok(LogPayload::MemberPublish(attributes))) => vec![Data::Member(
+            "publish",
+            vec![
+                ("member_id", format!("{:016x}", attributes.member_id)),
+                ("name", attributes.name.clone()),
+                ("client_urls", attributes.client_urls.join(",")),
+            ],
+        )],
         Some(Ok(payload)) => {
             vec![auth_row(payload).expect("every other payload is an auth record")]
         }
@@ -621,7 +634,7 @@ fn text_data(data: &Data<'_>) -> String {
                 .collect();
             format!("{} {}", row.op(), fields.join(" "))
         }
-        Data::Auth(op, fields) | Data::Alarm(op, fields) => {
+        Data::Auth(op, fields) | Data::Alarm(op, fields) | Data::Member(op, fields) => {
             let fields: Vec<String> = fields
                 .iter()
                 .map(|(n, v)| format!("{n}={}", quoted(v.as_bytes())))
@@ -668,7 +681,7 @@ fn json_data(data: &Data<'_>) -> Vec<(&'static str, String)> {
             }
             fields
         }
-        Data::Auth(op, fields) | Data::Alarm(op, fields) => {
+        Data::Auth(op, fields) | Data::Alarm(op, fields) | Data::Member(op, fields) => {
             std::iter::once(("op", json_string(op)))
                 .chain(fields.iter().map(|(n, v)| (*n, json_string(v))))
                 .collect()

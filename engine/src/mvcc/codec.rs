@@ -26,6 +26,8 @@
 //! tag 10   = AuthRoleDelete: name:str (also takes the role from every user)
 //! tag 11   = AlarmActivate: member_id:u64 alarm:i64 (an `etcdserverpb.AlarmType`, 0..=i32::MAX)
 //! tag 12   = AlarmDeactivate: member_id:u64 alarm:i64 (same domain)
+//! tag 13   = MemberPublish: member_id:u64 name:bytes count:uvar client_url:bytes*count
+//!            (a member's name and client URLs, etcd's publish)
 //! str      = len:uvar utf-8 bytes (non-empty); bytes = len:uvar bytes
 //! ```
 //!
@@ -55,6 +57,7 @@ const TAG_AUTH_ROLE_PUT: u8 = 9;
 const TAG_AUTH_ROLE_DELETE: u8 = 10;
 const TAG_ALARM_ACTIVATE: u8 = 11;
 const TAG_ALARM_DEACTIVATE: u8 = 12;
+const TAG_MEMBER_PUBLISH: u8 = 13;
 /// The highest `authpb.Permission.Type` (READWRITE).
 const MAX_PERM_TYPE: u8 = 2;
 const KIND_DELETE: u8 = 0;
@@ -116,6 +119,17 @@ pub enum LogPayload {
     AlarmActivate(Alarm),
     /// An alarm cleared (`etcdctl alarm disarm`).
     AlarmDeactivate(Alarm),
+    /// A member's name and client URLs as it publishes them once started (etcd's publish):
+    /// the member table of every member then shows them.
+    MemberPublish(MemberAttributes),
+}
+
+/// What a member publishes about itself (etcd's `membership.Attributes`, with its id).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberAttributes {
+    pub member_id: u64,
+    pub name: String,
+    pub client_urls: Vec<String>,
 }
 
 /// One alarm: the member it is raised for and its `etcdserverpb.AlarmType` number.
@@ -293,6 +307,15 @@ pub fn encode_into(payload: &LogPayload, out: &mut Vec<u8>) {
         }
         LogPayload::AlarmActivate(alarm) => encode_alarm(TAG_ALARM_ACTIVATE, alarm, out),
         LogPayload::AlarmDeactivate(alarm) => encode_alarm(TAG_ALARM_DEACTIVATE, alarm, out),
+        LogPayload::MemberPublish(attributes) => {
+            out.push(TAG_MEMBER_PUBLISH);
+            out.extend_from_slice(&attributes.member_id.to_le_bytes());
+            put_bytes(out, attributes.name.as_bytes());
+            put_uvar(out, attributes.client_urls.len() as u64);
+            for url in &attributes.client_urls {
+                put_bytes(out, url.as_bytes());
+            }
+        }
     }
 }
 
@@ -388,6 +411,7 @@ pub fn decode(bytes: &[u8]) -> Result<LogPayload, DecodeError> {
         },
         TAG_ALARM_ACTIVATE => LogPayload::AlarmActivate(decode_alarm(&mut reader)?),
         TAG_ALARM_DEACTIVATE => LogPayload::AlarmDeactivate(decode_alarm(&mut reader)?),
+        TAG_MEMBER_PUBLISH => LogPayload::MemberPublish(decode_member_publish(&mut reader)?),
         tag => return Err(DecodeError::UnknownTag(tag)),
     };
     match reader.rest.len() {
@@ -526,6 +550,24 @@ fn decode_auth_role(reader: &mut Reader<'_>) -> Result<LogPayload, DecodeError> 
         });
     }
     Ok(LogPayload::AuthRolePut(AuthRole { name, perms }))
+}
+
+fn decode_member_publish(reader: &mut Reader<'_>) -> Result<MemberAttributes, DecodeError> {
+    let member_id = reader.i64()? as u64;
+    let text = |bytes: &[u8]| {
+        String::from_utf8(bytes.to_vec()).map_err(|_| DecodeError::Invalid("member text not utf-8"))
+    };
+    let name = text(reader.bytes()?)?;
+    let count = reader.uvar()?;
+    let mut client_urls = Vec::new();
+    for _ in 0..count {
+        client_urls.push(text(reader.bytes()?)?);
+    }
+    Ok(MemberAttributes {
+        member_id,
+        name,
+        client_urls,
+    })
 }
 
 fn decode_alarm(reader: &mut Reader<'_>) -> Result<Alarm, DecodeError> {
@@ -782,6 +824,29 @@ mod tests {
         too_big[10..18].copy_from_slice(&(1i64 << 40).to_le_bytes());
         assert!(matches!(decode(&too_big), Err(DecodeError::Invalid(_))));
         assert_eq!(decode(&bytes[..17]), Err(DecodeError::Truncated));
+    }
+
+    #[test]
+    fn member_publish_round_trips() {
+        let publish = |name: &str, client_urls: &[&str]| {
+            LogPayload::MemberPublish(MemberAttributes {
+                member_id: u64::MAX - 5,
+                name: name.to_string(),
+                client_urls: client_urls.iter().map(|u| u.to_string()).collect(),
+            })
+        };
+        let full = publish("m1", &["http://127.0.0.1:2379", "https://h:1"]);
+        for payload in [full.clone(), publish("", &[])] {
+            assert_eq!(decode(&encode(&payload)), Ok(payload));
+        }
+        let bytes = encode(&full);
+        assert_eq!(
+            decode(&bytes[..bytes.len() - 1]),
+            Err(DecodeError::Truncated)
+        );
+        let mut not_utf8 = bytes.clone();
+        not_utf8[11] = 0xff;
+        assert!(matches!(decode(&not_utf8), Err(DecodeError::Invalid(_))));
     }
 
     #[test]

@@ -27,7 +27,7 @@ use crate::lease::ops::{LeaseDone, LeaseOp};
 use ferrocd_api::etcdserverpb::alarm_request::AlarmAction;
 use ferrocd_api::etcdserverpb::AlarmMember;
 use ferrocd_api::etcdserverpb::{TxnRequest, TxnResponse};
-use ferrocd_engine::mvcc::codec::{decode, encode, Alarm, LogPayload};
+use ferrocd_engine::mvcc::codec::{decode, encode, Alarm, LogPayload, MemberAttributes};
 use ferrocd_engine::mvcc::Change;
 use ferrocd_engine::wal::{Record, Wal, WalStats};
 use futures::channel::oneshot;
@@ -70,6 +70,14 @@ pub enum MetaMsg {
         action: AlarmAction,
         alarm: Alarm,
         reply: oneshot::Sender<Vec<AlarmMember>>,
+    },
+    /// A member publishes its name and client URLs (etcd's publish at start-up): logged,
+    /// then in every member's table. Nothing is logged when they are already published.
+    Publish {
+        member_id: u64,
+        name: String,
+        client_urls: Vec<String>,
+        reply: oneshot::Sender<Result<(), KvError>>,
     },
 }
 
@@ -255,6 +263,26 @@ impl Meta {
             } => {
                 let _ = reply.send(self.alarm(action, alarm).await);
             }
+            MetaMsg::Publish {
+                member_id,
+                name,
+                client_urls,
+                reply,
+            } => {
+                let attributes = MemberAttributes {
+                    member_id,
+                    name,
+                    client_urls,
+                };
+                let result = match self.state.published.get(&member_id) == Some(&attributes) {
+                    true => Ok(()),
+                    false => match self.lead().await {
+                        Ok(()) => self.append(&LogPayload::MemberPublish(attributes)).await,
+                        Err(e) => Err(e),
+                    },
+                };
+                let _ = reply.send(result);
+            }
         }
     }
 
@@ -366,6 +394,8 @@ impl Meta {
             }
             // Remaining TTLs matter to a leader only; a new leader renews every lease.
             LogPayload::LeaseCheckpoint { .. } => Ok(()),
+            // `record` published it in the member table.
+            LogPayload::MemberPublish(_) => Ok(()),
             LogPayload::AlarmActivate(alarm) => {
                 shared
                     .space
@@ -604,6 +634,9 @@ impl Meta {
         }
         if let Some((main, changes)) = meta_checkpoint::kv_changes(payload) {
             meta_checkpoint::note_touched(&mut self.touched, main, changes);
+        }
+        if let LogPayload::MemberPublish(attributes) = payload {
+            self.shared.members.publish(attributes);
         }
     }
 }

@@ -3,7 +3,8 @@
 //! [`MetaState`] is the meta log's non-KV state — leases as the log left them (granted TTL,
 //! last checkpointed remaining TTL), auth, newest compaction, alarms — kept by applying every
 //! meta entry once it is durable (at run time in `Meta::append`, at start-up in recovery), so
-//! it is exactly what replaying the log up to its last index gives. A checkpoint is that state
+//! it is exactly what replaying the log up to its last index gives. Published member
+//! attributes (names, client URLs) are part of it, so they outlive the WAL segments. A checkpoint is that state
 //! with the index (`engine::meta_checkpoint`, written off the executor, atomically).
 //!
 //! Release rule. A meta WAL segment may be deleted once nothing in it is needed at start-up:
@@ -26,7 +27,7 @@ use crate::node::checkpoint::CheckpointConfig;
 use crate::node::shard::fatal;
 use crate::node::Shared;
 use ferrocd_engine::meta_checkpoint::{self, MetaCheckpoint};
-use ferrocd_engine::mvcc::codec::{Alarm, LeaseCheckpoint, LogPayload};
+use ferrocd_engine::mvcc::codec::{Alarm, LeaseCheckpoint, LogPayload, MemberAttributes};
 use ferrocd_engine::mvcc::Change;
 use ferrocd_engine::replay::shard_of;
 use ferrocd_engine::wal::Wal;
@@ -51,6 +52,8 @@ pub struct MetaState {
     pub auth: AuthState,
     pub compacted_rev: i64,
     pub alarms: BTreeSet<Alarm>,
+    /// The newest attributes each member published, by member id.
+    pub published: BTreeMap<u64, MemberAttributes>,
 }
 
 impl MetaState {
@@ -84,6 +87,10 @@ impl MetaState {
             }
             LogPayload::AlarmDeactivate(alarm) => {
                 self.alarms.remove(alarm);
+            }
+            LogPayload::MemberPublish(attributes) => {
+                self.published
+                    .insert(attributes.member_id, attributes.clone());
             }
             auth => assert!(
                 self.auth.apply(auth),
@@ -138,6 +145,12 @@ impl MetaState {
             });
         }
         records.extend(self.alarms.iter().copied().map(LogPayload::AlarmActivate));
+        records.extend(
+            self.published
+                .values()
+                .cloned()
+                .map(LogPayload::MemberPublish),
+        );
         MetaCheckpoint {
             wal_index,
             auth_revision: self.auth.revision,
@@ -404,6 +417,14 @@ mod tests {
         assert_eq!(kv_changes(&revoke), None, "a revoke without keys");
     }
 
+    fn publish(name: &str, client_url: &str) -> LogPayload {
+        LogPayload::MemberPublish(MemberAttributes {
+            member_id: 0x8e9e05c52164694d,
+            name: name.into(),
+            client_urls: vec![client_url.into()],
+        })
+    }
+
     #[test]
     fn state_survives_its_checkpoint() {
         let mut state = MetaState::default();
@@ -440,6 +461,8 @@ mod tests {
                 member_id: 1,
                 alarm: 2,
             }),
+            publish("m1", "http://a:1"),
+            publish("m1-renamed", "http://a:2"),
         ];
         for payload in &log {
             state.apply(payload).unwrap();
@@ -462,6 +485,14 @@ mod tests {
         assert_eq!(restored.compacted_rev, 7);
         assert_eq!(restored.alarms, state.alarms);
         assert_eq!(restored.alarms.len(), 1);
+        assert_eq!(restored.published, state.published);
+        let LogPayload::MemberPublish(newest) = publish("m1-renamed", "http://a:2") else {
+            unreachable!("built as a publish")
+        };
+        assert_eq!(
+            restored.published.into_values().collect::<Vec<_>>(),
+            [newest]
+        );
         assert_eq!(restored.auth.revision, state.auth.revision);
         assert_eq!(restored.auth.revision, 3, "two auth changes after 1");
         assert!(restored.auth.enabled);

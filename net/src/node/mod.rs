@@ -29,6 +29,7 @@ use space::Space;
 use crate::auth::state::{Access, AuthState};
 use crate::auth::{AuthStore, Caller};
 use crate::lease::Leases;
+use crate::members::Members;
 use crate::watch::journal::{Journal, JournalLimits};
 use apply::{GatheredView, Revs};
 use errors::KvError;
@@ -90,6 +91,8 @@ pub struct Shared {
     pub role: role::Role,
     /// Clustered: linearizable reads wait on it (a single member reads at once).
     pub read_barrier: Option<replica::ReadBarrier>,
+    /// The member table (`crate::members`), for MemberList and the peer wiring.
+    pub members: Members,
 }
 
 impl Shared {
@@ -110,6 +113,7 @@ impl Shared {
         Shared {
             role: role::Role::single(identity.member_id),
             read_barrier: None,
+            members: Members::default(),
             shard_covered,
             journals,
             space,
@@ -128,6 +132,12 @@ impl Shared {
     /// The node's recovered auth state (a new node starts with auth disabled and no users).
     pub fn with_auth(mut self, auth: AuthStore) -> Shared {
         self.auth = auth;
+        self
+    }
+
+    /// The member table as recovered (initial members, then what they published).
+    pub fn with_members(mut self, members: Members) -> Shared {
+        self.members = members;
         self
     }
 
@@ -539,5 +549,18 @@ impl Node {
         Ok(CompactionResponse {
             header: Some(self.shared.current_header()),
         })
+    }
+    /// Publishes this member's name and client URLs through the meta group (etcd's publish).
+    pub async fn publish(&self, name: String, client_urls: Vec<String>) -> Result<(), KvError> {
+        let (reply, answer) = oneshot::channel();
+        let msg = MetaMsg::Publish {
+            member_id: self.shared.identity.member_id,
+            name,
+            client_urls,
+            reply,
+        };
+        let sent = self.shared.meta.send(msg).await;
+        sent.map_err(|_| KvError::Stopped)?;
+        answer.await.map_err(|_| KvError::Stopped)?
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! Layout of `--data-dir`:
 //! ```text
-//! member.conf          format, shard count, cluster id, member id (written once, atomically)
+//! member.conf          format, shard count, cluster id, member id, and the initial members
+//!                      (id, peer URLs, name; etcd's ids) (written once, atomically)
 //! db/shard-000.db ...  one checkpoint file (B+tree) per shard: its MVCC history up to the
 //!                      checkpoint's covered revision, and the WAL index it covers
 //! wal/shard-000/ ...   one WAL per shard: entries for writes confined to that shard; segments
@@ -22,6 +23,7 @@
 
 use super::meta_checkpoint::{kv_changes, note_touched, LoggedLease, MetaState};
 use crate::lease::{ttl, LeaseConfig, Leases};
+use crate::members::{self, ClusterState, InitialMember, MemberEntry};
 use ferrocd_engine::checkpoint::Checkpointer;
 use ferrocd_engine::meta_checkpoint;
 use ferrocd_engine::mvcc::codec::{decode, LogPayload};
@@ -37,7 +39,10 @@ use std::path::{Path, PathBuf};
 
 const CONF_FILE: &str = "member.conf";
 const DB_DIR: &str = "db";
-const FORMAT_VERSION: u32 = 1;
+/// member.conf with the initial membership (`member=` lines).
+const FORMAT_VERSION: u32 = 2;
+/// member.conf before the membership was recorded: identity only.
+const FORMAT_WITHOUT_MEMBERS: u32 = 1;
 
 /// Identity recorded in the data dir when it is created.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,12 +70,87 @@ pub fn meta_wal_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("wal").join("meta")
 }
 
-/// Opens the identity of an existing data dir, or creates one for `shards` shards.
-/// A data dir created with another shard count is refused: keys are placed by shard.
-pub fn open_identity(data_dir: &Path, shards: usize, name: &str) -> Result<Identity, String> {
+/// How a new data dir is bootstrapped: etcd's `--name`, `--initial-cluster`,
+/// `--initial-cluster-state`, `--initial-cluster-token` and `--initial-advertise-peer-urls`.
+/// An existing data dir ignores them, as etcd does.
+#[derive(Clone, Debug)]
+pub struct Bootstrap {
+    pub name: String,
+    pub initial_cluster: Vec<InitialMember>,
+    pub state: ClusterState,
+    pub token: String,
+    pub advertise_peer_urls: Vec<String>,
+}
+
+impl Bootstrap {
+    /// etcd's checks of the flags for a new member.
+    pub fn verify(&self) -> Result<(), String> {
+        if self.state == ClusterState::Existing {
+            return Err(
+                "--initial-cluster-state existing: joining a running cluster (MemberAdd) is \
+                 not supported yet; start the member from its data dir, or bootstrap a new \
+                 cluster with --initial-cluster-state new"
+                    .into(),
+            );
+        }
+        members::verify_bootstrap(&self.name, &self.advertise_peer_urls, &self.initial_cluster)
+    }
+
+    /// The initial members with etcd's ids, by id.
+    fn members(&self) -> Vec<MemberEntry> {
+        let mut members: Vec<MemberEntry> = self
+            .initial_cluster
+            .iter()
+            .map(|m| MemberEntry {
+                id: member_id(&m.peer_urls, &self.token),
+                name: m.name.clone(),
+                peer_urls: m.peer_urls.clone(),
+                client_urls: Vec::new(),
+                is_learner: false,
+            })
+            .collect();
+        members.sort_by_key(|m| m.id);
+        members
+    }
+}
+
+/// etcd's `computeMemberId` (`membership.NewMember` without a time): the first 8 bytes, big
+/// endian, of SHA-1 over the sorted peer URLs concatenated, then the cluster token.
+pub fn member_id(peer_urls: &[String], token: &str) -> u64 {
+    let mut urls: Vec<&str> = peer_urls.iter().map(String::as_str).collect();
+    urls.sort_unstable();
+    let mut context = ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
+    for url in urls {
+        context.update(url.as_bytes());
+    }
+    context.update(token.as_bytes());
+    first_u64(context.finish().as_ref())
+}
+
+/// etcd's `RaftCluster.genID`: SHA-1 over the sorted member ids, 8 bytes big endian each.
+pub fn cluster_id(member_ids: &[u64]) -> u64 {
+    let mut ids = member_ids.to_vec();
+    ids.sort_unstable();
+    let bytes: Vec<u8> = ids.iter().flat_map(|id| id.to_be_bytes()).collect();
+    first_u64(ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, &bytes).as_ref())
+}
+
+fn first_u64(digest: &[u8]) -> u64 {
+    u64::from_be_bytes(digest[..8].try_into().expect("SHA-1 has 20 bytes"))
+}
+
+/// Opens the identity and initial membership of an existing data dir, or creates them for
+/// `shards` shards from `bootstrap` (checked first). A data dir created with another shard
+/// count is refused: keys are placed by shard. A data dir written before the membership was
+/// recorded (format 1) gets it from `bootstrap`'s name and advertised peer URLs, once.
+pub fn open_identity(
+    data_dir: &Path,
+    shards: usize,
+    bootstrap: &Bootstrap,
+) -> Result<(Identity, Vec<MemberEntry>), String> {
     let conf = data_dir.join(CONF_FILE);
     if conf.exists() {
-        let identity = read_identity(&conf)?;
+        let (identity, members) = read_conf(&conf)?;
         if identity.shards != shards {
             return Err(format!(
                 "data dir {} was created with --shards {}; it cannot be opened with --shards {shards}",
@@ -78,63 +158,117 @@ pub fn open_identity(data_dir: &Path, shards: usize, name: &str) -> Result<Ident
                 identity.shards
             ));
         }
-        return Ok(identity);
+        if let Some(members) = members {
+            return Ok((identity, members));
+        }
+        let members = vec![MemberEntry {
+            id: identity.member_id,
+            name: bootstrap.name.clone(),
+            peer_urls: bootstrap.advertise_peer_urls.clone(),
+            client_urls: Vec::new(),
+            is_learner: false,
+        }];
+        write_conf(data_dir, &identity, &members)
+            .map_err(|e| format!("cannot write {}: {e}", conf.display()))?;
+        return Ok((identity, members));
     }
+    bootstrap.verify()?;
     fs::create_dir_all(data_dir)
         .map_err(|e| format!("cannot create data dir {}: {e}", data_dir.display()))?;
+    let members = bootstrap.members();
+    let ids: Vec<u64> = members.iter().map(|m| m.id).collect();
+    let local = members
+        .iter()
+        .find(|m| m.name == bootstrap.name)
+        .expect("verify found the local member");
     let identity = Identity {
         shards,
-        cluster_id: fresh_id(name, 1),
-        member_id: fresh_id(name, 2),
+        cluster_id: cluster_id(&ids),
+        member_id: local.id,
     };
-    write_identity(data_dir, &identity)
+    write_conf(data_dir, &identity, &members)
         .map_err(|e| format!("cannot write {}: {e}", conf.display()))?;
-    Ok(identity)
+    Ok((identity, members))
 }
 
-fn read_identity(conf: &Path) -> Result<Identity, String> {
+/// The identity, and the initial membership when the file records it (format 2).
+fn read_conf(conf: &Path) -> Result<(Identity, Option<Vec<MemberEntry>>), String> {
     let text =
         fs::read_to_string(conf).map_err(|e| format!("cannot read {}: {e}", conf.display()))?;
-    let field = |name: &str| -> Result<&str, String> {
-        text.lines()
-            .find_map(|line| {
-                line.strip_prefix(name)
-                    .and_then(|rest| rest.strip_prefix('='))
-            })
+    let values = |name: &'static str| {
+        text.lines().filter_map(move |line| {
+            line.strip_prefix(name)
+                .and_then(|rest| rest.strip_prefix('='))
+        })
+    };
+    let field = |name: &'static str| -> Result<&str, String> {
+        values(name)
+            .next()
             .ok_or_else(|| format!("{}: missing `{name}`", conf.display()))
     };
     let bad = |name: &str| format!("{}: malformed `{name}`", conf.display());
+    let hex = |name: &'static str| -> Result<u64, String> {
+        u64::from_str_radix(field(name)?, 16).map_err(|_| bad(name))
+    };
     let format: u32 = field("format")?.parse().map_err(|_| bad("format"))?;
-    if format != FORMAT_VERSION {
+    if format != FORMAT_VERSION && format != FORMAT_WITHOUT_MEMBERS {
         return Err(format!("{}: unsupported format {format}", conf.display()));
     }
-    Ok(Identity {
+    let identity = Identity {
         shards: field("shards")?.parse().map_err(|_| bad("shards"))?,
-        cluster_id: u64::from_str_radix(field("cluster_id")?, 16).map_err(|_| bad("cluster_id"))?,
-        member_id: u64::from_str_radix(field("member_id")?, 16).map_err(|_| bad("member_id"))?,
+        cluster_id: hex("cluster_id")?,
+        member_id: hex("member_id")?,
+    };
+    if format == FORMAT_WITHOUT_MEMBERS {
+        return Ok((identity, None));
+    }
+    let members = values("member")
+        .map(|line| parse_member_line(line).ok_or_else(|| bad("member")))
+        .collect::<Result<Vec<_>, _>>()?;
+    if !members.iter().any(|m| m.id == identity.member_id) {
+        return Err(format!(
+            "{}: member {:016x} is not among its members",
+            conf.display(),
+            identity.member_id
+        ));
+    }
+    Ok((identity, Some(members)))
+}
+
+/// `<id hex> <peer url>,<peer url>... <name>` (the name last: it may hold spaces).
+fn parse_member_line(line: &str) -> Option<MemberEntry> {
+    let mut parts = line.splitn(3, ' ');
+    let id = u64::from_str_radix(parts.next()?, 16).ok()?;
+    let peer_urls = parts.next()?.split(',').map(str::to_string).collect();
+    Some(MemberEntry {
+        id,
+        peer_urls,
+        name: parts.next()?.to_string(),
+        client_urls: Vec::new(),
+        is_learner: false,
     })
 }
 
-/// Writes the identity to a temporary file, syncs it, renames it into place, syncs the dir.
-fn write_identity(data_dir: &Path, id: &Identity) -> std::io::Result<()> {
+/// Writes the identity and membership to a temporary file, syncs it, renames it into place,
+/// syncs the dir.
+fn write_conf(data_dir: &Path, id: &Identity, members: &[MemberEntry]) -> std::io::Result<()> {
     let tmp = data_dir.join(format!("{CONF_FILE}.tmp"));
     let mut file = fs::File::create(&tmp)?;
     writeln!(file, "format={FORMAT_VERSION}")?;
     writeln!(file, "shards={}", id.shards)?;
     writeln!(file, "cluster_id={:016x}", id.cluster_id)?;
     writeln!(file, "member_id={:016x}", id.member_id)?;
+    for member in members {
+        // One line per member: a URL holds no space or comma, a name no line break.
+        if member.name.contains('\n') {
+            return Err(std::io::Error::other("a member name holds a line break"));
+        }
+        let urls = member.peer_urls.join(",");
+        writeln!(file, "member={:016x} {urls} {}", member.id, member.name)?;
+    }
     file.sync_all()?;
     fs::rename(&tmp, data_dir.join(CONF_FILE))?;
     fs::File::open(data_dir)?.sync_all()
-}
-
-/// A non-zero id that differs between data dirs (time, process and name mixed by FNV-1a).
-fn fresh_id(name: &str, salt: u64) -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let seed = format!("{name}/{nanos}/{}/{salt}", std::process::id());
-    super::fnv1a(seed.as_bytes()).max(1)
 }
 
 /// The state rebuilt from the checkpoints and the logs.
@@ -350,6 +484,7 @@ fn payload_kind(payload: &LogPayload) -> &'static str {
         | LogPayload::AuthRolePut(_)
         | LogPayload::AuthRoleDelete { .. } => "auth change",
         LogPayload::AlarmActivate(_) | LogPayload::AlarmDeactivate(_) => "alarm",
+        LogPayload::MemberPublish(_) => "member publish",
     }
 }
 
@@ -386,4 +521,97 @@ fn rebuild_leases(
         }
     }
     leases
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::members::parse_initial_cluster;
+
+    fn bootstrap(name: &str, initial_cluster: &str, peer_url: &str) -> Bootstrap {
+        Bootstrap {
+            name: name.into(),
+            initial_cluster: parse_initial_cluster(initial_cluster).unwrap(),
+            state: ClusterState::New,
+            token: "etcd-cluster".into(),
+            advertise_peer_urls: vec![peer_url.into()],
+        }
+    }
+
+    /// The ids real etcd 3.4.23 gave for the same flags (`etcdctl member list -w json`).
+    #[test]
+    fn ids_are_etcds() {
+        let default = bootstrap(
+            "default",
+            "default=http://localhost:2380",
+            "http://localhost:2380",
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let (identity, members) = open_identity(dir.path(), 1, &default).unwrap();
+        assert_eq!(identity.member_id, 0x8e9e05c52164694d);
+        assert_eq!(identity.cluster_id, 14841639068965178418);
+        assert_eq!(members.len(), 1);
+        let three = "m1=http://127.0.0.1:42380,m2=http://127.0.0.1:42382,m3=http://127.0.0.1:42384";
+        let m2 = bootstrap("m2", three, "http://127.0.0.1:42382");
+        let dir = tempfile::tempdir().unwrap();
+        let (identity, members) = open_identity(dir.path(), 1, &m2).unwrap();
+        assert_eq!(identity.member_id, 38712720341031407);
+        assert_eq!(identity.cluster_id, 11726722738389020898);
+        let listed: Vec<(u64, &str)> = members.iter().map(|m| (m.id, m.name.as_str())).collect();
+        let etcd = [
+            (38712720341031407, "m2"),
+            (7383792418829112008, "m1"),
+            (17610005522018733673, "m3"),
+        ];
+        assert_eq!(listed, etcd, "etcd lists members by id");
+    }
+
+    #[test]
+    fn member_conf_keeps_the_membership_and_ignores_later_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = "a=http://h:1,a=http://h:2,b=http://h:3";
+        let mut first = bootstrap("a", cluster, "http://h:2");
+        first.advertise_peer_urls.push("http://h:1".into());
+        let created = open_identity(dir.path(), 2, &first).unwrap();
+        assert_eq!(created.1[0].client_urls, Vec::<String>::new());
+        let other = bootstrap("z", "z=http://other:9", "http://other:9");
+        let reopened = open_identity(dir.path(), 2, &other).unwrap();
+        assert_eq!(reopened, created);
+        let a = created.1.iter().find(|m| m.name == "a").unwrap();
+        assert_eq!(a.peer_urls, ["http://h:1", "http://h:2"]);
+        assert_eq!(a.id, created.0.member_id);
+        assert!(open_identity(dir.path(), 3, &first)
+            .unwrap_err()
+            .contains("--shards 2"));
+    }
+
+    /// A data dir written before the membership was recorded opens with its ids, takes its
+    /// membership from the flags once, and keeps it.
+    #[test]
+    fn old_member_conf_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = "format=1\nshards=1\ncluster_id=00000000000000aa\nmember_id=00000000000000bb\n";
+        fs::write(dir.path().join(CONF_FILE), old).unwrap();
+        let flags = bootstrap("n", "n=http://h:1", "http://h:1");
+        let (identity, members) = open_identity(dir.path(), 1, &flags).unwrap();
+        assert_eq!((identity.cluster_id, identity.member_id), (0xaa, 0xbb));
+        assert_eq!(members.len(), 1);
+        assert_eq!((members[0].id, members[0].name.as_str()), (0xbb, "n"));
+        let later = bootstrap("x", "x=http://h:7", "http://h:7");
+        assert_eq!(open_identity(dir.path(), 1, &later).unwrap().1, members);
+    }
+
+    #[test]
+    fn a_new_data_dir_checks_the_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d");
+        let missing = bootstrap("x", "a=http://h:1", "http://h:1");
+        let error = open_identity(&path, 1, &missing).unwrap_err();
+        assert!(error.contains("couldn't find local name"), "{error}");
+        let mut existing = bootstrap("a", "a=http://h:1", "http://h:1");
+        existing.state = ClusterState::Existing;
+        let error = open_identity(&path, 1, &existing).unwrap_err();
+        assert!(error.contains("not supported"), "{error}");
+        assert!(!path.join(CONF_FILE).exists(), "nothing written");
+    }
 }

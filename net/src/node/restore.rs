@@ -15,7 +15,7 @@
 //! Memory: the whole history is held while the checkpoint files are written (one B+tree
 //! commit per shard); restore is an offline tool.
 
-use super::recovery::{meta_wal_dir, open_identity, shard_db_path};
+use super::recovery::{meta_wal_dir, open_identity, shard_db_path, Bootstrap};
 use super::shard::SINGLE_VOTER_TERM;
 use ferrocd_engine::checkpoint::Checkpointer;
 use ferrocd_engine::mvcc::codec::{encode, LogPayload};
@@ -34,10 +34,8 @@ pub struct RestoreConfig {
     pub snapshot: PathBuf,
     pub data_dir: PathBuf,
     pub shards: usize,
-    pub name: String,
-    pub initial_cluster: String,
-    pub initial_cluster_token: String,
-    pub initial_advertise_peer_urls: String,
+    /// The new cluster's members, this member's name and peer URLs, and the token.
+    pub bootstrap: Bootstrap,
 }
 
 /// What a snapshot file holds, as `snapshot status` shows it.
@@ -155,32 +153,12 @@ fn check_revisions(per_shard: &[Vec<SavedVersion>], status: SnapshotStatus) -> R
     }
 }
 
-/// etcd's check that this member is in `--initial-cluster` under its peer URLs.
+/// etcd's checks of the member flags, and a non-empty token.
 fn check_cluster_flags(config: &RestoreConfig) -> Result<(), String> {
-    let members: Vec<(&str, &str)> = config
-        .initial_cluster
-        .split(',')
-        .filter_map(|pair| pair.trim().split_once('='))
-        .collect();
-    if !members.iter().any(|(name, _)| *name == config.name) {
-        return Err(format!(
-            "couldn't find local name {:?} in the initial cluster configuration",
-            config.name
-        ));
-    }
-    for url in config.initial_advertise_peer_urls.split(',') {
-        if !members.contains(&(config.name.as_str(), url.trim())) {
-            return Err(format!(
-                "--initial-cluster has no {}={} (--initial-advertise-peer-urls)",
-                config.name,
-                url.trim()
-            ));
-        }
-    }
-    if config.initial_cluster_token.is_empty() {
+    if config.bootstrap.token.is_empty() {
         return Err("--initial-cluster-token must not be empty".into());
     }
-    Ok(())
+    config.bootstrap.verify()
 }
 
 /// Drops, key by key, the changes compaction at `compacted` removes (a compaction may have
@@ -203,7 +181,7 @@ fn write_data_dir(
     per_shard: Vec<Vec<SavedVersion>>,
     meta_records: Vec<LogPayload>,
 ) -> Result<(), String> {
-    open_identity(&config.data_dir, config.shards, &config.name)?;
+    open_identity(&config.data_dir, config.shards, &config.bootstrap)?;
     // glommio opens directories by absolute path only.
     let dir = &config
         .data_dir
