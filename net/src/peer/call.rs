@@ -84,7 +84,8 @@ impl fmt::Display for CallError {
 
 impl std::error::Error for CallError {}
 
-type Answer = oneshot::Sender<Result<Vec<u8>, CallError>>;
+type CallResult = Result<Vec<u8>, CallError>;
+type Answer = oneshot::Sender<CallResult>;
 
 struct Waiting {
     peer: u64,
@@ -114,7 +115,7 @@ impl CallTable {
     pub(super) fn register(
         &mut self,
         peer: u64,
-    ) -> Result<(u64, oneshot::Receiver<Result<Vec<u8>, CallError>>), CallError> {
+    ) -> Result<(u64, oneshot::Receiver<CallResult>), CallError> {
         if self.waiting.len() >= self.max_inflight_calls {
             return Err(CallError::TooManyCalls);
         }
