@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use async_channel::Receiver;
 use ferrocd_net::peer::frame::{encode, Kind, PROTOCOL_VERSION};
-use ferrocd_net::peer::{Delivery, PeerConfig, PeerCore, PeerMesh, SendError};
+use ferrocd_net::peer::{
+    CallError, Delivery, IncomingCall, PeerConfig, PeerCore, PeerMesh, SendError,
+};
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 
 /// Bounds every wait so a broken transport fails the test instead of hanging it.
@@ -21,6 +23,7 @@ struct Member {
     mesh: Arc<PeerMesh>,
     commands: Vec<async_channel::Sender<Command>>,
     inboxes: Vec<Receiver<Delivery>>,
+    calls: Vec<Receiver<IncomingCall>>,
     executors: Vec<ExecutorJoinHandle<()>>,
 }
 
@@ -41,6 +44,7 @@ impl Member {
             mesh: mesh.clone(),
             commands: Vec::new(),
             inboxes: Vec::new(),
+            calls: Vec::new(),
             executors: Vec::new(),
         };
         for core in 0..cores {
@@ -51,15 +55,16 @@ impl Member {
                 .name(&format!("peer-{id}-{core}"))
                 .spawn(move || async move {
                     let mut peer = mesh.start_core(core).expect("start peer core");
-                    inbox_tx.send(peer.inbox().clone()).unwrap();
+                    let queues = (peer.inbox().clone(), peer.calls().clone());
+                    inbox_tx.send(queues).unwrap();
                     while let Ok(command) = commands.recv().await {
                         command(&mut peer);
                     }
                 })
                 .expect("start executor");
-            member
-                .inboxes
-                .push(inbox_rx.recv_timeout(WAIT).expect("core started"));
+            let (inbox, calls) = inbox_rx.recv_timeout(WAIT).expect("core started");
+            member.inboxes.push(inbox);
+            member.calls.push(calls);
             member.commands.push(command_tx);
             member.executors.push(executor);
         }
@@ -87,6 +92,40 @@ impl Member {
         within("core command", rx.recv())
             .await
             .expect("core answered")
+    }
+
+    /// Starts a call from `core` to `to` on that core's executor; the answer arrives on the
+    /// returned channel.
+    async fn start_call(
+        &self,
+        core: usize,
+        to: u64,
+        payload: Vec<u8>,
+        timeout_ms: u64,
+    ) -> Receiver<Result<Vec<u8>, CallError>> {
+        let (tx, rx) = async_channel::bounded(1);
+        self.on_core(core, move |p| {
+            let p = p.clone();
+            glommio::spawn_local(async move {
+                let _ = tx.send(p.call(to, payload, timeout_ms).await).await;
+            })
+            .detach();
+        })
+        .await;
+        rx
+    }
+
+    async fn call(
+        &self,
+        core: usize,
+        to: u64,
+        payload: &[u8],
+        timeout_ms: u64,
+    ) -> Result<Vec<u8>, CallError> {
+        let answer = self
+            .start_call(core, to, payload.to_vec(), timeout_ms)
+            .await;
+        within("call", answer.recv()).await.expect("call finished")
     }
 
     async fn add_peer(&self, other: &Member) {
@@ -422,4 +461,140 @@ async fn a_silent_peer_is_dropped_and_redialled_after_a_backoff() {
     );
     assert!(a.mesh.stats().peer(2).connection_failures >= 1);
     a.stop();
+}
+
+async fn incoming(calls: &Receiver<IncomingCall>) -> IncomingCall {
+    within("incoming call", calls.recv())
+        .await
+        .expect("calls open")
+}
+
+/// A long call timeout: the tests that expect an answer or a lost connection must not get
+/// `Timeout` instead.
+const LONG_MS: u64 = 60_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_call_is_answered_on_the_same_core() {
+    let a = Member::start(config(1, 2, localhost()));
+    let b = Member::start(config(2, 2, localhost()));
+    a.add_peer(&b).await;
+    for core in 0..2 {
+        let answer = a.start_call(core, 2, format!("ping {core}").into_bytes(), LONG_MS);
+        let (answer, call) = tokio::join!(answer, incoming(&b.calls[core]));
+        assert_eq!(
+            (call.from, call.payload.as_slice()),
+            (1, format!("ping {core}").as_bytes())
+        );
+        call.reply.send(format!("pong {core}").as_bytes());
+        let got = within("answer", answer.recv()).await.unwrap();
+        assert_eq!(got, Ok(format!("pong {core}").into_bytes()));
+    }
+    assert!(b.calls.iter().all(|c| c.is_empty()));
+    // A call the callee drops unanswered fails at once, not at its timeout.
+    let answer = a.start_call(0, 2, b"drop me".to_vec(), LONG_MS);
+    let (answer, call) = tokio::join!(answer, incoming(&b.calls[0]));
+    drop(call);
+    let got = within("answer", answer.recv()).await.unwrap();
+    assert_eq!(got, Err(CallError::NotAnswered));
+    assert_eq!(
+        a.call(0, 9, b"x", LONG_MS).await,
+        Err(CallError::UnknownPeer(9))
+    );
+    a.stop();
+    b.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn an_unanswered_call_times_out_and_its_late_answer_is_dropped() {
+    let a = Member::start(config(1, 1, localhost()));
+    let b = Member::start(config(2, 1, localhost()));
+    a.add_peer(&b).await;
+    let started = Instant::now();
+    let answer = a.start_call(0, 2, b"first".to_vec(), 300);
+    let (answer, first) = tokio::join!(answer, incoming(&b.calls[0]));
+    let got = within("answer", answer.recv()).await.unwrap();
+    assert_eq!(got, Err(CallError::Timeout));
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    // Answered too late: the next call must get its own answer, not this one.
+    first.reply.send(b"late");
+    let answer = a.start_call(0, 2, b"second".to_vec(), LONG_MS);
+    let (answer, second) = tokio::join!(answer, incoming(&b.calls[0]));
+    assert_eq!(second.payload, b"second");
+    second.reply.send(b"on time");
+    let got = within("answer", answer.recv()).await.unwrap();
+    assert_eq!(got, Ok(b"on time".to_vec()));
+    a.stop();
+    b.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn concurrent_calls_get_their_own_answers() {
+    const CALLS: u64 = 300;
+    let a = Member::start(config(1, 1, localhost()));
+    let b = Member::start(config(2, 1, localhost()));
+    a.add_peer(&b).await;
+    let mut answers = Vec::new();
+    for n in 0..CALLS {
+        answers.push((
+            n,
+            a.start_call(0, 2, n.to_le_bytes().to_vec(), LONG_MS).await,
+        ));
+    }
+    let mut calls = Vec::new();
+    for _ in 0..CALLS {
+        calls.push(incoming(&b.calls[0]).await);
+    }
+    // Answered in an order unlike the one they were made in.
+    calls.reverse();
+    calls.sort_by_key(|c| c.payload[0] % 7);
+    for call in calls {
+        let n = u64::from_le_bytes(call.payload.as_slice().try_into().unwrap());
+        call.reply.send(&(n * 3).to_le_bytes());
+    }
+    for (n, answer) in answers {
+        let got = within("answer", answer.recv()).await.unwrap().unwrap();
+        assert_eq!(u64::from_le_bytes(got.try_into().unwrap()), n * 3);
+    }
+    a.stop();
+    b.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_call_on_a_connection_that_breaks_fails_without_waiting_for_its_timeout() {
+    let a = Member::start(config(1, 1, localhost()));
+    let b = Member::start(config(2, 1, localhost()));
+    a.add_peer(&b).await;
+    let started = Instant::now();
+    let answer = a.start_call(0, 2, b"doomed".to_vec(), LONG_MS);
+    let (answer, call) = tokio::join!(answer, incoming(&b.calls[0]));
+    b.stop();
+    let got = within("answer", answer.recv()).await.unwrap();
+    assert_eq!(got, Err(CallError::ConnectionLost));
+    assert!(started.elapsed() < Duration::from_millis(LONG_MS));
+    // The callee's answer has nowhere to go; giving it must not panic.
+    call.reply.send(b"too late");
+    // A call to a peer that is down times out (it waits in the queue for a connection).
+    assert_eq!(a.call(0, 2, b"x", 200).await, Err(CallError::Timeout));
+    a.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_full_call_queue_refuses_instead_of_stalling_raft_frames() {
+    let a = Member::start(config(1, 1, localhost()));
+    let mut b_config = config(2, 1, localhost());
+    b_config.calls_limit = 1;
+    let b = Member::start(b_config);
+    a.add_peer(&b).await;
+    let held = a.start_call(0, 2, b"held".to_vec(), LONG_MS).await;
+    let refused = a.call(0, 2, b"refused", LONG_MS).await;
+    assert_eq!(refused, Err(CallError::Busy));
+    a.on_core(0, |p| p.send(2, b"raft".to_vec())).await.unwrap();
+    assert_eq!(receive(&b.inboxes[0]).await.payload, b"raft");
+    incoming(&b.calls[0]).await.reply.send(b"done");
+    assert_eq!(
+        within("answer", held.recv()).await.unwrap(),
+        Ok(b"done".to_vec())
+    );
+    a.stop();
+    b.stop();
 }

@@ -31,6 +31,12 @@ pub enum Kind {
     /// Dialer to listener, payload = 8 opaque bytes echoed in the `Pong`.
     Ping = 3,
     Pong = 4,
+    /// A call, caller to callee on the caller's outbound connection: payload = call id (u64
+    /// LE, unique per calling core) then the request bytes.
+    Request = 5,
+    /// The answer to a `Request`, callee to caller on the same connection: payload = call id,
+    /// a status byte (`CallStatus`), then the reply bytes.
+    Response = 6,
 }
 
 impl Kind {
@@ -40,6 +46,8 @@ impl Kind {
             2 => Some(Kind::Raft),
             3 => Some(Kind::Ping),
             4 => Some(Kind::Pong),
+            5 => Some(Kind::Request),
+            6 => Some(Kind::Response),
             _ => None,
         }
     }

@@ -18,11 +18,16 @@
 //! A frame popped from a queue is written to one connection only: nothing is sent twice,
 //! order is kept per connection, and frames in a connection that breaks are lost (raft
 //! retransmits). TLS peers (`https://`) will wrap the stream in `connect` and at accept.
+//!
+//! Calls ([`PeerCore::call`], `call.rs`): a request goes out on the outbound connection like
+//! a raft frame and its response comes back on that same connection; incoming calls reach
+//! the core on a bounded channel ([`PeerCore::calls`]).
 
+pub mod call;
 pub mod frame;
 pub mod stats;
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
@@ -38,6 +43,8 @@ use glommio::timer::sleep;
 use glommio::{spawn_local, Task};
 use hashbrown::HashMap;
 
+use call::CallTable;
+pub use call::{CallError, CallReply, IncomingCall};
 use frame::{Frame, PROTOCOL_VERSION};
 pub use frame::{FrameError, Kind, HEADER_BYTES};
 use stats::PeerStats;
@@ -70,6 +77,12 @@ pub struct PeerConfig {
     pub silence_timeout_ms: u64,
     /// How long an accepted connection may take to send its hello.
     pub hello_timeout_ms: u64,
+    /// Calls of one core waiting for their answers; more fail with `TooManyCalls`. Also
+    /// bounds the answers queued on one inbound connection.
+    pub max_inflight_calls: usize,
+    /// Incoming calls a core's queue holds; more are refused (`Busy`) so that a slow
+    /// server of calls never stops the raft frames sharing the connection.
+    pub calls_limit: usize,
 }
 
 impl PeerConfig {
@@ -88,6 +101,8 @@ impl PeerConfig {
             ping_interval_ms: 1000,
             silence_timeout_ms: 5000,
             hello_timeout_ms: 5000,
+            max_inflight_calls: 1024,
+            calls_limit: 1024,
         }
     }
 }
@@ -150,6 +165,8 @@ impl PeerMesh {
         assert!(config.cores > 0 && config.cores <= u16::MAX as usize);
         assert!(config.peer_queue_limit_frames > 0 && config.inbox_limit_frames > 0);
         assert!(config.backoff_min_ms > 0 && config.backoff_min_ms <= config.backoff_max_ms);
+        assert!(config.max_inflight_calls > 0 && config.calls_limit > 0);
+        assert!(config.max_frame_bytes > call::RESPONSE_PREFIX_BYTES);
         let first = bind_socket(config.listen_addr)?;
         let local_addr = first
             .local_addr()?
@@ -187,20 +204,27 @@ impl PeerMesh {
             .expect("peer core started twice");
         let listener = Rc::new(Listener::register(socket)?);
         let (inbox_tx, inbox) = async_channel::bounded(self.config.inbox_limit_frames);
+        let (calls_tx, calls) = async_channel::bounded(self.config.calls_limit);
         let ctx = Rc::new(CoreCtx {
             mesh: self.clone(),
             core,
             inbox_tx,
+            calls_tx,
+            waiting: RefCell::new(CallTable::new(self.config.max_inflight_calls)),
+            connections: Cell::new(0),
             stop: Flag::default(),
         });
         let accept_task = spawn_local(accept_loop(ctx.clone(), listener.clone()));
         let handoff_task = spawn_local(receive_handoffs(ctx.clone()));
         Ok(PeerCore {
-            ctx,
-            inbox,
-            listener,
-            peers: HashMap::new(),
-            _tasks: [accept_task, handoff_task],
+            inner: Rc::new(CoreInner {
+                ctx,
+                inbox,
+                calls,
+                listener,
+                peers: RefCell::new(HashMap::new()),
+                _tasks: [accept_task, handoff_task],
+            }),
         })
     }
 }
@@ -209,6 +233,11 @@ struct CoreCtx {
     mesh: Arc<PeerMesh>,
     core: usize,
     inbox_tx: Sender<Delivery>,
+    calls_tx: Sender<IncomingCall>,
+    /// This core's calls waiting for answers.
+    waiting: RefCell<CallTable>,
+    /// Serial numbers of this core's outbound connections (calls remember theirs).
+    connections: Cell<u64>,
     /// Set once when the core's transport is dropped; wakes every connection task.
     stop: Flag,
 }
@@ -223,73 +252,153 @@ impl CoreCtx {
     }
 }
 
-/// One core's end of the peer transport. Dropping it closes the listener and every
-/// connection of this core.
+/// One core's end of the peer transport; clones share it (the shard loop and the forwarding
+/// layer each hold one). Dropping the last clone closes the listener and every connection of
+/// this core.
+#[derive(Clone)]
 pub struct PeerCore {
+    inner: Rc<CoreInner>,
+}
+
+struct CoreInner {
     ctx: Rc<CoreCtx>,
     inbox: Receiver<Delivery>,
+    calls: Receiver<IncomingCall>,
     listener: Rc<Listener>,
-    peers: HashMap<u64, Outbound>,
+    peers: RefCell<HashMap<u64, Outbound>>,
     _tasks: [Task<()>; 2],
 }
 
+/// A frame waiting in a peer's queue: its kind (raft or request) and payload.
+type Outgoing = (Kind, Vec<u8>);
+
 struct Outbound {
-    queue: Sender<Vec<u8>>,
+    queue: Sender<Outgoing>,
     /// Owns the connection; dropping it cancels it.
     _task: Task<()>,
 }
 
 impl PeerCore {
+    fn ctx(&self) -> &Rc<CoreCtx> {
+        &self.inner.ctx
+    }
+
     pub fn local_addr(&self) -> SocketAddr {
-        self.ctx.mesh.local_addr
+        self.ctx().mesh.local_addr
     }
 
     /// Raft payloads from peers for this core. The shard loop drains it.
     pub fn inbox(&self) -> &Receiver<Delivery> {
-        &self.inbox
+        &self.inner.inbox
+    }
+
+    /// Calls from peers for this core, each answered through its `reply`.
+    pub fn calls(&self) -> &Receiver<IncomingCall> {
+        &self.inner.calls
     }
 
     /// Starts (or restarts, at a new address) the connection to `member` from this core.
-    pub fn add_peer(&mut self, member: u64, addr: SocketAddr) {
+    pub fn add_peer(&self, member: u64, addr: SocketAddr) {
+        let ctx = self.ctx();
         assert_ne!(
-            member, self.ctx.mesh.config.member_id,
+            member,
+            ctx.config().member_id,
             "a member is not its own peer"
         );
         // A connection that is replaced mid-write is gone with its task: so is its flag.
         self.remove_peer(member);
-        let (queue, pending) = async_channel::bounded(self.ctx.config().peer_queue_limit_frames);
-        let task = spawn_local(run_outbound(self.ctx.clone(), member, addr, pending));
-        self.peers.insert(member, Outbound { queue, _task: task });
+        let (queue, pending) = async_channel::bounded(ctx.config().peer_queue_limit_frames);
+        let task = spawn_local(run_outbound(ctx.clone(), member, addr, pending));
+        let outbound = Outbound { queue, _task: task };
+        self.inner.peers.borrow_mut().insert(member, outbound);
     }
 
-    /// Closes the connection to `member` and drops what was queued for it.
-    pub fn remove_peer(&mut self, member: u64) {
-        self.peers.remove(&member);
-        self.ctx.count(member, |c| c.connected_cores = 0);
+    /// Closes the connection to `member`, drops what was queued for it and fails its calls.
+    pub fn remove_peer(&self, member: u64) {
+        self.inner.peers.borrow_mut().remove(&member);
+        self.ctx().waiting.borrow_mut().fail_peer(member);
+        self.ctx().count(member, |c| c.connected_cores = 0);
     }
 
     /// Queues `payload` for `to`'s same core. Never waits.
     pub fn send(&self, to: u64, payload: Vec<u8>) -> Result<(), SendError> {
-        let max_bytes = self.ctx.config().max_frame_bytes;
+        let max_bytes = self.ctx().config().max_frame_bytes;
         if payload.len() > max_bytes {
             return Err(SendError::TooLarge {
                 payload_bytes: payload.len(),
                 max_bytes,
             });
         }
-        let peer = self.peers.get(&to).ok_or(SendError::UnknownPeer(to))?;
-        match peer.queue.try_send(payload) {
+        self.enqueue(to, (Kind::Raft, payload))
+            .map_err(|full| full.unwrap_or(SendError::UnknownPeer(to)))
+    }
+
+    /// Puts a frame on `to`'s queue: `Err(None)` if `to` is unknown.
+    fn enqueue(&self, to: u64, frame: Outgoing) -> Result<(), Option<SendError>> {
+        let peers = self.inner.peers.borrow();
+        let peer = peers.get(&to).ok_or(None)?;
+        match peer.queue.try_send(frame) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) => {
-                self.ctx.count(to, |c| c.dropped_frames += 1);
-                Err(SendError::QueueFull)
+                self.ctx().count(to, |c| c.dropped_frames += 1);
+                Err(Some(SendError::QueueFull))
             }
             Err(TrySendError::Closed(_)) => unreachable!("the outbound task holds the receiver"),
         }
     }
+
+    /// Sends `payload` to `to`'s same core as a call and waits for the answer, at most
+    /// `timeout_ms`. Fails at once when the connection it went out on breaks.
+    pub async fn call(
+        &self,
+        to: u64,
+        payload: Vec<u8>,
+        timeout_ms: u64,
+    ) -> Result<Vec<u8>, CallError> {
+        let max_bytes = self.ctx().config().max_frame_bytes - call::CALL_ID_BYTES;
+        if payload.len() > max_bytes {
+            return Err(CallError::TooLarge {
+                payload_bytes: payload.len(),
+                max_bytes,
+            });
+        }
+        let (id, answer) = self.ctx().waiting.borrow_mut().register(to)?;
+        // Removes the call from the table however this future ends (timeout, drop).
+        let _forget = Forget {
+            ctx: self.ctx(),
+            id,
+        };
+        let mut request = Vec::with_capacity(call::CALL_ID_BYTES + payload.len());
+        request.extend_from_slice(&id.to_le_bytes());
+        request.extend_from_slice(&payload);
+        match self.enqueue(to, (Kind::Request, request)) {
+            Ok(()) => {}
+            Err(None) => return Err(CallError::UnknownPeer(to)),
+            Err(Some(_)) => return Err(CallError::QueueFull),
+        }
+        or(
+            async { answer.await.unwrap_or(Err(CallError::ConnectionLost)) },
+            async {
+                sleep(Duration::from_millis(timeout_ms)).await;
+                Err(CallError::Timeout)
+            },
+        )
+        .await
+    }
 }
 
-impl Drop for PeerCore {
+struct Forget<'a> {
+    ctx: &'a CoreCtx,
+    id: u64,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.ctx.waiting.borrow_mut().forget(self.id);
+    }
+}
+
+impl Drop for CoreInner {
     fn drop(&mut self) {
         self.ctx.stop.set();
         self.listener.close();
@@ -324,15 +433,20 @@ async fn with_timeout<T>(
 
 /// Connects to `peer` again and again (exponential backoff between failed tries) and
 /// writes its queue; ends when the `PeerCore` drops its task.
-async fn run_outbound(ctx: Rc<CoreCtx>, peer: u64, addr: SocketAddr, queue: Receiver<Vec<u8>>) {
+async fn run_outbound(ctx: Rc<CoreCtx>, peer: u64, addr: SocketAddr, queue: Receiver<Outgoing>) {
     let config = ctx.config().clone();
     let mut backoff_ms = config.backoff_min_ms;
     loop {
         let confirmed = match connect(addr, config.connect_timeout_ms).await {
             Ok(stream) => {
                 ctx.count(peer, |c| c.connected_cores = 1);
+                let serial = ctx.connections.get() + 1;
+                ctx.connections.set(serial);
                 let confirmed = Cell::new(false);
-                let _ = run_connection(&ctx, peer, stream, &queue, &confirmed).await;
+                let link = Link { peer, serial };
+                let _ = run_connection(&ctx, link, stream, &queue, &confirmed).await;
+                // Whatever was written to this connection will not be answered on it.
+                ctx.waiting.borrow_mut().fail_connection(peer, serial);
                 ctx.count(peer, |c| c.connected_cores = 0);
                 confirmed.get()
             }
@@ -356,31 +470,49 @@ async fn connect(addr: SocketAddr, timeout_ms: u64) -> io::Result<TcpStream> {
     Ok(stream)
 }
 
-/// Says hello, then writes batches and reads pongs until either side fails. `confirmed`
-/// turns true at the first pong: the peer accepted the hello.
+/// One outbound connection: the peer and the connection's serial number on this core.
+#[derive(Clone, Copy)]
+struct Link {
+    peer: u64,
+    serial: u64,
+}
+
+/// Says hello, then writes batches and reads pongs and call answers until either side
+/// fails. `confirmed` turns true at the first pong: the peer accepted the hello.
 async fn run_connection(
     ctx: &CoreCtx,
-    peer: u64,
+    link: Link,
     stream: TcpStream,
-    queue: &Receiver<Vec<u8>>,
+    queue: &Receiver<Outgoing>,
     confirmed: &Cell<bool>,
 ) -> io::Result<()> {
     let started = Instant::now();
     let (reader, writer) = futures_lite::io::split(stream);
     or(
-        write_batches(ctx, peer, writer, queue, started),
-        read_pongs(ctx, peer, reader, started, confirmed),
+        write_batches(ctx, link, writer, queue, started),
+        read_answers(ctx, link.peer, reader, started, confirmed),
     )
     .await
 }
 
+/// Appends one queued frame to `batch`; a call's request is marked as written to `link`.
+fn encode_outgoing(ctx: &CoreCtx, link: Link, batch: &mut Vec<u8>, (kind, payload): Outgoing) {
+    if kind == Kind::Request {
+        let (id, _) = call::split_request(&payload).expect("a request starts with its call id");
+        ctx.waiting.borrow_mut().mark_sent(id, link.serial);
+    }
+    let (core, me) = (ctx.core as u16, ctx.config().member_id);
+    frame::encode(batch, kind, core, me, link.peer, &payload);
+}
+
 async fn write_batches(
     ctx: &CoreCtx,
-    peer: u64,
+    link: Link,
     mut writer: impl AsyncWrite + Unpin,
-    queue: &Receiver<Vec<u8>>,
+    queue: &Receiver<Outgoing>,
     started: Instant,
 ) -> io::Result<()> {
+    let peer = link.peer;
     let config = ctx.config();
     let (core, me) = (ctx.core as u16, config.member_id);
     let ping_interval = Duration::from_millis(config.ping_interval_ms);
@@ -397,8 +529,10 @@ async fn write_batches(
     let mut frames = 0u64;
     loop {
         while batch.len() < config.batch_limit_bytes {
-            let Ok(payload) = queue.try_recv() else { break };
-            frame::encode(&mut batch, Kind::Raft, core, me, peer, &payload);
+            let Ok(outgoing) = queue.try_recv() else {
+                break;
+            };
+            encode_outgoing(ctx, link, &mut batch, outgoing);
             frames += 1;
         }
         // Checked on every batch: under steady traffic the queue never looks empty.
@@ -425,14 +559,14 @@ async fn write_batches(
             None
         })
         .await;
-        if let Some(payload) = woken_by {
-            frame::encode(&mut batch, Kind::Raft, core, me, peer, &payload);
+        if let Some(outgoing) = woken_by {
+            encode_outgoing(ctx, link, &mut batch, outgoing);
             frames += 1;
         }
     }
 }
 
-async fn read_pongs(
+async fn read_answers(
     ctx: &CoreCtx,
     peer: u64,
     mut reader: impl AsyncRead + Unpin,
@@ -445,6 +579,12 @@ async fn read_pongs(
         let frame =
             with_timeout(config.silence_timeout_ms, "peer", frames.next(&mut reader)).await?;
         ctx.count(peer, |c| c.received_bytes += frames.take_read_bytes());
+        if frame.kind == Kind::Response && frame.from == peer {
+            let (id, result) = call::split_response(&frame.payload)
+                .ok_or_else(|| FrameError::Unexpected("short or unknown call response".into()))?;
+            ctx.waiting.borrow_mut().answer(peer, id, result);
+            continue;
+        }
         let echoed = match (frame.kind, <[u8; 8]>::try_from(frame.payload.as_slice())) {
             (Kind::Pong, Ok(nanos)) => u64::from_le_bytes(nanos),
             _ => {
@@ -552,16 +692,50 @@ async fn receive_handoffs(ctx: Rc<CoreCtx>) {
 
 /// Delivers the raft frames of one inbound connection and answers its pings, until it
 /// fails, sends something invalid, or the core's transport stops.
-async fn serve_inbound(ctx: Rc<CoreCtx>, mut stream: TcpStream, from: u64) {
-    let _ = until_stopped(&ctx, serve_frames(&ctx, &mut stream, from)).await;
+async fn serve_inbound(ctx: Rc<CoreCtx>, stream: TcpStream, from: u64) {
+    let _ = until_stopped(&ctx, serve_frames(&ctx, stream, from)).await;
 }
 
-async fn serve_frames(ctx: &CoreCtx, stream: &mut TcpStream, from: u64) -> io::Result<()> {
+/// Reads the connection's frames and writes what goes back on it (pongs, call answers)
+/// from one queue, so that answers given from any task never interleave.
+async fn serve_frames(ctx: &CoreCtx, stream: TcpStream, from: u64) -> io::Result<()> {
+    let (reader, writer) = futures_lite::io::split(stream);
+    let (back_tx, back) = async_channel::bounded(ctx.config().max_inflight_calls);
+    or(
+        read_inbound(ctx, reader, from, back_tx),
+        write_back(writer, back),
+    )
+    .await
+}
+
+async fn write_back(
+    mut writer: impl AsyncWrite + Unpin,
+    back: Receiver<Vec<u8>>,
+) -> io::Result<()> {
+    let mut batch = Vec::new();
+    // `read_inbound` holds a sender for as long as this runs.
+    while let Ok(first) = back.recv().await {
+        batch.extend_from_slice(&first);
+        while let Ok(more) = back.try_recv() {
+            batch.extend_from_slice(&more);
+        }
+        writer.write_all(&batch).await?;
+        writer.flush().await?;
+        batch.clear();
+    }
+    Ok(())
+}
+
+async fn read_inbound(
+    ctx: &CoreCtx,
+    mut reader: impl AsyncRead + Unpin,
+    from: u64,
+    back: Sender<Vec<u8>>,
+) -> io::Result<()> {
     let config = ctx.config();
     let mut frames = FrameReader::new(config.max_frame_bytes);
-    let mut pong = Vec::new();
     loop {
-        let frame = frames.next(stream).await?;
+        let frame = frames.next(&mut reader).await?;
         let read_bytes = frames.take_read_bytes();
         ctx.count(from, |c| {
             c.received_bytes += read_bytes;
@@ -584,8 +758,29 @@ async fn serve_frames(ctx: &CoreCtx, stream: &mut TcpStream, from: u64) -> io::R
                     return Ok(());
                 }
             }
+            Kind::Request => {
+                let (id, body) = call::split_request(&frame.payload)
+                    .ok_or_else(|| FrameError::Unexpected("call request without an id".into()))?;
+                let reply = CallReply::new(
+                    id,
+                    frame.core,
+                    config.member_id,
+                    from,
+                    config.max_frame_bytes,
+                    back.clone(),
+                );
+                let incoming = IncomingCall {
+                    from,
+                    payload: body.to_vec(),
+                    reply,
+                };
+                // Never waits: raft frames behind this one must not stall on slow calls.
+                if let Err(refused) = ctx.calls_tx.try_send(incoming) {
+                    refused.into_inner().reply.refuse();
+                }
+            }
             Kind::Ping => {
-                pong.clear();
+                let mut pong = Vec::new();
                 frame::encode(
                     &mut pong,
                     Kind::Pong,
@@ -594,10 +789,11 @@ async fn serve_frames(ctx: &CoreCtx, stream: &mut TcpStream, from: u64) -> io::R
                     from,
                     &frame.payload,
                 );
-                stream.write_all(&pong).await?;
-                stream.flush().await?;
+                if back.send(pong).await.is_err() {
+                    return Ok(());
+                }
             }
-            Kind::Hello | Kind::Pong => {
+            Kind::Hello | Kind::Pong | Kind::Response => {
                 return Err(FrameError::Unexpected(format!(
                     "{:?} on an inbound connection",
                     frame.kind
