@@ -10,6 +10,7 @@ use ferrocd_net::node::checkpoint::{
 };
 use ferrocd_net::node::compactor::{AutoCompaction, REVISION_MODE_INTERVAL_MS};
 use ferrocd_net::node::recovery::Bootstrap;
+use ferrocd_net::node::replica::RaftTiming;
 use ferrocd_net::node::restore::{self, RestoreConfig};
 use ferrocd_net::node::space::DEFAULT_QUOTA_BYTES;
 use ferrocd_net::node::Limits;
@@ -355,6 +356,7 @@ fn config(flags: &Flags) -> Result<NodeConfig, String> {
             _ => ClusterState::New,
         },
         initial_cluster_token: flags.initial_cluster_token.clone(),
+        raft_timing: RaftTiming::from_etcd_flags(flags.heartbeat_interval, flags.election_timeout),
         watch_progress_notify_interval_ms: parse_duration_ms(
             "experimental-watch-progress-notify-interval",
             &flags.experimental_watch_progress_notify_interval,

@@ -14,16 +14,18 @@ use crate::kv::KvService;
 use crate::lease::service::LeaseService;
 use crate::lease::{lessor, LeaseConfig};
 use crate::lock::LockService;
-use crate::members::{ClusterState, InitialMember, Members};
+use crate::members::{ClusterState, InitialMember, MemberEntry, Members};
 use crate::metrics::{metrics_handler, GrpcMetrics, PATH_METRICS};
 use crate::node::checkpoint::CheckpointConfig;
 use crate::node::compactor::{self, AutoCompaction};
+use crate::node::errors::KvError;
 use crate::node::meta::{Meta, MetaLog, MetaMsg, MetaStart};
 use crate::node::meta_checkpoint::MetaCheckpointConfig;
 use crate::node::recovery::{self, Bootstrap, Recovered};
+use crate::node::replica::{RaftTiming, ReadBarrier, ReadReply, Replica, ReplicaStart};
 use crate::node::shard::{Shard, ShardMsg};
 use crate::node::{Limits, Node, Shared, INBOX_CAPACITY};
-use crate::peer::{PeerConfig, PeerMesh};
+use crate::peer::{parse_peer_url, PeerConfig, PeerCore, PeerMesh};
 use crate::tls::{self, ListenUrl, ServerTls, TlsFiles};
 use crate::transport::{self, max_grpc_message_bytes, Routes, ServerConfig};
 use crate::watch::deletion::Deletions;
@@ -44,8 +46,11 @@ use ferrocd_engine::reader::ShardReader;
 use ferrocd_engine::wal::{Recovered as WalRecovered, Wal, WalOptions};
 use ferrocd_raft::notify::wait_until;
 use ferrocd_raft::sequencer::Sequencer;
+use ferrocd_raft::storage::{ConfState, SnapshotMeta};
+use ferrocd_raft::wal_store::WalLogStore;
 use glommio::{LocalExecutorBuilder, Placement};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,6 +77,8 @@ pub struct NodeConfig {
     pub initial_cluster: Vec<InitialMember>,
     pub initial_cluster_state: ClusterState,
     pub initial_cluster_token: String,
+    /// `--heartbeat-interval` / `--election-timeout` as Raft ticks.
+    pub raft_timing: RaftTiming,
     pub limits: Limits,
     pub lease: LeaseConfig,
     /// Interval of watch progress notifications (etcd's hidden
@@ -172,6 +179,8 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
         advertise_peer_urls: config.advertise_peer_urls.clone(),
     };
     let (identity, members) = recovery::open_identity(&config.data_dir, config.shards, &bootstrap)?;
+    // Several members: the meta log is a Raft log whose first membership is all of them.
+    let raft_initial = (members.len() > 1).then(|| bootstrap_point(&members));
     let Recovered {
         stores,
         checkpointers,
@@ -183,13 +192,28 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
         meta_state,
         meta_touched,
         meta_checkpoint_index,
-    } = recovery::recover(&config.data_dir, config.shards, config.lease, None)?;
+    } = recovery::recover(
+        &config.data_dir,
+        config.shards,
+        config.lease,
+        raft_initial.clone(),
+    )?;
     // Bind every address once here so a busy port is reported before anything starts.
     for url in &config.listen_client {
         std::net::TcpListener::bind(url.addr)
             .map_err(|e| format!("cannot listen on {}: {e}", url.addr))?;
     }
     let peers = bind_peers(&config, identity.member_id)?;
+    if raft_initial.is_some() && peers.is_none() {
+        return Err("a member of a cluster needs an http:// --listen-peer-urls".to_string());
+    }
+    let (read_barrier, read_requests) = match raft_initial {
+        Some(_) => {
+            let (barrier, requests) = ReadBarrier::new(&config.raft_timing);
+            (Some(barrier), Some(requests))
+        }
+        None => (None, None),
+    };
 
     let (shard_txs, shard_rxs): (Vec<_>, Vec<_>) = (0..config.shards)
         .map(|_| async_channel::bounded(INBOX_CAPACITY))
@@ -207,7 +231,8 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
         )
         .with_auth(AuthStore::new(meta_state.auth.clone(), tokens))
         .with_readers(seed_readers(&stores, &checkpointers))
-        .with_members(Members::new(members)),
+        .with_members(Members::new(members))
+        .clustered_with(read_barrier),
     );
     shared.space.restore(meta_state.alarms.iter().copied());
     meta_state
@@ -248,10 +273,15 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
             bounds: config.checkpoint,
         },
     };
+    let raft = raft_initial.map(|initial| RaftMeta {
+        initial,
+        reads: read_requests.expect("a clustered member has a read barrier"),
+    });
     let mut meta = Some(OwnedMeta {
         rx: meta_rx,
         wal: meta_wal,
         start: meta_start,
+        raft,
     });
     let serving = Arc::new((AtomicUsize::new(config.cores), Event::new()));
     let grpc_metrics = GrpcMetrics::new(config.cores);
@@ -304,6 +334,29 @@ struct OwnedMeta {
     rx: async_channel::Receiver<MetaMsg>,
     wal: WalRecovered,
     start: MetaStart,
+    /// Clustered: the meta log is a Raft log (`node/replica.rs`).
+    raft: Option<RaftMeta>,
+}
+
+struct RaftMeta {
+    /// The log's bootstrap point (where the WAL has no Snapshot record yet).
+    initial: SnapshotMeta,
+    reads: async_channel::Receiver<ReadReply>,
+}
+
+/// A new cluster's Raft log starts after a snapshot at index 1, term 1, holding every initial
+/// member as a voter (as raft-rs bootstraps), identically on every member.
+fn bootstrap_point(members: &[MemberEntry]) -> SnapshotMeta {
+    let mut voters: Vec<u64> = members.iter().map(|m| m.id).collect();
+    voters.sort_unstable();
+    SnapshotMeta {
+        index: 1,
+        term: 1,
+        conf: ConfState {
+            voters,
+            learners: Vec::new(),
+        },
+    }
 }
 
 /// Opens a WAL for appending after what recovery read from it.
@@ -312,7 +365,13 @@ async fn open_wal(
     recovered: &WalRecovered,
     config: &NodeConfig,
 ) -> Result<Wal, String> {
-    let options = WalOptions {
+    Wal::open_recovered(dir, wal_options(config), recovered)
+        .await
+        .map_err(|e| format!("cannot open WAL {}: {e}", dir.display()))
+}
+
+fn wal_options(config: &NodeConfig) -> WalOptions {
+    WalOptions {
         segment_size_bytes: config.wal_segment_size_bytes,
         // Through the page cache, then fdatasync (as etcd does), unless asked otherwise. glommio
         // sends O_DIRECT writes to its IOPOLL ring whenever the kernel accepts polled I/O on the
@@ -322,10 +381,7 @@ async fn open_wal(
         // problem: the write path" and "I/O mode".
         force_buffered: !config.wal_direct_io,
         ..WalOptions::default()
-    };
-    Wal::open_recovered(dir, options, recovered)
-        .await
-        .map_err(|e| format!("cannot open WAL {}: {e}", dir.display()))
+    }
 }
 
 struct CoreSetup {
@@ -384,10 +440,12 @@ fn seed_readers(stores: &[Store], checkpointers: &[Checkpointer]) -> Vec<Arc<Sha
     stores.iter().zip(checkpointers).map(seed).collect()
 }
 
-/// A single member publishes its name and client URLs itself, as etcd does at start-up (in a
-/// cluster the replication wiring does, through the leader).
+/// A single member publishes its name and client URLs itself, as etcd does at start-up. A
+/// member of a cluster publishes through the leader once there is one (`publish_in_cluster`).
 async fn publish_single_member(shared: &Arc<Shared>, config: &NodeConfig) -> Result<(), String> {
-    if shared.members.len() != 1 {
+    if shared.role.is_clustered() {
+        let (shared, config) = (shared.clone(), config.clone());
+        glommio::spawn_local(async move { publish_in_cluster(&shared, &config).await }).detach();
         return Ok(());
     }
     let node = Node::new(shared.clone());
@@ -397,7 +455,37 @@ async fn publish_single_member(shared: &Arc<Shared>, config: &NodeConfig) -> Res
         .map_err(|e| format!("cannot publish this member's attributes: {e}"))
 }
 
+/// Retries until the cluster has taken this member's attributes (or the node stops).
+async fn publish_in_cluster(shared: &Arc<Shared>, config: &NodeConfig) {
+    let node = Node::new(shared.clone());
+    let retry = Duration::from_millis(config.raft_timing.tick_ms * 5);
+    loop {
+        let (name, client_urls) = (config.name.clone(), config.advertise_client_urls.clone());
+        match node.publish(name, client_urls).await {
+            Ok(()) => return,
+            Err(KvError::Stopped) => return,
+            Err(e) => crate::debug!("publish not taken yet", error = e.to_string()),
+        }
+        glommio::timer::sleep(retry).await;
+    }
+}
+
 impl CoreSetup {
+    /// Clustered: this core connects to the same core of every other member.
+    fn dial_members(&self, peer_core: &PeerCore) -> Result<(), String> {
+        let me = self.shared.identity.member_id;
+        for member in self.shared.members.list() {
+            if member.id == me || self.shared.members.len() < 2 {
+                continue;
+            }
+            let url = member.peer_urls.first().ok_or_else(|| {
+                format!("member {:x} ({}) has no peer URL", member.id, member.name)
+            })?;
+            peer_core.add_peer(member.id, parse_peer_url(url)?);
+        }
+        Ok(())
+    }
+
     /// Serves until shutdown. A core that cannot start stops the whole node.
     async fn run(self) -> Result<(), String> {
         let (shutdown, serving) = (self.shutdown.clone(), self.serving.clone());
@@ -414,6 +502,17 @@ impl CoreSetup {
     async fn start_and_serve(self) -> Result<(), String> {
         let data_dir = &self.config.data_dir;
         let mut tasks = Vec::new();
+        // Held while the core serves: dropping it closes this core's peer listener.
+        let peer_core = match &self.peers {
+            Some(mesh) => Some(
+                mesh.start_core(self.core)
+                    .map_err(|e| format!("core {}: cannot serve peers: {e}", self.core))?,
+            ),
+            None => None,
+        };
+        if let Some(peer_core) = &peer_core {
+            self.dial_members(peer_core)?;
+        }
         for owned in self.shards {
             let wal_dir = recovery::shard_wal_dir(data_dir, owned.id);
             let wal = open_wal(&wal_dir, &owned.wal, &self.config).await?;
@@ -429,8 +528,26 @@ impl CoreSetup {
             tasks.push(glommio::spawn_local(shard.run(owned.rx)).detach());
         }
         if let Some(owned) = self.meta {
-            let wal = open_wal(&recovery::meta_wal_dir(data_dir), &owned.wal, &self.config).await?;
-            let log = MetaLog::Single(std::rc::Rc::new(wal));
+            let meta_dir = recovery::meta_wal_dir(data_dir);
+            let log = match owned.raft {
+                None => MetaLog::Single(Rc::new(
+                    open_wal(&meta_dir, &owned.wal, &self.config).await?,
+                )),
+                Some(raft) => {
+                    let options = wal_options(&self.config);
+                    let store = WalLogStore::open(&meta_dir, options, raft.initial)
+                        .await
+                        .map_err(|e| format!("cannot open WAL {}: {e}", meta_dir.display()))?;
+                    let start = ReplicaStart {
+                        store,
+                        applied_index: owned.start.next_index - 1,
+                        timing: self.config.raft_timing.clone(),
+                        reads: raft.reads,
+                    };
+                    let peer_core = peer_core.clone().expect("a cluster member serves peers");
+                    MetaLog::Replicated(Replica::start(self.shared.clone(), peer_core, start))
+                }
+            };
             let meta = Meta::new(self.shared.clone(), log, owned.start);
             tasks.push(glommio::spawn_local(meta.run(owned.rx)).detach());
             // Ends by itself once the meta group's inbox is closed at shutdown.
@@ -511,14 +628,6 @@ impl CoreSetup {
                 ),
             )
             .count_grpc(self.grpc_metrics.clone(), self.core);
-        // Held while the core serves: dropping it closes this core's peer listener.
-        let _peer_core = match &self.peers {
-            Some(mesh) => Some(
-                mesh.start_core(self.core)
-                    .map_err(|e| format!("core {}: cannot serve peers: {e}", self.core))?,
-            ),
-            None => None,
-        };
         let mut servers = Vec::new();
         for url in &self.config.listen_client {
             let listener = transport::bind(url.addr)

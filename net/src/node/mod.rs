@@ -142,9 +142,12 @@ impl Shared {
     }
 
     /// A member of a cluster: leadership comes from the meta group's Raft driver.
-    pub fn clustered(mut self, read_barrier: replica::ReadBarrier) -> Shared {
-        self.role = role::Role::clustered(self.identity.member_id);
-        self.read_barrier = Some(read_barrier);
+    /// A member of a cluster when it has a read barrier (`None`: a single member).
+    pub fn clustered_with(mut self, read_barrier: Option<replica::ReadBarrier>) -> Shared {
+        if read_barrier.is_some() {
+            self.role = role::Role::clustered(self.identity.member_id);
+        }
+        self.read_barrier = read_barrier;
         self
     }
 
@@ -458,7 +461,8 @@ impl Node {
         self.write(r, false).await
     }
 
-    /// Routes a write to its shard when all its keys live on one, else to the meta group.
+    /// Routes a write to its shard when all its keys live on one, else to the meta group (in a
+    /// cluster, always to the meta group).
     async fn write(
         &self,
         txn: TxnRequest,
@@ -469,7 +473,10 @@ impl Node {
         apply::txn_spans(&txn, &mut spans);
         let shards = self.shared.shards_for(&spans);
         let (reply, answer) = oneshot::channel();
-        if let [shard] = shards[..] {
+        // In a cluster only the meta group's log is replicated (yet): every write goes there.
+        let fast_path = !self.shared.role.is_clustered();
+        if let ([shard], true) = (&shards[..], fast_path) {
+            let shard = *shard;
             self.shared
                 .send_shard(
                     shard,

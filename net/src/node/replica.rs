@@ -29,7 +29,7 @@ use event_listener::Event;
 use ferrocd_raft::group::GroupConfig;
 use ferrocd_raft::multi::{Envelope, Node as RaftNode, NodeConfig as RaftNodeConfig, META_GROUP};
 use ferrocd_raft::notify::wait_until;
-use ferrocd_raft::storage::Entry;
+use ferrocd_raft::storage::{Entry, LogStore};
 use ferrocd_raft::wal_store::WalLogStore;
 use futures::channel::oneshot;
 use std::cell::{Cell, RefCell};
@@ -71,7 +71,7 @@ impl RaftTiming {
     }
 }
 
-type ReadReply = oneshot::Sender<Result<u64, KvError>>;
+pub type ReadReply = oneshot::Sender<Result<u64, KvError>>;
 
 /// Linearizable reads from any core: a read point confirmed by a quorum, then local apply.
 pub struct ReadBarrier {
@@ -142,7 +142,7 @@ type Proposed = oneshot::Sender<Result<(), KvError>>;
 pub struct Replica {
     shared: Arc<Shared>,
     raft: RefCell<RaftNode<WalLogStore>>,
-    peer: Rc<PeerCore>,
+    peer: PeerCore,
     timing: RaftTiming,
     /// Set (and `wake` notified) when the driver has work: a tick, a message, a proposal, a
     /// durable ready, a read request, an apply.
@@ -170,8 +170,15 @@ pub struct Replica {
 
 impl Replica {
     /// Builds the driver and starts its tasks on the current (glommio) executor.
-    pub fn start(shared: Arc<Shared>, peer: Rc<PeerCore>, start: ReplicaStart) -> Rc<Replica> {
+    pub fn start(shared: Arc<Shared>, peer: PeerCore, start: ReplicaStart) -> Rc<Replica> {
         let member_id = shared.identity.member_id;
+        // The meta checkpoint may have applied entries that the hard state on disk does not yet
+        // call committed (it is written with a later ready); raft must not be told more than it
+        // knows. The entries in between come out committed again and are skipped (`committed`).
+        let raft_applied = start
+            .applied_index
+            .min(start.store.hard_state().commit)
+            .max(start.store.snapshot().meta.index);
         let config = RaftNodeConfig {
             group: GroupConfig {
                 member_id,
@@ -180,13 +187,13 @@ impl Replica {
                 heartbeat_ticks: 1,
                 max_size_per_msg_bytes: MAX_APPEND_BYTES,
                 max_inflight_msgs: MAX_INFLIGHT_APPENDS,
-                applied_index: start.applied_index,
+                applied_index: raft_applied,
             },
             peer_queue_limit_msgs: PEER_QUEUE_LIMIT_MSGS,
             affinity_retry_ticks: start.timing.election_ticks as u64,
         };
         let mut raft = RaftNode::new(config);
-        raft.add_group(META_GROUP, start.store, start.applied_index);
+        raft.add_group(META_GROUP, start.store, raft_applied);
         let replica = Rc::new(Replica {
             shared,
             raft: RefCell::new(raft),
@@ -198,7 +205,7 @@ impl Replica {
             proposed: RefCell::new(BTreeMap::new()),
             followed: RefCell::new(VecDeque::new()),
             applied: Cell::new(start.applied_index),
-            reported_applied: Cell::new(start.applied_index),
+            reported_applied: Cell::new(raft_applied),
             persisted: Cell::new(0),
             reads_waiting: RefCell::new(Vec::new()),
             reads_asked: RefCell::new(HashMap::new()),
@@ -291,16 +298,18 @@ impl Replica {
         self.observe_leadership();
         self.try_take_over();
         let applied = self.applied.get();
-        if applied > self.reported_applied.get() {
-            self.reported_applied.set(applied);
-            self.raft.borrow_mut().on_applied(META_GROUP, applied);
-        }
         let commit = self
             .raft
             .borrow()
             .group(META_GROUP)
             .expect("meta group")
             .commit_index();
+        // Never ahead of what raft knows is committed (see `start`).
+        let report = applied.min(commit);
+        if report > self.reported_applied.get() {
+            self.reported_applied.set(report);
+            self.raft.borrow_mut().on_applied(META_GROUP, report);
+        }
         self.shared.role.set_indexes(commit, applied);
     }
 
