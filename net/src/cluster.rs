@@ -164,13 +164,44 @@ impl Maintenance for ClusterService {
     }
 
     /// A single member has nobody to hand leadership to.
+    /// etcd's MoveLeader: root only; served by the leader, to a voting member; answers once
+    /// the target leads (or the transfer timed out).
     async fn move_leader(
         &self,
-        _request: Request<MoveLeaderRequest>,
+        request: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
-        Err(Status::failed_precondition(
-            "etcdserver: bad leader transferee",
-        ))
+        self.admin(&request)?;
+        let shared = self.node.shared();
+        let target = request.into_inner().target_id;
+        let bad_transferee = || Status::failed_precondition("etcdserver: bad leader transferee");
+        let Some(barrier) = &shared.read_barrier else {
+            return Err(bad_transferee());
+        };
+        if shared.role.leader() != Some(shared.identity.member_id) {
+            return Err(Status::failed_precondition("etcdserver: not leader"));
+        }
+        let is_voter = |m: &crate::members::MemberEntry| m.id == target && !m.is_learner;
+        if !shared.members.list().iter().any(is_voter) {
+            return Err(bad_transferee());
+        }
+        barrier.transfer_leader(target).await?;
+        let moved = ferrocd_raft::notify::wait_until(shared.role.changed(), || {
+            shared.role.leader() == Some(target)
+        });
+        let timer = send_wrapper::SendWrapper::new(glommio::timer::sleep(barrier.timeout()));
+        if !futures_lite::future::or(async { moved.await; true }, async {
+            timer.await;
+            false
+        })
+        .await
+        {
+            return Err(Status::unavailable(
+                "etcdserver: request timed out, leader transfer took too long",
+            ));
+        }
+        Ok(Response::new(MoveLeaderResponse {
+            header: Some(shared.current_header()),
+        }))
     }
 }
 

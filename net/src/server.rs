@@ -22,7 +22,7 @@ use crate::node::errors::KvError;
 use crate::node::meta::{Meta, MetaLog, MetaMsg, MetaStart};
 use crate::node::meta_checkpoint::MetaCheckpointConfig;
 use crate::node::recovery::{self, Bootstrap, Recovered};
-use crate::node::replica::{RaftTiming, ReadBarrier, ReadReply, Replica, ReplicaStart};
+use crate::node::replica::{DriverRequest, RaftTiming, ReadBarrier, Replica, ReplicaStart};
 use crate::node::shard::{Shard, ShardMsg};
 use crate::node::{Limits, Node, Shared, INBOX_CAPACITY};
 use crate::peer::{parse_peer_url, PeerConfig, PeerCore, PeerMesh};
@@ -275,7 +275,7 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
     };
     let raft = raft_initial.map(|initial| RaftMeta {
         initial,
-        reads: read_requests.expect("a clustered member has a read barrier"),
+        requests: read_requests.expect("a clustered member has a read barrier"),
     });
     let mut meta = Some(OwnedMeta {
         rx: meta_rx,
@@ -341,7 +341,7 @@ struct OwnedMeta {
 struct RaftMeta {
     /// The log's bootstrap point (where the WAL has no Snapshot record yet).
     initial: SnapshotMeta,
-    reads: async_channel::Receiver<ReadReply>,
+    requests: async_channel::Receiver<DriverRequest>,
 }
 
 /// A new cluster's Raft log starts after a snapshot at index 1, term 1, holding every initial
@@ -542,7 +542,7 @@ impl CoreSetup {
                         store,
                         applied_index: owned.start.next_index - 1,
                         timing: self.config.raft_timing.clone(),
-                        reads: raft.reads,
+                        requests: raft.requests,
                     };
                     let peer_core = peer_core.clone().expect("a cluster member serves peers");
                     MetaLog::Replicated(Replica::start(self.shared.clone(), peer_core, start))

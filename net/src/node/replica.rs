@@ -73,9 +73,18 @@ impl RaftTiming {
 
 pub type ReadReply = oneshot::Sender<Result<u64, KvError>>;
 
-/// Linearizable reads from any core: a read point confirmed by a quorum, then local apply.
+/// What other cores ask of the driver on core 0.
+pub enum DriverRequest {
+    /// A read point (the commit index a quorum confirmed).
+    Read(ReadReply),
+    /// Hand leadership to this member (Maintenance.MoveLeader).
+    TransferLeader(u64),
+}
+
+/// The way from any core to the driver: linearizable reads (a read point confirmed by a quorum,
+/// then local apply) and leadership transfers.
 pub struct ReadBarrier {
-    requests: async_channel::Sender<ReadReply>,
+    requests: async_channel::Sender<DriverRequest>,
     applied_index: AtomicU64,
     applied: Event,
     timeout: Duration,
@@ -83,7 +92,7 @@ pub struct ReadBarrier {
 
 impl ReadBarrier {
     /// The barrier and the receiving end of its requests (for the driver on core 0).
-    pub fn new(timing: &RaftTiming) -> (ReadBarrier, async_channel::Receiver<ReadReply>) {
+    pub fn new(timing: &RaftTiming) -> (ReadBarrier, async_channel::Receiver<DriverRequest>) {
         let (requests, rx) = async_channel::bounded(READ_QUEUE_LIMIT);
         let barrier = ReadBarrier {
             requests,
@@ -99,7 +108,7 @@ impl ReadBarrier {
     pub async fn wait(&self) -> Result<(), KvError> {
         let (reply, point) = oneshot::channel();
         self.requests
-            .send(reply)
+            .send(DriverRequest::Read(reply))
             .await
             .map_err(|_| KvError::Stopped)?;
         let index = within(self.timeout, point)
@@ -108,6 +117,17 @@ impl ReadBarrier {
             .map_err(|_| KvError::LeaderChanged)??;
         let applied = wait_until(&self.applied, || self.applied_index.load(SeqCst) >= index);
         within(self.timeout, applied).await.ok_or(KvError::Timeout)
+    }
+
+    /// Asks the meta group's leader (this member) to hand leadership to `member`.
+    pub async fn transfer_leader(&self, member: u64) -> Result<(), KvError> {
+        let request = DriverRequest::TransferLeader(member);
+        self.requests.send(request).await.map_err(|_| KvError::Stopped)
+    }
+
+    /// How long a request waits for a leader or a read point.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     fn set_applied(&self, index: u64) {
@@ -134,7 +154,7 @@ pub struct ReplicaStart {
     /// The highest index recovery applied (committed entries up to it are not handed out).
     pub applied_index: u64,
     pub timing: RaftTiming,
-    pub reads: async_channel::Receiver<ReadReply>,
+    pub requests: async_channel::Receiver<DriverRequest>,
 }
 
 type Proposed = oneshot::Sender<Result<(), KvError>>;
@@ -214,7 +234,7 @@ impl Replica {
         });
         glommio::spawn_local(replica.clone().ticks()).detach();
         glommio::spawn_local(replica.clone().inbound()).detach();
-        glommio::spawn_local(replica.clone().read_requests(start.reads)).detach();
+        glommio::spawn_local(replica.clone().requests(start.requests)).detach();
         glommio::spawn_local(replica.clone().drive()).detach();
         replica
     }
@@ -256,9 +276,16 @@ impl Replica {
         }
     }
 
-    async fn read_requests(self: Rc<Self>, requests: async_channel::Receiver<ReadReply>) {
-        while let Ok(reply) = requests.recv().await {
-            self.reads_waiting.borrow_mut().push(reply);
+    async fn requests(self: Rc<Self>, requests: async_channel::Receiver<DriverRequest>) {
+        while let Ok(request) = requests.recv().await {
+            match request {
+                DriverRequest::Read(reply) => self.reads_waiting.borrow_mut().push(reply),
+                DriverRequest::TransferLeader(member) => {
+                    let mut raft = self.raft.borrow_mut();
+                    let group = raft.group_mut(META_GROUP).expect("meta group");
+                    group.transfer_leader(member);
+                }
+            }
             self.poke();
         }
     }

@@ -5,6 +5,7 @@
 //! whether to serve a write here or forward it to the leader.
 
 use super::errors::KvError;
+use event_listener::Event;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 
 /// "No leader known" in the `leader` slot (etcd's raft uses 0 for none, too).
@@ -21,6 +22,8 @@ pub struct Role {
     /// Clustered: the meta group's commit and applied indexes, for Maintenance.Status.
     commit_index: AtomicU64,
     applied_index: AtomicU64,
+    /// Notified on every leadership change.
+    changed: Event,
 }
 
 impl Role {
@@ -34,6 +37,7 @@ impl Role {
             serving: AtomicBool::new(true),
             commit_index: AtomicU64::new(0),
             applied_index: AtomicU64::new(0),
+            changed: Event::new(),
         }
     }
 
@@ -47,6 +51,7 @@ impl Role {
             serving: AtomicBool::new(false),
             commit_index: AtomicU64::new(0),
             applied_index: AtomicU64::new(0),
+            changed: Event::new(),
         }
     }
 
@@ -90,6 +95,12 @@ impl Role {
         if leader != Some(self.member_id) {
             self.serving.store(false, SeqCst);
         }
+        self.changed.notify(usize::MAX);
+    }
+
+    /// Notified on every leadership change.
+    pub fn changed(&self) -> &Event {
+        &self.changed
     }
 
     /// The meta group's Raft indexes as last published: (commit, applied).
