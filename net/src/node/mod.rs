@@ -430,12 +430,16 @@ impl Node {
         self.write(r, false).await
     }
 
-    /// Routes a write to its shard when all its keys live on one, else to the meta group.
-    async fn write(
+    /// Routes a write to its shard when all its keys live on one, else to the meta group;
+    /// on a follower, to the leader.
+    pub(crate) async fn write(
         &self,
         txn: TxnRequest,
         put_first_checks_lease: bool,
     ) -> Result<TxnResponse, KvError> {
+        if let Some(leader) = self.shared.role.remote_leader()? {
+            return crate::forward::write(&self.shared, leader, txn, put_first_checks_lease).await;
+        }
         space::admit(&self.shared, space::txn_cost_bytes(&txn)).await?;
         let mut spans = Vec::new();
         apply::txn_spans(&txn, &mut spans);
@@ -507,6 +511,12 @@ impl Node {
     }
 
     pub async fn compact(&self, r: CompactionRequest) -> Result<CompactionResponse, KvError> {
+        if let Some(leader) = self.shared.role.remote_leader()? {
+            crate::forward::compact(leader, r).await?;
+            return Ok(CompactionResponse {
+                header: Some(self.shared.current_header()),
+            });
+        }
         let (reply, answer) = oneshot::channel();
         self.shared
             .meta
