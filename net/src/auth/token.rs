@@ -128,3 +128,19 @@ impl TokenProvider for SimpleTokens {
         self.table().by_token.clear();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_adopted_token_is_accepted_like_an_issued_one() {
+        let tokens = SimpleTokens::new(Duration::from_secs(60));
+        assert_eq!(tokens.info("leaderIssuedToken.7"), None);
+        tokens.adopt("leaderIssuedToken.7", "alice");
+        let info = tokens.info("leaderIssuedToken.7").expect("adopted");
+        assert_eq!(info.user, "alice");
+        tokens.invalidate_user("alice");
+        assert_eq!(tokens.info("leaderIssuedToken.7"), None);
+    }
+}
