@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod cluster;
 pub mod election;
+pub mod forward;
 pub mod gateway;
 pub mod http;
 pub mod kv;

@@ -475,7 +475,7 @@ impl CoreSetup {
     fn dial_members(&self, peer_core: &PeerCore) -> Result<(), String> {
         let me = self.shared.identity.member_id;
         for member in self.shared.members.list() {
-            if member.id == me || self.shared.members.len() < 2 {
+            if member.id == me {
                 continue;
             }
             let url = member.peer_urls.first().ok_or_else(|| {
@@ -510,8 +510,12 @@ impl CoreSetup {
             ),
             None => None,
         };
-        if let Some(peer_core) = &peer_core {
+        if let (Some(peer_core), true) = (&peer_core, self.shared.role.is_clustered()) {
             self.dial_members(peer_core)?;
+            let timeout = self.config.raft_timing.request_timeout();
+            crate::forward::install(peer_core.clone(), timeout.as_millis() as u64);
+            let (node, calls) = (Node::new(self.shared.clone()), peer_core.calls().clone());
+            glommio::spawn_local(crate::forward::serve_calls(node, calls)).detach();
         }
         for owned in self.shards {
             let wal_dir = recovery::shard_wal_dir(data_dir, owned.id);

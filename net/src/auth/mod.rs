@@ -214,6 +214,11 @@ impl AuthStore {
         self.tokens.invalidate_user(user);
     }
 
+    /// Accepts a token the leader issued for `user` (after a forwarded Authenticate).
+    pub fn adopt_token(&self, token: &str, user: &str) {
+        self.tokens.adopt(token, user);
+    }
+
     /// A new token for `user`, at the current auth revision.
     pub fn issue_token(&self, user: &str) -> Result<String, AuthError> {
         let auth_revision = self.state().revision;

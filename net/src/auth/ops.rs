@@ -23,8 +23,12 @@ pub async fn apply(meta: &mut Meta, op: AdminOp) -> Result<(), KvError> {
     Ok(())
 }
 
-/// Sends `op` to the meta group and waits until it is durable and applied.
+/// Sends `op` to the meta group and waits until it is durable and applied (on a follower:
+/// has the leader do so).
 pub async fn request(shared: &Shared, op: AdminOp) -> Result<(), KvError> {
+    if let Some(leader) = shared.role.remote_leader()? {
+        return crate::forward::auth_admin(leader, op).await;
+    }
     let (reply, answer) = oneshot::channel();
     shared
         .meta

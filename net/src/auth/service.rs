@@ -6,6 +6,7 @@
 use super::ops::request;
 use super::state::{AdminOp, PERM_READWRITE, ROOT_ROLE};
 use super::{hash_password, verify_password, AuthError, Caller};
+use crate::node::errors::KvError;
 use crate::node::{Node, Shared};
 use ferrocd_api::authpb::Permission;
 use ferrocd_api::etcdserverpb::auth_server::Auth;
@@ -53,6 +54,34 @@ impl AuthService {
             (Err(e), _) => Err(e),
         }
     }
+}
+
+/// etcd's CheckPassword then token assignment: an unknown user and a wrong password are the
+/// same "authentication failed". On a follower the leader checks and issues the token.
+pub(crate) async fn authenticate(
+    shared: &Shared,
+    r: AuthenticateRequest,
+) -> Result<AuthenticateResponse, KvError> {
+    let auth = &shared.auth;
+    if !auth.is_enabled() {
+        return Err(AuthError::AuthNotEnabled.into());
+    }
+    if let Some(leader) = shared.role.remote_leader()? {
+        return crate::forward::authenticate(shared, leader, r).await;
+    }
+    let hash = match auth.state().user(&r.name) {
+        Err(_) => return Err(AuthError::AuthFailed.into()),
+        Ok(user) => user.password_hash.clone(),
+    };
+    let hash = hash.ok_or(AuthError::NoPasswordUser)?;
+    if !verify_password(r.password, hash).await {
+        return Err(AuthError::AuthFailed.into());
+    }
+    let token = auth.issue_token(&r.name)?;
+    Ok(AuthenticateResponse {
+        header: Some(shared.current_header()),
+        token,
+    })
 }
 
 async fn request_op(shared: &Shared, op: AdminOp) -> Result<(), Status> {
@@ -109,30 +138,12 @@ impl Auth for AuthService {
         }))
     }
 
-    /// etcd's CheckPassword then token assignment: an unknown user and a wrong password are
-    /// the same "authentication failed".
     async fn authenticate(
         &self,
         request: Request<AuthenticateRequest>,
     ) -> Result<Response<AuthenticateResponse>, Status> {
-        let r = request.into_inner();
-        let auth = &self.shared().auth;
-        if !auth.is_enabled() {
-            return Err(AuthError::AuthNotEnabled.into());
-        }
-        let hash = match auth.state().user(&r.name) {
-            Err(_) => return Err(AuthError::AuthFailed.into()),
-            Ok(user) => user.password_hash.clone(),
-        };
-        let hash = hash.ok_or(AuthError::NoPasswordUser)?;
-        if !verify_password(r.password, hash).await {
-            return Err(AuthError::AuthFailed.into());
-        }
-        let token = auth.issue_token(&r.name)?;
-        Ok(Response::new(AuthenticateResponse {
-            header: self.header(),
-            token,
-        }))
+        let response = authenticate(self.shared(), request.into_inner()).await?;
+        Ok(Response::new(response))
     }
 
     async fn user_add(

@@ -25,7 +25,7 @@ pub enum Access {
 }
 
 /// A management operation of the Auth service, with passwords already hashed.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AdminOp {
     Enable,
     Disable,

@@ -35,6 +35,9 @@ pub trait TokenProvider: Send + Sync {
     fn invalidate_user(&self, user: &str);
     /// Ends every token (auth disabled), where the provider can.
     fn invalidate_all(&self);
+    /// Accepts `token`, issued for `user` by the leader, on this member too. Stateless
+    /// providers (JWT) verify any member's tokens already: nothing to do.
+    fn adopt(&self, _token: &str, _user: &str) {}
 }
 
 struct SimpleToken {
@@ -83,6 +86,11 @@ impl TokenProvider for SimpleTokens {
             ".{}",
             self.issued.fetch_add(1, Ordering::Relaxed) + 1
         ));
+        self.adopt(&token, user);
+        Ok(token)
+    }
+
+    fn adopt(&self, token: &str, user: &str) {
         let now = Instant::now();
         let mut table = self.table();
         if table.by_token.len() >= table.sweep_at_len {
@@ -93,8 +101,7 @@ impl TokenProvider for SimpleTokens {
             user: user.to_string(),
             expires: now + self.ttl,
         };
-        table.by_token.insert(token.clone(), entry);
-        Ok(token)
+        table.by_token.insert(token.to_string(), entry);
     }
 
     /// A valid token's TTL restarts, as etcd's simple tokens do.
@@ -119,5 +126,21 @@ impl TokenProvider for SimpleTokens {
 
     fn invalidate_all(&self) {
         self.table().by_token.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_adopted_token_is_accepted_like_an_issued_one() {
+        let tokens = SimpleTokens::new(Duration::from_secs(60));
+        assert_eq!(tokens.info("leaderIssuedToken.7"), None);
+        tokens.adopt("leaderIssuedToken.7", "alice");
+        let info = tokens.info("leaderIssuedToken.7").expect("adopted");
+        assert_eq!(info.user, "alice");
+        tokens.invalidate_user("alice");
+        assert_eq!(tokens.info("leaderIssuedToken.7"), None);
     }
 }

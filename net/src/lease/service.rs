@@ -1,9 +1,13 @@
 //! The `etcdserverpb.Lease` gRPC service (etcd's v3rpc `LeaseServer`). Grant and Revoke go
 //! through the meta group; KeepAlive, TimeToLive and Leases are answered from the table on
-//! the core that received them.
+//! the core that received them. On a follower every one of them goes to the leader
+//! (`crate::forward`), whose table renews and expires leases.
 
 use super::lessor::request;
 use super::ops::{LeaseDone, LeaseOp};
+use crate::auth::state::Access;
+use crate::auth::Caller;
+use crate::forward;
 use crate::node::errors::KvError;
 use crate::node::space::LEASE_GRANT_COST_BYTES;
 use crate::node::{Node, Shared};
@@ -37,8 +41,65 @@ impl LeaseService {
     }
 }
 
+/// Grants a lease (the space quota first, as etcd); on a follower, the leader does.
+pub(crate) async fn grant(
+    shared: &Shared,
+    r: LeaseGrantRequest,
+) -> Result<LeaseGrantResponse, KvError> {
+    if let Some(leader) = shared.role.remote_leader()? {
+        return forward::lease_grant(shared, leader, r).await;
+    }
+    crate::node::space::admit(shared, LEASE_GRANT_COST_BYTES).await?;
+    let op = LeaseOp::Grant {
+        id: r.id,
+        ttl_s: r.ttl,
+    };
+    let LeaseDone::Granted { id, ttl_s } = request(shared, op).await? else {
+        unreachable!("a grant answers granted")
+    };
+    Ok(LeaseGrantResponse {
+        header: Some(shared.current_header()),
+        id,
+        ttl: ttl_s,
+        error: String::new(),
+    })
+}
+
+/// Revokes a lease if `caller` may write every attached key. A follower checks that against
+/// its (replicated) table before forwarding; the leader then revokes as the server.
+pub(crate) async fn revoke(
+    shared: &Shared,
+    id: i64,
+    caller: Caller,
+) -> Result<LeaseRevokeResponse, KvError> {
+    if let Some(leader) = shared.role.remote_leader()? {
+        for key in shared.leases.attached_keys(id).unwrap_or_default() {
+            shared.auth.check(&caller, &key, &[], Access::Write)?;
+        }
+        return forward::lease_revoke(shared, leader, id).await;
+    }
+    let op = LeaseOp::Revoke {
+        id,
+        only_if_expired: false,
+        caller,
+    };
+    let LeaseDone::Revoked { revision } = request(shared, op).await? else {
+        unreachable!("a client revoke answers revoked")
+    };
+    Ok(LeaseRevokeResponse {
+        header: Some(shared.header(revision)),
+    })
+}
+
 /// Renews one lease: etcd answers TTL 0 for a lease that is unknown or already expired.
-async fn keep_alive(shared: &Shared, id: i64) -> Result<LeaseKeepAliveResponse, KvError> {
+/// Only the leader's table renews (it decides expiry).
+pub(crate) async fn keep_alive(
+    shared: &Shared,
+    id: i64,
+) -> Result<LeaseKeepAliveResponse, KvError> {
+    if let Some(leader) = shared.role.remote_leader()? {
+        return forward::lease_keep_alive(shared, leader, id).await;
+    }
     let ttl = match shared.leases.renew(id, Instant::now()) {
         None => 0,
         Some(renewed) => {
@@ -58,6 +119,51 @@ async fn keep_alive(shared: &Shared, id: i64) -> Result<LeaseKeepAliveResponse, 
     })
 }
 
+/// The remaining TTL as the leader's table says (renewals happen there).
+pub(crate) async fn time_to_live(
+    shared: &Shared,
+    r: LeaseTimeToLiveRequest,
+) -> Result<LeaseTimeToLiveResponse, KvError> {
+    if let Some(leader) = shared.role.remote_leader()? {
+        return forward::lease_time_to_live(shared, leader, r).await;
+    }
+    let header = Some(shared.current_header());
+    // etcd 3.4 answers an unknown lease with TTL -1, not with an error.
+    Ok(
+        match shared.leases.time_to_live(r.id, r.keys, Instant::now()) {
+            None => LeaseTimeToLiveResponse {
+                header,
+                id: r.id,
+                ttl: -1,
+                ..LeaseTimeToLiveResponse::default()
+            },
+            Some(ttl) => LeaseTimeToLiveResponse {
+                header,
+                id: r.id,
+                ttl: ttl.remaining_s,
+                granted_ttl: ttl.granted_ttl_s,
+                keys: ttl.keys,
+            },
+        },
+    )
+}
+
+pub(crate) async fn leases(shared: &Shared) -> Result<LeaseLeasesResponse, KvError> {
+    if let Some(leader) = shared.role.remote_leader()? {
+        return forward::lease_leases(shared, leader).await;
+    }
+    let leases = shared
+        .leases
+        .list()
+        .into_iter()
+        .map(|id| LeaseStatus { id })
+        .collect();
+    Ok(LeaseLeasesResponse {
+        header: Some(shared.current_header()),
+        leases,
+    })
+}
+
 #[tonic::async_trait]
 impl Lease for LeaseService {
     async fn lease_grant(
@@ -66,21 +172,8 @@ impl Lease for LeaseService {
     ) -> Result<Response<LeaseGrantResponse>, Status> {
         // etcd checks only the token of a grant, and the space quota.
         self.shared().auth.caller(request.metadata())?;
-        crate::node::space::admit(self.shared(), LEASE_GRANT_COST_BYTES).await?;
-        let r = request.into_inner();
-        let op = LeaseOp::Grant {
-            id: r.id,
-            ttl_s: r.ttl,
-        };
-        let LeaseDone::Granted { id, ttl_s } = self::request(self.shared(), op).await? else {
-            unreachable!("a grant answers granted")
-        };
-        Ok(Response::new(LeaseGrantResponse {
-            header: Some(self.shared().current_header()),
-            id,
-            ttl: ttl_s,
-            error: String::new(),
-        }))
+        let response = grant(self.shared(), request.into_inner()).await?;
+        Ok(Response::new(response))
     }
 
     async fn lease_revoke(
@@ -88,17 +181,8 @@ impl Lease for LeaseService {
         request: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
         let caller = self.shared().auth.caller(request.metadata())?;
-        let op = LeaseOp::Revoke {
-            id: request.into_inner().id,
-            only_if_expired: false,
-            caller,
-        };
-        let LeaseDone::Revoked { revision } = self::request(self.shared(), op).await? else {
-            unreachable!("a client revoke answers revoked")
-        };
-        Ok(Response::new(LeaseRevokeResponse {
-            header: Some(self.shared().header(revision)),
-        }))
+        let response = revoke(self.shared(), request.into_inner().id, caller).await?;
+        Ok(Response::new(response))
     }
 
     async fn lease_keep_alive(
@@ -125,25 +209,7 @@ impl Lease for LeaseService {
         &self,
         request: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
-        let r = request.into_inner();
-        let shared = self.shared();
-        let header = Some(shared.current_header());
-        // etcd 3.4 answers an unknown lease with TTL -1, not with an error.
-        let response = match shared.leases.time_to_live(r.id, r.keys, Instant::now()) {
-            None => LeaseTimeToLiveResponse {
-                header,
-                id: r.id,
-                ttl: -1,
-                ..LeaseTimeToLiveResponse::default()
-            },
-            Some(ttl) => LeaseTimeToLiveResponse {
-                header,
-                id: r.id,
-                ttl: ttl.remaining_s,
-                granted_ttl: ttl.granted_ttl_s,
-                keys: ttl.keys,
-            },
-        };
+        let response = time_to_live(self.shared(), request.into_inner()).await?;
         Ok(Response::new(response))
     }
 
@@ -151,16 +217,6 @@ impl Lease for LeaseService {
         &self,
         _request: Request<LeaseLeasesRequest>,
     ) -> Result<Response<LeaseLeasesResponse>, Status> {
-        let shared = self.shared();
-        let leases = shared
-            .leases
-            .list()
-            .into_iter()
-            .map(|id| LeaseStatus { id })
-            .collect();
-        Ok(Response::new(LeaseLeasesResponse {
-            header: Some(shared.current_header()),
-            leases,
-        }))
+        Ok(Response::new(leases(self.shared()).await?))
     }
 }

@@ -462,12 +462,15 @@ impl Node {
     }
 
     /// Routes a write to its shard when all its keys live on one, else to the meta group (in a
-    /// cluster, always to the meta group).
-    async fn write(
+    /// cluster, always to the meta group); on a follower, to the leader.
+    pub(crate) async fn write(
         &self,
         txn: TxnRequest,
         put_first_checks_lease: bool,
     ) -> Result<TxnResponse, KvError> {
+        if let Some(leader) = self.shared.role.remote_leader()? {
+            return crate::forward::write(&self.shared, leader, txn, put_first_checks_lease).await;
+        }
         space::admit(&self.shared, space::txn_cost_bytes(&txn)).await?;
         let mut spans = Vec::new();
         apply::txn_spans(&txn, &mut spans);
@@ -543,6 +546,12 @@ impl Node {
     }
 
     pub async fn compact(&self, r: CompactionRequest) -> Result<CompactionResponse, KvError> {
+        if let Some(leader) = self.shared.role.remote_leader()? {
+            crate::forward::compact(leader, r).await?;
+            return Ok(CompactionResponse {
+                header: Some(self.shared.current_header()),
+            });
+        }
         let (reply, answer) = oneshot::channel();
         self.shared
             .meta
@@ -559,9 +568,29 @@ impl Node {
     }
     /// Publishes this member's name and client URLs through the meta group (etcd's publish).
     pub async fn publish(&self, name: String, client_urls: Vec<String>) -> Result<(), KvError> {
+        let member_id = self.shared.identity.member_id;
+        if let Some(leader) = self.shared.role.remote_leader()? {
+            let member = ferrocd_api::etcdserverpb::Member {
+                id: member_id,
+                name,
+                client_ur_ls: client_urls,
+                ..Default::default()
+            };
+            return crate::forward::publish(leader, member).await;
+        }
+        self.publish_member(member_id, name, client_urls).await
+    }
+
+    /// Logs `member_id`'s attributes (this member leads: its own, or a follower's forwarded).
+    pub async fn publish_member(
+        &self,
+        member_id: u64,
+        name: String,
+        client_urls: Vec<String>,
+    ) -> Result<(), KvError> {
         let (reply, answer) = oneshot::channel();
         let msg = MetaMsg::Publish {
-            member_id: self.shared.identity.member_id,
+            member_id,
             name,
             client_urls,
             reply,

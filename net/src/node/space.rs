@@ -154,6 +154,9 @@ pub async fn alarm(
     if action == AlarmAction::Get {
         return Ok(shared.space.alarm(action, 0, 0));
     }
+    if let Some(leader) = shared.role.remote_leader()? {
+        return crate::forward::alarm(leader, action, alarm).await;
+    }
     let (reply, answer) = oneshot::channel();
     let msg = MetaMsg::Alarm {
         action,
