@@ -1,5 +1,5 @@
 //! The `Cluster` and `Maintenance` services, as far as a single member answers them today:
-//! `MemberList`, `Status`, `HashKV`, `Hash`, `Defragment`, `Alarm` (with the space quota),
+//! `MemberList` (from the member table, `crate::members`), `Status`, `HashKV`, `Hash`, `Defragment`, `Alarm` (with the space quota),
 //! `Snapshot` (`node/snapshot.rs`) and `MoveLeader`. Member changes answer UNIMPLEMENTED
 //! until clustering lands.
 

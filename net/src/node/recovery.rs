@@ -252,20 +252,21 @@ fn parse_member_line(line: &str) -> Option<MemberEntry> {
 /// Writes the identity and membership to a temporary file, syncs it, renames it into place,
 /// syncs the dir.
 fn write_conf(data_dir: &Path, id: &Identity, members: &[MemberEntry]) -> std::io::Result<()> {
-    let tmp = data_dir.join(format!("{CONF_FILE}.tmp"));
-    let mut file = fs::File::create(&tmp)?;
-    writeln!(file, "format={FORMAT_VERSION}")?;
-    writeln!(file, "shards={}", id.shards)?;
-    writeln!(file, "cluster_id={:016x}", id.cluster_id)?;
-    writeln!(file, "member_id={:016x}", id.member_id)?;
+    let mut text = format!(
+        "format={FORMAT_VERSION}\nshards={}\ncluster_id={:016x}\nmember_id={:016x}\n",
+        id.shards, id.cluster_id, id.member_id
+    );
     for member in members {
         // One line per member: a URL holds no space or comma, a name no line break.
         if member.name.contains('\n') {
             return Err(std::io::Error::other("a member name holds a line break"));
         }
         let urls = member.peer_urls.join(",");
-        writeln!(file, "member={:016x} {urls} {}", member.id, member.name)?;
+        text += &format!("member={:016x} {urls} {}\n", member.id, member.name);
     }
+    let tmp = data_dir.join(format!("{CONF_FILE}.tmp"));
+    let mut file = fs::File::create(&tmp)?;
+    file.write_all(text.as_bytes())?;
     file.sync_all()?;
     fs::rename(&tmp, data_dir.join(CONF_FILE))?;
     fs::File::open(data_dir)?.sync_all()
