@@ -14,9 +14,7 @@
 //! instead answer a first message), the status must be a sensible one (see `check_status`),
 //! and afterwards the server must still run and answer a put/get round trip.
 //!
-//! The HTTP/JSON gateway gets random JSON (wrong shapes, invalid base64, numbers where etcd
-//! takes int64 strings, huge strings, invalid JSON) on every `/v3/` path; each answer must be
-//! 200 or an error with etcd's JSON error body, within the same bound.
+//! The HTTP/JSON gateway has its own run, tests/gateway_fuzz.rs.
 //!
 //! `FERROCD_RPC_FUZZ_SEED` replays a run (the seed is printed on failure);
 //! `FERROCD_RPC_FUZZ_CALLS` sets the calls per method and class (soak runs).
@@ -747,44 +745,6 @@ fn calls_per_class() -> usize {
         .unwrap_or(DEFAULT_CALLS_PER_CLASS)
 }
 
-/// After the run: alarms raised by random Alarm calls are disarmed (as an operator would),
-/// then the server must still be running and serve a put/get round trip.
-async fn assert_alive_and_correct(server: &mut Server, seed: u64) {
-    assert!(
-        server.exited().is_none(),
-        "seed {seed}: the server exited: {:?}\n{}",
-        server.exited(),
-        server.log()
-    );
-    let mut client = server.client().await;
-    let alarms = client.alarm(
-        etcd_client::AlarmAction::Get,
-        etcd_client::AlarmType::None,
-        None,
-    );
-    let alarms = alarms.await.expect("alarm list after the run");
-    for alarm in alarms.alarms() {
-        let mut options = etcd_client::AlarmOptions::new();
-        options.with_member(alarm.member_id());
-        let deactivate = client.alarm(
-            etcd_client::AlarmAction::Deactivate,
-            alarm.alarm(),
-            Some(options),
-        );
-        deactivate.await.expect("disarm after the run");
-    }
-    client
-        .put("fuzz-check", "alive", None)
-        .await
-        .expect("put after the run");
-    let got = client
-        .get("fuzz-check", None)
-        .await
-        .expect("get after the run");
-    assert_eq!(got.kvs().len(), 1, "seed {seed}");
-    assert_eq!(got.kvs()[0].value(), b"alive", "seed {seed}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_grpc_method_survives_garbage() {
     let seed = seed();
@@ -806,7 +766,7 @@ async fn every_grpc_method_survives_garbage() {
         }
     }
     println!("seed {seed}, {calls} calls per method and class: {histogram:#?}");
-    assert_alive_and_correct(&mut server, seed).await;
+    common::assert_serves_after_fuzz(&mut server, None, seed).await;
 }
 
 /// Calls `path` once with `message` (a protobuf encoding) and returns the status it ends with.
@@ -849,7 +809,7 @@ async fn negative_alarm_type_is_refused() {
     let (code, message) = call_once(&server, alarm, &activate).await;
     assert_eq!(code, tonic::Code::InvalidArgument, "{message}");
     assert_eq!(message, "etcdserver: alarm type must not be negative");
-    assert_alive_and_correct(&mut server, 0).await;
+    common::assert_serves_after_fuzz(&mut server, None, 0).await;
 }
 
 /// Found by the fuzz run: an undecodable watch request (here a compressed flag without an
