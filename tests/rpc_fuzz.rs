@@ -14,9 +14,7 @@
 //! instead answer a first message), the status must be a sensible one (see `check_status`),
 //! and afterwards the server must still run and answer a put/get round trip.
 //!
-//! The HTTP/JSON gateway gets random JSON (wrong shapes, invalid base64, numbers where etcd
-//! takes int64 strings, huge strings, invalid JSON) on every `/v3/` path; each answer must be
-//! 200 or an error with etcd's JSON error body, within the same bound.
+//! The HTTP/JSON gateway has its own run, tests/gateway_fuzz.rs.
 //!
 //! `FERROCD_RPC_FUZZ_SEED` replays a run (the seed is printed on failure);
 //! `FERROCD_RPC_FUZZ_CALLS` sets the calls per method and class (soak runs).
@@ -552,12 +550,17 @@ fn request(
     path: &str,
     content_type: &str,
     encoding: Option<&str>,
+    token: Option<&str>,
 ) -> http::Request<()> {
     let mut builder = http::Request::post(format!("{endpoint}{path}"))
         .header("content-type", content_type)
         .header("te", "trailers");
     if let Some(encoding) = encoding {
         builder = builder.header("grpc-encoding", encoding);
+    }
+    if let Some(token) = token {
+        // etcd reads the auth token from the `token` metadata.
+        builder = builder.header("token", token);
     }
     builder.body(()).expect("valid request")
 }
@@ -589,8 +592,9 @@ async fn grpc_call(
     method: &Method,
     body: Vec<u8>,
     encoding: Option<&str>,
+    token: Option<&str>,
 ) -> Result<Outcome, String> {
-    let request = request(endpoint, method.path, "application/grpc", encoding);
+    let request = request(endpoint, method.path, "application/grpc", encoding, token);
     let response = send(sender, request, body)
         .await
         .map_err(|e| format!("h2: {e}"))?;
@@ -691,6 +695,7 @@ async fn fuzz_method(
     method: &'static Method,
     seed: u64,
     calls: usize,
+    token: Option<String>,
 ) -> Result<BTreeMap<String, usize>, String> {
     let sender = connect(&endpoint).await;
     let mut generator = Generator {
@@ -708,7 +713,14 @@ async fn fuzz_method(
             };
             let outcome = tokio::time::timeout(
                 Duration::from_millis(limit_ms),
-                grpc_call(&endpoint, &sender, method, body.bytes, body.encoding),
+                grpc_call(
+                    &endpoint,
+                    &sender,
+                    method,
+                    body.bytes,
+                    body.encoding,
+                    token.as_deref(),
+                ),
             )
             .await
             .unwrap_or(if may_wait {
@@ -747,54 +759,35 @@ fn calls_per_class() -> usize {
         .unwrap_or(DEFAULT_CALLS_PER_CLASS)
 }
 
-/// After the run: alarms raised by random Alarm calls are disarmed (as an operator would),
-/// then the server must still be running and serve a put/get round trip.
-async fn assert_alive_and_correct(server: &mut Server, seed: u64) {
-    assert!(
-        server.exited().is_none(),
-        "seed {seed}: the server exited: {:?}\n{}",
-        server.exited(),
-        server.log()
-    );
-    let mut client = server.client().await;
-    let alarms = client.alarm(
-        etcd_client::AlarmAction::Get,
-        etcd_client::AlarmType::None,
-        None,
-    );
-    let alarms = alarms.await.expect("alarm list after the run");
-    for alarm in alarms.alarms() {
-        let mut options = etcd_client::AlarmOptions::new();
-        options.with_member(alarm.member_id());
-        let deactivate = client.alarm(
-            etcd_client::AlarmAction::Deactivate,
-            alarm.alarm(),
-            Some(options),
-        );
-        deactivate.await.expect("disarm after the run");
-    }
-    client
-        .put("fuzz-check", "alive", None)
-        .await
-        .expect("put after the run");
-    let got = client
-        .get("fuzz-check", None)
-        .await
-        .expect("get after the run");
-    assert_eq!(got.kvs().len(), 1, "seed {seed}");
-    assert_eq!(got.kvs()[0].value(), b"alive", "seed {seed}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_grpc_method_survives_garbage() {
     let seed = seed();
     let calls = calls_per_class();
     let mut server = Server::subject(&[]).await;
-    // Each method runs on its own connection, all methods at once.
+    let histogram = fuzz_all_methods(&server, seed, calls, None).await;
+    println!("seed {seed}, {calls} calls per method and class: {histogram:#?}");
+    common::assert_serves_after_fuzz(&mut server, None, seed).await;
+}
+
+/// Fuzzes every method at once, each on its own connection, with `token` on every call;
+/// returns the histogram of outcomes.
+async fn fuzz_all_methods(
+    server: &Server,
+    seed: u64,
+    calls: usize,
+    token: Option<&str>,
+) -> BTreeMap<String, usize> {
     let mut tasks = tokio::task::JoinSet::new();
     for (index, method) in METHODS.iter().enumerate() {
         let method_seed = seed.wrapping_add(index as u64);
-        tasks.spawn(fuzz_method(server.endpoint(), method, method_seed, calls));
+        let token = token.map(str::to_string);
+        tasks.spawn(fuzz_method(
+            server.endpoint(),
+            method,
+            method_seed,
+            calls,
+            token,
+        ));
     }
     let mut histogram = BTreeMap::new();
     while let Some(result) = tasks.join_next().await {
@@ -805,8 +798,106 @@ async fn every_grpc_method_survives_garbage() {
             *histogram.entry(label).or_insert(0) += count;
         }
     }
-    println!("seed {seed}, {calls} calls per method and class: {histogram:#?}");
-    assert_alive_and_correct(&mut server, seed).await;
+    histogram
+}
+
+const ROOT: (&str, &str) = ("root", "fuzz-root-pw");
+const USER: (&str, &str) = ("fuzzer", "fuzz-user-pw");
+/// The normal user's role: read and write on `fuzz/` only.
+const USER_ROLE: &str = "fuzz-rw";
+
+/// Turns auth on: root, and a normal user with read-write on the prefix `fuzz/`.
+async fn enable_auth(server: &Server) {
+    let mut client = server.client().await;
+    client
+        .user_add(ROOT.0, ROOT.1, None)
+        .await
+        .expect("auth setup");
+    client
+        .user_grant_role(ROOT.0, "root")
+        .await
+        .expect("auth setup");
+    client
+        .user_add(USER.0, USER.1, None)
+        .await
+        .expect("auth setup");
+    client.role_add(USER_ROLE).await.expect("auth setup");
+    let permission = etcd_client::Permission::read_write("fuzz/").with_prefix();
+    client
+        .role_grant_permission(USER_ROLE, permission)
+        .await
+        .expect("auth setup");
+    client
+        .user_grant_role(USER.0, USER_ROLE)
+        .await
+        .expect("auth setup");
+    client.auth_enable().await.expect("auth setup");
+}
+
+/// A Range of `key` with `token` (or none): the status it ends with.
+async fn range_with_token(
+    server: &Server,
+    key: &[u8],
+    token: Option<&str>,
+) -> (tonic::Code, String) {
+    let endpoint = server.endpoint();
+    let sender = connect(&endpoint).await;
+    let mut message = Vec::new();
+    put_varint(&mut message, (1 << 3) | 2);
+    put_length_delimited(&mut message, key);
+    let range = method("/etcdserverpb.KV/Range");
+    let call = grpc_call(&endpoint, &sender, range, frame(0, &message), None, token);
+    let outcome = tokio::time::timeout(Duration::from_millis(CALL_TIMEOUT_MS), call)
+        .await
+        .expect("an answer in time")
+        .expect("a gRPC answer");
+    match outcome {
+        Outcome::Status { code, message } => (tonic::Code::from_i32(code), message),
+        other => panic!("Range: expected a status, got {other:?}"),
+    }
+}
+
+/// With auth on, every method is fuzzed with a normal user's valid token, an invalid token
+/// and none; the server stays up, keeps auth on, and answers etcd's auth errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_grpc_method_survives_garbage_with_auth() {
+    let seed = seed();
+    // A third of the calls per token kind: the three kinds together cost one plain run.
+    let calls = calls_per_class().div_ceil(3);
+    let mut server = Server::subject(&[]).await;
+    enable_auth(&server).await;
+    let client = server.client_as(Some(USER)).await;
+    let token = client
+        .auth_client()
+        .authenticate(USER.0.to_string(), USER.1.to_string())
+        .await
+        .expect("authenticate the normal user")
+        .token()
+        .to_string();
+    for token in [Some(token.as_str()), Some("not.a.valid.token"), None] {
+        let histogram = fuzz_all_methods(&server, seed, calls, token).await;
+        let valid = token.is_some_and(|t| t != "not.a.valid.token");
+        println!("seed {seed}, token {token:?}: {histogram:#?}");
+        // etcd's answers to a plain read, after the fuzzing.
+        let (code, message) = range_with_token(&server, b"fuzz/x", token).await;
+        match token {
+            _ if valid => assert_eq!(code, tonic::Code::Ok, "seed {seed}: {message}"),
+            Some(_) => {
+                assert_eq!(code, tonic::Code::Unauthenticated, "seed {seed}");
+                assert_eq!(message, "etcdserver: invalid auth token", "seed {seed}");
+            }
+            None => {
+                assert_eq!(code, tonic::Code::InvalidArgument, "seed {seed}: {message}");
+                assert_eq!(message, "etcdserver: user name is empty", "seed {seed}");
+            }
+        }
+        if valid {
+            let (code, message) = range_with_token(&server, b"other", token).await;
+            assert_eq!(code, tonic::Code::PermissionDenied, "seed {seed}");
+            assert_eq!(message, "etcdserver: permission denied", "seed {seed}");
+        }
+        common::assert_serves_after_fuzz(&mut server, Some(ROOT), seed).await;
+    }
 }
 
 /// Calls `path` once with `message` (a protobuf encoding) and returns the status it ends with.
@@ -817,7 +908,7 @@ async fn call_once(
 ) -> (tonic::Code, String) {
     let endpoint = server.endpoint();
     let sender = connect(&endpoint).await;
-    let call = grpc_call(&endpoint, &sender, method, frame(0, message), None);
+    let call = grpc_call(&endpoint, &sender, method, frame(0, message), None, None);
     let outcome = tokio::time::timeout(Duration::from_millis(CALL_TIMEOUT_MS), call)
         .await
         .expect("an answer in time")
@@ -849,7 +940,7 @@ async fn negative_alarm_type_is_refused() {
     let (code, message) = call_once(&server, alarm, &activate).await;
     assert_eq!(code, tonic::Code::InvalidArgument, "{message}");
     assert_eq!(message, "etcdserver: alarm type must not be negative");
-    assert_alive_and_correct(&mut server, 0).await;
+    common::assert_serves_after_fuzz(&mut server, None, 0).await;
 }
 
 /// Found by the fuzz run: an undecodable watch request (here a compressed flag without an
@@ -860,7 +951,7 @@ async fn undecodable_watch_request_ends_the_stream() {
     let endpoint = server.endpoint();
     let sender = connect(&endpoint).await;
     let watch = method("/etcdserverpb.Watch/Watch");
-    let call = grpc_call(&endpoint, &sender, watch, frame(1, b""), None);
+    let call = grpc_call(&endpoint, &sender, watch, frame(1, b""), None, None);
     let outcome = tokio::time::timeout(Duration::from_millis(CALL_TIMEOUT_MS), call)
         .await
         .expect("the watch stream ends in time")

@@ -209,9 +209,17 @@ impl Server {
 
     /// A client connected to this server, with generous request timeouts and message limits.
     pub async fn client(&self) -> Client {
-        let options = ConnectOptions::new()
+        self.client_as(None).await
+    }
+
+    /// A client that authenticates as `user` (name, password) when one is given.
+    pub async fn client_as(&self, user: Option<(&str, &str)>) -> Client {
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_millis(READY_TIMEOUT_MS))
             .with_timeout(Duration::from_millis(CLIENT_REQUEST_TIMEOUT_MS));
+        if let Some((name, password)) = user {
+            options = options.with_user(name, password);
+        }
         let options = self.with_client_tls(options);
         Client::connect([self.endpoint()], Some(options))
             .await
@@ -540,4 +548,44 @@ pub fn run_etcdctl_script(server: &Server, script: &str, timeout_s: u32) {
         output.status
     );
     assert!(stdout.contains("checks passed against"), "{stdout}");
+}
+
+/// After a fuzz run (tests/rpc_fuzz.rs, tests/gateway_fuzz.rs): the server must still run;
+/// alarms raised by random Alarm calls are disarmed (as an operator would), then it must serve
+/// a put/get round trip, as `user` when auth is on.
+pub async fn assert_serves_after_fuzz(server: &mut Server, user: Option<(&str, &str)>, seed: u64) {
+    assert!(
+        server.exited().is_none(),
+        "seed {seed}: the server exited: {:?}\n{}",
+        server.exited(),
+        server.log()
+    );
+    let mut client = server.client_as(user).await;
+    let alarms = client.alarm(
+        etcd_client::AlarmAction::Get,
+        etcd_client::AlarmType::None,
+        None,
+    );
+    let alarms = alarms.await.expect("alarm list after the run");
+    for alarm in alarms.alarms() {
+        let mut options = etcd_client::AlarmOptions::new();
+        options.with_member(alarm.member_id());
+        let deactivate = client.alarm(
+            etcd_client::AlarmAction::Deactivate,
+            alarm.alarm(),
+            Some(options),
+        );
+        deactivate.await.expect("disarm after the run");
+    }
+    let value = format!("alive {seed}");
+    client
+        .put("fuzz-check", value.as_str(), None)
+        .await
+        .expect("put after the run");
+    let got = client
+        .get("fuzz-check", None)
+        .await
+        .expect("get after the run");
+    assert_eq!(got.kvs().len(), 1, "seed {seed}");
+    assert_eq!(got.kvs()[0].value(), value.as_bytes(), "seed {seed}");
 }
