@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use common::cluster::{member_name, Cluster};
 use common::{run_script, Flavor};
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, LeaseGrantOptions,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, LeaseGrantOptions,
     LeaseTimeToLiveOptions, PutOptions, Txn, TxnOp, WatchOptions,
 };
 use linearizability::client::{execute, header_revision, is_definite, key_value, utf8};
@@ -129,6 +129,7 @@ async fn a_watch_on_a_follower_sees_writes_through_other_members_in_order() {
         let response = within_catch_up(stream.message()).await.unwrap();
         let response = response.expect("the watch stream stays open");
         for event in response.events() {
+            assert_eq!(event.event_type(), EventType::Put, "{event:?}");
             let kv = event.kv().expect("a put event has its key");
             seen.push((utf8(kv.key()), utf8(kv.value()), kv.mod_revision()));
         }
