@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use etcd_client::{Client, ConnectOptions, KvClient, TlsOptions};
 use tempfile::TempDir;
 
+pub mod cluster;
+
 /// Environment variable that picks the server under test: `etcd` or `ferrocd` (the default).
 /// `FERROCD_TEST_SERVER=etcd` runs every comparison etcd against etcd, which validates the
 /// harness and the tests themselves.
@@ -100,6 +102,18 @@ pub struct Server {
     child: Option<Child>,
     /// Extra flags for a real etcd (ferrocd's are in its flavor).
     etcd_args: Vec<String>,
+    /// Set for a member of a multi-member cluster (cluster.rs); `None`: a cluster of one.
+    membership: Option<Membership>,
+}
+
+/// A cluster member's identity and the cluster it starts with. Its ports are in the other
+/// members' `--initial-cluster`, so they can never change (no retry on a taken port).
+#[derive(Debug, Clone)]
+struct Membership {
+    name: String,
+    /// `n1=http://127.0.0.1:P1,n2=...`: every member's name and peer URL.
+    initial_cluster: String,
+    token: String,
 }
 
 impl Server {
@@ -162,7 +176,18 @@ impl Server {
             peer_port,
             child: None,
             etcd_args: Vec::new(),
+            membership: None,
         }
+    }
+
+    /// `http://127.0.0.1:PORT`, the URL other members reach this one at.
+    pub fn peer_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.peer_port)
+    }
+
+    /// Whether the server process is running (started and not killed or stopped since).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// `http://127.0.0.1:PORT` (`https://` with TLS), the client URL.
@@ -245,7 +270,9 @@ impl Server {
             self.spawn_child();
             match self.wait_ready().await {
                 Ok(()) => return,
-                Err(StartError::AddressInUse) if attempt < MAX_START_ATTEMPTS => {
+                Err(StartError::AddressInUse)
+                    if attempt < MAX_START_ATTEMPTS && self.membership.is_none() =>
+                {
                     (self.client_port, self.peer_port) = pick_two_free_ports();
                 }
                 Err(error) => panic!(
@@ -367,10 +394,14 @@ impl Server {
     /// etcd's own flags; ferrocd accepts the same ones (design brief, section 1).
     fn args(&self) -> Vec<String> {
         let client_url = self.endpoint();
-        let peer_url = format!("http://127.0.0.1:{}", self.peer_port);
+        let peer_url = self.peer_url();
+        let (name, initial_cluster) = match &self.membership {
+            Some(member) => (member.name.clone(), member.initial_cluster.clone()),
+            None => ("node1".to_string(), format!("node1={peer_url}")),
+        };
         let mut args: Vec<String> = vec![
             "--name".into(),
-            "node1".into(),
+            name,
             "--data-dir".into(),
             path_arg(&self.data_dir()),
             "--listen-client-urls".into(),
@@ -382,8 +413,16 @@ impl Server {
             "--initial-advertise-peer-urls".into(),
             peer_url.clone(),
             "--initial-cluster".into(),
-            format!("node1={peer_url}"),
+            initial_cluster,
         ];
+        if let Some(member) = &self.membership {
+            args.extend([
+                "--initial-cluster-state".into(),
+                "new".into(),
+                "--initial-cluster-token".into(),
+                member.token.clone(),
+            ]);
+        }
         args.extend(self.flavor.extra_args().iter().cloned());
         args.extend(
             self.tls
@@ -515,12 +554,21 @@ enum StartError {
     NotReady,
 }
 
-/// Two distinct free ports: both listeners are held until both ports are known.
+/// Two distinct free ports.
 fn pick_two_free_ports() -> (u16, u16) {
-    let first = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    let second = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    let port = |l: &TcpListener| l.local_addr().expect("local addr").port();
-    (port(&first), port(&second))
+    let ports = pick_free_ports(2);
+    (ports[0], ports[1])
+}
+
+/// `count` distinct free ports: every listener is held until every port is known.
+fn pick_free_ports(count: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..count)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("local addr").port())
+        .collect()
 }
 
 fn path_arg(path: &Path) -> String {
@@ -533,9 +581,15 @@ pub const SCRIPT_TIMEOUT_S: u32 = 300;
 /// Runs `bash script ENDPOINT` under `timeout` (a hang fails the test): it must exit 0 and
 /// print its `checks passed against` line.
 pub fn run_etcdctl_script(server: &Server, script: &str, timeout_s: u32) {
+    run_script(script, &[server.endpoint()], server.flavor(), timeout_s);
+}
+
+/// Runs `bash script ARGS...` under `timeout` against servers of `flavor`: it must exit 0 and
+/// print its `checks passed against` line.
+pub fn run_script(script: &str, args: &[String], flavor: &Flavor, timeout_s: u32) {
     let output = Command::new("timeout")
         .args(["--kill-after=10", &timeout_s.to_string(), "bash", script])
-        .arg(server.endpoint())
+        .args(args)
         .output()
         .expect("run bash");
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -543,8 +597,7 @@ pub fn run_etcdctl_script(server: &Server, script: &str, timeout_s: u32) {
     println!("{stdout}");
     assert!(
         output.status.success(),
-        "{script} against {:?} failed ({}):\n{stdout}\n{stderr}",
-        server.flavor(),
+        "{script} against {flavor:?} failed ({}):\n{stdout}\n{stderr}",
         output.status
     );
     assert!(stdout.contains("checks passed against"), "{stdout}");

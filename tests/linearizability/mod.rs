@@ -24,6 +24,7 @@
 //! Each test binary that includes this module uses a different part of it.
 #![allow(dead_code)]
 
+pub mod client;
 pub mod etcd;
 pub mod watch;
 

@@ -1,0 +1,199 @@
+//! A cluster of real server processes (etcd or ferrocd, as `Server` picks them) on 127.0.0.1:
+//! every member gets its own ports and data dir, all start together with one
+//! `--initial-cluster`, and the cluster counts as up once every running member reports the
+//! same leader (Maintenance Status on each). Members are `Server`s, so they are killed when
+//! the cluster is dropped, and their logs are printed when a test fails.
+
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, ConnectOptions, StatusResponse};
+
+use super::{pick_free_ports, Flavor, Membership, Server};
+
+/// How long the members may take to agree on a leader (start-up, or after a kill: several
+/// election timeouts of etcd's default 1000 ms, on a loaded 2-core machine).
+const LEADER_TIMEOUT_MS: u64 = 20_000;
+/// Pause between two rounds of Status requests while waiting for a leader.
+const LEADER_POLL_INTERVAL_MS: u64 = 20;
+/// Per-request limits of a Status probe, so a dead member cannot stall the wait.
+const STATUS_CONNECT_TIMEOUT_MS: u64 = 500;
+const STATUS_REQUEST_TIMEOUT_MS: u64 = 1_000;
+const CLUSTER_TOKEN: &str = "ferrocd-test-cluster";
+
+pub struct Cluster {
+    members: Vec<Server>,
+    /// Each member's id, as its Status header reports it (stable across restarts).
+    ids: Vec<u64>,
+}
+
+impl Cluster {
+    /// `size` members of the server under test (`FERROCD_TEST_SERVER`, default ferrocd).
+    pub async fn start(size: usize) -> Cluster {
+        Cluster::start_flavor(Flavor::subject(&[]), size).await
+    }
+
+    /// `size` members of `flavor`, started together; returns once they agree on a leader.
+    pub async fn start_flavor(flavor: Flavor, size: usize) -> Cluster {
+        assert!(size >= 1, "a cluster has at least one member");
+        let ports = pick_free_ports(2 * size);
+        let mut members: Vec<Server> = (0..size)
+            .map(|index| {
+                let mut member = Server::unstarted(flavor.clone(), None);
+                member.client_port = ports[2 * index];
+                member.peer_port = ports[2 * index + 1];
+                member
+            })
+            .collect();
+        let initial_cluster = members
+            .iter()
+            .enumerate()
+            .map(|(index, member)| format!("{}={}", member_name(index), member.peer_url()))
+            .collect::<Vec<_>>()
+            .join(",");
+        for (index, member) in members.iter_mut().enumerate() {
+            member.membership = Some(Membership {
+                name: member_name(index),
+                initial_cluster: initial_cluster.clone(),
+                token: CLUSTER_TOKEN.to_string(),
+            });
+            member.spawn_child();
+        }
+        // A member answers a linearizable read only once a quorum runs: all are spawned
+        // before the first wait.
+        for member in &mut members {
+            if let Err(error) = member.wait_ready().await {
+                panic!(
+                    "cluster member {} did not start: {error:?}\n{}",
+                    member.endpoint(),
+                    member.log_tail()
+                );
+            }
+        }
+        let mut cluster = Cluster {
+            members,
+            ids: Vec::new(),
+        };
+        for index in 0..size {
+            let status = cluster.status(index).await;
+            let id = status.header().expect("a status header").member_id();
+            cluster.ids.push(id);
+        }
+        cluster.leader().await;
+        cluster
+    }
+
+    pub fn size(&self) -> usize {
+        self.members.len()
+    }
+
+    /// The member's process: `client()`, `endpoint()`, `log()`, ...
+    pub fn member(&self, index: usize) -> &Server {
+        &self.members[index]
+    }
+
+    /// The member's id (the `member_id` of its response headers).
+    pub fn member_id(&self, index: usize) -> u64 {
+        self.ids[index]
+    }
+
+    /// The member whose id is `id`.
+    pub fn index_of(&self, id: u64) -> Option<usize> {
+        self.ids.iter().position(|&member_id| member_id == id)
+    }
+
+    /// Every member's client URL, in member order.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(Server::endpoint).collect()
+    }
+
+    pub fn flavor(&self) -> &Flavor {
+        self.members[0].flavor()
+    }
+
+    pub async fn client(&self, index: usize) -> Client {
+        self.members[index].client().await
+    }
+
+    /// The leader every running member reports, once they agree on a running one; panics
+    /// after `LEADER_TIMEOUT_MS`.
+    pub async fn leader(&self) -> usize {
+        let deadline = Instant::now() + Duration::from_millis(LEADER_TIMEOUT_MS);
+        loop {
+            let leaders = self.reported_leaders().await;
+            if let Some(leader) = self.agreed_leader(&leaders) {
+                return leader;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no agreed leader after {LEADER_TIMEOUT_MS} ms: member ids {:?}, reported \
+                 leaders (running members) {leaders:?}",
+                self.ids
+            );
+            tokio::time::sleep(Duration::from_millis(LEADER_POLL_INTERVAL_MS)).await;
+        }
+    }
+
+    /// Maintenance Status of one member (which must be running).
+    pub async fn status(&self, index: usize) -> StatusResponse {
+        probe_status(&self.members[index])
+            .await
+            .unwrap_or_else(|| panic!("no status from member {index}"))
+    }
+
+    /// SIGKILL to one member.
+    pub fn kill9(&mut self, index: usize) {
+        self.members[index].kill9();
+    }
+
+    /// Starts a killed or stopped member again on its data dir (a running one is stopped
+    /// first); returns once it answers a linearizable read.
+    pub async fn restart(&mut self, index: usize) {
+        let member = &mut self.members[index];
+        if member.is_running() {
+            member.stop();
+        }
+        member.start().await;
+    }
+
+    /// Graceful stop of every member.
+    pub fn stop(&mut self) {
+        for member in &mut self.members {
+            member.stop();
+        }
+    }
+
+    /// Each running member's view of the leader (0: none, `None`: no answer).
+    async fn reported_leaders(&self) -> Vec<Option<u64>> {
+        let mut leaders = Vec::new();
+        for member in self.members.iter().filter(|member| member.is_running()) {
+            leaders.push(probe_status(member).await.map(|status| status.leader()));
+        }
+        leaders
+    }
+
+    /// The running member all of `leaders` name, if they all name the same one.
+    fn agreed_leader(&self, leaders: &[Option<u64>]) -> Option<usize> {
+        let first = (*leaders.first()?)?;
+        if leaders.iter().any(|&leader| leader != Some(first)) {
+            return None;
+        }
+        let index = self.index_of(first)?;
+        self.members[index].is_running().then_some(index)
+    }
+}
+
+/// `n1`, `n2`, ...: etcd's conventional member names.
+pub fn member_name(index: usize) -> String {
+    format!("n{}", index + 1)
+}
+
+/// One Status request with short timeouts; `None` when the member does not answer.
+async fn probe_status(member: &Server) -> Option<StatusResponse> {
+    let options = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_millis(STATUS_CONNECT_TIMEOUT_MS))
+        .with_timeout(Duration::from_millis(STATUS_REQUEST_TIMEOUT_MS));
+    let mut client = Client::connect([member.endpoint()], Some(options))
+        .await
+        .ok()?;
+    client.status().await.ok()
+}
