@@ -189,10 +189,16 @@ impl Maintenance for ClusterService {
             shared.role.leader() == Some(target)
         });
         let timer = send_wrapper::SendWrapper::new(glommio::timer::sleep(barrier.timeout()));
-        if !futures_lite::future::or(async { moved.await; true }, async {
-            timer.await;
-            false
-        })
+        if !futures_lite::future::or(
+            async {
+                moved.await;
+                true
+            },
+            async {
+                timer.await;
+                false
+            },
+        )
         .await
         {
             return Err(Status::unavailable(

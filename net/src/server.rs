@@ -440,14 +440,9 @@ fn seed_readers(stores: &[Store], checkpointers: &[Checkpointer]) -> Vec<Arc<Sha
     stores.iter().zip(checkpointers).map(seed).collect()
 }
 
-/// A single member publishes its name and client URLs itself, as etcd does at start-up. A
-/// member of a cluster publishes through the leader once there is one (`publish_in_cluster`).
+/// A single member publishes its name and client URLs itself, as etcd does at start-up (a
+/// member of a cluster through the leader, `publish_in_cluster`).
 async fn publish_single_member(shared: &Arc<Shared>, config: &NodeConfig) -> Result<(), String> {
-    if shared.role.is_clustered() {
-        let (shared, config) = (shared.clone(), config.clone());
-        glommio::spawn_local(async move { publish_in_cluster(&shared, &config).await }).detach();
-        return Ok(());
-    }
     let node = Node::new(shared.clone());
     let (name, client_urls) = (&config.name, &config.advertise_client_urls);
     node.publish(name.clone(), client_urls.clone())
@@ -458,7 +453,7 @@ async fn publish_single_member(shared: &Arc<Shared>, config: &NodeConfig) -> Res
 /// Retries until the cluster has taken this member's attributes (or the node stops).
 async fn publish_in_cluster(shared: &Arc<Shared>, config: &NodeConfig) {
     let node = Node::new(shared.clone());
-    let retry = Duration::from_millis(config.raft_timing.tick_ms * 5);
+    let retry = Duration::from_millis(config.raft_timing.tick_ms);
     loop {
         let (name, client_urls) = (config.name.clone(), config.advertise_client_urls.clone());
         match node.publish(name, client_urls).await {
@@ -560,7 +555,14 @@ impl CoreSetup {
                 let node = Node::new(self.shared.clone());
                 glommio::spawn_local(compactor::run(node, mode)).detach();
             }
-            publish_single_member(&self.shared, &self.config).await?;
+            // As etcd, clients are served once this member's attributes are in the log (in a
+            // cluster that needs a leader: until then, or a shutdown, nobody is served).
+            if self.shared.role.is_clustered() {
+                let publish = publish_in_cluster(&self.shared, &self.config);
+                futures_lite::future::or(publish, self.shutdown.wait()).await;
+            } else {
+                publish_single_member(&self.shared, &self.config).await?;
+            }
             self.published.request();
         }
         // Clients see this member's client URLs in MemberList from the first request on.

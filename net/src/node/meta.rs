@@ -422,20 +422,23 @@ impl Meta {
         }
     }
 
-    /// Applies replicated changes at `main` to the shards holding their keys, then makes the
-    /// revision visible (the leader committed every revision below it first).
+    /// Applies replicated changes at `main` to the shards holding their keys (a follower's
+    /// shards have no writes of their own, so nothing is held), then makes the revision visible
+    /// (the leader committed every revision below it first).
     async fn follow_changes(&mut self, main: i64, changes: Vec<Change>) -> Result<(), KvError> {
         if main == 0 {
             return Ok(());
         }
-        let mut involved: Vec<usize> = changes
-            .iter()
-            .map(|c| self.shared.shard_of(c.effect.key()))
-            .collect();
-        involved.sort_unstable();
-        involved.dedup();
-        self.hold(&involved).await?;
-        self.release(&involved, main, changes).await?;
+        for (shard, changes) in self.split_by_shard(changes) {
+            let (reply, done) = oneshot::channel();
+            let msg = ShardMsg::Follow {
+                rev: main,
+                changes,
+                reply,
+            };
+            self.shared.send_shard(shard, msg).await?;
+            done.await.map_err(|_| KvError::Stopped)?;
+        }
         self.shared.seq.follow(main);
         Ok(())
     }
@@ -549,13 +552,7 @@ impl Meta {
         rev: i64,
         changes: Vec<Change>,
     ) -> Result<(), KvError> {
-        let mut per_shard: BTreeMap<usize, Vec<Change>> = BTreeMap::new();
-        for change in changes {
-            per_shard
-                .entry(self.shared.shard_of(change.effect.key()))
-                .or_default()
-                .push(change);
-        }
+        let mut per_shard = self.split_by_shard(changes);
         for &shard in involved {
             let changes = per_shard.remove(&shard).unwrap_or_default();
             let (reply, done) = oneshot::channel();
@@ -576,6 +573,16 @@ impl Meta {
             "a change for a shard that was not held"
         );
         Ok(())
+    }
+
+    /// `changes` grouped by the shard holding their keys.
+    fn split_by_shard(&self, changes: Vec<Change>) -> BTreeMap<usize, Vec<Change>> {
+        let mut per_shard: BTreeMap<usize, Vec<Change>> = BTreeMap::new();
+        for change in changes {
+            let shard = self.shared.shard_of(change.effect.key());
+            per_shard.entry(shard).or_default().push(change);
+        }
+        per_shard
     }
 
     async fn compact(&mut self, rev: i64) -> Result<(), KvError> {

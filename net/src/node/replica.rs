@@ -122,7 +122,10 @@ impl ReadBarrier {
     /// Asks the meta group's leader (this member) to hand leadership to `member`.
     pub async fn transfer_leader(&self, member: u64) -> Result<(), KvError> {
         let request = DriverRequest::TransferLeader(member);
-        self.requests.send(request).await.map_err(|_| KvError::Stopped)
+        self.requests
+            .send(request)
+            .await
+            .map_err(|_| KvError::Stopped)
     }
 
     /// How long a request waits for a leader or a read point.

@@ -71,6 +71,14 @@ pub enum ShardMsg {
         changes: Vec<Change>,
         reply: oneshot::Sender<()>,
     },
+    /// Clustered, a follower: apply the changes the leader committed for this shard at `rev`,
+    /// unless the shard's checkpoint already held them when the member started (the checkpoint
+    /// can be ahead of the log's durable commit index, so recovery and raft hand them out again).
+    Follow {
+        rev: i64,
+        changes: Vec<Change>,
+        reply: oneshot::Sender<()>,
+    },
     /// Watch catch-up: the changes of `[key, end)` with revision in `[from, to]` (at most
     /// `max_revs` revisions), with previous kvs. `Compacted` if `from` is compacted.
     History {
@@ -241,6 +249,21 @@ impl Shard {
                         self.apply(rev, &changes);
                     }
                     held = false;
+                    let _ = reply.send(());
+                }
+                ShardMsg::Follow {
+                    rev,
+                    changes,
+                    reply,
+                } => {
+                    assert!(
+                        self.pending.borrow().is_empty(),
+                        "a follower's shard {} has writes of its own",
+                        self.id
+                    );
+                    if rev > self.store.borrow().latest_revision() {
+                        self.apply(rev, &changes);
+                    }
                     let _ = reply.send(());
                 }
                 ShardMsg::History {
