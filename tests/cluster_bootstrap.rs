@@ -180,35 +180,49 @@ async fn one_member_lists_as_etcd_and_keeps_it_across_a_restart() {
     assert_eq!(rows(&after_restart), rows(&expected));
 }
 
-/// A real 3-member etcd cluster, then ferrocd's first member alone with the same flags: the
-/// same ids and members (ferrocd's peers have not published their client URLs).
+/// A real 3-member etcd cluster, then a ferrocd one with the same flags: the same ids and
+/// members, each with the client URLs it published.
 #[tokio::test]
 async fn three_members_get_etcds_ids() {
     let dir = tempfile::tempdir().unwrap();
     let three = members(3);
-    let cluster = initial_cluster(&three);
-    let etcds: Vec<Process> = three
-        .iter()
-        .map(|m| {
-            let args = member_args(m, &cluster, &dir.path().join(format!("etcd-{}", m.name)));
-            Process::spawn(
-                ETCD,
-                &args,
-                &dir.path().join(format!("etcd-{}.log", m.name)),
-            )
-        })
-        .collect();
-    let expected = member_list(&three[0].client_url()).await;
+    let etcds = spawn_all(ETCD, &three, dir.path());
+    let expected = published_member_list(&three[0].client_url()).await;
     drop(etcds);
     assert_eq!(expected.members().len(), 3);
-    let (_ferrocd, listed) = start_and_list(FERROCD, &three, dir.path()).await;
+    let _ferrocds = spawn_all(FERROCD, &three, dir.path());
+    let listed = published_member_list(&three[0].client_url()).await;
     assert_eq!(ids(&listed), ids(&expected));
-    let without_client_urls = |list: &MemberListResponse| -> Vec<Row> {
-        let rows = rows(list).into_iter();
-        rows.map(|(id, name, peers, _)| (id, name, peers, Vec::new()))
-            .collect()
+    assert_eq!(rows(&listed), rows(&expected));
+}
+
+/// Every member of `members` started by `program`, each on its own data dir.
+fn spawn_all(program: &str, members: &[MemberFlags], dir: &Path) -> Vec<Process> {
+    let cluster = initial_cluster(members);
+    let spawn = |m: &MemberFlags| {
+        let data_dir = dir.join(format!("{program}-{}", m.name).replace('/', "_"));
+        let args = member_args(m, &cluster, &data_dir);
+        let log = dir.join(format!("{program}-{}.log", m.name).replace('/', "_"));
+        Process::spawn(program, &args, &log)
     };
-    assert_eq!(rows(&listed), without_client_urls(&expected));
+    members.iter().map(spawn).collect()
+}
+
+/// MemberList once every member has published its client URLs (each does once the cluster has
+/// a leader; polled, bounded by the ready timeout).
+async fn published_member_list(client_url: &str) -> MemberListResponse {
+    let deadline = Instant::now() + Duration::from_millis(READY_TIMEOUT_MS);
+    loop {
+        let list = member_list(client_url).await;
+        if list.members().iter().all(|m| !m.client_urls().is_empty()) {
+            return list;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "members never published: {list:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(READY_POLL_INTERVAL_MS)).await;
+    }
 }
 
 /// What a server that refused its flags said: etcd's fatal line, ferrocd's

@@ -364,11 +364,18 @@ impl Meta {
                         entry.index
                     ))
                 });
-                self.record(&payload);
-                self.follow(payload).await;
+                // The meta checkpoint found at start holds the non-KV effects of the entries it
+                // covers; their KV changes may still be missing from a shard's checkpoint (each
+                // shard skips what it has, `ShardMsg::Follow`).
+                if entry.index <= self.recovered_index {
+                    self.follow_kv(payload).await;
+                } else {
+                    self.record(&payload);
+                    self.follow(payload).await;
+                }
             }
             // Empty entries (a new leader's first) and membership changes have no effect here.
-            self.next_index = entry.index + 1;
+            self.next_index = self.next_index.max(entry.index + 1);
             replica.set_applied(entry.index);
         }
     }
@@ -416,6 +423,21 @@ impl Meta {
                 shared.auth.apply(&auth);
                 Ok(())
             }
+        };
+        if stopped.is_err() {
+            fatal("a shard stopped while following the meta log");
+        }
+    }
+
+    /// Only the KV part of a committed entry (see `follow_committed`).
+    async fn follow_kv(&mut self, payload: LogPayload) {
+        let stopped = match payload {
+            LogPayload::Changes { main, changes }
+            | LogPayload::LeaseRevoke { main, changes, .. } => {
+                self.follow_changes(main, changes).await
+            }
+            LogPayload::Compact { rev } => self.compact_shards(rev).await,
+            _ => Ok(()),
         };
         if stopped.is_err() {
             fatal("a shard stopped while following the meta log");

@@ -393,6 +393,7 @@ pub fn recover(
         open_checkpoints(data_dir, shards)?.into_iter().unzip();
     let metas = checkpointers.iter().map(Checkpointer::meta);
     let mut replay = Replay::new(stores.into_iter().zip(metas).collect());
+    let clustered = raft_initial.is_some();
     let meta = match raft_initial {
         None => read_log(&meta_wal_dir(data_dir))?,
         Some(initial) => read_raft_log(&meta_wal_dir(data_dir), initial)?,
@@ -433,6 +434,12 @@ pub fn recover(
     next_index.push(meta.next_index.max(checkpoint_index + 1));
     wals.push(meta.wal);
     let mut meta_touched = vec![0; shards];
+    // Every shard holds every change up to its checkpoint's covered revision.
+    let covered_everywhere = checkpointers
+        .iter()
+        .map(|c| c.meta().covered_revision)
+        .min();
+    let mut last_logged_rev = 0;
     for (index, payload) in meta.payloads {
         // Non-KV effects from above the checkpoint only: it holds those of the others.
         if index > checkpoint_index {
@@ -444,6 +451,7 @@ pub fn recover(
         // shard's covered revision (the segment was not released, so a shard may lack them).
         if let Some((main, changes)) = kv_changes(&payload) {
             note_touched(&mut meta_touched, main, changes);
+            last_logged_rev = last_logged_rev.max(main);
         }
         match payload {
             LogPayload::Changes { main, changes }
@@ -458,10 +466,18 @@ pub fn recover(
     }
     let replayed = replay.finish(|problem| Err(format!("cannot replay {problem}")))?;
     let leases = rebuild_leases(&meta_state.leases, &replayed.stores, lease_config);
+    // A member of a cluster starts visible at a revision every shard is complete to: the last
+    // committed entry replayed, or what every checkpoint covers. A shard's checkpoint may hold
+    // later revisions (it can be ahead of the durable commit index); those entries come out
+    // committed again and are followed, and only then become visible.
+    let current_rev = match clustered {
+        false => replayed.current_revision,
+        true => last_logged_rev.max(covered_everywhere.unwrap_or(0)).max(1),
+    };
     Ok(Recovered {
         stores: replayed.stores,
         checkpointers,
-        current_rev: replayed.current_revision,
+        current_rev,
         compacted_rev: replayed.compacted_revision,
         next_index,
         wals,

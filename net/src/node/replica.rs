@@ -197,7 +197,8 @@ impl Replica {
         let member_id = shared.identity.member_id;
         // The meta checkpoint may have applied entries that the hard state on disk does not yet
         // call committed (it is written with a later ready); raft must not be told more than it
-        // knows. The entries in between come out committed again and are skipped (`committed`).
+        // knows. The entries in between come out committed again and are followed: their KV
+        // changes may be missing from a shard's checkpoint (`Meta::follow_committed`).
         let raft_applied = start
             .applied_index
             .min(start.store.hard_state().commit)
@@ -227,7 +228,7 @@ impl Replica {
             progress: Event::new(),
             proposed: RefCell::new(BTreeMap::new()),
             followed: RefCell::new(VecDeque::new()),
-            applied: Cell::new(start.applied_index),
+            applied: Cell::new(raft_applied),
             reported_applied: Cell::new(raft_applied),
             persisted: Cell::new(0),
             reads_waiting: RefCell::new(Vec::new()),
@@ -235,6 +236,9 @@ impl Replica {
             next_read_context: Cell::new(1),
             seen: Cell::new((None, 0)),
         });
+        if let Some(reads) = &replica.shared.read_barrier {
+            reads.set_applied(raft_applied);
+        }
         glommio::spawn_local(replica.clone().ticks()).detach();
         glommio::spawn_local(replica.clone().inbound()).detach();
         glommio::spawn_local(replica.clone().requests(start.requests)).detach();
@@ -451,22 +455,27 @@ impl Replica {
             }
             return;
         }
-        let context = self.next_read_context.get();
-        self.next_read_context.set(context + 1);
-        self.reads_asked.borrow_mut().insert(context, waiting);
-        self.raft
-            .borrow_mut()
-            .read_index(META_GROUP, context.to_le_bytes().to_vec());
+        let number = self.next_read_context.get();
+        self.next_read_context.set(number + 1);
+        self.reads_asked.borrow_mut().insert(number, waiting);
+        // The leader keeps one pending read per context and drops a second with the same bytes,
+        // so the context names this member as well as the request.
+        let mut context = self.member_id().to_le_bytes().to_vec();
+        context.extend_from_slice(&number.to_le_bytes());
+        self.raft.borrow_mut().read_index(META_GROUP, context);
     }
 
     fn read_point(&self, context: &[u8], index: u64) {
-        let Ok(bytes) = <[u8; 8]>::try_from(context) else {
+        let Ok(bytes) = <[u8; 16]>::try_from(context) else {
             return;
         };
-        let asked = self
-            .reads_asked
-            .borrow_mut()
-            .remove(&u64::from_le_bytes(bytes));
+        let (member, number) = bytes.split_at(8);
+        let member = u64::from_le_bytes(member.try_into().expect("8 bytes"));
+        if member != self.member_id() {
+            return;
+        }
+        let number = u64::from_le_bytes(number.try_into().expect("8 bytes"));
+        let asked = self.reads_asked.borrow_mut().remove(&number);
         for reply in asked.into_iter().flatten() {
             let _ = reply.send(Ok(index));
         }
