@@ -3,7 +3,9 @@
 //! deletes, compare-and-set txns, multi-key txns across shards, lease grants and revokes and
 //! compactions against a real single-node server, while watchers follow the key space and a
 //! fault task crashes the server (kill -9 and restart), freezes it (SIGSTOP/SIGCONT), makes
-//! its fsyncs fail (a test-only flag) or its disk full (RLIMIT_FSIZE), or leaves it alone;
+//! its fsyncs fail (a test-only flag) or its disk full (RLIMIT_FSIZE), kills it and tears the
+//! tail of one of its WALs past the last valid record (as a crash mid-write leaves it), or
+//! leaves it alone;
 //! after a disk fault the server must stop by itself, having acknowledged no write sent after
 //! the fault, and is restarted. Each round's history goes through the linearizability checker
 //! (tests/linearizability) with the etcd model, every acknowledged write is read back at its
@@ -23,6 +25,7 @@ mod linearizability;
 
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Range;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -30,6 +33,7 @@ use std::time::{Duration, Instant, SystemTime};
 use common::{Flavor, Server};
 use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchFilterType, WatchOptions};
 use ferrocd_engine::fault::ARMED_LOG_LINE;
+use ferrocd_engine::wal::{encode, read_dir, Record, RECORD_HEADER_BYTES};
 use linearizability::client::{
     execute, header_revision, is_definite, key_value, known_error, utf8,
 };
@@ -39,6 +43,7 @@ use linearizability::watch::{
 };
 use linearizability::{check, Budget, Operation, Outcome, Report, Verdict};
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 type Op = Operation<Request, Response>;
@@ -111,6 +116,9 @@ enum Fault {
     FsyncError,
     /// Every file write fails from a moment in the round (RLIMIT_FSIZE lowered to 0).
     DiskFull,
+    /// kill -9, then garbage or a cut-short record written past the last valid record of the
+    /// newest segment of one WAL (a shard's or the meta group's), then restart.
+    TornTail,
 }
 
 impl Fault {
@@ -121,12 +129,16 @@ impl Fault {
             Fault::Pause => "sigstop",
             Fault::FsyncError => "fsync_error",
             Fault::DiskFull => "disk_full",
+            Fault::TornTail => "torn_tail",
         }
     }
 
     /// Faults after which the server process dies (and is started again).
     fn crashes(self) -> bool {
-        matches!(self, Fault::Kill | Fault::FsyncError | Fault::DiskFull)
+        matches!(
+            self,
+            Fault::Kill | Fault::FsyncError | Fault::DiskFull | Fault::TornTail
+        )
     }
 }
 
@@ -154,6 +166,12 @@ async fn linearizable_across_fsync_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn linearizable_across_a_full_disk() {
     run_fault_kind(Fault::DiskFull).await;
+}
+
+/// ferrocd only: the tear is written in ferrocd's WAL format.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linearizable_across_torn_wal_tails() {
+    run_fault_kind(Fault::TornTail).await;
 }
 
 /// The pipeline can fail: a real history, recorded from the server under test, is accepted
@@ -252,8 +270,11 @@ async fn run_fault_kind(fault: Fault) {
         Fault::FsyncError => Flavor::subject(&[&SERVER_ARGS[..], &FSYNC_ERROR_ARGS[..]].concat()),
         _ => Flavor::subject(&SERVER_ARGS),
     };
-    if fault == Fault::FsyncError && flavor == Flavor::Etcd {
-        println!("robustness etcd fault fsync_error: skipped (etcd has no fault injection)");
+    if matches!(fault, Fault::FsyncError | Fault::TornTail) && flavor == Flavor::Etcd {
+        println!(
+            "robustness etcd fault {}: skipped (ferrocd's fault injection or WAL format)",
+            fault.name()
+        );
         return;
     }
     let mut server = Server::subject_flavor(flavor).await;
@@ -677,7 +698,7 @@ async fn inject_faults(
     let mut log = FaultLog::default();
     let interval_ms = match fault {
         Fault::None => return log,
-        Fault::Kill => KILL_INTERVAL_MS,
+        Fault::Kill | Fault::TornTail => KILL_INTERVAL_MS,
         Fault::Pause => PAUSE_INTERVAL_MS,
         Fault::FsyncError | Fault::DiskFull => {
             let at = origin + Duration::from_millis(rng.gen_range(DISK_FAULT_AT_MS));
@@ -698,7 +719,12 @@ async fn inject_faults(
         tokio::time::sleep_until(next.into()).await;
         match fault {
             Fault::Kill => {
-                let kill_ns = crash_and_restart(server, shared, origin, context).await;
+                let kill_ns = crash_and_restart(server, shared, origin, None, context).await;
+                log.kills_ns.push(kill_ns);
+            }
+            Fault::TornTail => {
+                let tear = Some(&mut rng);
+                let kill_ns = crash_and_restart(server, shared, origin, tear, context).await;
                 log.kills_ns.push(kill_ns);
             }
             Fault::Pause => {
@@ -716,18 +742,25 @@ async fn inject_faults(
 }
 
 /// kill -9 and restart (the harness's `crash_restart`, in two steps to time the death); the
-/// first answer after it may not report an older revision than any answer before it.
+/// first answer after it may not report an older revision than any answer before it. With
+/// `tear_rng`, a WAL's tail is torn while the server is dead, and recovery must log the cut.
 /// Returns when the killed process was dead, in ns since `origin`.
 async fn crash_and_restart(
     server: &mut Server,
     shared: &Shared,
     origin: Instant,
+    tear_rng: Option<&mut StdRng>,
     context: &str,
 ) -> u64 {
     let max_before = shared.max_revision.load(Ordering::SeqCst);
     server.kill9();
     let killed_ns = nanos_since(origin);
+    let tear = tear_rng.map(|rng| tear_wal_tail(&server.data_dir(), rng, context));
+    let log_before = server.log().len();
     restart_and_check_revision(server, shared, max_before, context).await;
+    if let Some(tear) = tear {
+        check_cut_logged(server, log_before, &tear, context);
+    }
     killed_ns
 }
 
@@ -858,6 +891,143 @@ fn check_fault_exit(
             "{context}: no fatal EIO line in the log:\n{log}"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Torn WAL tails
+// ---------------------------------------------------------------------------------------------
+
+/// How far past the end of the last valid record garbage may start: the tail a crash
+/// mid-write leaves is the write in progress, just past the end.
+const TEAR_REACH_BYTES: u64 = 64 * 1024;
+/// Longest run of garbage written (a few blocks of a write in progress).
+const TEAR_MAX_GARBAGE_BYTES: usize = 16 * 1024;
+/// Data length of the record whose write is cut short.
+const TEAR_RECORD_DATA_BYTES: Range<usize> = 1..2_048;
+
+/// A tail torn while the server was dead: the segment, and where its valid records end,
+/// which is where recovery must report the cut.
+struct Tear {
+    segment: PathBuf,
+    valid_end: u64,
+}
+
+/// Tears the tail of the newest segment of one WAL of `data_dir` (a random shard's or the
+/// meta group's), past its last valid record: either the prefix of a next record whose write
+/// was cut short (header and part of its data, at the end of the valid records) or garbage
+/// from a random offset up to `TEAR_REACH_BYTES` past it, inside the preallocated zero tail.
+/// Nothing valid is touched, so nothing fdatasynced (acknowledged) is; the engine's own reader
+/// must then still find exactly the same records and report a torn tail at their end.
+fn tear_wal_tail(data_dir: &Path, rng: &mut StdRng, context: &str) -> Tear {
+    let mut dirs = wal_dirs(data_dir);
+    dirs.shuffle(rng);
+    let (dir, before) = dirs
+        .iter()
+        .find_map(|dir| {
+            let recovered = read_dir(dir).unwrap_or_else(|e| panic!("{context}: {dir:?}: {e}"));
+            recovered.tail.is_some().then_some((dir, recovered))
+        })
+        .unwrap_or_else(|| panic!("{context}: no WAL segment in {data_dir:?}"));
+    let segment = before.segments.last().expect("a segment").path.clone();
+    let valid_end = before.tail.as_ref().expect("a tail").offset;
+    let file_len = std::fs::metadata(&segment).expect("segment metadata").len();
+    assert!(
+        valid_end < file_len,
+        "{context}: {segment:?} has no room past its last record at {valid_end}"
+    );
+    let (offset, mut bytes, what) = if rng.gen_bool(0.5) {
+        (
+            valid_end,
+            cut_short_record(&before.records, rng),
+            "record cut short",
+        )
+    } else {
+        let reach_end = file_len.min(valid_end + TEAR_REACH_BYTES);
+        (rng.gen_range(valid_end..reach_end), garbage(rng), "garbage")
+    };
+    let room = usize::try_from(file_len - offset).unwrap_or(usize::MAX);
+    bytes.truncate(room);
+    write_and_sync(&segment, offset, &bytes);
+    println!(
+        "{context}: tore {segment:?}: {what}, {} bytes at {offset} (valid records end at \
+         {valid_end})",
+        bytes.len()
+    );
+    let after = read_dir(dir).unwrap_or_else(|e| panic!("{context}: read torn {dir:?}: {e}"));
+    assert!(
+        after.records == before.records,
+        "{context}: tearing {segment:?} at {offset} changed its valid records"
+    );
+    let torn = after.torn_tail.map(|torn| (torn.file, torn.offset));
+    assert_eq!(
+        torn,
+        Some((segment.clone(), valid_end)),
+        "{context}: the torn {segment:?} does not read as torn at {valid_end}"
+    );
+    Tear { segment, valid_end }
+}
+
+/// The WAL directories of a data dir (`wal/meta`, `wal/shard-NNN`), sorted.
+fn wal_dirs(data_dir: &Path) -> Vec<PathBuf> {
+    let entries = std::fs::read_dir(data_dir.join("wal")).expect("the data dir's wal/");
+    let mut dirs: Vec<PathBuf> = entries
+        .map(|entry| entry.expect("a wal/ entry").path())
+        .filter(|path| path.is_dir())
+        .collect();
+    dirs.sort();
+    assert!(!dirs.is_empty(), "no WAL in {data_dir:?}");
+    dirs
+}
+
+/// The next record after `records` (an entry at the next index), as a write cut short
+/// leaves it: a strict prefix of its header and data. Its data bytes are all non-zero, so a
+/// prefix never reads as the whole record (the missing bytes read as zeros).
+fn cut_short_record(records: &[Record], rng: &mut StdRng) -> Vec<u8> {
+    let (term, index) = records
+        .last()
+        .map_or((1, 1), |last| (last.term, last.index + 1));
+    let data_len = rng.gen_range(TEAR_RECORD_DATA_BYTES);
+    let data: Vec<u8> = (0..data_len).map(|_| rng.gen_range(1..=u8::MAX)).collect();
+    let mut bytes = encode(&Record::entry(term, index, data));
+    bytes.truncate(rng.gen_range(1..RECORD_HEADER_BYTES + data_len));
+    bytes
+}
+
+/// Random bytes, none zero (zeros in the preallocated tail would change nothing).
+fn garbage(rng: &mut StdRng) -> Vec<u8> {
+    let len = rng.gen_range(1..=TEAR_MAX_GARBAGE_BYTES);
+    (0..len).map(|_| rng.gen_range(1..=u8::MAX)).collect()
+}
+
+fn write_and_sync(path: &Path, offset: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {path:?}: {e}"));
+    file.write_all_at(bytes, offset)
+        .unwrap_or_else(|e| panic!("write {path:?} at {offset}: {e}"));
+    file.sync_data().expect("fdatasync the torn segment");
+}
+
+/// The restarted server's recovery logged the cut: `cut a torn WAL tail` with the torn
+/// segment and the end of its valid records (in the log from byte `log_before`).
+fn check_cut_logged(server: &Server, log_before: usize, tear: &Tear, context: &str) {
+    let log = server.log().split_off(log_before);
+    let file = tear.segment.display().to_string();
+    let logged = log
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .any(|line| {
+            line["msg"] == "cut a torn WAL tail"
+                && line["file"] == file.as_str()
+                && line["offset"] == tear.valid_end
+        });
+    assert!(
+        logged,
+        "{context}: no `cut a torn WAL tail` of {file} at {} in the log:\n{log}",
+        tear.valid_end
+    );
 }
 
 /// No write sent after the fault was in effect, and before the server died, may be
