@@ -235,7 +235,7 @@ async fn cluster_linearizable_across_a_leader_paused_past_an_election() {
 async fn a_corrupted_real_history_is_rejected() {
     let seed = base_seed();
     let context = format!("self-test seed {seed} (reproduce: {SEED_ENV}={seed})");
-    let mut subject = Subject::Single(Server::subject(&SERVER_ARGS).await);
+    let mut subject = Subject::Single(Box::new(Server::subject(&SERVER_ARGS).await));
     let recorded = record_round(
         &mut subject,
         Fault::None,
@@ -331,7 +331,7 @@ async fn run_fault_kind(fault: Fault) {
     let mut subject = if fault.clustered() {
         Subject::Cluster(Cluster::start_flavor(flavor, CLUSTER_MEMBERS).await)
     } else {
-        Subject::Single(Server::subject_flavor(flavor).await)
+        Subject::Single(Box::new(Server::subject_flavor(flavor).await))
     };
     let server_name = match (subject.flavor(), &subject) {
         (Flavor::Etcd, Subject::Single(_)) => "etcd",
@@ -471,7 +471,7 @@ impl std::fmt::Display for Figures {
 
 /// What the harness runs against.
 enum Subject {
-    Single(Server),
+    Single(Box<Server>),
     /// Clients and watchers spread over the members.
     Cluster(Cluster),
 }
