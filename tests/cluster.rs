@@ -187,7 +187,7 @@ async fn killing_the_leader_under_load_loses_no_acknowledged_write() {
         load.assert_read(&read_prefix(&mut client, "load/").await, index);
     }
     cluster.restart(old_leader).await;
-    assert_converged(&cluster).await;
+    cluster.assert_converged(0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -449,31 +449,6 @@ impl LoadWriter {
         }
         written
     }
-}
-
-/// Every member reports the same HashKV at the same revision (the last write's).
-async fn assert_converged(cluster: &Cluster) {
-    let mut client = cluster.client(0).await;
-    let put = client.put("converged", "mark", None).await.unwrap();
-    let revision = header_revision(put.header());
-    let mut hashes = Vec::new();
-    for index in 0..cluster.size() {
-        let endpoint = cluster.member(index).endpoint();
-        // A member that has not applied `revision` yet refuses it as a future revision.
-        let hash = || hash_kv(&endpoint, revision);
-        let what = format!("member {index} applies revision {revision}");
-        hashes.push(eventually(&what, hash).await);
-    }
-    assert!(
-        hashes.iter().all(|&hash| hash == hashes[0]),
-        "HashKV at revision {revision} differs: {hashes:?}"
-    );
-}
-
-async fn hash_kv(endpoint: &str, revision: i64) -> Option<u32> {
-    let mut client = load_client(endpoint).await?;
-    let answer = client.hash_kv(revision).await.ok()?;
-    Some(answer.hash())
 }
 
 // ---------------------------------------------------------------------------------------------

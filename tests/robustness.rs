@@ -19,6 +19,13 @@
 //! seeds (printed with every failure). `FERROCD_TEST_SERVER=etcd` runs it all against real
 //! etcd, which validates the harness and the model. Figures are printed per round and per
 //! fault kind (`cargo test --test robustness -- --nocapture`).
+//!
+//! The same traffic, recording and checks run on a 3-member cluster (`cluster_*` tests), with
+//! the clients and watchers spread over the members and one of these faults per test: kill -9
+//! of the leader or of a follower (restarted after a while), or SIGSTOP of the leader for
+//! longer than an election timeout. After each cluster round every member must report the
+//! same HashKV at the same revision, and after each leader kill a write must be acknowledged
+//! again: the time from the kill to the first one is the recovery time it prints.
 
 mod common;
 mod linearizability;
@@ -30,6 +37,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use common::cluster::Cluster;
 use common::{Flavor, Server};
 use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchFilterType, WatchOptions};
 use ferrocd_engine::fault::ARMED_LOG_LINE;
@@ -101,6 +109,23 @@ const EXIT_POLL_MS: u64 = 10;
 /// The test-only server flag that makes fsyncs fail once the server gets SIGUSR2.
 const FSYNC_ERROR_ARGS: [&str; 2] = ["--experimental-fault-injection", "fsync-error"];
 
+const CLUSTER_MEMBERS: usize = 3;
+/// A cluster round is longer: `CLUSTER_FAULT_ROOM_MS` of traffic follow its last fault.
+const CLUSTER_ROUND_MS: u64 = 6_000;
+/// A cluster fault starts no later than this before the round's end, so that the traffic
+/// after it shows the cluster serving again (a new leader takes one to a few election
+/// timeouts).
+const CLUSTER_FAULT_ROOM_MS: u64 = 4_000;
+/// Time between two cluster faults (from the end of one to the start of the next).
+const CLUSTER_FAULT_INTERVAL_MS: Range<u64> = 300..1_000;
+/// How long a killed member stays down before it is restarted.
+const MEMBER_DOWN_MS: Range<u64> = 200..1_000;
+/// etcd's default election timeout, which both servers run with.
+const ELECTION_TIMEOUT_MS: u64 = 1_000;
+/// A paused leader stays frozen for longer than an election timeout (the others elect a new
+/// one) but shorter than `REQUEST_TIMEOUT_MS` (its clients' requests wait it out).
+const LEADER_PAUSE_MS: Range<u64> = ELECTION_TIMEOUT_MS + 500..2_500;
+
 /// The checker gives up (and the round fails) past these.
 const CHECK_BUDGET: Budget = Budget {
     max_steps: 50_000_000,
@@ -119,6 +144,12 @@ enum Fault {
     /// kill -9, then garbage or a cut-short record written past the last valid record of the
     /// newest segment of one WAL (a shard's or the meta group's), then restart.
     TornTail,
+    /// A cluster's leader is killed, and restarted after `MEMBER_DOWN_MS`.
+    KillLeader,
+    /// A cluster's follower is killed, and restarted after `MEMBER_DOWN_MS`.
+    KillFollower,
+    /// A cluster's leader is frozen for `LEADER_PAUSE_MS`.
+    PauseLeader,
 }
 
 impl Fault {
@@ -130,14 +161,38 @@ impl Fault {
             Fault::FsyncError => "fsync_error",
             Fault::DiskFull => "disk_full",
             Fault::TornTail => "torn_tail",
+            Fault::KillLeader => "leader_kill9",
+            Fault::KillFollower => "follower_kill9",
+            Fault::PauseLeader => "leader_sigstop",
         }
+    }
+
+    fn round_ms(self) -> u64 {
+        if self.clustered() {
+            CLUSTER_ROUND_MS
+        } else {
+            ROUND_MS
+        }
+    }
+
+    /// Faults of a 3-member cluster (the others run on a single server).
+    fn clustered(self) -> bool {
+        matches!(
+            self,
+            Fault::KillLeader | Fault::KillFollower | Fault::PauseLeader
+        )
     }
 
     /// Faults after which the server process dies (and is started again).
     fn crashes(self) -> bool {
         matches!(
             self,
-            Fault::Kill | Fault::FsyncError | Fault::DiskFull | Fault::TornTail
+            Fault::Kill
+                | Fault::FsyncError
+                | Fault::DiskFull
+                | Fault::TornTail
+                | Fault::KillLeader
+                | Fault::KillFollower
         )
     }
 }
@@ -174,6 +229,21 @@ async fn linearizable_across_torn_wal_tails() {
     run_fault_kind(Fault::TornTail).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_linearizable_across_leader_kill9_and_restart() {
+    run_fault_kind(Fault::KillLeader).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_linearizable_across_follower_kill9_and_restart() {
+    run_fault_kind(Fault::KillFollower).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_linearizable_across_a_leader_paused_past_an_election() {
+    run_fault_kind(Fault::PauseLeader).await;
+}
+
 /// The pipeline can fail: a real history, recorded from the server under test, is accepted
 /// as recorded and rejected once one read's value is changed, or once the final read reports
 /// an older revision than the last write.
@@ -181,9 +251,9 @@ async fn linearizable_across_torn_wal_tails() {
 async fn a_corrupted_real_history_is_rejected() {
     let seed = base_seed();
     let context = format!("self-test seed {seed} (reproduce: {SEED_ENV}={seed})");
-    let mut server = Server::subject(&SERVER_ARGS).await;
+    let mut subject = Subject::Single(Box::new(Server::subject(&SERVER_ARGS).await));
     let recorded = record_round(
-        &mut server,
+        &mut subject,
         Fault::None,
         seed,
         0,
@@ -192,7 +262,7 @@ async fn a_corrupted_real_history_is_rejected() {
     )
     .await;
     let (init, history) = (&recorded.init, &recorded.history);
-    check_history(&server, Fault::None, init, history, &context);
+    check_history(subject.flavor(), Fault::None, init, history, &context);
 
     let mut changed_value = history.clone();
     let read = changed_value
@@ -263,7 +333,7 @@ fn assert_rejected(init: &State, history: &[Op], context: &str) {
     );
 }
 
-/// Runs every round of one fault kind on one server and prints the totals.
+/// Runs every round of one fault kind on one server (or cluster) and prints the totals.
 async fn run_fault_kind(fault: Fault) {
     let base_seed = base_seed();
     let flavor = match fault {
@@ -277,19 +347,25 @@ async fn run_fault_kind(fault: Fault) {
         );
         return;
     }
-    let mut server = Server::subject_flavor(flavor).await;
-    let server_name = match server.flavor() {
-        Flavor::Etcd => "etcd",
-        Flavor::Ferrocd(_) => "ferrocd",
+    let mut subject = if fault.clustered() {
+        Subject::Cluster(Cluster::start_flavor(flavor, CLUSTER_MEMBERS).await)
+    } else {
+        Subject::Single(Box::new(Server::subject_flavor(flavor).await))
+    };
+    let server_name = match (subject.flavor(), &subject) {
+        (Flavor::Etcd, Subject::Single(_)) => "etcd",
+        (Flavor::Ferrocd(_), Subject::Single(_)) => "ferrocd",
+        (Flavor::Etcd, Subject::Cluster(_)) => "etcd cluster",
+        (Flavor::Ferrocd(_), Subject::Cluster(_)) => "ferrocd cluster",
     };
     let mut totals = Figures::default();
-    for round in 0..rounds() {
+    for round in 0..rounds(fault.round_ms()) {
         let seed = base_seed.wrapping_add(round);
         let context = format!(
             "fault {} round {round} seed {seed} (reproduce: {SEED_ENV}={base_seed})",
             fault.name()
         );
-        let figures = run_round(&mut server, fault, seed, round, &context).await;
+        let figures = run_round(&mut subject, fault, seed, round, &context).await;
         println!("robustness {server_name} {context}: {figures}");
         totals.add(&figures);
     }
@@ -311,13 +387,13 @@ fn base_seed() -> u64 {
     }
 }
 
-fn rounds() -> u64 {
+fn rounds(round_ms: u64) -> u64 {
     match std::env::var(DURATION_ENV) {
         Ok(seconds) => {
             let seconds: u64 = seconds
                 .parse()
                 .unwrap_or_else(|e| panic!("{DURATION_ENV}={seconds}: {e}"));
-            (seconds * 1_000).div_ceil(ROUND_MS).max(1)
+            (seconds * 1_000).div_ceil(round_ms).max(1)
         }
         Err(_) => SHORT_ROUNDS,
     }
@@ -346,6 +422,10 @@ struct Figures {
     watch_resumptions: u64,
     /// Watches from a compacted revision that ended with `compact_revision` set.
     compacted_watches: u64,
+    /// Leader kills, and the time from each to the first write acknowledged after it.
+    leader_kills: u64,
+    max_recovery_ms: u64,
+    sum_recovery_ms: u64,
 }
 
 impl Figures {
@@ -363,6 +443,9 @@ impl Figures {
         self.watch_events += other.watch_events;
         self.watch_resumptions += other.watch_resumptions;
         self.compacted_watches += other.compacted_watches;
+        self.leader_kills += other.leader_kills;
+        self.max_recovery_ms = self.max_recovery_ms.max(other.max_recovery_ms);
+        self.sum_recovery_ms += other.sum_recovery_ms;
     }
 }
 
@@ -387,7 +470,17 @@ impl std::fmt::Display for Figures {
             self.watch_events,
             self.watch_resumptions,
             self.compacted_watches
-        )
+        )?;
+        if self.leader_kills > 0 {
+            write!(
+                f,
+                ", leader kills {} (recovery max {} ms, mean {} ms)",
+                self.leader_kills,
+                self.max_recovery_ms,
+                self.sum_recovery_ms / self.leader_kills
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -395,10 +488,58 @@ impl std::fmt::Display for Figures {
 // A round
 // ---------------------------------------------------------------------------------------------
 
+/// What the harness runs against.
+enum Subject {
+    Single(Box<Server>),
+    /// Clients and watchers spread over the members.
+    Cluster(Cluster),
+}
+
+impl Subject {
+    fn flavor(&self) -> &Flavor {
+        match self {
+            Subject::Single(server) => server.flavor(),
+            Subject::Cluster(cluster) => cluster.flavor(),
+        }
+    }
+
+    fn endpoints(&self) -> Vec<String> {
+        match self {
+            Subject::Single(server) => vec![server.endpoint()],
+            Subject::Cluster(cluster) => cluster.endpoints(),
+        }
+    }
+
+    /// A client of the server, or of the cluster's leader; for the quiescent reads and
+    /// checks between rounds, when every member runs.
+    async fn client(&self) -> Client {
+        match self {
+            Subject::Single(server) => server.client().await,
+            Subject::Cluster(cluster) => cluster.client(cluster.leader().await).await,
+        }
+    }
+
+    /// The single server of a single-server fault.
+    fn server(&mut self) -> &mut Server {
+        match self {
+            Subject::Single(server) => server,
+            Subject::Cluster(_) => panic!("a single-server fault on a cluster"),
+        }
+    }
+
+    fn cluster(&mut self) -> &mut Cluster {
+        match self {
+            Subject::Cluster(cluster) => cluster,
+            Subject::Single(_) => panic!("a cluster fault on a single server"),
+        }
+    }
+}
+
 /// What clients and the fault task share.
 struct Shared {
-    /// The server's client URL; a restart may move it (the harness retries taken ports).
-    endpoint: Mutex<String>,
+    /// Every member's client URL (one for a single server, where a restart may move it: the
+    /// harness retries taken ports). Client and watcher `n` use member `n % members`.
+    endpoints: Mutex<Vec<String>>,
     /// The highest revision any response has reported so far.
     max_revision: AtomicI64,
     /// The oldest revision reads at a revision and compactions use: the past window's start.
@@ -408,22 +549,28 @@ struct Shared {
 }
 
 impl Shared {
-    fn endpoint(&self) -> String {
-        self.endpoint.lock().expect("endpoint lock").clone()
+    fn endpoint(&self, member: usize) -> String {
+        let endpoints = self.endpoints.lock().expect("endpoints lock");
+        endpoints[member % endpoints.len()].clone()
+    }
+
+    fn set_endpoints(&self, endpoints: Vec<String>) {
+        *self.endpoints.lock().expect("endpoints lock") = endpoints;
     }
 }
 
 async fn run_round(
-    server: &mut Server,
+    subject: &mut Subject,
     fault: Fault,
     seed: u64,
     round: u64,
     context: &str,
 ) -> Figures {
-    let recorded = record_round(server, fault, seed, round, ROUND_MS, context).await;
+    let recorded = record_round(subject, fault, seed, round, fault.round_ms(), context).await;
     let history = &recorded.history;
-    let (report, needed_gaps) = check_history(server, fault, &recorded.init, history, context);
-    let mut client = server.client().await;
+    let flavor = subject.flavor();
+    let (report, needed_gaps) = check_history(flavor, fault, &recorded.init, history, context);
+    let mut client = subject.client().await;
     let acked_writes_verified = verify_acknowledged_writes(&mut client, history, context).await;
     if needed_gaps {
         let gaps = revisions_without_change(&mut client, &recorded.init, history).await;
@@ -431,6 +578,17 @@ async fn run_round(
     }
     let watches = check_watches(&recorded, context);
     let compacted_watches = u64::from(check_compacted_watch(&mut client, context).await);
+    if let Subject::Cluster(cluster) = subject {
+        cluster.assert_converged(cluster.leader().await).await;
+    }
+    let leader_kills = match fault {
+        Fault::KillLeader => recorded.kills_ns.as_slice(),
+        _ => &[],
+    };
+    let recoveries_ms: Vec<u64> = leader_kills
+        .iter()
+        .map(|&kill_ns| recovery_ms(history, kill_ns, context))
+        .collect();
     Figures {
         histories: 1,
         ops_checked: report.ops_checked as u64,
@@ -445,7 +603,28 @@ async fn run_round(
         watch_events: watches.events,
         watch_resumptions: watches.resumptions,
         compacted_watches,
+        leader_kills: recoveries_ms.len() as u64,
+        max_recovery_ms: recoveries_ms.iter().copied().max().unwrap_or(0),
+        sum_recovery_ms: recoveries_ms.iter().sum(),
     }
+}
+
+/// The time from a leader kill to the first write acknowledged after it (sent after it:
+/// one in flight at the kill may have been committed before). Panics if none was: the
+/// round leaves `CLUSTER_FAULT_ROOM_MS` of traffic after its last fault.
+fn recovery_ms(history: &[Op], kill_ns: u64, context: &str) -> u64 {
+    let first_ack_ns = history
+        .iter()
+        .filter(|op| op.call_ns >= kill_ns && !acknowledged_writes(op).is_empty())
+        .map(|op| op.return_ns)
+        .min()
+        .unwrap_or_else(|| {
+            panic!(
+                "{context}: no write acknowledged after the leader kill at {} ms",
+                kill_ns / 1_000_000
+            )
+        });
+    (first_ack_ns - kill_ns) / 1_000_000
 }
 
 /// Checks the reference events against the key space before and after the round, then every
@@ -484,6 +663,8 @@ struct Recorded {
     init: State,
     history: Vec<Op>,
     faults: u64,
+    /// When each killed process was dead, in ns since the round's origin.
+    kills_ns: Vec<u64>,
     definite_failures: u64,
     /// The reference watch's events, from the round's first revision to the final read's.
     reference: Vec<Event>,
@@ -495,17 +676,17 @@ struct Recorded {
 /// injecting `fault`, appends a final read of the whole key space to the history, and reads
 /// the reference watch.
 async fn record_round(
-    server: &mut Server,
+    subject: &mut Subject,
     fault: Fault,
     seed: u64,
     round: u64,
     duration_ms: u64,
     context: &str,
 ) -> Recorded {
-    let init = prepare_round(&mut server.client().await).await;
+    let init = prepare_round(&mut subject.client().await).await;
     let past_from = *init.past.snapshots.keys().next().expect("a past snapshot");
     let shared = Arc::new(Shared {
-        endpoint: Mutex::new(server.endpoint()),
+        endpoints: Mutex::new(subject.endpoints()),
         max_revision: AtomicI64::new(init.revision),
         past_from,
         init_revision: init.revision,
@@ -513,8 +694,10 @@ async fn record_round(
     let (target_sender, target) = tokio::sync::watch::channel(None);
     let watchers: Vec<_> = watch_specs()
         .into_iter()
-        .map(|spec| {
+        .enumerate()
+        .map(|(member, spec)| {
             let watcher = Watcher {
+                member,
                 spec: spec.clone(),
                 shared: Arc::clone(&shared),
                 start_revision: init.revision + 1,
@@ -541,7 +724,7 @@ async fn record_round(
             tokio::spawn(worker.run())
         })
         .collect();
-    let faults = inject_faults(server, fault, seed, origin, deadline, &shared, context).await;
+    let faults = inject_faults(subject, fault, seed, origin, deadline, &shared, context).await;
 
     let mut history = Vec::new();
     let mut definite_failures = 0;
@@ -554,13 +737,19 @@ async fn record_round(
         history.extend(log.ops);
         definite_failures += log.definite_failures;
     }
-    bound_unknown_outcomes(&mut history, &faults.kills_ns);
+    // In a cluster an unknown write may still commit after its member died (it may sit in
+    // the new leader's log): no kill bounds it.
+    let bounding_kills = match subject {
+        Subject::Single(_) => faults.kills_ns.as_slice(),
+        Subject::Cluster(_) => &[],
+    };
+    bound_unknown_outcomes(&mut history, bounding_kills);
     for (fault_ns, death_ns) in &faults.disk_faults_ns {
         check_nothing_acknowledged_after_fault(&history, *fault_ns, *death_ns, context);
     }
-    history.push(final_read(server, origin).await);
+    history.push(final_read(subject, origin).await);
     let last_revision = final_state(&history).revision;
-    let reference = reference_events(server, init.revision + 1, last_revision, context).await;
+    let reference = reference_events(subject, init.revision + 1, last_revision, context).await;
 
     let mut watches = Vec::new();
     for (spec, watcher) in watchers {
@@ -580,6 +769,7 @@ async fn record_round(
         init,
         history,
         faults: faults.count,
+        kills_ns: faults.kills_ns,
         definite_failures,
         reference,
         watches,
@@ -635,14 +825,14 @@ fn bound_unknown_outcomes(history: &mut [Op], kills_ns: &[u64]) {
 /// Checks the history with the strict model, then, where ferrocd may leave revision gaps
 /// (kill -9), with gaps allowed on unknown writes. Panics unless one of them accepts it.
 fn check_history(
-    server: &Server,
+    flavor: &Flavor,
     fault: Fault,
     init: &State,
     history: &[Op],
     context: &str,
 ) -> (Report, bool) {
     let strict = check(&EtcdModel::default(), init, history, CHECK_BUDGET);
-    let gaps_possible = fault.crashes() && matches!(server.flavor(), Flavor::Ferrocd(_));
+    let gaps_possible = fault.crashes() && matches!(flavor, Flavor::Ferrocd(_));
     let (report, needed_gaps) = match &strict.verdict {
         Verdict::Illegal(explanation) if gaps_possible => {
             let model = EtcdModel {
@@ -683,10 +873,10 @@ struct FaultLog {
     disk_faults_ns: Vec<(u64, u64)>,
 }
 
-/// The fault task: injects `fault` at random intervals until `deadline`, leaving the server
-/// running.
+/// The fault task: injects `fault` at random intervals until `deadline` (a cluster fault
+/// until `CLUSTER_FAULT_ROOM_MS` before it), leaving every server running.
 async fn inject_faults(
-    server: &mut Server,
+    subject: &mut Subject,
     fault: Fault,
     seed: u64,
     origin: Instant,
@@ -703,6 +893,7 @@ async fn inject_faults(
         Fault::FsyncError | Fault::DiskFull => {
             let at = origin + Duration::from_millis(rng.gen_range(DISK_FAULT_AT_MS));
             tokio::time::sleep_until(at.into()).await;
+            let server = subject.server();
             let (fault_ns, death_ns) =
                 disk_fault_and_restart(server, fault, shared, origin, context).await;
             log.kills_ns.push(death_ns);
@@ -710,28 +901,56 @@ async fn inject_faults(
             log.count += 1;
             return log;
         }
+        Fault::KillLeader | Fault::KillFollower | Fault::PauseLeader => CLUSTER_FAULT_INTERVAL_MS,
+    };
+    let last_start = if fault.clustered() {
+        deadline - Duration::from_millis(CLUSTER_FAULT_ROOM_MS)
+    } else {
+        deadline
     };
     loop {
         let next = Instant::now() + Duration::from_millis(rng.gen_range(interval_ms.clone()));
-        if next >= deadline {
+        if next >= last_start {
             return log;
         }
         tokio::time::sleep_until(next.into()).await;
         match fault {
             Fault::Kill => {
+                let server = subject.server();
                 let kill_ns = crash_and_restart(server, shared, origin, None, context).await;
                 log.kills_ns.push(kill_ns);
             }
             Fault::TornTail => {
                 let tear = Some(&mut rng);
+                let server = subject.server();
                 let kill_ns = crash_and_restart(server, shared, origin, tear, context).await;
                 log.kills_ns.push(kill_ns);
             }
             Fault::Pause => {
+                let server = subject.server();
                 server.pause();
                 let length_ms = rng.gen_range(PAUSE_LENGTH_MS);
                 tokio::time::sleep(Duration::from_millis(length_ms)).await;
                 server.resume();
+            }
+            Fault::KillLeader | Fault::KillFollower => {
+                let cluster = subject.cluster();
+                let leader = cluster.leader().await;
+                let victim = match fault {
+                    Fault::KillLeader => leader,
+                    _ => (leader + rng.gen_range(1..cluster.size())) % cluster.size(),
+                };
+                let down_ms = rng.gen_range(MEMBER_DOWN_MS);
+                let kill = kill_member_and_restart(cluster, victim, down_ms, shared, origin);
+                log.kills_ns.push(kill.await);
+            }
+            Fault::PauseLeader => {
+                let cluster = subject.cluster();
+                let leader = cluster.leader().await;
+                cluster.pause(leader);
+                let length_ms = rng.gen_range(LEADER_PAUSE_MS);
+                tokio::time::sleep(Duration::from_millis(length_ms)).await;
+                cluster.resume(leader);
             }
             Fault::None | Fault::FsyncError | Fault::DiskFull => {
                 unreachable!("no repeated faults to inject")
@@ -739,6 +958,26 @@ async fn inject_faults(
         }
         log.count += 1;
     }
+}
+
+/// kill -9 of one member, restarted after `down_ms` on its data dir; its first answer may
+/// not report an older revision than any answer before the kill. Returns when the killed
+/// process was dead, in ns since `origin`.
+async fn kill_member_and_restart(
+    cluster: &mut Cluster,
+    victim: usize,
+    down_ms: u64,
+    shared: &Shared,
+    origin: Instant,
+) -> u64 {
+    let max_before = shared.max_revision.load(Ordering::SeqCst);
+    cluster.kill9(victim);
+    let killed_ns = nanos_since(origin);
+    tokio::time::sleep(Duration::from_millis(down_ms)).await;
+    cluster.restart(victim).await;
+    let context = format!("member {victim} restarted");
+    check_revision_not_back(&mut cluster.client(victim).await, max_before, &context).await;
+    killed_ns
 }
 
 /// kill -9 and restart (the harness's `crash_restart`, in two steps to time the death); the
@@ -774,8 +1013,14 @@ async fn restart_and_check_revision(
     context: &str,
 ) {
     server.start().await;
-    *shared.endpoint.lock().expect("endpoint lock") = server.endpoint();
-    let after = server.client().await.get(KEY_PREFIX, None).await;
+    shared.set_endpoints(vec![server.endpoint()]);
+    check_revision_not_back(&mut server.client().await, max_before, context).await;
+}
+
+/// The first answer of a restarted server may not report an older revision than
+/// `max_before`, the highest any answer reported before.
+async fn check_revision_not_back(client: &mut Client, max_before: i64, context: &str) {
+    let after = client.get(KEY_PREFIX, None).await;
     let revision = after
         .unwrap_or_else(|e| panic!("{context}: first request after restart: {e}"))
         .header()
@@ -1088,8 +1333,8 @@ async fn read_state(client: &mut Client, revision: Option<i64>) -> State {
 
 /// A Range of the whole key space after every client stopped, as the history's last
 /// operation: the final state must be the replay of a linearization.
-async fn final_read(server: &Server, origin: Instant) -> Op {
-    let mut client = server.client().await;
+async fn final_read(subject: &Subject, origin: Instant) -> Op {
+    let mut client = subject.client().await;
     let request = Request::Range {
         prefix: KEY_PREFIX.to_string(),
     };
@@ -1237,7 +1482,7 @@ struct Worker {
 
 impl Worker {
     async fn run(mut self) -> ClientLog {
-        let mut client = connect(&self.shared, Some(REQUEST_TIMEOUT_MS)).await;
+        let mut client = connect(&self.shared, self.id, Some(REQUEST_TIMEOUT_MS)).await;
         let mut seen = Seen::new();
         let mut log = ClientLog::default();
         for seq in 0..MAX_OPS_PER_CLIENT {
@@ -1274,7 +1519,7 @@ impl Worker {
                 outcome,
             });
             if lost_connection {
-                client = connect(&self.shared, Some(REQUEST_TIMEOUT_MS)).await;
+                client = connect(&self.shared, self.id, Some(REQUEST_TIMEOUT_MS)).await;
             }
         }
         log
@@ -1489,9 +1734,9 @@ fn observe(seen: &mut Seen, request: &Request, response: &Response) {
     }
 }
 
-/// Connects to the current endpoint and polls a real request until the server answers.
+/// Connects to the member's current endpoint and polls a real request until it answers.
 /// Watch streams get no request timeout (it would bound the whole stream).
-async fn connect(shared: &Shared, request_timeout_ms: Option<u64>) -> Client {
+async fn connect(shared: &Shared, member: usize, request_timeout_ms: Option<u64>) -> Client {
     let deadline = Instant::now() + Duration::from_millis(RECONNECT_DEADLINE_MS);
     loop {
         let mut options =
@@ -1499,7 +1744,7 @@ async fn connect(shared: &Shared, request_timeout_ms: Option<u64>) -> Client {
         if let Some(timeout_ms) = request_timeout_ms {
             options = options.with_timeout(Duration::from_millis(timeout_ms));
         }
-        if let Ok(mut client) = Client::connect([shared.endpoint()], Some(options)).await {
+        if let Ok(mut client) = Client::connect([shared.endpoint(member)], Some(options)).await {
             let probe = client.get("robustness-connect-probe", None);
             let answered = tokio::time::timeout(Duration::from_millis(REQUEST_TIMEOUT_MS), probe);
             if matches!(answered.await, Ok(Ok(_))) {
@@ -1509,7 +1754,7 @@ async fn connect(shared: &Shared, request_timeout_ms: Option<u64>) -> Client {
         assert!(
             Instant::now() < deadline,
             "no answer from {} for {RECONNECT_DEADLINE_MS} ms",
-            shared.endpoint()
+            shared.endpoint(member)
         );
         tokio::time::sleep(Duration::from_millis(RECONNECT_POLL_MS)).await;
     }
@@ -1573,6 +1818,8 @@ fn watch_options(spec: &WatchSpec, start_revision: i64) -> WatchOptions {
 /// breaks, until told the last revision it must reach (or `WATCH_CATCH_UP_TIMEOUT_MS` after
 /// that, leaving the check to report what is missing).
 struct Watcher {
+    /// The member it watches on (modulo the members).
+    member: usize,
     spec: WatchSpec,
     shared: Arc<Shared>,
     start_revision: i64,
@@ -1589,7 +1836,7 @@ impl Watcher {
             if self.done(last_seen, &mut catch_up_deadline) {
                 return sessions;
             }
-            let mut client = connect(&self.shared, None).await;
+            let mut client = connect(&self.shared, self.member, None).await;
             let options = watch_options(&self.spec, last_seen + 1);
             let Ok(mut stream) = client.watch(self.spec.key.as_str(), Some(options)).await else {
                 continue;
@@ -1676,12 +1923,12 @@ fn to_batch(response: &etcd_client::WatchResponse) -> Batch {
 /// the round's first revision, after the round. A sentinel key put and deleted after the
 /// final read marks the end; events above `last_revision` (the sentinel's) are dropped.
 async fn reference_events(
-    server: &Server,
+    subject: &Subject,
     from_revision: i64,
     last_revision: i64,
     context: &str,
 ) -> Vec<Event> {
-    let mut client = server.client().await;
+    let mut client = subject.client().await;
     client
         .put(SENTINEL_KEY, "end", None)
         .await

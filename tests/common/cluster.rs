@@ -19,6 +19,10 @@ const LEADER_POLL_INTERVAL_MS: u64 = 20;
 const STATUS_CONNECT_TIMEOUT_MS: u64 = 500;
 const STATUS_REQUEST_TIMEOUT_MS: u64 = 1_000;
 const CLUSTER_TOKEN: &str = "ferrocd-test-cluster";
+/// How long a member may take to apply a revision the others have (`assert_converged`).
+const CONVERGE_TIMEOUT_MS: u64 = 10_000;
+/// Written by `assert_converged`: the revision every member's HashKV is compared at.
+pub const CONVERGED_KEY: &str = "converged";
 
 pub struct Cluster {
     members: Vec<Server>,
@@ -155,6 +159,34 @@ impl Cluster {
         member.start().await;
     }
 
+    /// SIGSTOP to one member: it freezes, its connections stay open, until `resume`.
+    pub fn pause(&self, index: usize) {
+        self.members[index].pause();
+    }
+
+    /// SIGCONT to a paused member.
+    pub fn resume(&self, index: usize) {
+        self.members[index].resume();
+    }
+
+    /// Every member reports the same HashKV at the same revision (that of a write made for
+    /// it, through `through`); a member that has not applied it yet is polled until
+    /// `CONVERGE_TIMEOUT_MS`. Every member must be running.
+    pub async fn assert_converged(&self, through: usize) {
+        let mut client = self.client(through).await;
+        let put = client.put(CONVERGED_KEY, "mark", None).await;
+        let put = put.unwrap_or_else(|e| panic!("put {CONVERGED_KEY} through {through}: {e}"));
+        let revision = put.header().expect("a put header").revision();
+        let mut hashes = Vec::new();
+        for member in &self.members {
+            hashes.push(converged_hash(member, revision).await);
+        }
+        assert!(
+            hashes.iter().all(|&hash| hash == hashes[0]),
+            "HashKV at revision {revision} differs between members: {hashes:?}"
+        );
+    }
+
     /// Graceful stop of every member.
     pub fn stop(&mut self) {
         for member in &mut self.members {
@@ -187,13 +219,36 @@ pub fn member_name(index: usize) -> String {
     format!("n{}", index + 1)
 }
 
-/// One Status request with short timeouts; `None` when the member does not answer.
-async fn probe_status(member: &Server) -> Option<StatusResponse> {
+/// The member's HashKV at `revision`, polled while it refuses the revision as a future one
+/// (not applied yet); panics after `CONVERGE_TIMEOUT_MS`.
+async fn converged_hash(member: &Server, revision: i64) -> u32 {
+    let deadline = Instant::now() + Duration::from_millis(CONVERGE_TIMEOUT_MS);
+    loop {
+        if let Some(mut client) = probe_client(member).await {
+            if let Ok(answer) = client.hash_kv(revision).await {
+                return answer.hash();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "member {} did not apply revision {revision} within {CONVERGE_TIMEOUT_MS} ms",
+            member.endpoint()
+        );
+        tokio::time::sleep(Duration::from_millis(LEADER_POLL_INTERVAL_MS)).await;
+    }
+}
+
+/// A client with the probes' short timeouts; `None` when the member does not answer.
+async fn probe_client(member: &Server) -> Option<Client> {
     let options = ConnectOptions::new()
         .with_connect_timeout(Duration::from_millis(STATUS_CONNECT_TIMEOUT_MS))
         .with_timeout(Duration::from_millis(STATUS_REQUEST_TIMEOUT_MS));
-    let mut client = Client::connect([member.endpoint()], Some(options))
+    Client::connect([member.endpoint()], Some(options))
         .await
-        .ok()?;
-    client.status().await.ok()
+        .ok()
+}
+
+/// One Status request with short timeouts; `None` when the member does not answer.
+async fn probe_status(member: &Server) -> Option<StatusResponse> {
+    probe_client(member).await?.status().await.ok()
 }
