@@ -404,10 +404,7 @@ mod tests {
                     (id, Group::new(&config, store))
                 })
                 .collect();
-            Trio {
-                groups,
-                down: None,
-            }
+            Trio { groups, down: None }
         }
 
         /// Readies made durable and applied at once, messages delivered, until quiet.

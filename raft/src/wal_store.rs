@@ -164,7 +164,8 @@ impl LogState {
 /// group commit and returns the fsync future; the owner awaits it, then calls
 /// `Group::on_persisted`. Dropping the store drops what was not synced (a crash).
 pub struct WalLogStore {
-    wal: Wal,
+    /// Shared only with a `release_compacted` future in flight.
+    wal: Rc<Wal>,
     state: LogState,
     /// Writes made since the last `sync`, in order.
     queued: Vec<Record>,
@@ -196,7 +197,7 @@ impl WalLogStore {
             ]
         });
         Ok(WalLogStore {
-            wal,
+            wal: Rc::new(wal),
             compacted_index: state.base().index,
             durable_compacted_index: Rc::new(Cell::new(state.base().index)),
             state,
@@ -243,10 +244,11 @@ impl WalLogStore {
     }
 
     /// Deletes the WAL segments whose entries a durable compaction covers; returns how many.
-    pub async fn release_compacted(&self) -> Result<usize, WalError> {
-        self.wal
-            .release_before(self.durable_compacted_index.get() + 1)
-            .await
+    /// The future does not borrow the store, so its owner may keep using it meanwhile.
+    pub fn release_compacted(&self) -> impl Future<Output = Result<usize, WalError>> + 'static {
+        let wal = self.wal.clone();
+        let before = self.durable_compacted_index.get() + 1;
+        async move { wal.release_before(before).await }
     }
 
     /// Number of entries held in memory (those after the snapshot point).
@@ -260,7 +262,9 @@ impl WalLogStore {
 
     /// Lets the WAL finish what was synced and closes it; unsynced writes are dropped.
     pub async fn close(self) -> Result<(), WalError> {
-        self.wal.close().await
+        let wal = Rc::try_unwrap(self.wal)
+            .unwrap_or_else(|_| panic!("closing a raft log while a release is in flight"));
+        wal.close().await
     }
 
     fn write_snapshot(&mut self, meta: SnapshotMeta) {
