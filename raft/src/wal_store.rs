@@ -28,6 +28,10 @@
 //!
 //! Replay starts from the first Snapshot record's point (the records before it, if any, are
 //! the log after that point), or from the owner's `initial` point when there is none.
+//! Releasing segments can leave a gap after that first record: segments go once a compaction
+//! covers their entries, but the compaction's record may sit in the oldest segment kept, whose
+//! head repeats an older snapshot. An entry after a gap restarts the log there, and the first
+//! later Snapshot record at or above it must cover the gap (else replay fails with `Gap`).
 //!
 //! Writes reach the WAL in the order they were made (`sync` frames them in order), and a crash
 //! keeps a prefix of the records (the WAL cuts a torn tail), so replay yields the state after
@@ -152,6 +156,28 @@ impl LogState {
         } else {
             self.log.clear();
         }
+        self.snapshot = Snapshot {
+            meta,
+            data: Vec::new(),
+        };
+    }
+}
+
+impl LogState {
+    /// Replay met an entry after a gap: the segments holding the entries before it were
+    /// released under a compaction whose record is further on (the oldest segment left starts
+    /// with the snapshot record current when it was created, older than the one written into
+    /// it later). The log restarts at the entry; the base's term is unknown until that
+    /// compaction record (`compact_over_gap`) replaces it, and replay fails without one.
+    fn skip_released(&mut self, index: u64) {
+        self.log.clear();
+        self.snapshot.meta.index = index;
+    }
+
+    /// The compaction record covering a gap: its point is at or above the restarted base.
+    fn compact_over_gap(&mut self, meta: SnapshotMeta) {
+        let drop = (meta.index - self.base().index).min(self.log.len() as u64);
+        self.log.drain(..drop as usize);
         self.snapshot = Snapshot {
             meta,
             data: Vec::new(),
@@ -360,9 +386,28 @@ fn replay(records: &[Record], initial: SnapshotMeta) -> Result<(LogState, bool),
         ..LogState::default()
     };
     let mut hard_state = None;
+    // A gap that a later compaction record must cover (see `LogState::skip_released`).
+    let mut gap = None;
     for record in records {
         match record.kind {
-            RecordKind::Entry | RecordKind::ConfEntry => state.append(entry_from_record(record))?,
+            RecordKind::Entry | RecordKind::ConfEntry => {
+                let entry = entry_from_record(record);
+                if entry.index > state.last_index() + 1 {
+                    gap = gap.or(Some(StoreError::Gap {
+                        expected_at_most: state.last_index() + 1,
+                        found: entry.index,
+                    }));
+                    state.skip_released(entry.index - 1);
+                }
+                state.append(entry)?
+            }
+            RecordKind::Snapshot if gap.is_some() => {
+                let meta = snapshot_meta_from_record(record)?;
+                if meta.index >= state.base().index {
+                    gap = None;
+                    state.compact_over_gap(meta);
+                }
+            }
             RecordKind::HardState => {
                 let hs = wal::HardState::from_record(record).expect("HardState record");
                 hard_state = Some(HardState {
@@ -373,6 +418,9 @@ fn replay(records: &[Record], initial: SnapshotMeta) -> Result<(LogState, bool),
             }
             RecordKind::Snapshot => state.set_snapshot(snapshot_meta_from_record(record)?),
         }
+    }
+    if let Some(gap) = gap {
+        return Err(gap);
     }
     state.hard_state = hard_state.unwrap_or_else(|| single_voter_hard_state(&state));
     Ok((state, described))
