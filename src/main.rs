@@ -10,7 +10,7 @@ use ferrocd_net::node::checkpoint::{
 };
 use ferrocd_net::node::compactor::{AutoCompaction, REVISION_MODE_INTERVAL_MS};
 use ferrocd_net::node::recovery::Bootstrap;
-use ferrocd_net::node::replica::RaftTiming;
+use ferrocd_net::node::replica::{RaftTiming, DEFAULT_SNAPSHOT_CATCHUP_ENTRIES};
 use ferrocd_net::node::restore::{self, RestoreConfig};
 use ferrocd_net::node::space::DEFAULT_QUOTA_BYTES;
 use ferrocd_net::node::Limits;
@@ -105,6 +105,10 @@ struct Flags {
     /// How often remaining lease TTLs are checkpointed (etcd: 5 minutes); for tests.
     #[arg(long, default_value_t = 5 * 60 * 1000, hide = true)]
     lease_checkpoint_interval_ms: u64,
+    /// Entries a cluster member keeps in the meta log below each compaction point, so a
+    /// slow member catches up from the log (etcd 3.5's flag of this name; default 5000).
+    #[arg(long, default_value_t = DEFAULT_SNAPSHOT_CATCHUP_ENTRIES, hide = true)]
+    experimental_snapshot_catchup_entries: u64,
     /// Size every WAL segment is preallocated to (etcd: 64 MB); small values for tests.
     #[arg(long, default_value_t = 64 * 1024 * 1024, hide = true)]
     experimental_wal_segment_size_bytes: u64,
@@ -327,6 +331,9 @@ fn config(flags: &Flags) -> Result<NodeConfig, String> {
     if shards == 0 || shards > 256 {
         return Err(format!("--shards {shards}: must be between 1 and 256"));
     }
+    if flags.experimental_snapshot_catchup_entries == 0 {
+        return Err("--experimental-snapshot-catchup-entries must be positive".into());
+    }
     // Every record must fit a segment (a larger one would be a fatal WAL error): a write's
     // record is smaller than twice its request, plus framing.
     let min_segment_bytes = 2 * flags.max_request_bytes as u64 + 64 * 1024;
@@ -357,6 +364,7 @@ fn config(flags: &Flags) -> Result<NodeConfig, String> {
         },
         initial_cluster_token: flags.initial_cluster_token.clone(),
         raft_timing: RaftTiming::from_etcd_flags(flags.heartbeat_interval, flags.election_timeout),
+        snapshot_catchup_entries: flags.experimental_snapshot_catchup_entries,
         watch_progress_notify_interval_ms: parse_duration_ms(
             "experimental-watch-progress-notify-interval",
             &flags.experimental_watch_progress_notify_interval,

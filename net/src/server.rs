@@ -79,6 +79,9 @@ pub struct NodeConfig {
     pub initial_cluster_token: String,
     /// `--heartbeat-interval` / `--election-timeout` as Raft ticks.
     pub raft_timing: RaftTiming,
+    /// Meta log entries kept below each compaction point in a cluster (etcd's
+    /// `--experimental-snapshot-catchup-entries`).
+    pub snapshot_catchup_entries: u64,
     pub limits: Limits,
     pub lease: LeaseConfig,
     /// Interval of watch progress notifications (etcd's hidden
@@ -542,6 +545,7 @@ impl CoreSetup {
                         applied_index: owned.start.next_index - 1,
                         timing: self.config.raft_timing.clone(),
                         requests: raft.requests,
+                        catchup_entries: self.config.snapshot_catchup_entries,
                     };
                     let peer_core = peer_core.clone().expect("a cluster member serves peers");
                     MetaLog::Replicated(Replica::start(self.shared.clone(), peer_core, start))

@@ -73,6 +73,14 @@ pub struct GroupReady {
     pub conf: Option<ConfState>,
 }
 
+/// What a leader knows of one other member's log: the highest index it is known to hold
+/// (0 until the member answered this leader: raft-rs resets progress on election).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerProgress {
+    pub member: u64,
+    pub matched: u64,
+}
+
 #[derive(Debug)]
 pub enum ProposeError {
     /// Only the leader takes proposals; `leader` is the current one if known (0 otherwise).
@@ -159,6 +167,24 @@ impl<S: LogStore> Group<S> {
     /// Whether `member` is a voter in the membership this member has applied.
     pub fn is_voter(&self, member: u64) -> bool {
         self.raw.raft.prs().conf().voters().contains(member)
+    }
+
+    /// The leader's view of every other member (voters and learners) of the group, by member
+    /// id; `None` on a follower, whose raft-rs progress is stale.
+    pub fn peer_progress(&self) -> Option<Vec<PeerProgress>> {
+        if !self.is_leader() {
+            return None;
+        }
+        let me = self.member_id();
+        let peers = self.raw.raft.prs().iter().filter(|(id, _)| **id != me);
+        let mut progress: Vec<PeerProgress> = peers
+            .map(|(&member, pr)| PeerProgress {
+                member,
+                matched: pr.matched,
+            })
+            .collect();
+        progress.sort_by_key(|p| p.member);
+        Some(progress)
     }
 
     /// Whether this member leads and has committed an entry of its own term (so it knows
@@ -342,5 +368,118 @@ impl<S: LogStore> Group<S> {
                 leader: self.raw.raft.leader_id,
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemLogStore;
+    use std::collections::BTreeMap;
+
+    /// Rounds of message passing a test step may take before it must have settled.
+    const MAX_ROUNDS: usize = 1000;
+
+    /// Three groups with instant disks and a network that drops what goes to `down`.
+    struct Trio {
+        groups: BTreeMap<u64, Group<MemLogStore>>,
+        down: Option<u64>,
+    }
+
+    impl Trio {
+        fn new() -> Trio {
+            let groups = (1..=3)
+                .map(|id| {
+                    let config = GroupConfig {
+                        member_id: id,
+                        // Member 1 times out first and leads.
+                        election_ticks: 10 * id as usize,
+                        max_election_ticks: 10 * id as usize + 1,
+                        heartbeat_ticks: 1,
+                        max_size_per_msg_bytes: 1 << 20,
+                        max_inflight_msgs: 16,
+                        applied_index: 0,
+                    };
+                    let store = MemLogStore::bootstrap(vec![1, 2, 3], Vec::new());
+                    (id, Group::new(&config, store))
+                })
+                .collect();
+            Trio { groups, down: None }
+        }
+
+        /// Readies made durable and applied at once, messages delivered, until quiet.
+        fn settle(&mut self) {
+            for _ in 0..MAX_ROUNDS {
+                let mut messages = Vec::new();
+                for group in self.groups.values_mut() {
+                    while let Some(ready) = group.ready() {
+                        if let Some(number) = ready.persist {
+                            group.on_persisted(number);
+                        }
+                        if let Some(last) = ready.committed.last() {
+                            group.on_applied(last.index);
+                        }
+                    }
+                    messages.extend(group.take_messages());
+                }
+                if messages.is_empty() {
+                    return;
+                }
+                for message in messages.into_iter().filter(|m| Some(m.to) != self.down) {
+                    self.groups.get_mut(&message.to).unwrap().step(message);
+                }
+            }
+            panic!("the trio did not settle in {MAX_ROUNDS} rounds");
+        }
+
+        fn tick(&mut self, ticks: usize) {
+            for _ in 0..ticks {
+                self.groups.values_mut().for_each(Group::tick);
+                self.settle();
+            }
+        }
+
+        fn leader(&mut self) -> &mut Group<MemLogStore> {
+            self.groups.get_mut(&1).unwrap()
+        }
+    }
+
+    fn matched(progress: &[PeerProgress]) -> Vec<(u64, u64)> {
+        progress.iter().map(|p| (p.member, p.matched)).collect()
+    }
+
+    #[test]
+    fn leader_reports_each_peers_matched_index() {
+        let mut trio = Trio::new();
+        trio.tick(12);
+        assert!(trio.leader().is_leader(), "member 1 times out first");
+        for i in 0..5u8 {
+            trio.leader().propose(vec![i]).unwrap();
+        }
+        trio.settle();
+        let last = trio.leader().store().last_index();
+        let progress = trio.leader().peer_progress().unwrap();
+        assert_eq!(matched(&progress), [(2, last), (3, last)]);
+        for follower in [2, 3] {
+            assert_eq!(trio.groups[&follower].peer_progress(), None);
+        }
+
+        // Member 3 hears nothing: the leader keeps committing with member 2 alone.
+        trio.down = Some(3);
+        for i in 0..7u8 {
+            trio.leader().propose(vec![i]).unwrap();
+        }
+        trio.tick(1);
+        let now = trio.leader().store().last_index();
+        assert_eq!(now, last + 7);
+        assert_eq!(trio.leader().commit_index(), now);
+        let progress = trio.leader().peer_progress().unwrap();
+        assert_eq!(matched(&progress), [(2, now), (3, last)]);
+
+        // Back: it catches up from the log and its progress says so.
+        trio.down = None;
+        trio.tick(2);
+        let progress = trio.leader().peer_progress().unwrap();
+        assert_eq!(matched(&progress), [(2, now), (3, now)]);
     }
 }

@@ -28,6 +28,10 @@
 //!
 //! Replay starts from the first Snapshot record's point (the records before it, if any, are
 //! the log after that point), or from the owner's `initial` point when there is none.
+//! Releasing segments can leave a gap after that first record: segments go once a compaction
+//! covers their entries, but the compaction's record may sit in the oldest segment kept, whose
+//! head repeats an older snapshot. An entry after a gap restarts the log there, and the first
+//! later Snapshot record at or above it must cover the gap (else replay fails with `Gap`).
 //!
 //! Writes reach the WAL in the order they were made (`sync` frames them in order), and a crash
 //! keeps a prefix of the records (the WAL cuts a torn tail), so replay yields the state after
@@ -159,12 +163,35 @@ impl LogState {
     }
 }
 
+impl LogState {
+    /// Replay met an entry after a gap: the segments holding the entries before it were
+    /// released under a compaction whose record is further on (the oldest segment left starts
+    /// with the snapshot record current when it was created, older than the one written into
+    /// it later). The log restarts at the entry; the base's term is unknown until that
+    /// compaction record (`compact_over_gap`) replaces it, and replay fails without one.
+    fn skip_released(&mut self, index: u64) {
+        self.log.clear();
+        self.snapshot.meta.index = index;
+    }
+
+    /// The compaction record covering a gap: its point is at or above the restarted base.
+    fn compact_over_gap(&mut self, meta: SnapshotMeta) {
+        let drop = (meta.index - self.base().index).min(self.log.len() as u64);
+        self.log.drain(..drop as usize);
+        self.snapshot = Snapshot {
+            meta,
+            data: Vec::new(),
+        };
+    }
+}
+
 /// A group's log on a WAL directory. Lives on one glommio executor. Writes (`LogStore`
 /// methods, `compact`) are visible at once and queued; `sync` hands the queue to the WAL's
 /// group commit and returns the fsync future; the owner awaits it, then calls
 /// `Group::on_persisted`. Dropping the store drops what was not synced (a crash).
 pub struct WalLogStore {
-    wal: Wal,
+    /// Shared only with a `release_compacted` future in flight.
+    wal: Rc<Wal>,
     state: LogState,
     /// Writes made since the last `sync`, in order.
     queued: Vec<Record>,
@@ -196,7 +223,7 @@ impl WalLogStore {
             ]
         });
         Ok(WalLogStore {
-            wal,
+            wal: Rc::new(wal),
             compacted_index: state.base().index,
             durable_compacted_index: Rc::new(Cell::new(state.base().index)),
             state,
@@ -243,10 +270,11 @@ impl WalLogStore {
     }
 
     /// Deletes the WAL segments whose entries a durable compaction covers; returns how many.
-    pub async fn release_compacted(&self) -> Result<usize, WalError> {
-        self.wal
-            .release_before(self.durable_compacted_index.get() + 1)
-            .await
+    /// The future does not borrow the store, so its owner may keep using it meanwhile.
+    pub fn release_compacted(&self) -> impl Future<Output = Result<usize, WalError>> + 'static {
+        let wal = self.wal.clone();
+        let before = self.durable_compacted_index.get() + 1;
+        async move { wal.release_before(before).await }
     }
 
     /// Number of entries held in memory (those after the snapshot point).
@@ -260,7 +288,9 @@ impl WalLogStore {
 
     /// Lets the WAL finish what was synced and closes it; unsynced writes are dropped.
     pub async fn close(self) -> Result<(), WalError> {
-        self.wal.close().await
+        let wal = Rc::try_unwrap(self.wal)
+            .unwrap_or_else(|_| panic!("closing a raft log while a release is in flight"));
+        wal.close().await
     }
 
     fn write_snapshot(&mut self, meta: SnapshotMeta) {
@@ -356,9 +386,28 @@ fn replay(records: &[Record], initial: SnapshotMeta) -> Result<(LogState, bool),
         ..LogState::default()
     };
     let mut hard_state = None;
+    // A gap that a later compaction record must cover (see `LogState::skip_released`).
+    let mut gap = None;
     for record in records {
         match record.kind {
-            RecordKind::Entry | RecordKind::ConfEntry => state.append(entry_from_record(record))?,
+            RecordKind::Entry | RecordKind::ConfEntry => {
+                let entry = entry_from_record(record);
+                if entry.index > state.last_index() + 1 {
+                    gap = gap.or(Some(StoreError::Gap {
+                        expected_at_most: state.last_index() + 1,
+                        found: entry.index,
+                    }));
+                    state.skip_released(entry.index - 1);
+                }
+                state.append(entry)?
+            }
+            RecordKind::Snapshot if gap.is_some() => {
+                let meta = snapshot_meta_from_record(record)?;
+                if meta.index >= state.base().index {
+                    gap = None;
+                    state.compact_over_gap(meta);
+                }
+            }
             RecordKind::HardState => {
                 let hs = wal::HardState::from_record(record).expect("HardState record");
                 hard_state = Some(HardState {
@@ -369,6 +418,9 @@ fn replay(records: &[Record], initial: SnapshotMeta) -> Result<(LogState, bool),
             }
             RecordKind::Snapshot => state.set_snapshot(snapshot_meta_from_record(record)?),
         }
+    }
+    if let Some(gap) = gap {
+        return Err(gap);
     }
     state.hard_state = hard_state.unwrap_or_else(|| single_voter_hard_state(&state));
     Ok((state, described))

@@ -18,7 +18,9 @@
 
 use super::apply::{self, GatheredView, HistoricalRead, Revs};
 use super::errors::KvError;
-use super::meta_checkpoint::{self, Job, MetaCheckpointConfig, MetaState, ReleasePoint, Schedule};
+use super::meta_checkpoint::{
+    self, Job, MetaCheckpointConfig, MetaRelease, MetaState, ReleasePoint, Schedule,
+};
 use super::replica::Replica;
 use super::shard::{fatal, Gathered, ShardMsg, Span, SINGLE_VOTER_TERM};
 use super::Shared;
@@ -146,13 +148,13 @@ impl Meta {
             wal_index: self.recovered_index,
             needed: self.touched.clone(),
         });
-        let wal = match &self.log {
-            MetaLog::Single(wal) => Some(wal.clone()),
-            MetaLog::Replicated(_) => None,
+        let release = match &self.log {
+            MetaLog::Single(wal) => MetaRelease::Wal(wal.clone()),
+            MetaLog::Replicated(replica) => MetaRelease::Raft(replica.clone()),
         };
         let task = meta_checkpoint::run(
             self.shared.clone(),
-            wal,
+            release,
             self.checkpoint.clone(),
             recovered,
             queue,

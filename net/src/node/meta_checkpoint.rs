@@ -24,6 +24,7 @@
 
 use crate::auth::state::AuthState;
 use crate::node::checkpoint::CheckpointConfig;
+use crate::node::replica::Replica;
 use crate::node::shard::fatal;
 use crate::node::Shared;
 use ferrocd_engine::meta_checkpoint::{self, MetaCheckpoint};
@@ -244,6 +245,15 @@ pub struct Job {
     pub done: Option<oneshot::Sender<()>>,
 }
 
+/// Where the meta log's releasable entries go.
+pub enum MetaRelease {
+    /// A single member: the WAL segments are deleted (its log is nobody else's).
+    Wal(Rc<Wal>),
+    /// A cluster: the Raft log is compacted, keeping what lagging members need
+    /// (`Replica::compact_log`), then its segments are deleted.
+    Raft(Rc<Replica>),
+}
+
 /// Where and how often the meta group checkpoints.
 #[derive(Clone, Debug)]
 pub struct MetaCheckpointConfig {
@@ -253,15 +263,14 @@ pub struct MetaCheckpointConfig {
 }
 
 /// Writes checkpoints handed over by the meta group (each on a thread of its own, off the
-/// executor) and releases the meta WAL segments they and the shards' checkpoints cover, also
+/// executor) and releases the meta log entries they and the shards' checkpoints cover, also
 /// between checkpoints, as the shards catch up. Ends when the job channel is closed and empty.
 /// `recovered` is the checkpoint file found at start, if any: what it covers may be released
-/// as soon as the shards cover it too. `wal` is `None` in a cluster: the meta log is then a
-/// Raft log, whose entries followers may still need; it is kept whole until log compaction
-/// with snapshot transfer is built (docs/ARCHITECTURE.md "Replication").
+/// as soon as the shards cover it too. In a cluster the Raft log may hold back what is
+/// releasable (a lagging member), so the releasable index is offered again every interval.
 pub async fn run(
     shared: Arc<Shared>,
-    wal: Option<Rc<Wal>>,
+    release: MetaRelease,
     config: MetaCheckpointConfig,
     recovered: Option<ReleasePoint>,
     jobs: async_channel::Receiver<Job>,
@@ -269,6 +278,8 @@ pub async fn run(
     let interval = Duration::from_millis(config.bounds.interval_ms);
     let mut releaser = Releaser::default();
     recovered.into_iter().for_each(|point| releaser.push(point));
+    // The highest index whose entries this member no longer needs.
+    let mut releasable = 0;
     loop {
         let next = futures_lite::future::or(async { Some(jobs.recv().await) }, async {
             glommio::timer::sleep(interval).await;
@@ -289,11 +300,16 @@ pub async fn run(
             Some(Err(_closed)) => break,
             None => {}
         }
-        let Some(wal) = &wal else { continue };
         if let Some(index) = releaser.releasable(&shared.shards_covered()) {
-            if let Err(e) = wal.release_before(index + 1).await {
-                fatal(&format!("meta WAL release failed: {e}"));
+            releasable = index;
+            if let MetaRelease::Wal(wal) = &release {
+                if let Err(e) = wal.release_before(index + 1).await {
+                    fatal(&format!("meta WAL release failed: {e}"));
+                }
             }
+        }
+        if let MetaRelease::Raft(replica) = &release {
+            replica.compact_log(releasable).await;
         }
     }
 }

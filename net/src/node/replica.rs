@@ -26,7 +26,7 @@ use super::errors::KvError;
 use super::Shared;
 use crate::peer::PeerCore;
 use event_listener::Event;
-use ferrocd_raft::group::GroupConfig;
+use ferrocd_raft::group::{GroupConfig, PeerProgress};
 use ferrocd_raft::multi::{Envelope, Node as RaftNode, NodeConfig as RaftNodeConfig, META_GROUP};
 use ferrocd_raft::notify::wait_until;
 use ferrocd_raft::storage::{Entry, LogStore};
@@ -48,6 +48,12 @@ const MAX_INFLIGHT_APPENDS: usize = 256;
 const PEER_QUEUE_LIMIT_MSGS: usize = 4096;
 /// Read requests waiting for a read point, across all cores; more wait to be queued.
 const READ_QUEUE_LIMIT: usize = 4096;
+/// Entries kept below a compaction point, so a briefly slow member still catches up from the
+/// log (etcd's `SnapshotCatchUpEntries`); `--experimental-snapshot-catchup-entries`.
+pub const DEFAULT_SNAPSHOT_CATCHUP_ENTRIES: u64 = 5000;
+/// A lagging member holds the log back by at most this many catch-up margins; past that the
+/// leader compacts past it (it then needs a snapshot) so the log stays bounded.
+const MAX_RETAINED_CATCHUP_MARGINS: u64 = 20;
 
 /// Raft timing, in etcd's terms (`--heartbeat-interval`, `--election-timeout`).
 #[derive(Clone, Debug)]
@@ -158,6 +164,47 @@ pub struct ReplicaStart {
     pub applied_index: u64,
     pub timing: RaftTiming,
     pub requests: async_channel::Receiver<DriverRequest>,
+    /// Entries kept below each compaction point (`DEFAULT_SNAPSHOT_CATCHUP_ENTRIES`).
+    pub catchup_entries: u64,
+}
+
+/// Where to compact the log, and the members whose matched index that passes.
+#[derive(Debug, PartialEq, Eq)]
+pub struct CompactionPoint {
+    pub index: u64,
+    pub left_behind: Vec<PeerProgress>,
+}
+
+/// The compaction point for a log whose entries up to `safe` are applied and checkpointed
+/// (and so not needed by this member): `safe` less `catchup_entries`, and not past any
+/// member's matched index (`progress`: the leader's view; `None` on a follower, which keeps
+/// the margin only) unless that member lags `safe` by more than the retention bound, which
+/// keeps the log bounded.
+pub fn compaction_point(
+    safe: u64,
+    progress: Option<&[PeerProgress]>,
+    catchup_entries: u64,
+) -> CompactionPoint {
+    assert!(
+        catchup_entries > 0,
+        "a catch-up margin of at least one entry"
+    );
+    // Every index kept (the margin or a matched index within the bound) is at least
+    // `safe - max_retained`, so a member left behind stays below the point.
+    let max_retained = catchup_entries.saturating_mul(MAX_RETAINED_CATCHUP_MARGINS);
+    let mut index = safe.saturating_sub(catchup_entries);
+    let mut left_behind = Vec::new();
+    for peer in progress.into_iter().flatten() {
+        if peer.matched >= index {
+            continue;
+        }
+        if safe - peer.matched <= max_retained {
+            index = peer.matched;
+        } else {
+            left_behind.push(*peer);
+        }
+    }
+    CompactionPoint { index, left_behind }
 }
 
 type Proposed = oneshot::Sender<Result<(), KvError>>;
@@ -189,6 +236,7 @@ pub struct Replica {
     next_read_context: Cell<u64>,
     /// Leader and term as last published to `Shared::role`.
     seen: Cell<(Option<u64>, u64)>,
+    catchup_entries: u64,
 }
 
 impl Replica {
@@ -235,6 +283,7 @@ impl Replica {
             reads_asked: RefCell::new(HashMap::new()),
             next_read_context: Cell::new(1),
             seen: Cell::new((None, 0)),
+            catchup_entries: start.catchup_entries,
         });
         if let Some(reads) = &replica.shared.read_barrier {
             reads.set_applied(raft_applied);
@@ -315,8 +364,12 @@ impl Replica {
                 self.persist(number);
             }
             if ready.snapshot.is_some() {
-                // The leader never compacts the meta log yet, so it never sends one.
-                super::shard::fatal("received a raft snapshot: snapshot install is not built yet");
+                // The leader compacted its log past this member's (it logged an error naming
+                // it): the member cannot catch up from the log any more.
+                super::shard::fatal(
+                    "this member fell too far behind the meta log's leader, which sent a \
+                     snapshot: snapshot install is not built yet (replace the member's data dir)",
+                );
             }
             for entry in ready.committed {
                 self.committed(entry);
@@ -439,6 +492,60 @@ impl Replica {
             .stats()
     }
 
+    /// Compacts the meta log up to at most `safe_index` (every entry up to it is in a durable
+    /// meta checkpoint and the shards' checkpoints: `meta_checkpoint.rs`), less the catch-up
+    /// margin and bounded by lagging members (`compaction_point`); once the compaction is
+    /// durable, releases the WAL segments it covers.
+    pub async fn compact_log(&self, safe_index: u64) {
+        let Some(durable) = self.compact_in_memory(safe_index) else {
+            return;
+        };
+        if let Err(e) = durable.await {
+            super::shard::fatal(&format!("meta raft log fdatasync failed: {e}"));
+        }
+        let release = {
+            let raft = self.raft.borrow();
+            let group = raft.group(META_GROUP).expect("meta group");
+            group.store().release_compacted()
+        };
+        if let Err(e) = release.await {
+            super::shard::fatal(&format!("meta WAL release failed: {e}"));
+        }
+    }
+
+    /// Writes the compaction (if the point moved) and returns its fsync.
+    fn compact_in_memory(
+        &self,
+        safe_index: u64,
+    ) -> Option<impl Future<Output = Result<(), ferrocd_engine::wal::WalError>> + 'static> {
+        let mut raft = self.raft.borrow_mut();
+        let group = raft.group_mut(META_GROUP).expect("meta group");
+        let base = group.store().snapshot().meta.clone();
+        // Only what raft counts as applied: it has handed those entries out and never reads
+        // them again (the meta group's applied index may be ahead of it after a restart,
+        // see `start`).
+        let safe = safe_index.min(self.reported_applied.get());
+        let progress = group.peer_progress();
+        let point = compaction_point(safe, progress.as_deref(), self.catchup_entries);
+        if point.index <= base.index {
+            return None;
+        }
+        for peer in point.left_behind.iter().filter(|p| p.matched >= base.index) {
+            crate::error!(
+                "compacting the meta log past a lagging member: it needs a snapshot, which is \
+                 not built yet, and cannot catch up",
+                member = format!("{:x}", peer.member),
+                matched_index = peer.matched,
+                compact_index = point.index,
+            );
+        }
+        // The membership at the point: no membership change is ever proposed in a cluster
+        // yet, so it is the one at the previous point.
+        group.store_mut().compact(point.index, base.conf);
+        let durable = group.store_mut().sync();
+        Some(durable.unwrap_or_else(|e| super::shard::fatal(&format!("meta raft log: {e}"))))
+    }
+
     pub fn timing(&self) -> &RaftTiming {
         &self.timing
     }
@@ -532,5 +639,44 @@ impl Replica {
         role.set_serving();
         crate::info!("serving as leader", term = role.term());
         self.progress.notify(usize::MAX);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peers(matched: &[(u64, u64)]) -> Vec<PeerProgress> {
+        let peer = |&(member, matched)| PeerProgress { member, matched };
+        matched.iter().map(peer).collect()
+    }
+
+    #[test]
+    fn compaction_keeps_the_margin_and_what_lagging_members_need() {
+        let follower = compaction_point(10_000, None, 100);
+        assert_eq!(follower.index, 9_900, "a follower keeps the margin only");
+        let current = peers(&[(2, 10_000), (3, 9_990)]);
+        let point = compaction_point(10_000, Some(&current), 100);
+        assert_eq!((point.index, point.left_behind), (9_900, vec![]));
+        let slow = peers(&[(2, 10_000), (3, 9_000)]);
+        let point = compaction_point(10_000, Some(&slow), 100);
+        assert_eq!(point.index, 9_000, "member 3 still catches up from the log");
+        assert!(point.left_behind.is_empty());
+        assert_eq!(compaction_point(50, None, 100).index, 0, "nothing yet");
+    }
+
+    #[test]
+    fn a_member_past_the_retention_bound_is_left_behind() {
+        let max_retained = 100 * MAX_RETAINED_CATCHUP_MARGINS;
+        let at_bound = peers(&[(2, 10_000), (3, 10_000 - max_retained)]);
+        let point = compaction_point(10_000, Some(&at_bound), 100);
+        assert_eq!(point.index, 10_000 - max_retained);
+        let gone = peers(&[(2, 10_000 - max_retained - 1), (3, 9_500)]);
+        let point = compaction_point(10_000, Some(&gone), 100);
+        assert_eq!(
+            point.index, 9_500,
+            "the member within the bound still counts"
+        );
+        assert_eq!(point.left_behind, peers(&[(2, 10_000 - max_retained - 1)]));
     }
 }

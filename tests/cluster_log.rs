@@ -1,0 +1,192 @@
+//! The meta Raft log of a 3-member ferrocd cluster stays bounded (issue 5): with small WAL
+//! segments and a small catch-up margin, enough writes fill many meta segments, and every
+//! member compacts its log and deletes the segments; a follower stopped (SIGSTOP) for a few
+//! hundred writes still catches up from the leader's log after SIGCONT (the leader does not
+//! compact past it); a member killed after compactions recovers from its compacted log.
+//! Every check ends with HashKV equal on all members.
+//!
+//! ferrocd only: the flags are ferrocd's hidden test flags.
+
+mod common;
+
+use std::future::Future;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::cluster::Cluster;
+use common::Flavor;
+use etcd_client::{Client, ConnectOptions};
+
+const ARGS: &[&str] = &[
+    "--shards",
+    "1",
+    "--max-request-bytes",
+    "32768",
+    "--experimental-wal-segment-size-bytes",
+    "131072",
+    "--experimental-checkpoint-interval-ms",
+    "20",
+    "--experimental-snapshot-catchup-entries",
+    "100",
+];
+/// With ~1 KiB values a 128 KiB segment holds about a hundred entries.
+const VALUE_BYTES: usize = 1000;
+/// Writes that fill well over `MIN_SEGMENTS_CREATED` segments.
+const FILL_WRITES: usize = 1500;
+const MIN_SEGMENTS_CREATED: u64 = 8;
+/// Segments left once compaction caught up: the margin's (about one), the one being written,
+/// and one a checkpoint does not cover yet.
+const MAX_SEGMENTS_LEFT: usize = 4;
+/// Writes while a follower is stopped: more than the margin, far fewer than the bound.
+const STALLED_WRITES: usize = 300;
+const WRITERS: usize = 8;
+const TIMEOUT_MS: u64 = 20_000;
+const POLL_MS: u64 = 20;
+const REQUEST_TIMEOUT_MS: u64 = 5_000;
+/// The leader's error when it compacts past a member (`replica.rs`).
+const LEFT_BEHIND: &str = "compacting the meta log past a lagging member: it needs a snapshot, \
+                           which is not built yet, and cannot catch up";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meta_log_is_compacted_on_every_member_and_lagging_members_catch_up() {
+    if Flavor::subject(&[]) == Flavor::Etcd {
+        return; // ferrocd's hidden flags
+    }
+    let mut cluster = Cluster::start_flavor(Flavor::subject(ARGS), 3).await;
+    let leader = cluster.leader().await;
+    put_many(&cluster, leader, "fill", FILL_WRITES).await;
+    for index in 0..cluster.size() {
+        let dir = meta_wal_dir(&cluster, index);
+        eventually(
+            &format!("member {index} releases its meta segments"),
+            || {
+                let (left, created) = segments(&dir);
+                async move { (left <= MAX_SEGMENTS_LEFT).then_some(created) }
+            },
+        )
+        .await;
+        let (left, created) = segments(&dir);
+        assert!(
+            created >= MIN_SEGMENTS_CREATED,
+            "member {index}: the writes filled only {created} segments ({left} left)"
+        );
+    }
+    hashes_agree(&cluster).await;
+
+    // A follower that misses more than the margin catches up from the log.
+    let follower = (leader + 1) % cluster.size();
+    cluster.member(follower).pause();
+    put_many(&cluster, leader, "stalled", STALLED_WRITES).await;
+    cluster.member(follower).resume();
+    hashes_agree(&cluster).await;
+    for index in 0..cluster.size() {
+        let member = cluster.member(index);
+        assert!(
+            !member.logged(LEFT_BEHIND, &[]),
+            "member {index} compacted past a member:\n{}",
+            member.log()
+        );
+    }
+
+    // A member killed after compactions starts from its compacted log.
+    cluster.kill9(follower);
+    put_many(&cluster, leader, "down", STALLED_WRITES).await;
+    cluster.restart(follower).await;
+    put_many(&cluster, leader, "after", WRITERS).await;
+    hashes_agree(&cluster).await;
+}
+
+/// `count` puts of `prefix/<n>` through member `index`, from `WRITERS` clients at once; each
+/// must succeed.
+async fn put_many(cluster: &Cluster, index: usize, prefix: &str, count: usize) {
+    let endpoint = cluster.member(index).endpoint();
+    let value = "v".repeat(VALUE_BYTES);
+    let writers = (0..WRITERS).map(|writer| {
+        let (endpoint, value, prefix) = (endpoint.clone(), value.clone(), prefix.to_string());
+        tokio::spawn(async move {
+            let mut client = client(&endpoint).await.expect("connect");
+            for n in (writer..count).step_by(WRITERS) {
+                let key = format!("{prefix}/{n}");
+                client.put(key, value.clone(), None).await.expect("put");
+            }
+        })
+    });
+    for writer in writers.collect::<Vec<_>>() {
+        writer.await.expect("writer");
+    }
+}
+
+/// HashKV at the leader's current revision is the same on every member, once each applied it.
+async fn hashes_agree(cluster: &Cluster) {
+    let leader = cluster.leader().await;
+    let mut client = cluster.client(leader).await;
+    let revision = client
+        .status()
+        .await
+        .expect("status")
+        .header()
+        .unwrap()
+        .revision();
+    let mut hashes = Vec::new();
+    for index in 0..cluster.size() {
+        let endpoint = cluster.member(index).endpoint();
+        let what = format!("member {index} applies revision {revision}");
+        // A member that has not applied `revision` yet refuses it as a future revision.
+        let hash = eventually(&what, || hash_kv(&endpoint, revision)).await;
+        hashes.push(hash);
+    }
+    assert!(
+        hashes.iter().all(|&hash| hash == hashes[0]),
+        "HashKV at revision {revision} differs: {hashes:?}"
+    );
+}
+
+async fn hash_kv(endpoint: &str, revision: i64) -> Option<u32> {
+    let answer = client(endpoint).await?.hash_kv(revision).await.ok()?;
+    Some(answer.hash())
+}
+
+async fn client(endpoint: &str) -> Option<Client> {
+    let options = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_millis(REQUEST_TIMEOUT_MS))
+        .with_timeout(Duration::from_millis(REQUEST_TIMEOUT_MS));
+    Client::connect([endpoint], Some(options)).await.ok()
+}
+
+async fn eventually<T, F, Fut>(what: &str, attempt: F) -> T
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_millis(TIMEOUT_MS);
+    loop {
+        if let Some(value) = attempt().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {TIMEOUT_MS} ms"
+        );
+        tokio::time::sleep(Duration::from_millis(POLL_MS)).await;
+    }
+}
+
+fn meta_wal_dir(cluster: &Cluster, index: usize) -> std::path::PathBuf {
+    cluster.member(index).data_dir().join("wal").join("meta")
+}
+
+/// Segment files of a WAL directory: (present, created), `created` from the highest sequence
+/// number in the names (`<seq:016x>-<first_index:016x>.wal`).
+fn segments(wal_dir: &Path) -> (usize, u64) {
+    let names: Vec<String> = std::fs::read_dir(wal_dir)
+        .expect("list WAL dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".wal"))
+        .collect();
+    let highest_seq = names
+        .iter()
+        .map(|n| u64::from_str_radix(&n[..16], 16).expect("hex seq"))
+        .max()
+        .expect("a live segment");
+    (names.len(), highest_seq + 1)
+}
