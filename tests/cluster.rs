@@ -333,25 +333,6 @@ fn found(get: &etcd_client::GetResponse) -> Option<(String, i64)> {
     Some((utf8(kv.value()), kv.mod_revision()))
 }
 
-/// Polls `attempt` until it gives a value; panics after `CATCH_UP_TIMEOUT_MS`.
-async fn eventually<T, F, Fut>(what: &str, attempt: F) -> T
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + Duration::from_millis(CATCH_UP_TIMEOUT_MS);
-    loop {
-        if let Some(value) = attempt().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not within {CATCH_UP_TIMEOUT_MS} ms"
-        );
-        tokio::time::sleep(Duration::from_millis(CATCH_UP_POLL_MS)).await;
-    }
-}
-
 /// `future`'s output; panics after `CATCH_UP_TIMEOUT_MS`.
 async fn within_catch_up<T>(future: impl Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_millis(CATCH_UP_TIMEOUT_MS), future)
@@ -743,4 +724,13 @@ async fn final_read(client: &mut Client, origin: Instant) -> Op {
 
 fn nanos_since(origin: Instant) -> u64 {
     u64::try_from(origin.elapsed().as_nanos()).expect("a run lasts less than 584 years")
+}
+
+/// Polls `attempt` until it gives a value; panics after `CATCH_UP_TIMEOUT_MS`.
+async fn eventually<T, F, Fut>(what: &str, attempt: F) -> T
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    common::cluster::eventually(what, CATCH_UP_TIMEOUT_MS, CATCH_UP_POLL_MS, attempt).await
 }

@@ -11,7 +11,7 @@ mod common;
 
 use std::future::Future;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::cluster::Cluster;
 use common::Flavor;
@@ -153,24 +153,6 @@ async fn client(endpoint: &str) -> Option<Client> {
     Client::connect([endpoint], Some(options)).await.ok()
 }
 
-async fn eventually<T, F, Fut>(what: &str, attempt: F) -> T
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + Duration::from_millis(TIMEOUT_MS);
-    loop {
-        if let Some(value) = attempt().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not within {TIMEOUT_MS} ms"
-        );
-        tokio::time::sleep(Duration::from_millis(POLL_MS)).await;
-    }
-}
-
 fn meta_wal_dir(cluster: &Cluster, index: usize) -> std::path::PathBuf {
     cluster.member(index).data_dir().join("wal").join("meta")
 }
@@ -189,4 +171,13 @@ fn segments(wal_dir: &Path) -> (usize, u64) {
         .max()
         .expect("a live segment");
     (names.len(), highest_seq + 1)
+}
+
+/// Polls `attempt` until it gives a value; panics after `TIMEOUT_MS`.
+async fn eventually<T, F, Fut>(what: &str, attempt: F) -> T
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    common::cluster::eventually(what, TIMEOUT_MS, POLL_MS, attempt).await
 }

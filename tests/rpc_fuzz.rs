@@ -840,21 +840,10 @@ async fn range_with_token(
     key: &[u8],
     token: Option<&str>,
 ) -> (tonic::Code, String) {
-    let endpoint = server.endpoint();
-    let sender = connect(&endpoint).await;
     let mut message = Vec::new();
     put_varint(&mut message, (1 << 3) | 2);
     put_length_delimited(&mut message, key);
-    let range = method("/etcdserverpb.KV/Range");
-    let call = grpc_call(&endpoint, &sender, range, frame(0, &message), None, token);
-    let outcome = tokio::time::timeout(Duration::from_millis(CALL_TIMEOUT_MS), call)
-        .await
-        .expect("an answer in time")
-        .expect("a gRPC answer");
-    match outcome {
-        Outcome::Status { code, message } => (tonic::Code::from_i32(code), message),
-        other => panic!("Range: expected a status, got {other:?}"),
-    }
+    call_once(server, method("/etcdserverpb.KV/Range"), &message, token).await
 }
 
 /// With auth on, every method is fuzzed with a normal user's valid token, an invalid token
@@ -900,15 +889,17 @@ async fn every_grpc_method_survives_garbage_with_auth() {
     }
 }
 
-/// Calls `path` once with `message` (a protobuf encoding) and returns the status it ends with.
+/// Calls `method` once with `message` (a protobuf encoding) and `token` (or none); returns
+/// the status it ends with.
 async fn call_once(
     server: &Server,
     method: &'static Method,
     message: &[u8],
+    token: Option<&str>,
 ) -> (tonic::Code, String) {
     let endpoint = server.endpoint();
     let sender = connect(&endpoint).await;
-    let call = grpc_call(&endpoint, &sender, method, frame(0, message), None, None);
+    let call = grpc_call(&endpoint, &sender, method, frame(0, message), None, token);
     let outcome = tokio::time::timeout(Duration::from_millis(CALL_TIMEOUT_MS), call)
         .await
         .expect("an answer in time")
@@ -937,7 +928,7 @@ async fn negative_alarm_type_is_refused() {
     put_varint(&mut activate, 3 << 3); // alarm
     put_varint(&mut activate, -1i64 as u64);
     let alarm = method("/etcdserverpb.Maintenance/Alarm");
-    let (code, message) = call_once(&server, alarm, &activate).await;
+    let (code, message) = call_once(&server, alarm, &activate, None).await;
     assert_eq!(code, tonic::Code::InvalidArgument, "{message}");
     assert_eq!(message, "etcdserver: alarm type must not be negative");
     common::assert_serves_after_fuzz(&mut server, None, 0).await;

@@ -252,3 +252,22 @@ async fn probe_client(member: &Server) -> Option<Client> {
 async fn probe_status(member: &Server) -> Option<StatusResponse> {
     probe_client(member).await?.status().await.ok()
 }
+
+/// Polls `attempt` every `poll_ms` until it gives a value; panics after `timeout_ms`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout_ms: u64, poll_ms: u64, attempt: F) -> T
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_millis(timeout_ms);
+    loop {
+        if let Some(value) = attempt().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {timeout_ms} ms"
+        );
+        tokio::time::sleep(Duration::from_millis(poll_ms)).await;
+    }
+}
