@@ -21,10 +21,10 @@ use async_channel::Receiver;
 use ferrocd_api::etcdserverpb::alarm_request::AlarmAction;
 use ferrocd_api::etcdserverpb::{
     AlarmMember, AlarmRequest, AlarmResponse, AuthenticateRequest, AuthenticateResponse,
-    CompactionRequest, LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest,
-    LeaseKeepAliveResponse, LeaseLeasesRequest, LeaseLeasesResponse, LeaseRevokeRequest,
-    LeaseRevokeResponse, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse, Member, TxnRequest,
-    TxnResponse,
+    CompactionRequest, CompactionResponse, LeaseGrantRequest, LeaseGrantResponse,
+    LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseLeasesRequest, LeaseLeasesResponse,
+    LeaseRevokeRequest, LeaseRevokeResponse, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
+    Member, ResponseHeader, TxnRequest, TxnResponse,
 };
 use ferrocd_engine::mvcc::codec::{Alarm, AuthPermission};
 use futures::StreamExt;
@@ -74,6 +74,7 @@ pub enum Reply {
     LeaseLeases(LeaseLeasesResponse),
     Authenticate(AuthenticateResponse),
     Alarm(AlarmResponse),
+    Compact(CompactionResponse),
 }
 
 // ---- encoding ----
@@ -298,6 +299,7 @@ impl Reply {
             Reply::LeaseLeases(r) => (7, r.encode_to_vec()),
             Reply::Authenticate(r) => (8, r.encode_to_vec()),
             Reply::Alarm(r) => (9, r.encode_to_vec()),
+            Reply::Compact(r) => (10, r.encode_to_vec()),
         };
         out.push(tag);
         out.extend_from_slice(&body);
@@ -315,6 +317,7 @@ impl Reply {
             7 => Reply::LeaseLeases(Message::decode(body).ok()?),
             8 => Reply::Authenticate(Message::decode(body).ok()?),
             9 => Reply::Alarm(Message::decode(body).ok()?),
+            10 => Reply::Compact(Message::decode(body).ok()?),
             _ => return None,
         })
     }
@@ -468,10 +471,7 @@ pub async fn serve(node: &Node, request: Forward) -> Result<Reply, KvError> {
             txn,
             put_first_checks_lease,
         } => Reply::Txn(node.write(txn, put_first_checks_lease).await?),
-        Forward::Compact(r) => {
-            node.compact(r).await?;
-            Reply::Done
-        }
+        Forward::Compact(r) => Reply::Compact(node.compact(r).await?),
         Forward::LeaseGrant(r) => Reply::LeaseGrant(lease::grant(shared, r).await?),
         Forward::LeaseRevoke(r) => {
             Reply::LeaseRevoke(lease::revoke(shared, r.id, Caller::Server).await?)
@@ -581,6 +581,18 @@ pub async fn call(leader: u64, request: &Forward) -> Result<Reply, KvError> {
 /// Waits (at most the forwarding timeout) until this member shows `revision`, so that a
 /// client reading here after its forwarded write sees it. Past the timeout the answer is
 /// given anyway: the write is committed, this member is just behind.
+/// This member's header for a leader's answer, at the leader's revision, once this member has
+/// applied up to it (bounded by the forwarding timeout): the client's next request here sees what
+/// the answer reported, and no answer reports a revision older than writes acknowledged before
+/// it (etcd's member answers after applying the request's entry). Stamping this member's own
+/// visible revision instead gave lease grants headers behind writes already acknowledged (found
+/// by the cluster robustness run).
+async fn local_header(shared: &Shared, leader: Option<ResponseHeader>) -> Option<ResponseHeader> {
+    let revision = leader.map_or(0, |h| h.revision);
+    catch_up(shared, revision).await;
+    Some(shared.header(revision))
+}
+
 async fn catch_up(shared: &Shared, revision: i64) {
     let timeout_ms = PEER.with(|slot| slot.borrow().as_ref().map_or(0, |(_, t)| *t));
     let wait = send_wrapper::SendWrapper::new(async move {
@@ -612,9 +624,7 @@ pub async fn write(
         Reply::Txn(response) => response,
         other => return mismatch(other),
     };
-    let revision = response.header.map_or(0, |h| h.revision);
-    catch_up(shared, revision).await;
-    response.header = Some(shared.header(revision));
+    response.header = local_header(shared, response.header).await;
     Ok(response)
 }
 
@@ -625,9 +635,15 @@ pub async fn publish(leader: u64, member: Member) -> Result<(), KvError> {
     }
 }
 
-pub async fn compact(leader: u64, r: CompactionRequest) -> Result<(), KvError> {
+pub async fn compact(
+    shared: &Shared,
+    leader: u64,
+    r: CompactionRequest,
+) -> Result<CompactionResponse, KvError> {
     match call(leader, &Forward::Compact(r)).await? {
-        Reply::Done => Ok(()),
+        Reply::Compact(response) => Ok(CompactionResponse {
+            header: local_header(shared, response.header).await,
+        }),
         other => mismatch(other),
     }
 }
@@ -639,7 +655,7 @@ pub async fn lease_grant(
 ) -> Result<LeaseGrantResponse, KvError> {
     match call(leader, &Forward::LeaseGrant(r)).await? {
         Reply::LeaseGrant(response) => Ok(LeaseGrantResponse {
-            header: Some(shared.current_header()),
+            header: local_header(shared, response.header).await,
             ..response
         }),
         other => mismatch(other),
@@ -652,14 +668,12 @@ pub async fn lease_revoke(
     id: i64,
 ) -> Result<LeaseRevokeResponse, KvError> {
     let request = Forward::LeaseRevoke(LeaseRevokeRequest { id });
-    let revision = match call(leader, &request).await? {
-        Reply::LeaseRevoke(response) => response.header.map_or(0, |h| h.revision),
-        other => return mismatch(other),
-    };
-    catch_up(shared, revision).await;
-    Ok(LeaseRevokeResponse {
-        header: Some(shared.header(revision)),
-    })
+    match call(leader, &request).await? {
+        Reply::LeaseRevoke(response) => Ok(LeaseRevokeResponse {
+            header: local_header(shared, response.header).await,
+        }),
+        other => mismatch(other),
+    }
 }
 
 pub async fn lease_keep_alive(
@@ -670,7 +684,7 @@ pub async fn lease_keep_alive(
     let request = Forward::LeaseKeepAlive(LeaseKeepAliveRequest { id });
     match call(leader, &request).await? {
         Reply::LeaseKeepAlive(response) => Ok(LeaseKeepAliveResponse {
-            header: Some(shared.current_header()),
+            header: local_header(shared, response.header).await,
             ..response
         }),
         other => mismatch(other),
@@ -684,7 +698,7 @@ pub async fn lease_time_to_live(
 ) -> Result<LeaseTimeToLiveResponse, KvError> {
     match call(leader, &Forward::LeaseTimeToLive(r)).await? {
         Reply::LeaseTimeToLive(response) => Ok(LeaseTimeToLiveResponse {
-            header: Some(shared.current_header()),
+            header: local_header(shared, response.header).await,
             ..response
         }),
         other => mismatch(other),
@@ -694,7 +708,7 @@ pub async fn lease_time_to_live(
 pub async fn lease_leases(shared: &Shared, leader: u64) -> Result<LeaseLeasesResponse, KvError> {
     match call(leader, &Forward::LeaseLeases(LeaseLeasesRequest {})).await? {
         Reply::LeaseLeases(response) => Ok(LeaseLeasesResponse {
-            header: Some(shared.current_header()),
+            header: local_header(shared, response.header).await,
             ..response
         }),
         other => mismatch(other),

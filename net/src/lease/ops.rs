@@ -136,7 +136,7 @@ async fn revoke(
     let all: Vec<usize> = (0..shared.shards.len()).collect();
     meta.hold(&all).await?;
     if only_if_expired && !leases.is_expired(id, Instant::now()) {
-        meta.release(&all, 0, Vec::new()).await?;
+        meta.release(&all, Vec::new()).await?;
         return Ok(LeaseDone::Kept);
     }
     let keys = leases
@@ -147,7 +147,7 @@ async fn revoke(
         .iter()
         .find_map(|key| shared.auth.check(caller, key, &[], Access::Write).err());
     if let Some(e) = denied {
-        meta.release(&all, 0, Vec::new()).await?;
+        meta.release(&all, Vec::new()).await?;
         return Err(KvError::Auth(e));
     }
     let seq = &shared.seq;
@@ -175,14 +175,18 @@ async fn revoke(
         if main != 0 {
             seq.abandon();
         }
-        meta.release(&all, 0, Vec::new()).await?;
+        meta.release(&all, Vec::new()).await?;
         return Err(e);
     }
     leases.remove(id);
     let LogPayload::LeaseRevoke { changes, .. } = payload else {
         unreachable!("the payload was built as a revoke")
     };
-    meta.release(&all, main, changes).await?;
+    let committed = match main {
+        0 => Vec::new(),
+        main => vec![(main, changes)],
+    };
+    meta.release(&all, committed).await?;
     if main != 0 {
         seq.settle(writer, None);
     }

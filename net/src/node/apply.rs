@@ -39,6 +39,32 @@ pub struct GatheredView {
     pub historical: Vec<(HistoricalRead, Vec<KeyValue>)>,
 }
 
+impl GatheredView {
+    /// The latest state after `changes` at `rev`, as the store would have it: the next write
+    /// of a batch is evaluated against it (`meta.rs`).
+    pub fn apply(&mut self, rev: i64, changes: &[Change]) {
+        for change in changes {
+            match &change.effect {
+                Effect::Put { key, value, lease } => {
+                    let previous = self.latest.get(key);
+                    let kv = KeyValue {
+                        key: key.clone(),
+                        create_revision: previous.map_or(rev, |p| p.create_revision),
+                        mod_revision: rev,
+                        version: previous.map_or(1, |p| p.version + 1),
+                        value: value.clone(),
+                        lease: *lease,
+                    };
+                    self.latest.insert(key.clone(), kv);
+                }
+                Effect::Delete { key } => {
+                    self.latest.remove(key);
+                }
+            }
+        }
+    }
+}
+
 impl View for GatheredView {
     fn latest(&self, key: &[u8], end: &[u8]) -> Vec<KeyValue> {
         let from = self.latest.range(key.to_vec()..).map(|(_, kv)| kv);
@@ -720,6 +746,41 @@ mod tests {
         }
         fn at(&self, key: &[u8], end: &[u8], rev: i64) -> Vec<KeyValue> {
             self.0.range(key, end, rev, 0).kvs
+        }
+    }
+
+    /// A batch's view after changes equals the store's latest state after the same changes
+    /// (puts, overwrites, deletes, re-creation after a delete, leases).
+    #[test]
+    fn a_gathered_view_follows_changes_as_the_store_does() {
+        let mut store = Store::new();
+        let mut view = GatheredView::default();
+        let put = |key: &str, value: &str, lease: i64| Effect::Put {
+            key: key.into(),
+            value: value.into(),
+            lease,
+        };
+        let delete = |key: &str| Effect::Delete { key: key.into() };
+        let steps = [
+            vec![put("a", "1", 0), put("b", "1", 7)],
+            vec![put("a", "2", 0)],
+            vec![delete("a"), put("c", "1", 0)],
+            vec![put("a", "3", 9), delete("b")],
+            vec![put("a", "4", 0), put("c", "2", 0)],
+        ];
+        for (rev, effects) in (2..).zip(steps) {
+            let changes: Vec<Change> = effects
+                .into_iter()
+                .enumerate()
+                .map(|(sub, effect)| Change {
+                    sub: sub as i64,
+                    effect,
+                })
+                .collect();
+            store.apply(rev, &changes);
+            view.apply(rev, &changes);
+            let expected = store.range(b"", b"\0", Store::LATEST, 0).kvs;
+            assert_eq!(view.latest(b"", b"\0"), expected, "after revision {rev}");
         }
     }
 

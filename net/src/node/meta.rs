@@ -38,21 +38,39 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
+/// Writes handled together, at most: one hold of their shards, one gather, one log append (a
+/// single fdatasync, or one Raft round in a cluster) for all of them.
+const MAX_BATCH_WRITES: usize = 64;
+
+/// A write routed to the meta group.
+pub struct WriteRequest {
+    pub txn: TxnRequest,
+    /// The key ranges the txn names, and the shards holding them (as routed).
+    pub spans: Vec<Span>,
+    pub involved: Vec<usize>,
+    pub put_first_checks_lease: bool,
+    pub reply: oneshot::Sender<Result<TxnResponse, KvError>>,
+}
+
+impl WriteRequest {
+    /// Reads at past revisions the txn makes (a batch gathers them only for a lone write).
+    fn historical(&self) -> Vec<HistoricalRead> {
+        let mut historical = Vec::new();
+        apply::txn_historical_ranges(&self.txn, &mut historical);
+        historical
+    }
+}
+
 pub enum MetaMsg {
-    Write {
-        txn: TxnRequest,
-        /// The key ranges the txn names, and the shards holding them (as routed).
-        spans: Vec<Span>,
-        involved: Vec<usize>,
-        put_first_checks_lease: bool,
-        reply: oneshot::Sender<Result<TxnResponse, KvError>>,
-    },
+    Write(WriteRequest),
     Compact {
         rev: i64,
         reply: oneshot::Sender<Result<(), KvError>>,
     },
     /// Metrics: the counters of the meta log.
-    Stats { reply: oneshot::Sender<WalStats> },
+    Stats {
+        reply: oneshot::Sender<WalStats>,
+    },
     /// Grant, revoke or checkpoint leases (`crate::lease::ops`).
     Lease {
         op: LeaseOp,
@@ -161,12 +179,26 @@ impl Meta {
         );
         let task = glommio::spawn_local(task).detach();
         let interval = std::time::Duration::from_millis(self.checkpoint.bounds.interval_ms);
+        // A message taken from the inbox while collecting a batch, served next.
+        let mut taken: Option<MetaMsg> = None;
         loop {
-            let next = futures_lite::future::or(async { Some(rx.recv().await) }, async {
-                futures_lite::future::or(glommio::timer::sleep(interval), self.followed()).await;
-                None
-            });
-            match next.await {
+            let next = match taken.take() {
+                Some(msg) => Some(Ok(msg)),
+                None => {
+                    futures_lite::future::or(async { Some(rx.recv().await) }, async {
+                        let idle = glommio::timer::sleep(interval);
+                        futures_lite::future::or(idle, self.followed()).await;
+                        None
+                    })
+                    .await
+                }
+            };
+            match next {
+                Some(Ok(MetaMsg::Write(first))) => {
+                    let (batch, rest) = collect_batch(first, &rx);
+                    taken = rest;
+                    self.write_batch(batch).await;
+                }
                 Some(Ok(msg)) => self.handle(msg).await,
                 Some(Err(_closed)) => break,
                 None => {}
@@ -212,22 +244,7 @@ impl Meta {
 
     async fn handle(&mut self, msg: MetaMsg) {
         match msg {
-            MetaMsg::Write {
-                txn,
-                spans,
-                involved,
-                put_first_checks_lease,
-                reply,
-            } => {
-                let result = match self.lead().await {
-                    Ok(()) => {
-                        self.write(&txn, &spans, &involved, put_first_checks_lease)
-                            .await
-                    }
-                    Err(e) => Err(e),
-                };
-                let _ = reply.send(result);
-            }
+            MetaMsg::Write(request) => self.write_batch(vec![request]).await,
             MetaMsg::Compact { rev, reply } => {
                 let result = match self.lead().await {
                     Ok(()) => self.compact(rev).await,
@@ -467,58 +484,106 @@ impl Meta {
         Ok(())
     }
 
-    async fn write(
+    /// Serves writes together (see `MAX_BATCH_WRITES`), answering each.
+    async fn write_batch(&mut self, batch: Vec<WriteRequest>) {
+        let answers = match self.lead().await {
+            Ok(()) => self.write_many(&batch).await,
+            Err(e) => Err(e),
+        };
+        match answers {
+            Ok(answers) => {
+                for (request, answer) in batch.into_iter().zip(answers) {
+                    let _ = request.reply.send(answer);
+                }
+            }
+            Err(e) => batch.into_iter().for_each(|r| {
+                let _ = r.reply.send(Err(e));
+            }),
+        }
+    }
+
+    /// Holds the shards of every write, gathers what they name, evaluates them in order (each
+    /// sees the changes of those before it), appends their changes in one go and releases the
+    /// shards with the committed ones. A write's answer stands only if every change before it
+    /// in the batch committed (a cluster may commit a prefix, then lose leadership).
+    async fn write_many(
         &mut self,
-        txn: &TxnRequest,
-        spans: &[Span],
-        involved: &[usize],
-        put_first_checks_lease: bool,
-    ) -> Result<TxnResponse, KvError> {
-        let mut historical = Vec::new();
-        apply::txn_historical_ranges(txn, &mut historical);
-        self.hold(involved).await?;
-        let view = self.gather(involved, spans, &historical).await?;
+        batch: &[WriteRequest],
+    ) -> Result<Vec<Result<TxnResponse, KvError>>, KvError> {
+        let mut involved: Vec<usize> = batch.iter().flat_map(|w| w.involved.clone()).collect();
+        involved.sort_unstable();
+        involved.dedup();
+        let spans: Vec<Span> = batch.iter().flat_map(|w| w.spans.clone()).collect();
+        let historical = match batch {
+            [only] => only.historical(),
+            _ => Vec::new(),
+        };
+        self.hold(&involved).await?;
+        let mut view = self.gather(&involved, &spans, &historical).await?;
         let shared = self.shared.clone();
         let seq = &shared.seq;
-        let revs = Revs {
-            current: seq.latest_taken(),
-            compacted: self.shared.compacted(),
-        };
-        let writer = Meta::writer_id(&self.shared);
-        let outcome = apply::evaluate_txn(
-            &view,
-            txn,
-            revs,
-            &|lease| shared.leases.exists(lease),
-            put_first_checks_lease,
-            &mut || seq.take(writer, false),
-        );
-        let (rev, changes, result) = match outcome {
-            Ok(o) => (o.rev, o.changes, Ok(o.response)),
-            Err(e) => (None, Vec::new(), Err(e)),
-        };
-        let changes = match rev {
-            Some(rev) => {
-                let payload = LogPayload::Changes { main: rev, changes };
-                if let Err(e) = self.append(&payload).await {
-                    // Not committed here (leadership moved): the revision is abandoned.
-                    self.shared.seq.abandon();
-                    self.release(involved, 0, Vec::new()).await?;
-                    return Err(e);
+        let writer = Meta::writer_id(&shared);
+        let before = seq.latest_taken();
+        // Per write: its answer and the number of payloads that must commit for it to stand.
+        let mut answers = Vec::with_capacity(batch.len());
+        let mut payloads = Vec::new();
+        for write in batch {
+            let revs = Revs {
+                current: seq.latest_taken(),
+                compacted: shared.compacted(),
+            };
+            let has_pending = !payloads.is_empty();
+            let outcome = apply::evaluate_txn(
+                &view,
+                &write.txn,
+                revs,
+                &|lease| shared.leases.exists(lease),
+                write.put_first_checks_lease,
+                &mut || seq.take(writer, has_pending),
+            );
+            let answer = match outcome {
+                Ok(outcome) => {
+                    if let Some(rev) = outcome.rev {
+                        view.apply(rev, &outcome.changes);
+                        let changes = outcome.changes;
+                        payloads.push(LogPayload::Changes { main: rev, changes });
+                    }
+                    Ok(outcome.response)
                 }
-                let LogPayload::Changes { changes, .. } = payload else {
-                    unreachable!("the payload was built as changes")
-                };
-                changes
-            }
-            None => changes,
-        };
-        self.release(involved, rev.unwrap_or(0), changes).await?;
-        if rev.is_some() {
-            seq.settle(writer, None);
+                Err(e) => Err(e),
+            };
+            answers.push((answer, payloads.len()));
         }
-        seq.wait_visible(rev.unwrap_or(revs.current)).await;
-        result
+        let (committed, failure) = self.append_all(&payloads).await;
+        let released: Vec<(i64, Vec<Change>)> = payloads
+            .into_iter()
+            .take(committed)
+            .map(|payload| match payload {
+                LogPayload::Changes { main, changes } => (main, changes),
+                _ => unreachable!("the batch appends changes only"),
+            })
+            .collect();
+        let last_committed = released.last().map(|(rev, _)| *rev);
+        self.release(&involved, released).await?;
+        match (failure, last_committed) {
+            (None, Some(_)) => seq.settle(writer, None),
+            (None, None) => {}
+            (Some(_), last) => {
+                // Leadership moved: the revisions not committed here are abandoned; those that
+                // were are applied, so they become visible.
+                seq.abandon();
+                last.into_iter().for_each(|rev| seq.follow(rev));
+            }
+        }
+        seq.wait_visible(last_committed.unwrap_or(before)).await;
+        let stands = |needed: usize| needed <= committed;
+        Ok(answers
+            .into_iter()
+            .map(|(answer, needed)| match (stands(needed), failure) {
+                (true, _) => answer,
+                (false, failure) => Err(failure.unwrap_or(KvError::LeaderChanged)),
+            })
+            .collect())
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
@@ -569,27 +634,24 @@ impl Meta {
         Ok(view)
     }
 
-    /// Releases held `involved` shards, handing each the changes for its keys at `rev`.
+    /// Releases held `involved` shards, handing each the changes for its keys at each
+    /// revision of `committed` (in revision order).
     pub async fn release(
         &self,
         involved: &[usize],
-        rev: i64,
-        changes: Vec<Change>,
+        committed: Vec<(i64, Vec<Change>)>,
     ) -> Result<(), KvError> {
-        let mut per_shard = self.split_by_shard(changes);
+        let mut per_shard: BTreeMap<usize, Vec<(i64, Vec<Change>)>> = BTreeMap::new();
+        for (rev, changes) in committed {
+            for (shard, changes) in self.split_by_shard(changes) {
+                per_shard.entry(shard).or_default().push((rev, changes));
+            }
+        }
         for &shard in involved {
-            let changes = per_shard.remove(&shard).unwrap_or_default();
+            let committed = per_shard.remove(&shard).unwrap_or_default();
             let (reply, done) = oneshot::channel();
-            self.shared
-                .send_shard(
-                    shard,
-                    ShardMsg::Release {
-                        rev,
-                        changes,
-                        reply,
-                    },
-                )
-                .await?;
+            let msg = ShardMsg::Release { committed, reply };
+            self.shared.send_shard(shard, msg).await?;
             done.await.map_err(|_| KvError::Stopped)?;
         }
         assert!(
@@ -638,24 +700,66 @@ impl Meta {
     /// the next checkpoint writes. In a cluster it fails when leadership moves (the entry may
     /// still commit under the next leader: this member then follows it).
     pub async fn append(&mut self, payload: &LogPayload) -> Result<(), KvError> {
-        match &self.log {
+        match self.append_all(std::slice::from_ref(payload)).await {
+            (_, Some(e)) => Err(e),
+            (_, None) => Ok(()),
+        }
+    }
+
+    /// Appends `payloads` as consecutive entries (one WAL write and fdatasync, or proposals a
+    /// Raft round carries together) and waits for them: returns how many committed, a prefix,
+    /// and why the rest did not (leadership moved; those may still commit under the next
+    /// leader, and are then followed).
+    async fn append_all(&mut self, payloads: &[LogPayload]) -> (usize, Option<KvError>) {
+        let replica = match &self.log {
             MetaLog::Single(wal) => {
-                let record = Record::entry(SINGLE_VOTER_TERM, self.next_index, encode(payload));
-                self.next_index += 1;
-                if let Err(e) = wal.append(&[record]).await {
+                let wal = wal.clone();
+                let records: Vec<Record> = payloads
+                    .iter()
+                    .map(|payload| {
+                        self.next_index += 1;
+                        Record::entry(SINGLE_VOTER_TERM, self.next_index - 1, encode(payload))
+                    })
+                    .collect();
+                if let Err(e) = wal.append(&records).await {
                     fatal(&format!("meta WAL append failed: {e}"));
                 }
+                payloads.iter().for_each(|payload| self.record(payload));
+                return (payloads.len(), None);
             }
-            MetaLog::Replicated(replica) => {
-                let replica = replica.clone();
-                let (index, committed) = replica.propose(encode(payload))?;
-                committed.await.map_err(|_| KvError::LeaderChanged)??;
-                self.next_index = index + 1;
-                replica.set_applied(index);
+            MetaLog::Replicated(replica) => replica.clone(),
+        };
+        let mut proposed = Vec::with_capacity(payloads.len());
+        let mut failure = None;
+        for payload in payloads {
+            match replica.propose(encode(payload)) {
+                Ok(waiting) => proposed.push(waiting),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
             }
         }
-        self.record(payload);
-        Ok(())
+        let mut committed = 0;
+        for (index, waiting) in proposed {
+            match waiting.await {
+                Ok(Ok(())) => {
+                    self.next_index = index + 1;
+                    replica.set_applied(index);
+                    self.record(&payloads[committed]);
+                    committed += 1;
+                }
+                Ok(Err(e)) => {
+                    failure = Some(e);
+                    break;
+                }
+                Err(_dropped) => {
+                    failure = Some(KvError::LeaderChanged);
+                    break;
+                }
+            }
+        }
+        (committed, failure)
     }
 
     /// Notes a committed entry in the meta state and the per-shard touched revisions.
@@ -675,4 +779,23 @@ impl Meta {
 /// The alarms as `Space` reports them, unchanged.
 fn space_alarms(shared: &Shared) -> Vec<AlarmMember> {
     shared.space.alarm(AlarmAction::Get, 0, 0)
+}
+
+/// `first` and the writes queued right behind it, up to `MAX_BATCH_WRITES`; the first other
+/// message taken from the inbox (or a write with reads at past revisions, which goes alone)
+/// is returned to be served next.
+fn collect_batch(
+    first: WriteRequest,
+    rx: &async_channel::Receiver<MetaMsg>,
+) -> (Vec<WriteRequest>, Option<MetaMsg>) {
+    let alone = !first.historical().is_empty();
+    let mut batch = vec![first];
+    while !alone && batch.len() < MAX_BATCH_WRITES {
+        match rx.try_recv() {
+            Ok(MetaMsg::Write(next)) if next.historical().is_empty() => batch.push(next),
+            Ok(other) => return (batch, Some(other)),
+            Err(_) => break,
+        }
+    }
+    (batch, None)
 }

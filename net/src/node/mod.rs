@@ -491,13 +491,13 @@ impl Node {
                 )
                 .await?;
         } else {
-            let msg = MetaMsg::Write {
+            let msg = MetaMsg::Write(meta::WriteRequest {
                 txn,
                 spans,
                 involved: shards,
                 put_first_checks_lease,
                 reply,
-            };
+            });
             self.shared
                 .meta
                 .send(msg)
@@ -547,10 +547,7 @@ impl Node {
 
     pub async fn compact(&self, r: CompactionRequest) -> Result<CompactionResponse, KvError> {
         if let Some(leader) = self.shared.role.remote_leader()? {
-            crate::forward::compact(leader, r).await?;
-            return Ok(CompactionResponse {
-                header: Some(self.shared.current_header()),
-            });
+            return crate::forward::compact(&self.shared, leader, r).await;
         }
         let (reply, answer) = oneshot::channel();
         self.shared

@@ -65,10 +65,10 @@ pub enum ShardMsg {
         historical: Vec<HistoricalRead>,
         reply: oneshot::Sender<Gathered>,
     },
-    /// Meta group: apply the changes it committed for this shard at `rev`, then resume writes.
+    /// Meta group: apply the changes it committed for this shard (each revision's, in
+    /// revision order), then resume writes.
     Release {
-        rev: i64,
-        changes: Vec<Change>,
+        committed: Vec<(i64, Vec<Change>)>,
         reply: oneshot::Sender<()>,
     },
     /// Clustered, a follower: apply the changes the leader committed for this shard at `rev`,
@@ -239,13 +239,10 @@ impl Shard {
                     assert!(held, "gather on shard {} that is not held", self.id);
                     let _ = reply.send(self.gather(&spans, &historical));
                 }
-                ShardMsg::Release {
-                    rev,
-                    changes,
-                    reply,
-                } => {
+                ShardMsg::Release { committed, reply } => {
                     assert!(held, "release of shard {} that is not held", self.id);
-                    if !changes.is_empty() {
+                    for (rev, changes) in committed {
+                        assert!(!changes.is_empty(), "a release names no change at {rev}");
                         self.apply(rev, &changes);
                     }
                     held = false;
