@@ -9,6 +9,7 @@ use crate::node::Shared;
 use futures::channel::oneshot;
 
 pub async fn apply(meta: &mut Meta, op: AdminOp) -> Result<(), KvError> {
+    meta.lead().await?;
     // The guard is dropped before the append: only this (serialized) code changes the state.
     let planned = meta.shared().auth.state().plan(op.clone());
     let Some(payload) = planned.map_err(KvError::Auth)? else {

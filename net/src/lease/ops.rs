@@ -59,6 +59,7 @@ pub enum LeaseDone {
 }
 
 pub async fn apply(meta: &mut Meta, op: LeaseOp) -> Result<LeaseDone, KvError> {
+    meta.lead().await?;
     match op {
         LeaseOp::Grant { id, ttl_s } => grant(meta, id, ttl_s).await,
         LeaseOp::Revoke {

@@ -244,13 +244,9 @@ impl Meta {
 
     async fn handle(&mut self, msg: MetaMsg) {
         match msg {
-            MetaMsg::Write(request) => self.write_batch(vec![request]).await,
+            MetaMsg::Write(_) => unreachable!("`run` serves writes in batches"),
             MetaMsg::Compact { rev, reply } => {
-                let result = match self.lead().await {
-                    Ok(()) => self.compact(rev).await,
-                    Err(e) => Err(e),
-                };
-                let _ = reply.send(result);
+                let _ = reply.send(self.compact(rev).await);
             }
             MetaMsg::Stats { reply } => {
                 let _ = reply.send(match &self.log {
@@ -259,18 +255,10 @@ impl Meta {
                 });
             }
             MetaMsg::Lease { op, reply } => {
-                let result = match self.lead().await {
-                    Ok(()) => crate::lease::ops::apply(self, op).await,
-                    Err(e) => Err(e),
-                };
-                let _ = reply.send(result);
+                let _ = reply.send(crate::lease::ops::apply(self, op).await);
             }
             MetaMsg::Auth { op, reply } => {
-                let result = match self.lead().await {
-                    Ok(()) => crate::auth::ops::apply(self, op).await,
-                    Err(e) => Err(e),
-                };
-                let _ = reply.send(result);
+                let _ = reply.send(crate::auth::ops::apply(self, op).await);
             }
             MetaMsg::Snapshot { reply } => {
                 let _ = reply.send(super::snapshot::capture(&self.shared));
@@ -293,14 +281,7 @@ impl Meta {
                     name,
                     client_urls,
                 };
-                let result = match self.state.published.get(&member_id) == Some(&attributes) {
-                    true => Ok(()),
-                    false => match self.lead().await {
-                        Ok(()) => self.append(&LogPayload::MemberPublish(attributes)).await,
-                        Err(e) => Err(e),
-                    },
-                };
-                let _ = reply.send(result);
+                let _ = reply.send(self.publish(attributes).await);
             }
         }
     }
@@ -329,15 +310,27 @@ impl Meta {
         space.alarm(action, alarm.member_id, alarm.alarm)
     }
 
+    /// Logs a member's attributes unless they are published already.
+    async fn publish(&mut self, attributes: MemberAttributes) -> Result<(), KvError> {
+        if self.state.published.get(&attributes.member_id) == Some(&attributes) {
+            return Ok(());
+        }
+        self.lead().await?;
+        self.append(&LogPayload::MemberPublish(attributes)).await
+    }
+
     /// Clustered: waits until this member serves as leader (`replica.rs`: taken over), applying
     /// committed entries meanwhile; a member that does not lead refuses (the request was routed
     /// here before leadership moved, or no leader is known). A single member always leads.
-    async fn lead(&mut self) -> Result<(), KvError> {
+    /// Every operation that evaluates or logs something calls it first (writes, compaction,
+    /// lease and auth operations, alarms, publish).
+    pub async fn lead(&mut self) -> Result<(), KvError> {
         let MetaLog::Replicated(replica) = &self.log else {
             return Ok(());
         };
         let replica = replica.clone();
-        let role = &self.shared.clone().role;
+        let shared = self.shared.clone();
+        let role = &shared.role;
         let limit = replica.timing().request_timeout();
         let started = Instant::now();
         loop {
@@ -400,55 +393,45 @@ impl Meta {
     }
 
     /// The effects of a committed entry another member evaluated: the same as its leader's
-    /// after `append` (compare `write`, `compact`, `lease::ops`, `auth::ops`, `alarm`), without
-    /// evaluating anything.
+    /// after `append` (compare `write_many`, `compact`, `lease::ops`, `auth::ops`, `alarm`),
+    /// without evaluating anything: the lease, alarm and auth tables first (a revoke removes
+    /// its lease before its deletes are applied, as on the leader), then the KV changes.
     async fn follow(&mut self, payload: LogPayload) {
-        let shared = self.shared.clone();
-        let stopped = match payload {
-            LogPayload::Changes { main, changes } => self.follow_changes(main, changes).await,
-            LogPayload::LeaseRevoke { id, main, changes } => {
-                shared.leases.remove(id);
-                self.follow_changes(main, changes).await
-            }
-            LogPayload::Compact { rev } => self.compact_shards(rev).await,
+        let shared = &self.shared;
+        match &payload {
+            LogPayload::LeaseRevoke { id, .. } => shared.leases.remove(*id),
             LogPayload::LeaseGrant { id, ttl_s } => {
-                let remaining = crate::lease::ttl(ttl_s);
-                shared
-                    .leases
-                    .insert(id, ttl_s, remaining, false, Instant::now());
-                Ok(())
+                let remaining = crate::lease::ttl(*ttl_s);
+                let leases = &shared.leases;
+                leases.insert(*id, *ttl_s, remaining, false, Instant::now());
             }
-            // Remaining TTLs matter to a leader only; a new leader renews every lease.
-            LogPayload::LeaseCheckpoint { .. } => Ok(()),
-            // `record` published it in the member table.
-            LogPayload::MemberPublish(_) => Ok(()),
             LogPayload::AlarmActivate(alarm) => {
                 shared
                     .space
                     .alarm(AlarmAction::Activate, alarm.member_id, alarm.alarm);
-                Ok(())
             }
             LogPayload::AlarmDeactivate(alarm) => {
                 shared
                     .space
                     .alarm(AlarmAction::Deactivate, alarm.member_id, alarm.alarm);
-                Ok(())
             }
-            auth @ (LogPayload::AuthEnable { .. }
+            LogPayload::AuthEnable { .. }
             | LogPayload::AuthUserPut(_)
             | LogPayload::AuthUserDelete { .. }
             | LogPayload::AuthRolePut(_)
-            | LogPayload::AuthRoleDelete { .. }) => {
-                shared.auth.apply(&auth);
-                Ok(())
-            }
-        };
-        if stopped.is_err() {
-            fatal("a shard stopped while following the meta log");
+            | LogPayload::AuthRoleDelete { .. } => shared.auth.apply(&payload),
+            // Remaining TTLs matter to a leader only (a new leader renews every lease);
+            // `record` published a member's attributes; the rest is KV.
+            LogPayload::LeaseCheckpoint { .. }
+            | LogPayload::MemberPublish(_)
+            | LogPayload::Changes { .. }
+            | LogPayload::Compact { .. } => {}
         }
+        self.follow_kv(payload).await;
     }
 
-    /// Only the KV part of a committed entry (see `follow_committed`).
+    /// Only the KV part of a committed entry (all of it for entries the meta checkpoint found
+    /// at start covers, see `follow_committed`).
     async fn follow_kv(&mut self, payload: LogPayload) {
         let stopped = match payload {
             LogPayload::Changes { main, changes }
@@ -672,6 +655,7 @@ impl Meta {
     }
 
     async fn compact(&mut self, rev: i64) -> Result<(), KvError> {
+        self.lead().await?;
         if rev <= self.shared.compacted() {
             return Err(KvError::Compacted);
         }
@@ -711,24 +695,41 @@ impl Meta {
     /// and why the rest did not (leadership moved; those may still commit under the next
     /// leader, and are then followed).
     async fn append_all(&mut self, payloads: &[LogPayload]) -> (usize, Option<KvError>) {
-        let replica = match &self.log {
+        match &self.log {
             MetaLog::Single(wal) => {
                 let wal = wal.clone();
-                let records: Vec<Record> = payloads
-                    .iter()
-                    .map(|payload| {
-                        self.next_index += 1;
-                        Record::entry(SINGLE_VOTER_TERM, self.next_index - 1, encode(payload))
-                    })
-                    .collect();
-                if let Err(e) = wal.append(&records).await {
-                    fatal(&format!("meta WAL append failed: {e}"));
-                }
-                payloads.iter().for_each(|payload| self.record(payload));
-                return (payloads.len(), None);
+                self.append_to_wal(&wal, payloads).await;
+                (payloads.len(), None)
             }
-            MetaLog::Replicated(replica) => replica.clone(),
-        };
+            MetaLog::Replicated(replica) => {
+                let replica = replica.clone();
+                self.propose_all(&replica, payloads).await
+            }
+        }
+    }
+
+    /// A single member: one WAL write and fdatasync; durable is committed.
+    async fn append_to_wal(&mut self, wal: &Wal, payloads: &[LogPayload]) {
+        let records: Vec<Record> = payloads
+            .iter()
+            .map(|payload| {
+                self.next_index += 1;
+                Record::entry(SINGLE_VOTER_TERM, self.next_index - 1, encode(payload))
+            })
+            .collect();
+        if let Err(e) = wal.append(&records).await {
+            fatal(&format!("meta WAL append failed: {e}"));
+        }
+        payloads.iter().for_each(|payload| self.record(payload));
+    }
+
+    /// A cluster: proposes every payload at once (one Raft round carries them), then waits for
+    /// each in order; see `append_all` for what is returned.
+    async fn propose_all(
+        &mut self,
+        replica: &Replica,
+        payloads: &[LogPayload],
+    ) -> (usize, Option<KvError>) {
         let mut proposed = Vec::with_capacity(payloads.len());
         let mut failure = None;
         for payload in payloads {

@@ -160,7 +160,8 @@ async fn within<T>(limit: Duration, future: impl Future<Output = T>) -> Option<T
 /// What the driver starts from.
 pub struct ReplicaStart {
     pub store: WalLogStore,
-    /// The highest index recovery applied (committed entries up to it are not handed out).
+    /// The highest index the meta checkpoint and recovery applied; raft is told the lower of it
+    /// and the durable commit index (`start`), and hands out the committed entries after that.
     pub applied_index: u64,
     pub timing: RaftTiming,
     pub requests: async_channel::Receiver<DriverRequest>,
