@@ -285,7 +285,8 @@ impl Gateway {
             let streaming = Arc::clone(&streaming);
             async move {
                 let (service, call) = &*streaming;
-                streams::call_streaming(service, call, &headers, message).await
+                let broken = streams::body_read_whole();
+                streams::call_streaming(service, call, &headers, message, broken).await
             }
         });
         self.endpoint(path, endpoint)
@@ -314,9 +315,9 @@ impl Gateway {
                     Ok(first) => first,
                     Err(response) => return response,
                 };
-                let requests = streams::request_stream(first, values, max_message_bytes);
+                let (requests, broken) = streams::request_stream(first, values, max_message_bytes);
                 let (service, call) = &*streaming;
-                streams::call_streaming(service, call, &parts.headers, requests).await
+                streams::call_streaming(service, call, &parts.headers, requests, broken).await
             })
         });
         self.endpoint(path, endpoint)

@@ -5,8 +5,12 @@
 //! them to the service as its request stream while the response streams. A bad first value
 //! is refused with an ordinary error response (gRPC code Unknown, HTTP 500: Go's decoder
 //! error is no gRPC status); a bad later value ends the request stream, as etcd's gateway
-//! then closes its send side. A server-streaming method (`/v3/election/observe`,
-//! `/v3/maintenance/snapshot`) decodes its one request like a unary endpoint.
+//! then closes its send side. A body that breaks (an I/O error: the client went away or
+//! half-closed short of its `Content-Length`) ends the whole call instead: Go's HTTP server
+//! cancels the request's context then, which ends etcd's gateway call, whereas a clean end of
+//! the body only closes the send side and a watch goes on streaming. A server-streaming
+//! method (`/v3/election/observe`, `/v3/maintenance/snapshot`) decodes its one request like a
+//! unary endpoint.
 //!
 //! Responses: the head is written with the first response message (a gRPC server sends its
 //! headers with it, and etcd's gateway waits for them), so an error before any message is an
@@ -21,6 +25,8 @@ use std::convert::Infallible;
 use ::http::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
 use ::http::Response;
 use bytes::{BufMut, Bytes, BytesMut};
+use futures::channel::oneshot;
+use futures::future::{self, BoxFuture, Either, FutureExt};
 use futures::stream::{self, StreamExt};
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
@@ -95,10 +101,20 @@ impl JsonValues {
                         self.buffer.extend_from_slice(&data);
                     }
                 }
+                // The one source of `Cancelled` here (`request_stream` tells it apart by it), as the
+                // unary endpoints answer it (408).
                 Some(Err(error)) => return Some(Err(Status::cancelled(error.to_string()))),
             }
         }
     }
+}
+
+/// Resolves when the request body broke; never when it ended cleanly or is still open.
+pub(super) type BodyBroken = BoxFuture<'static, Status>;
+
+/// A `BodyBroken` for a call whose body was read whole before the call.
+pub(super) fn body_read_whole() -> BodyBroken {
+    future::pending().boxed()
 }
 
 /// The length of the first complete JSON value in `buffer` (with the whitespace before
@@ -116,18 +132,24 @@ fn first_value_bytes(buffer: &[u8]) -> Result<Option<usize>, serde_json::Error> 
 /// The request stream a client-streaming service method reads: `first`, then every later
 /// value of `values` up to the end of the body or the first one that does not decode.
 /// tonic's `Streaming` decodes gRPC frames, so each message is framed as on the wire; it
-/// also holds each message to the gRPC receive limit.
+/// also holds each message to the gRPC receive limit. The second half resolves if the body
+/// breaks, which must end the call (see the module doc).
 pub(super) fn request_stream<Req>(
     first: Option<Req>,
     values: JsonValues,
     max_message_bytes: usize,
-) -> Streaming<Req>
+) -> (Streaming<Req>, BodyBroken)
 where
     Req: prost::Message + DeserializeOwned + Default + Send + 'static,
 {
-    let rest = stream::unfold(values, |mut values| async move {
+    let (broke, broken) = oneshot::channel::<Status>();
+    let rest = stream::unfold((values, broke), |(mut values, broke)| async move {
         match values.next::<Req>().await {
-            Some(Ok(request)) => Some((request, values)),
+            Some(Ok(request)) => Some((request, (values, broke))),
+            Some(Err(status)) if status.code() == tonic::Code::Cancelled => {
+                let _ = broke.send(status);
+                None
+            }
             // etcd's gateway stops sending at a bad value and closes its side.
             Some(Err(_)) | None => None,
         }
@@ -135,12 +157,18 @@ where
     let frames = stream::iter(first)
         .chain(rest)
         .map(|request| Ok::<_, Infallible>(Frame::data(grpc_frame(&request))));
-    Streaming::new_request(
+    let requests = Streaming::new_request(
         ProstDecoder::<Req>::default(),
         StreamBody::new(frames),
         None,
         Some(max_message_bytes),
-    )
+    );
+    // A sender dropped without a word is a body that ended cleanly: never resolves.
+    let broken = broken.then(|broke| match broke {
+        Ok(status) => future::ready(status).boxed(),
+        Err(oneshot::Canceled) => future::pending().boxed(),
+    });
+    (requests, broken.boxed())
 }
 
 fn grpc_frame<M: prost::Message>(message: &M) -> Bytes {
@@ -167,22 +195,24 @@ pub(super) async fn first_request<Req: DeserializeOwned + Default>(
 }
 
 /// Calls a streaming method with `message` (a request or a request stream) and writes its
-/// responses as grpc-gateway does.
+/// responses as grpc-gateway does, until the service's stream ends or the body breaks.
 pub(super) async fn call_streaming<S, M, Resp, F>(
     service: &S,
     call: &F,
     headers: &HeaderMap,
     message: M,
+    broken: BodyBroken,
 ) -> Response<Body>
 where
     Resp: Serialize + Send + 'static,
     F: for<'a> Fn(&'a S, tonic::Request<M>) -> StreamCall<'a, Resp>,
 {
-    // Fused: a service's stream need not support being polled after its end.
-    let mut responses = match call(service, grpc_request(headers, message)).await {
-        Ok(response) => response.into_inner().fuse(),
+    let responses = match call(service, grpc_request(headers, message)).await {
+        Ok(response) => until_broken(response.into_inner(), broken),
         Err(status) => return error_response(&status),
     };
+    // Fused: a service's stream need not support being polled after its end.
+    let mut responses = responses.fuse();
     let first = match responses.next().await {
         None => None,
         Some(Err(status)) => return error_response(&status),
@@ -205,6 +235,29 @@ where
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
+}
+
+/// The service's responses, ended by an error if the body breaks first (before the first
+/// message that is an error response, after it the stream's last chunk).
+fn until_broken<Resp: Send + 'static>(
+    responses: BoxStream<Resp>,
+    broken: BodyBroken,
+) -> BoxStream<Resp> {
+    let responses = stream::unfold(Some((responses, broken)), |state| async move {
+        let (mut responses, mut broken) = state?;
+        // The body first: etcd answers a body broken before the first message with the
+        // error even when the service had something to say.
+        let next = match future::select(&mut broken, responses.next()).await {
+            Either::Left((status, _)) => Err(status),
+            Either::Right((response, _)) => Ok(response),
+        };
+        match next {
+            Ok(Some(response)) => Some((response, Some((responses, broken)))),
+            Ok(None) => None,
+            Err(status) => Some((Err(status), None)),
+        }
+    });
+    responses.boxed()
 }
 
 /// One response message of a stream: `{"result":<message>}` and a newline.
