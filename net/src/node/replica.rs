@@ -54,6 +54,11 @@ pub const DEFAULT_SNAPSHOT_CATCHUP_ENTRIES: u64 = 5000;
 /// A lagging member holds the log back by at most this many catch-up margins; past that the
 /// leader compacts past it (it then needs a snapshot) so the log stays bounded.
 const MAX_RETAINED_CATCHUP_MARGINS: u64 = 20;
+/// raft-rs forgets every peer's matched index at an election (0 until the peer answers the
+/// new leader). For this many election timeouts a new leader does not compact while a peer
+/// has not answered: its 0 is unknown, not lagging, and compacting past it would cost that
+/// member a snapshot for nothing. Past it, a silent peer is down or cut off, and counts as 0.
+const UNANSWERED_GRACE_ELECTIONS: u64 = 3;
 
 /// Raft timing, in etcd's terms (`--heartbeat-interval`, `--election-timeout`).
 #[derive(Clone, Debug)]
@@ -237,6 +242,8 @@ pub struct Replica {
     next_read_context: Cell<u64>,
     /// Leader and term as last published to `Shared::role`.
     seen: Cell<(Option<u64>, u64)>,
+    /// Ticks since leadership last changed (see `UNANSWERED_GRACE_ELECTIONS`).
+    ticks_since_election: Cell<u64>,
     catchup_entries: u64,
 }
 
@@ -284,6 +291,7 @@ impl Replica {
             reads_asked: RefCell::new(HashMap::new()),
             next_read_context: Cell::new(1),
             seen: Cell::new((None, 0)),
+            ticks_since_election: Cell::new(0),
             catchup_entries: start.catchup_entries,
         });
         if let Some(reads) = &replica.shared.read_barrier {
@@ -310,6 +318,8 @@ impl Replica {
         loop {
             glommio::timer::sleep(tick).await;
             self.raft.borrow_mut().tick();
+            let ticks = self.ticks_since_election.get();
+            self.ticks_since_election.set(ticks.saturating_add(1));
             self.poke();
         }
     }
@@ -527,6 +537,11 @@ impl Replica {
         // see `start`).
         let safe = safe_index.min(self.reported_applied.get());
         let progress = group.peer_progress();
+        let grace_ticks = UNANSWERED_GRACE_ELECTIONS * self.timing.election_ticks as u64;
+        let unanswered = progress.iter().flatten().any(|peer| peer.matched == 0);
+        if unanswered && self.ticks_since_election.get() < grace_ticks {
+            return None;
+        }
         let point = compaction_point(safe, progress.as_deref(), self.catchup_entries);
         if point.index <= base.index {
             return None;
@@ -600,6 +615,7 @@ impl Replica {
         if before == now {
             return;
         }
+        self.ticks_since_election.set(0);
         let me = Some(self.member_id());
         crate::info!(
             "meta group leadership",
