@@ -140,8 +140,8 @@ struct Flags {
     tls: TlsFlags,
 }
 
-/// etcd's TLS flags. The client ones secure the `https://` client URLs; the peer ones are
-/// checked and kept for the peer transport (a single member has no peers yet).
+/// etcd's TLS flags. The client ones secure the `https://` client URLs, the peer ones the
+/// `https://` peer URLs (net/src/tls.rs `PeerTls`).
 #[derive(clap::Args, Debug)]
 struct TlsFlags {
     /// Path to the client server TLS certificate file (PEM).
@@ -160,20 +160,22 @@ struct TlsFlags {
     /// Client TLS using a generated certificate (under <data-dir>/fixtures/client).
     #[arg(long)]
     auto_tls: bool,
-    /// Path to the peer server TLS certificate file (validated and kept: no peer transport
-    /// yet, single member).
+    /// Path to the peer server TLS certificate file (PEM); also the client certificate this
+    /// member presents to its peers.
     #[arg(long)]
     peer_cert_file: Option<PathBuf>,
-    /// Path to the peer server TLS key file (validated and kept: no peer transport yet).
+    /// Path to the peer server TLS key file (PEM).
     #[arg(long)]
     peer_key_file: Option<PathBuf>,
-    /// Path to the peer server TLS trusted CA file (validated and kept: no peer transport yet).
+    /// Path to the peer server TLS trusted CA file: peers' certificates must be signed by it
+    /// (both ways); without it peer certificates are not verified.
     #[arg(long)]
     peer_trusted_ca_file: Option<PathBuf>,
-    /// Enable peer client cert authentication (kept: no peer transport yet).
+    /// Enable peer client cert authentication (needs --peer-trusted-ca-file, which already
+    /// requires and verifies peers' certificates).
     #[arg(long)]
     peer_client_cert_auth: bool,
-    /// Peer TLS using generated certificates (kept: no peer transport yet).
+    /// Peer TLS using a generated certificate (under <data-dir>/fixtures/peer).
     #[arg(long)]
     peer_auto_tls: bool,
 }

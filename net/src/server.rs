@@ -26,7 +26,7 @@ use crate::node::replica::{DriverRequest, RaftTiming, ReadBarrier, Replica, Repl
 use crate::node::shard::{Shard, ShardMsg};
 use crate::node::{Limits, Node, Shared, INBOX_CAPACITY};
 use crate::peer::{parse_peer_url, PeerConfig, PeerCore, PeerMesh};
-use crate::tls::{self, ListenUrl, ServerTls, TlsFiles};
+use crate::tls::{self, ListenUrl, PeerTls, ServerTls, TlsFiles};
 use crate::transport::{self, max_grpc_message_bytes, Routes, ServerConfig};
 use crate::watch::deletion::Deletions;
 use crate::watch::hub::Hub;
@@ -173,7 +173,8 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
     // TLS files are read now, so a bad one stops the start before anything else (as etcd).
     let fixtures = config.data_dir.join("fixtures").join("client");
     let client_tls = ServerTls::for_client(&config.client_tls, &config.listen_client, &fixtures)?;
-    tls::validate_peer(&config.peer_tls, &config.listen_peer)?;
+    let peer_fixtures = config.data_dir.join("fixtures").join("peer");
+    let peer_tls = PeerTls::for_peers(&config.peer_tls, &config.listen_peer, &peer_fixtures)?;
     let bootstrap = Bootstrap {
         name: config.name.clone(),
         initial_cluster: config.initial_cluster.clone(),
@@ -206,7 +207,7 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
         std::net::TcpListener::bind(url.addr)
             .map_err(|e| format!("cannot listen on {}: {e}", url.addr))?;
     }
-    let peers = bind_peers(&config, identity.member_id)?;
+    let peers = bind_peers(&config, identity.member_id, peer_tls)?;
     if raft_initial.is_some() && peers.is_none() {
         return Err("a member of a cluster needs an http:// --listen-peer-urls".to_string());
     }
@@ -405,28 +406,27 @@ struct CoreSetup {
     published: Shutdown,
 }
 
-/// Binds the peer port, as etcd does even for a single member: the first `http://` URL of
-/// `--listen-peer-urls`. Nothing is sent on it until replication lands; peers that dial in
-/// are checked (hello, member id) and counted in `/metrics`. `https://` peer URLs are not
-/// served yet (peer TLS comes with the peer wiring), extra URLs neither: both are logged.
-fn bind_peers(config: &NodeConfig, member_id: u64) -> Result<Option<Arc<PeerMesh>>, String> {
-    let mut plain = config.listen_peer.iter().filter(|u| !u.tls);
-    let Some(url) = plain.next() else {
-        for url in &config.listen_peer {
-            crate::warn!(
-                "peer TLS is not served yet; not listening",
-                peer_url = url.url.clone()
-            );
-        }
+/// Binds the peer port, as etcd does even for a single member: the first URL of
+/// `--listen-peer-urls` (`https://` ones with `tls`); further URLs are logged and not served.
+fn bind_peers(
+    config: &NodeConfig,
+    member_id: u64,
+    tls: Option<PeerTls>,
+) -> Result<Option<Arc<PeerMesh>>, String> {
+    let Some(url) = config.listen_peer.first() else {
         return Ok(None);
     };
-    for other in plain.chain(config.listen_peer.iter().filter(|u| u.tls)) {
+    for other in &config.listen_peer[1..] {
         crate::warn!(
-            "only the first http peer URL is served",
+            "only the first peer URL is served",
             peer_url = other.url.clone()
         );
     }
-    PeerMesh::new(PeerConfig::new(member_id, config.cores, url.addr))
+    let mut peer_config = PeerConfig::new(member_id, config.cores, url.addr);
+    // The served URL's scheme decides what accepted connections speak (and `tls` is only
+    // built when some peer URL is https).
+    peer_config.tls = tls.filter(|_| url.tls);
+    PeerMesh::new(peer_config)
         .map(Some)
         .map_err(|e| format!("cannot listen on {}: {e}", url.url))
 }

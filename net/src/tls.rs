@@ -1,6 +1,6 @@
 //! TLS on the client port, as etcd's `--cert-file`, `--key-file`, `--trusted-ca-file`,
-//! `--client-cert-auth` and `--auto-tls` configure it; and the peer flags, which are
-//! validated and kept for the peer transport that does not exist yet (single member).
+//! `--client-cert-auth` and `--auto-tls` configure it; and on the peer port, as the `--peer-*`
+//! twins of those flags configure it (`PeerTls`: both ends of every peer connection).
 //!
 //! rustls (on `ring`) does the handshake through `futures-rustls`, whose streams fit
 //! glommio's futures-io sockets; the handshake is an ordinary async task on the accepting
@@ -23,13 +23,14 @@ use std::sync::Arc;
 use ::http::{Request, StatusCode};
 use futures_lite::{AsyncRead, AsyncWrite};
 use futures_rustls::server::TlsStream;
-use futures_rustls::TlsAcceptor;
+use futures_rustls::{TlsAcceptor, TlsConnector};
 use hyper::body::Incoming;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
 use crate::auth::TLS_COMMON_NAME_METADATA_KEY;
 use crate::http::{go_error, HttpHandler, ResponseFuture};
@@ -144,7 +145,7 @@ impl ServerTls {
             return Ok(None);
         };
         let hosts: Vec<String> = urls.iter().map(|u| u.host.clone()).collect();
-        let files = with_auto_cert(files, &hosts, fixtures_dir)?;
+        let files = with_auto_cert(files, "client", &hosts, fixtures_dir)?;
         if !files.has_cert() {
             return Err(format!(
                 "TLS key/cert (--cert-file, --key-file) must be provided for client url {} \
@@ -214,30 +215,172 @@ pub fn refuse_named_certificates_on_gateway(
     })
 }
 
-/// Checks the peer flags as etcd would at start (pairs complete, files load, https peer URLs
-/// have a certificate). Nothing serves peers yet: a single member has none.
-pub fn validate_peer(files: &TlsFiles, urls: &[ListenUrl]) -> Result<(), String> {
-    if files.has_cert() {
-        server_config(files).map_err(|e| format!("peer TLS: {e}"))?;
+/// The peer port's TLS: the server side for connections peers open to this member, the client
+/// side for those it opens to `https://` peers. As etcd's peer transport, a member presents its
+/// one peer certificate on both sides; `--peer-trusted-ca-file` makes the other end's
+/// certificate required and verified against it, on both sides. Without it (`--peer-auto-tls`
+/// or a certificate alone) a dialing member does not verify the peer's certificate, as etcd
+/// skips verification for self-signed peer certificates: the link is encrypted, not
+/// authenticated, which the start-up log says.
+#[derive(Clone)]
+pub struct PeerTls {
+    acceptor: TlsAcceptor,
+    connector: TlsConnector,
+}
+
+impl fmt::Debug for PeerTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PeerTls").finish_non_exhaustive()
     }
-    if let Some(https) = urls.iter().find(|u| u.tls) {
-        if !files.has_cert() && !files.auto_tls {
+}
+
+impl PeerTls {
+    /// Checks the peer flags as etcd would at start (pairs complete, files load, https peer
+    /// URLs have a certificate) and builds both sides; `None` when no peer URL is `https://`.
+    pub fn for_peers(
+        files: &TlsFiles,
+        urls: &[ListenUrl],
+        fixtures_dir: &Path,
+    ) -> Result<Option<PeerTls>, String> {
+        if files.has_cert() {
+            server_config(files).map_err(|e| format!("peer TLS: {e}"))?;
+        }
+        let Some(https) = urls.iter().find(|u| u.tls) else {
+            return Ok(None);
+        };
+        let hosts: Vec<String> = urls.iter().map(|u| u.host.clone()).collect();
+        let files = with_auto_cert(files, "peer", &hosts, fixtures_dir)?;
+        if !files.has_cert() {
             return Err(format!(
                 "TLS key/cert (--peer-cert-file, --peer-key-file) must be provided for peer url \
                  {} with HTTPS scheme",
                 https.url
             ));
         }
+        if files.trusted_ca_file.is_none() {
+            crate::warn!(
+                "no --peer-trusted-ca-file: peer certificates are not verified (the peer link is \
+                 encrypted, not authenticated)"
+            );
+        }
+        let mut server = server_config(&files).map_err(|e| format!("peer TLS: {e}"))?;
+        // The peer protocol is ours, not HTTP: no ALPN.
+        server.alpn_protocols.clear();
+        let client = peer_client_config(&files).map_err(|e| format!("peer TLS: {e}"))?;
+        Ok(Some(PeerTls {
+            acceptor: TlsAcceptor::from(Arc::new(server)),
+            connector: TlsConnector::from(Arc::new(client)),
+        }))
     }
-    Ok(())
+
+    /// The server side of a handshake on a connection a peer opened.
+    pub async fn accept<S>(&self, stream: S) -> io::Result<futures_rustls::server::TlsStream<S>>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        self.acceptor.accept(stream).await
+    }
+
+    /// The client side of a handshake with the peer at `host` (its URL's host: a name or an
+    /// IP address its certificate must carry when verified).
+    pub async fn connect<S>(
+        &self,
+        host: &str,
+        stream: S,
+    ) -> io::Result<futures_rustls::client::TlsStream<S>>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let name = ServerName::try_from(host.to_string())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{host}: {e}")))?;
+        self.connector.connect(name, stream).await
+    }
+}
+
+/// The dialing side of the peer port: the member's own certificate as its client certificate,
+/// and the peer's certificate verified against `--peer-trusted-ca-file` when given.
+fn peer_client_config(files: &TlsFiles) -> Result<ClientConfig, String> {
+    let (cert_file, key_file) = match (&files.cert_file, &files.key_file) {
+        (Some(cert), Some(key)) => (cert, key),
+        _ => unreachable!("for_peers checked the pair"),
+    };
+    let certs = read_certs(cert_file)?;
+    let key = PrivateKeyDer::from_pem_slice(&read(key_file)?)
+        .map_err(|e| format!("{}: no private key: {e}", key_file.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?;
+    let builder = match &files.trusted_ca_file {
+        Some(ca_file) => builder.with_root_certificates(roots(ca_file)?),
+        None => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(UnverifiedPeer { provider })),
+    };
+    builder
+        .with_client_auth_cert(certs, key)
+        .map_err(|e| format!("{} and {}: {e}", cert_file.display(), key_file.display()))
+}
+
+/// Accepts any peer certificate (but still checks the handshake's signatures, so the peer
+/// holds the key of the certificate it sent): etcd's `InsecureSkipVerify` for peers without
+/// a trusted CA.
+#[derive(Debug)]
+struct UnverifiedPeer {
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for UnverifiedPeer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        let algorithms = &self.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls12_signature(message, cert, dss, algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        let algorithms = &self.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls13_signature(message, cert, dss, algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 /// etcd's `--auto-tls`: when no certificate is given, a self-signed one for `hosts`, created
 /// under `dir` on first start and reused afterwards. Otherwise `files` unchanged.
-fn with_auto_cert(files: &TlsFiles, hosts: &[String], dir: &Path) -> Result<TlsFiles, String> {
+/// `side` names the flags in the log: "client" or "peer".
+fn with_auto_cert(
+    files: &TlsFiles,
+    side: &str,
+    hosts: &[String],
+    dir: &Path,
+) -> Result<TlsFiles, String> {
     if !files.auto_tls || files.has_cert() {
         if files.auto_tls {
-            crate::warn!("ignoring client auto TLS since certs given");
+            crate::warn!(format!("ignoring {side} auto TLS since certs given"));
         }
         return Ok(files.clone());
     }
@@ -339,15 +482,20 @@ fn client_verifier(
     ca_file: &Path,
     provider: Arc<CryptoProvider>,
 ) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, String> {
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_file)?), provider)
+        .build()
+        .map_err(|e| format!("{}: {e}", ca_file.display()))
+}
+
+/// The CAs of a trusted CA file.
+fn roots(ca_file: &Path) -> Result<RootCertStore, String> {
     let mut roots = RootCertStore::empty();
     for cert in read_certs(ca_file)? {
         roots
             .add(cert)
             .map_err(|e| format!("{}: {e}", ca_file.display()))?;
     }
-    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-        .build()
-        .map_err(|e| format!("{}: {e}", ca_file.display()))
+    Ok(roots)
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, String> {

@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use async_channel::Receiver;
 use ferrocd_net::peer::frame::{encode, Kind, PROTOCOL_VERSION};
 use ferrocd_net::peer::{
-    CallError, Delivery, IncomingCall, PeerConfig, PeerCore, PeerMesh, SendError,
+    CallError, Delivery, IncomingCall, PeerAddr, PeerConfig, PeerCore, PeerMesh, SendError,
 };
+use ferrocd_net::tls::{ListenUrl, PeerTls, TlsFiles};
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 
 /// Bounds every wait so a broken transport fails the test instead of hanging it.
@@ -129,8 +130,21 @@ impl Member {
     }
 
     async fn add_peer(&self, other: &Member) {
-        let (id, addr) = (other.id, other.addr());
+        self.add_peer_at(other.id, other.addr().into()).await;
+    }
+
+    /// `other` at its `https://` URL.
+    async fn add_tls_peer(&self, other: &Member) {
+        let addr = PeerAddr {
+            addr: other.addr(),
+            tls_host: Some("127.0.0.1".to_string()),
+        };
+        self.add_peer_at(other.id, addr).await;
+    }
+
+    async fn add_peer_at(&self, id: u64, addr: PeerAddr) {
         for core in 0..self.commands.len() {
+            let addr = addr.clone();
             self.on_core(core, move |p| p.add_peer(id, addr)).await;
         }
     }
@@ -597,4 +611,109 @@ async fn a_full_call_queue_refuses_instead_of_stalling_raft_frames() {
     );
     a.stop();
     b.stop();
+}
+
+/// A certificate authority for the peer TLS test: signs one certificate for 127.0.0.1 per
+/// member, written as PEM files.
+struct TestCa {
+    key: rcgen::KeyPair,
+    cert: rcgen::Certificate,
+}
+
+impl TestCa {
+    fn new(name: &str) -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        TestCa { key, cert }
+    }
+
+    /// A member's peer TLS flags in `dir`: its certificate signed by this CA, trusting `trusted`.
+    fn peer_files(&self, dir: &std::path::Path, name: &str, trusted: &TestCa) -> TlsFiles {
+        let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        let write = |file: String, pem: String| {
+            let path = dir.join(file);
+            std::fs::write(&path, pem).unwrap();
+            Some(path)
+        };
+        TlsFiles {
+            cert_file: write(format!("{name}.pem"), cert.pem()),
+            key_file: write(format!("{name}.key"), key.serialize_pem()),
+            trusted_ca_file: write(format!("{name}-ca.pem"), trusted.cert.pem()),
+            client_cert_auth: true,
+            auto_tls: false,
+        }
+    }
+}
+
+fn tls_config(id: u64, files: &TlsFiles, dir: &std::path::Path) -> PeerConfig {
+    let url = ListenUrl::parse("https://127.0.0.1:0").unwrap();
+    let tls = PeerTls::for_peers(files, &[url], dir).expect("peer TLS from the files");
+    let mut config = config(id, 1, localhost());
+    config.tls = tls;
+    assert!(config.tls.is_some(), "an https URL has TLS");
+    config
+}
+
+/// Peer TLS: members whose certificates the trusted CA signed exchange frames over TLS; a
+/// member with a certificate of another CA gets no frame through in either direction (each
+/// side refuses the other's certificate; the failed connections are counted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn peer_tls_admits_only_certificates_of_the_trusted_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, rogue_ca) = (TestCa::new("cluster ca"), TestCa::new("rogue ca"));
+    let a = Member::start(tls_config(
+        1,
+        &ca.peer_files(dir.path(), "a", &ca),
+        dir.path(),
+    ));
+    let b = Member::start(tls_config(
+        2,
+        &ca.peer_files(dir.path(), "b", &ca),
+        dir.path(),
+    ));
+    let rogue_files = rogue_ca.peer_files(dir.path(), "m", &rogue_ca);
+    let m = Member::start(tls_config(3, &rogue_files, dir.path()));
+    for (from, to) in [(&a, &b), (&b, &a), (&a, &m), (&m, &a)] {
+        from.add_tls_peer(to).await;
+    }
+    for (from, to) in [(&a, &b), (&b, &a), (&a, &m), (&m, &a)] {
+        let (payload, to_id) = (format!("{}->{}", from.id, to.id).into_bytes(), to.id);
+        from.on_core(0, move |p| p.send(to_id, payload))
+            .await
+            .unwrap();
+    }
+    assert_eq!(receive(&b.inboxes[0]).await.payload, b"1->2");
+    assert_eq!(receive(&a.inboxes[0]).await.payload, b"2->1");
+    // Several refused connections each way (the dialer retries with backoff).
+    let (a_stats, m_stats) = (a.mesh.stats().clone(), m.mesh.stats().clone());
+    eventually("refused TLS connections counted", || {
+        a_stats.peer(3).connection_failures >= 2 && m_stats.peer(1).connection_failures >= 2
+    })
+    .await;
+    assert!(m.inboxes[0].is_empty(), "nothing reached the rogue member");
+    assert!(a.inboxes[0].is_empty(), "nothing from the rogue member");
+    assert_eq!(
+        a_stats.peer(3).connected_cores,
+        0,
+        "no TLS link to the rogue member"
+    );
+    assert_eq!(
+        a_stats.peer(2).connection_failures,
+        0,
+        "the trusted link held"
+    );
+    for member in [a, b, m] {
+        member.stop();
+    }
 }

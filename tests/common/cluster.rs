@@ -38,6 +38,26 @@ impl Cluster {
 
     /// `size` members of `flavor`, started together; returns once they agree on a leader.
     pub async fn start_flavor(flavor: Flavor, size: usize) -> Cluster {
+        Cluster::start_configured(flavor, size, |_| {}).await
+    }
+
+    /// As `start_flavor`, with peer TLS: `https://` peer URLs and `peer_tls_args` (the
+    /// `--peer-*` flags) on every member.
+    pub async fn start_with_peer_tls(
+        flavor: Flavor,
+        size: usize,
+        peer_tls_args: &[String],
+    ) -> Cluster {
+        let configure = |member: &mut Server| member.peer_tls_args = Some(peer_tls_args.to_vec());
+        Cluster::start_configured(flavor, size, configure).await
+    }
+
+    /// As `start_flavor`, with `configure` applied to each member before any starts.
+    async fn start_configured(
+        flavor: Flavor,
+        size: usize,
+        configure: impl Fn(&mut Server),
+    ) -> Cluster {
         assert!(size >= 1, "a cluster has at least one member");
         let ports = pick_free_ports(2 * size);
         let mut members: Vec<Server> = (0..size)
@@ -45,6 +65,7 @@ impl Cluster {
                 let mut member = Server::unstarted(flavor.clone(), None);
                 member.client_port = ports[2 * index];
                 member.peer_port = ports[2 * index + 1];
+                configure(&mut member);
                 member
             })
             .collect();

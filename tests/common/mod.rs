@@ -104,6 +104,8 @@ pub struct Server {
     etcd_args: Vec<String>,
     /// Set for a member of a multi-member cluster (cluster.rs); `None`: a cluster of one.
     membership: Option<Membership>,
+    /// Set: the peer URL is `https://`, with these peer TLS flags (either flavour).
+    pub peer_tls_args: Option<Vec<String>>,
 }
 
 /// A cluster member's identity and the cluster it starts with. Its ports are in the other
@@ -177,12 +179,18 @@ impl Server {
             child: None,
             etcd_args: Vec::new(),
             membership: None,
+            peer_tls_args: None,
         }
     }
 
-    /// `http://127.0.0.1:PORT`, the URL other members reach this one at.
+    /// `http://127.0.0.1:PORT` (`https://` with peer TLS), the URL other members reach this
+    /// one at.
     pub fn peer_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.peer_port)
+        let scheme = match self.peer_tls_args {
+            Some(_) => "https",
+            None => "http",
+        };
+        format!("{scheme}://127.0.0.1:{}", self.peer_port)
     }
 
     /// Whether the server process is running (started and not killed or stopped since).
@@ -430,6 +438,7 @@ impl Server {
                 .flat_map(|tls| tls.server_args.iter().cloned()),
         );
         args.extend(self.etcd_args.iter().cloned());
+        args.extend(self.peer_tls_args.iter().flatten().cloned());
         args
     }
 

@@ -17,7 +17,14 @@
 //!
 //! A frame popped from a queue is written to one connection only: nothing is sent twice,
 //! order is kept per connection, and frames in a connection that breaks are lost (raft
-//! retransmits). TLS peers (`https://`) will wrap the stream in `connect` and at accept.
+//! retransmits).
+//!
+//! TLS (`https://` peer URLs, `--peer-*` flags: `crate::tls::PeerTls`): the hello goes in
+//! plain text, then both ends run the TLS handshake and every later frame is encrypted. The
+//! hello only names the core to hand the socket to (a TLS session cannot move between
+//! threads, a socket before its handshake can); the handshake runs on the core that serves
+//! the connection, and what the hello claims is trusted no more than before (`read_hello`'s
+//! checks, and the certificate checks of `--peer-trusted-ca-file`).
 //!
 //! Calls ([`PeerCore::call`], `call.rs`): a request goes out on the outbound connection like
 //! a raft frame and its response comes back on that same connection; incoming calls reach
@@ -49,6 +56,7 @@ use frame::{Frame, PROTOCOL_VERSION};
 pub use frame::{FrameError, Kind, HEADER_BYTES};
 use stats::PeerStats;
 
+use crate::tls::{ListenUrl, PeerTls};
 use crate::transport::{bind_socket, Flag, Listener};
 
 #[derive(Clone, Debug)]
@@ -83,6 +91,9 @@ pub struct PeerConfig {
     /// Incoming calls a core's queue holds; more are refused (`Busy`) so that a slow
     /// server of calls never stops the raft frames sharing the connection.
     pub calls_limit: usize,
+    /// Set when this member's peer URL is `https://`: accepted connections run the TLS
+    /// server handshake, connections to `https://` peers the client one.
+    pub tls: Option<PeerTls>,
 }
 
 impl PeerConfig {
@@ -103,23 +114,36 @@ impl PeerConfig {
             hello_timeout_ms: 5000,
             max_inflight_calls: 1024,
             calls_limit: 1024,
+            tls: None,
         }
     }
 }
 
-/// The socket address of a peer URL. Only `http://` for now; `https://` comes with TLS.
-pub fn parse_peer_url(url: &str) -> Result<SocketAddr, String> {
-    if url.starts_with("https://") {
-        return Err(format!("peer URL {url}: TLS peers are not supported yet"));
+/// Where a peer listens: its address, and for an `https://` peer URL the host its certificate
+/// names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerAddr {
+    pub addr: SocketAddr,
+    pub tls_host: Option<String>,
+}
+
+impl From<SocketAddr> for PeerAddr {
+    /// A plain-text peer.
+    fn from(addr: SocketAddr) -> PeerAddr {
+        PeerAddr {
+            addr,
+            tls_host: None,
+        }
     }
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("peer URL {url} must start with http://"))?;
-    let host_port = rest.trim_end_matches('/');
-    std::net::ToSocketAddrs::to_socket_addrs(host_port)
-        .map_err(|e| format!("peer URL {url}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("peer URL {url} resolves to no address"))
+}
+
+/// The address of a peer URL (`http://` or `https://`).
+pub fn parse_peer_url(url: &str) -> Result<PeerAddr, String> {
+    let parsed = ListenUrl::parse(url).map_err(|e| format!("peer URL {e}"))?;
+    Ok(PeerAddr {
+        addr: parsed.addr,
+        tls_host: parsed.tls.then_some(parsed.host),
+    })
 }
 
 /// A raft payload received from a peer, on the core it was sent from.
@@ -298,7 +322,8 @@ impl PeerCore {
     }
 
     /// Starts (or restarts, at a new address) the connection to `member` from this core.
-    pub fn add_peer(&self, member: u64, addr: SocketAddr) {
+    pub fn add_peer(&self, member: u64, addr: impl Into<PeerAddr>) {
+        let addr = addr.into();
         let ctx = self.ctx();
         assert_ne!(
             member,
@@ -433,24 +458,38 @@ async fn with_timeout<T>(
 
 /// Connects to `peer` again and again (exponential backoff between failed tries) and
 /// writes its queue; ends when the `PeerCore` drops its task.
-async fn run_outbound(ctx: Rc<CoreCtx>, peer: u64, addr: SocketAddr, queue: Receiver<Outgoing>) {
+async fn run_outbound(ctx: Rc<CoreCtx>, peer: u64, addr: PeerAddr, queue: Receiver<Outgoing>) {
     let config = ctx.config().clone();
     let mut backoff_ms = config.backoff_min_ms;
     loop {
-        let confirmed = match connect(addr, config.connect_timeout_ms).await {
+        let confirmed = match connect(&ctx, peer, &addr).await {
             Ok(stream) => {
                 ctx.count(peer, |c| c.connected_cores = 1);
                 let serial = ctx.connections.get() + 1;
                 ctx.connections.set(serial);
                 let confirmed = Cell::new(false);
                 let link = Link { peer, serial };
-                let _ = run_connection(&ctx, link, stream, &queue, &confirmed).await;
+                let _ = match stream {
+                    Stream::Plain(stream) => {
+                        run_connection(&ctx, link, stream, &queue, &confirmed).await
+                    }
+                    Stream::Tls(stream) => {
+                        run_connection(&ctx, link, *stream, &queue, &confirmed).await
+                    }
+                };
                 // Whatever was written to this connection will not be answered on it.
                 ctx.waiting.borrow_mut().fail_connection(peer, serial);
                 ctx.count(peer, |c| c.connected_cores = 0);
                 confirmed.get()
             }
-            Err(_) => false,
+            Err(error) => {
+                crate::debug!(
+                    "peer connection failed",
+                    peer = format!("{peer:x}"),
+                    error = error.to_string()
+                );
+                false
+            }
         };
         ctx.count(peer, |c| c.connection_failures += 1);
         if confirmed {
@@ -463,11 +502,34 @@ async fn run_outbound(ctx: Rc<CoreCtx>, peer: u64, addr: SocketAddr, queue: Rece
     }
 }
 
-/// Opens a connection (the seam where TLS will wrap the stream).
-async fn connect(addr: SocketAddr, timeout_ms: u64) -> io::Result<TcpStream> {
-    let stream = TcpStream::connect_timeout(addr, Duration::from_millis(timeout_ms)).await?;
+/// An outbound connection after its hello: plain, or TLS for an `https://` peer.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<futures_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// Opens a connection to `peer` and says hello (in plain text: the accepting member hands the
+/// socket to the core it names, see the module doc), then runs the TLS handshake if the
+/// peer's URL is `https://`.
+async fn connect(ctx: &CoreCtx, peer: u64, addr: &PeerAddr) -> io::Result<Stream> {
+    let config = ctx.config();
+    let timeout = Duration::from_millis(config.connect_timeout_ms);
+    let mut stream = TcpStream::connect_timeout(addr.addr, timeout).await?;
     stream.set_nodelay(true)?;
-    Ok(stream)
+    let mut hello = Vec::new();
+    let (core, me) = (ctx.core as u16, config.member_id);
+    let version = PROTOCOL_VERSION.to_le_bytes();
+    frame::encode(&mut hello, Kind::Hello, core, me, peer, &version);
+    stream.write_all(&hello).await?;
+    let Some(host) = &addr.tls_host else {
+        return Ok(Stream::Plain(stream));
+    };
+    let tls = config.tls.as_ref().ok_or_else(|| {
+        io::Error::other("an https:// peer needs this member's peer TLS (--peer-cert-file)")
+    })?;
+    let handshake = tls.connect(host, stream);
+    let stream = with_timeout(config.connect_timeout_ms, "TLS handshake", handshake).await?;
+    Ok(Stream::Tls(Box::new(stream)))
 }
 
 /// One outbound connection: the peer and the connection's serial number on this core.
@@ -482,7 +544,7 @@ struct Link {
 async fn run_connection(
     ctx: &CoreCtx,
     link: Link,
-    stream: TcpStream,
+    stream: impl AsyncRead + AsyncWrite + Unpin,
     queue: &Receiver<Outgoing>,
     confirmed: &Cell<bool>,
 ) -> io::Result<()> {
@@ -517,14 +579,6 @@ async fn write_batches(
     let (core, me) = (ctx.core as u16, config.member_id);
     let ping_interval = Duration::from_millis(config.ping_interval_ms);
     let mut batch = Vec::new();
-    frame::encode(
-        &mut batch,
-        Kind::Hello,
-        core,
-        me,
-        peer,
-        &PROTOCOL_VERSION.to_le_bytes(),
-    );
     let mut next_ping = Instant::now();
     let mut frames = 0u64;
     loop {
@@ -693,12 +747,24 @@ async fn receive_handoffs(ctx: Rc<CoreCtx>) {
 /// Delivers the raft frames of one inbound connection and answers its pings, until it
 /// fails, sends something invalid, or the core's transport stops.
 async fn serve_inbound(ctx: Rc<CoreCtx>, stream: TcpStream, from: u64) {
-    let _ = until_stopped(&ctx, serve_frames(&ctx, stream, from)).await;
+    let Some(tls) = ctx.config().tls.clone() else {
+        let _ = until_stopped(&ctx, serve_frames(&ctx, stream, from)).await;
+        return;
+    };
+    let timeout_ms = ctx.config().hello_timeout_ms;
+    let handshake = with_timeout(timeout_ms, "TLS handshake", tls.accept(stream));
+    if let Some(Ok(stream)) = until_stopped(&ctx, handshake).await {
+        let _ = until_stopped(&ctx, serve_frames(&ctx, stream, from)).await;
+    }
 }
 
 /// Reads the connection's frames and writes what goes back on it (pongs, call answers)
 /// from one queue, so that answers given from any task never interleave.
-async fn serve_frames(ctx: &CoreCtx, stream: TcpStream, from: u64) -> io::Result<()> {
+async fn serve_frames(
+    ctx: &CoreCtx,
+    stream: impl AsyncRead + AsyncWrite + Unpin,
+    from: u64,
+) -> io::Result<()> {
     let (reader, writer) = futures_lite::io::split(stream);
     let (back_tx, back) = async_channel::bounded(ctx.config().max_inflight_calls);
     or(
