@@ -734,3 +734,66 @@ where
 {
     common::cluster::eventually(what, CATCH_UP_TIMEOUT_MS, CATCH_UP_POLL_MS, attempt).await
 }
+
+/// Simple auth tokens (the default `--auth-token`) work on every member, as etcd replicates
+/// them: clientv3 spreads one client's requests over all its endpoints with the one token it
+/// got. A member applies the token's entry asynchronously, as any entry: the first request
+/// elsewhere may have to wait for it (bounded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_simple_token_from_any_member_works_on_every_member() {
+    use ferrocd_api::etcdserverpb::auth_client::AuthClient;
+    use ferrocd_api::etcdserverpb::kv_client::KvClient;
+    use ferrocd_api::etcdserverpb::{AuthenticateRequest, PutRequest};
+
+    const PASSWORD: &str = "token-test";
+    let cluster = Cluster::start(MEMBERS).await;
+    let mut admin = cluster.client(0).await;
+    admin
+        .user_add("root", PASSWORD, None)
+        .await
+        .expect("user add");
+    admin.user_grant_role("root", "root").await.expect("grant");
+    admin.auth_enable().await.expect("auth enable");
+    let endpoints = cluster.endpoints();
+    let channel = |member: usize| {
+        let endpoint = endpoints[member].clone();
+        tonic::transport::Channel::from_shared(endpoint)
+            .expect("endpoint URL")
+            .connect_lazy()
+    };
+    for issuer in 0..MEMBERS {
+        let request = AuthenticateRequest {
+            name: "root".into(),
+            password: PASSWORD.into(),
+        };
+        let answer = AuthClient::new(channel(issuer)).authenticate(request).await;
+        let token = answer.expect("authenticate").into_inner().token;
+        for member in 0..MEMBERS {
+            let key = format!("token-{issuer}-{member}");
+            let put_with_token = || async {
+                let mut request = tonic::Request::new(PutRequest {
+                    key: key.clone().into_bytes(),
+                    value: b"v".to_vec(),
+                    ..Default::default()
+                });
+                let token = token.parse().expect("a token is ASCII");
+                request.metadata_mut().insert("token", token);
+                match KvClient::new(channel(member)).put(request).await {
+                    Ok(_) => Some(()),
+                    Err(status) if status.message().contains("invalid auth token") => None,
+                    Err(status) => panic!("put {key} on member {member}: {status}"),
+                }
+            };
+            let what = format!("member {member} accepts member {issuer}'s token");
+            within_catch_up_eventually(&what, put_with_token).await;
+        }
+    }
+}
+
+async fn within_catch_up_eventually<F, Fut>(what: &str, attempt: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Option<()>>,
+{
+    common::cluster::eventually(what, CATCH_UP_TIMEOUT_MS, CATCH_UP_POLL_MS, attempt).await
+}

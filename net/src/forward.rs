@@ -168,6 +168,7 @@ fn encode_admin(op: &AdminOp, w: &mut Writer) {
             .bytes(role.as_bytes())
             .bytes(key)
             .bytes(range_end),
+        IssueToken { user, token } => w.byte(12).bytes(user.as_bytes()).bytes(token.as_bytes()),
     };
 }
 
@@ -211,6 +212,10 @@ fn decode_admin(r: &mut Reader) -> Option<AdminOp> {
             role: r.string()?,
             key: r.bytes()?.to_vec(),
             range_end: r.bytes()?.to_vec(),
+        },
+        12 => IssueToken {
+            user: r.string()?,
+            token: r.string()?,
         },
         _ => return None,
     })
@@ -869,6 +874,10 @@ mod tests {
                 role: s("r"),
                 key: Vec::new(),
                 range_end: b"z".to_vec(),
+            },
+            IssueToken {
+                user: s("u"),
+                token: s("t.1"),
             },
         ]
     }

@@ -350,6 +350,8 @@ fn auth_row(payload: &LogPayload) -> Option<Data<'static>> {
             )
         }
         LogPayload::AuthRoleDelete { name: n } => ("role-delete", vec![name(n)]),
+        // The token itself is a credential: not printed.
+        LogPayload::AuthToken { user, .. } => ("token", vec![("user", user.clone())]),
         _ => return None,
     };
     Some(Data::Auth(op, fields))

@@ -28,6 +28,8 @@
 //! tag 12   = AlarmDeactivate: member_id:u64 alarm:i64 (same domain)
 //! tag 13   = MemberPublish: member_id:u64 name:bytes count:uvar client_url:bytes*count
 //!            (a member's name and client URLs, etcd's publish)
+//! tag 14   = AuthToken: user:str token:str (a simple auth token issued in a cluster, so that
+//!            every member accepts it; not part of the auth state)
 //! str      = len:uvar utf-8 bytes (non-empty); bytes = len:uvar bytes
 //! ```
 //!
@@ -58,6 +60,7 @@ const TAG_AUTH_ROLE_DELETE: u8 = 10;
 const TAG_ALARM_ACTIVATE: u8 = 11;
 const TAG_ALARM_DEACTIVATE: u8 = 12;
 const TAG_MEMBER_PUBLISH: u8 = 13;
+const TAG_AUTH_TOKEN: u8 = 14;
 /// The highest `authpb.Permission.Type` (READWRITE).
 const MAX_PERM_TYPE: u8 = 2;
 const KIND_DELETE: u8 = 0;
@@ -122,6 +125,13 @@ pub enum LogPayload {
     /// A member's name and client URLs as it publishes them once started (etcd's publish):
     /// the member table of every member then shows them.
     MemberPublish(MemberAttributes),
+    /// A simple auth token issued by the leader of a cluster: every member accepts it from
+    /// then on, as etcd replicates its simple tokens through Raft. Tokens live in memory only:
+    /// replay after a restart skips it, and it changes no auth revision.
+    AuthToken {
+        user: String,
+        token: String,
+    },
 }
 
 /// What a member publishes about itself (etcd's `membership.Attributes`, with its id).
@@ -316,6 +326,11 @@ pub fn encode_into(payload: &LogPayload, out: &mut Vec<u8>) {
                 put_bytes(out, url.as_bytes());
             }
         }
+        LogPayload::AuthToken { user, token } => {
+            out.push(TAG_AUTH_TOKEN);
+            put_str(out, user);
+            put_str(out, token);
+        }
     }
 }
 
@@ -412,6 +427,10 @@ pub fn decode(bytes: &[u8]) -> Result<LogPayload, DecodeError> {
         TAG_ALARM_ACTIVATE => LogPayload::AlarmActivate(decode_alarm(&mut reader)?),
         TAG_ALARM_DEACTIVATE => LogPayload::AlarmDeactivate(decode_alarm(&mut reader)?),
         TAG_MEMBER_PUBLISH => LogPayload::MemberPublish(decode_member_publish(&mut reader)?),
+        TAG_AUTH_TOKEN => LogPayload::AuthToken {
+            user: reader.name()?,
+            token: reader.name()?,
+        },
         tag => return Err(DecodeError::UnknownTag(tag)),
     };
     match reader.rest.len() {
@@ -824,6 +843,28 @@ mod tests {
         too_big[10..18].copy_from_slice(&(1i64 << 40).to_le_bytes());
         assert!(matches!(decode(&too_big), Err(DecodeError::Invalid(_))));
         assert_eq!(decode(&bytes[..17]), Err(DecodeError::Truncated));
+    }
+
+    #[test]
+    fn auth_token_round_trips() {
+        let payload = LogPayload::AuthToken {
+            user: "alice".to_string(),
+            token: "AbCdEfGhIjKlMnOp.7".to_string(),
+        };
+        let bytes = encode(&payload);
+        assert_eq!(decode(&bytes), Ok(payload));
+        assert_eq!(
+            decode(&bytes[..bytes.len() - 1]),
+            Err(DecodeError::Truncated)
+        );
+        // The one-letter token's length and letter, replaced by an empty token.
+        let mut empty_token = encode(&LogPayload::AuthToken {
+            user: "alice".to_string(),
+            token: "x".to_string(),
+        });
+        empty_token.truncate(empty_token.len() - 2);
+        empty_token.push(0);
+        assert!(matches!(decode(&empty_token), Err(DecodeError::Invalid(_))));
     }
 
     #[test]

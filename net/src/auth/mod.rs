@@ -198,20 +198,35 @@ impl AuthStore {
     /// ends the tokens concerned, as etcd does.
     pub fn apply(&self, payload: &ferrocd_engine::mvcc::codec::LogPayload) {
         use ferrocd_engine::mvcc::codec::LogPayload;
+        if let LogPayload::AuthToken { user, token } = payload {
+            // Not auth state: no revision, nothing on disk.
+            return self.tokens.adopt(token, user);
+        }
         let mut state = self.state.write().expect("auth state lock poisoned");
+        let password_changed = match payload {
+            LogPayload::AuthUserPut(user) => state
+                .user(&user.name)
+                .is_ok_and(|old| old.password_hash != user.password_hash),
+            _ => false,
+        };
         assert!(state.apply(payload), "not an auth record: {payload:?}");
         self.enabled.store(state.enabled, Ordering::SeqCst);
         drop(state);
+        // On every member, as etcd's apply of these requests.
         match payload {
             LogPayload::AuthEnable { enabled: false } => self.tokens.invalidate_all(),
             LogPayload::AuthUserDelete { name } => self.tokens.invalidate_user(name),
+            LogPayload::AuthUserPut(user) if password_changed => {
+                self.tokens.invalidate_user(&user.name)
+            }
             _ => {}
         }
     }
 
-    /// Ends every token of `user` (after a password change).
-    pub fn end_tokens_of(&self, user: &str) {
-        self.tokens.invalidate_user(user);
+    /// Whether a token this member issues must be replicated for other members to accept it
+    /// (simple tokens; a JWT verifies anywhere).
+    pub fn tokens_are_local(&self) -> bool {
+        self.tokens.is_local()
     }
 
     /// Accepts a token the leader issued for `user` (after a forwarded Authenticate).

@@ -16,11 +16,8 @@ pub async fn apply(meta: &mut Meta, op: AdminOp) -> Result<(), KvError> {
         return Ok(());
     };
     meta.append(&payload).await?;
-    let auth = &meta.shared().auth;
-    auth.apply(&payload);
-    if let AdminOp::UserChangePassword { name, .. } = op {
-        auth.end_tokens_of(&name);
-    }
+    // A password change also ends the user's tokens (`AuthStore::apply`).
+    meta.shared().auth.apply(&payload);
     Ok(())
 }
 

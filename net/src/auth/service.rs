@@ -78,6 +78,12 @@ pub(crate) async fn authenticate(
         return Err(AuthError::AuthFailed.into());
     }
     let token = auth.issue_token(&r.name)?;
+    if shared.role.is_clustered() && auth.tokens_are_local() {
+        // Every member accepts it once committed (etcd replicates simple tokens too), so a
+        // client may use it on any endpoint.
+        let (user, token) = (r.name, token.clone());
+        request(shared, AdminOp::IssueToken { user, token }).await?;
+    }
     Ok(AuthenticateResponse {
         header: Some(shared.current_header()),
         token,

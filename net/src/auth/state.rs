@@ -64,6 +64,11 @@ pub enum AdminOp {
         key: Vec<u8>,
         range_end: Vec<u8>,
     },
+    /// A simple token the leader issued to `user`, for every member to accept.
+    IssueToken {
+        user: String,
+        token: String,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -213,6 +218,11 @@ impl AuthState {
                     return Err(AuthError::PermissionNotGranted);
                 }
                 role_put(record)
+            }
+            // The user may have gone since its password was checked.
+            IssueToken { user, token } => {
+                self.users.get(&user).ok_or(AuthError::AuthFailed)?;
+                Ok(Some(LogPayload::AuthToken { user, token }))
             }
         }
     }

@@ -38,6 +38,11 @@ pub trait TokenProvider: Send + Sync {
     /// Accepts `token`, issued for `user` by the leader, on this member too. Stateless
     /// providers (JWT) verify any member's tokens already: nothing to do.
     fn adopt(&self, _token: &str, _user: &str) {}
+    /// Whether a token lives only in the memory of the members that were told of it (simple
+    /// tokens), so a cluster must replicate it.
+    fn is_local(&self) -> bool {
+        false
+    }
 }
 
 struct SimpleToken {
@@ -102,6 +107,10 @@ impl TokenProvider for SimpleTokens {
             expires: now + self.ttl,
         };
         table.by_token.insert(token.to_string(), entry);
+    }
+
+    fn is_local(&self) -> bool {
+        true
     }
 
     /// A valid token's TTL restarts, as etcd's simple tokens do.

@@ -419,7 +419,8 @@ impl Meta {
             | LogPayload::AuthUserPut(_)
             | LogPayload::AuthUserDelete { .. }
             | LogPayload::AuthRolePut(_)
-            | LogPayload::AuthRoleDelete { .. } => shared.auth.apply(&payload),
+            | LogPayload::AuthRoleDelete { .. }
+            | LogPayload::AuthToken { .. } => shared.auth.apply(&payload),
             // Remaining TTLs matter to a leader only (a new leader renews every lease);
             // `record` published a member's attributes; the rest is KV.
             LogPayload::LeaseCheckpoint { .. }

@@ -93,6 +93,8 @@ impl MetaState {
                 self.published
                     .insert(attributes.member_id, attributes.clone());
             }
+            // Tokens live in memory only (the auth store adopts them as they commit).
+            LogPayload::AuthToken { .. } => {}
             auth => assert!(
                 self.auth.apply(auth),
                 "every other payload is an auth record"

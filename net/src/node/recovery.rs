@@ -502,6 +502,7 @@ fn payload_kind(payload: &LogPayload) -> &'static str {
         | LogPayload::AuthRoleDelete { .. } => "auth change",
         LogPayload::AlarmActivate(_) | LogPayload::AlarmDeactivate(_) => "alarm",
         LogPayload::MemberPublish(_) => "member publish",
+        LogPayload::AuthToken { .. } => "auth token",
     }
 }
 
