@@ -300,13 +300,7 @@ impl PeerTls {
 /// The dialing side of the peer port: the member's own certificate as its client certificate,
 /// and the peer's certificate verified against `--peer-trusted-ca-file` when given.
 fn peer_client_config(files: &TlsFiles) -> Result<ClientConfig, String> {
-    let (cert_file, key_file) = match (&files.cert_file, &files.key_file) {
-        (Some(cert), Some(key)) => (cert, key),
-        _ => unreachable!("for_peers checked the pair"),
-    };
-    let certs = read_certs(cert_file)?;
-    let key = PrivateKeyDer::from_pem_slice(&read(key_file)?)
-        .map_err(|e| format!("{}: no private key: {e}", key_file.display()))?;
+    let identity = read_identity(files)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -318,8 +312,8 @@ fn peer_client_config(files: &TlsFiles) -> Result<ClientConfig, String> {
             .with_custom_certificate_verifier(Arc::new(UnverifiedPeer { provider })),
     };
     builder
-        .with_client_auth_cert(certs, key)
-        .map_err(|e| format!("{} and {}: {e}", cert_file.display(), key_file.display()))
+        .with_client_auth_cert(identity.certs, identity.key)
+        .map_err(|e| format!("{}: {e}", identity.files))
 }
 
 /// Accepts any peer certificate (but still checks the handshake's signatures, so the peer
@@ -435,8 +429,16 @@ fn write_self_signed(hosts: &[String], cert_path: &Path, key_path: &Path) -> io:
     write(cert_path, &cert.pem(), 0o644)
 }
 
-/// Builds a rustls server configuration from PEM files. Errors read like etcd's.
-fn server_config(files: &TlsFiles) -> Result<ServerConfig, String> {
+/// A certificate chain and its key, read from the `--*cert-file` / `--*key-file` pair.
+struct Identity {
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    /// "CERT and KEY", for messages.
+    files: String,
+}
+
+/// Reads the certificate and key files, which must come as a pair. Errors read like etcd's.
+fn read_identity(files: &TlsFiles) -> Result<Identity, String> {
     let (cert_file, key_file) = match (&files.cert_file, &files.key_file) {
         (Some(cert), Some(key)) => (cert, key),
         (cert, key) => {
@@ -454,6 +456,13 @@ fn server_config(files: &TlsFiles) -> Result<ServerConfig, String> {
     let certs = read_certs(cert_file)?;
     let key = PrivateKeyDer::from_pem_slice(&read(key_file)?)
         .map_err(|e| format!("{}: no private key: {e}", key_file.display()))?;
+    let files = format!("{} and {}", cert_file.display(), key_file.display());
+    Ok(Identity { certs, key, files })
+}
+
+/// Builds a rustls server configuration from PEM files. Errors read like etcd's.
+fn server_config(files: &TlsFiles) -> Result<ServerConfig, String> {
+    let identity = read_identity(files)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -470,8 +479,8 @@ fn server_config(files: &TlsFiles) -> Result<ServerConfig, String> {
         None => builder.with_no_client_auth(),
     };
     let mut config = builder
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("{} and {}: {e}", cert_file.display(), key_file.display()))?;
+        .with_single_cert(identity.certs, identity.key)
+        .map_err(|e| format!("{}: {e}", identity.files))?;
     config.alpn_protocols = ALPN_PROTOCOLS.iter().map(|p| p.to_vec()).collect();
     Ok(config)
 }
