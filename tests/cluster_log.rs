@@ -3,7 +3,8 @@
 //! member compacts its log and deletes the segments; a follower stopped (SIGSTOP) for a few
 //! hundred writes still catches up from the leader's log after SIGCONT (the leader does not
 //! compact past it); a member killed after compactions recovers from its compacted log.
-//! Every check ends with HashKV equal on all members.
+//! Every check ends with HashKV equal on all members. A follower stopped while the leader
+//! compacts past it installs a snapshot (`net/src/node/install.rs`) when it resumes.
 //!
 //! ferrocd only: the flags are ferrocd's hidden test flags.
 
@@ -92,6 +93,53 @@ async fn meta_log_is_compacted_on_every_member_and_lagging_members_catch_up() {
     put_many(&cluster, leader, "down", STALLED_WRITES).await;
     cluster.restart(follower).await;
     put_many(&cluster, leader, "after", WRITERS).await;
+    hashes_agree(&cluster).await;
+}
+
+/// Writes while a follower is stopped that take the leader's log past the retention bound
+/// (20 catch-up margins of 100 entries: `replica.rs`), so it compacts past the follower.
+const LEFT_BEHIND_WRITES: usize = 2_600;
+/// The installing member's log lines (`replica.rs`, `install.rs`).
+const INSTALLING: &str = "this member fell behind the meta log's compaction: installing a snapshot";
+const SWITCHED: &str = "switched to an installed snapshot";
+
+/// A follower stopped while the leader compacts past it gets a snapshot when it resumes: it
+/// installs the leader's state (download, new data dir, restart into it), catches up, answers
+/// the same HashKV as every member, and takes later writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_left_behind_installs_a_snapshot() {
+    if Flavor::subject(&[]) == Flavor::Etcd {
+        return; // ferrocd's hidden flags
+    }
+    let mut cluster = Cluster::start_flavor(Flavor::subject(ARGS), 3).await;
+    let leader = cluster.leader().await;
+    put_many(&cluster, leader, "before", WRITERS).await;
+    let follower = (leader + 1) % cluster.size();
+    let follower_pid = cluster.member(follower).pid();
+    cluster.member(follower).pause();
+    put_many(&cluster, leader, "behind", LEFT_BEHIND_WRITES).await;
+    eventually("the leader compacts past the stopped member", || {
+        let compacted = cluster.member(leader).logged(LEFT_BEHIND, &[]);
+        async move { compacted.then_some(()) }
+    })
+    .await;
+    cluster.member(follower).resume();
+    hashes_agree(&cluster).await;
+    let member = cluster.member(follower);
+    assert!(
+        member.logged(INSTALLING, &[]) && member.logged(SWITCHED, &[]),
+        "the follower caught up without installing a snapshot:\n{}",
+        member.log()
+    );
+    assert_eq!(member.pid(), follower_pid, "restarted in place (exec)");
+    assert!(
+        !member.data_dir().with_extension("install").exists(),
+        "the old data dir is gone"
+    );
+    put_many(&cluster, leader, "after", WRITERS).await;
+    hashes_agree(&cluster).await;
+    cluster.kill9(follower);
+    cluster.restart(follower).await;
     hashes_agree(&cluster).await;
 }
 

@@ -230,7 +230,7 @@ impl Transfers {
                 Some((e.metadata().ok()?.modified().ok()?, e.path()))
             })
             .collect();
-        files.sort_by(|a, b| b.0.cmp(&a.0));
+        files.sort_by_key(|(modified, _)| std::cmp::Reverse(*modified));
         let now = SystemTime::now();
         for (n, (modified, path)) in files.into_iter().enumerate() {
             let old = now.duration_since(modified).unwrap_or_default() > MAX_TRANSFER_AGE;
