@@ -253,6 +253,11 @@ pub async fn serve(shared: &Arc<Shared>, transfers: &Transfers, payload: &[u8]) 
         Some((&TAG_CHUNK, body)) => chunk(transfers, body),
         _ => Err("malformed snapshot transfer call".to_string()),
     };
+    encode_answer(result)
+}
+
+/// `ANSWER_OK` and the body, or `ANSWER_ERR` and the error's text.
+fn encode_answer(result: Result<Vec<u8>, String>) -> Vec<u8> {
     match result {
         Ok(mut body) => {
             body.insert(0, ANSWER_OK);
@@ -721,14 +726,6 @@ mod tests {
     }
 
     #[test]
-    fn a_download_with_another_checksum_is_refused() {
-        let offer = offer();
-        assert!(verify_download(&offer, &[9; 32]).is_ok());
-        let error = verify_download(&offer, &[8; 32]).unwrap_err();
-        assert!(error.contains("checksum mismatch"), "{error}");
-    }
-
-    #[test]
     fn transfer_files_are_bounded_in_count() {
         let dir = tempfile::tempdir().unwrap();
         let transfers = Transfers::new(dir.path());
@@ -742,6 +739,196 @@ mod tests {
             left < MAX_KEPT_TRANSFERS,
             "room for the new one: {left} left"
         );
+    }
+
+    /// The data dir an install builds is one recovery opens at the snapshot's point: the meta
+    /// log starts after `I` with its term and membership, the meta checkpoint is at `I`, the
+    /// shards are at the snapshot's revision, and the member keeps its identity.
+    #[test]
+    fn a_built_data_dir_recovers_at_the_snapshot_point() {
+        use crate::lease::LeaseConfig;
+        use crate::members::{parse_initial_cluster, ClusterState};
+        use ferrocd_engine::mvcc::codec::LogPayload;
+        use ferrocd_engine::mvcc::{Revision, SavedState, SavedVersion};
+        use ferrocd_engine::snapshot::{Encoder, Header};
+
+        let root = tempfile::tempdir().unwrap();
+        let data = root.path().join("data");
+        let cluster = "a=http://h:1,b=http://h:2,c=http://h:3";
+        let bootstrap = recovery::Bootstrap {
+            name: "b".into(),
+            initial_cluster: parse_initial_cluster(cluster).unwrap(),
+            state: ClusterState::New,
+            token: "t".into(),
+            advertise_peer_urls: vec!["http://h:2".into()],
+        };
+        let (identity, members) = recovery::open_identity(&data, 2, &bootstrap).unwrap();
+        let voters: Vec<u64> = members.iter().map(|m| m.id).collect();
+        let conf = ConfState {
+            voters,
+            learners: vec![],
+        };
+        let (revision, compacted, lease) = (5, 2, 7);
+        let mut file = Vec::new();
+        let header = Header {
+            revision,
+            source_shards: 1,
+        };
+        let mut encoder = Encoder::new(header, &mut file);
+        for main in 1..=revision {
+            let change = SavedVersion {
+                key: format!("k{main}").into_bytes(),
+                rev: Revision { main, sub: 0 },
+                state: SavedState::Put {
+                    create_revision: main,
+                    version: 1,
+                    lease: if main == revision { lease } else { 0 },
+                    value: b"v".to_vec(),
+                },
+            };
+            encoder.change(&change, &mut file);
+        }
+        encoder.meta(
+            &LogPayload::LeaseGrant {
+                id: lease,
+                ttl_s: 100,
+            },
+            &mut file,
+        );
+        encoder.meta(&LogPayload::Compact { rev: compacted }, &mut file);
+        encoder.finish(compacted, &mut file);
+        let staging = staging_dir(&data);
+        fs::create_dir_all(&staging).unwrap();
+        let snapshot = staging.join(DOWNLOAD_FILE);
+        fs::write(&snapshot, &file).unwrap();
+        let point = LogPoint {
+            index: 40,
+            term: 3,
+            conf: conf.clone(),
+            auth_revision: 0,
+        };
+        let hard_state = HardState {
+            term: 4,
+            vote: identity.member_id,
+            commit: 40,
+        };
+        let build = Build {
+            snapshot: snapshot.clone(),
+            staging: staging.clone(),
+            data_dir: data.clone(),
+            shards: 2,
+            point,
+            hard_state,
+        };
+        build.run().unwrap();
+        assert!(staging.join(COMPLETE_MARKER).exists() && !snapshot.exists());
+
+        finish_pending(&data).unwrap();
+        let reopened = recovery::open_identity(&data, 2, &bootstrap).unwrap();
+        assert_eq!(reopened.0, identity, "the member keeps its identity");
+        let bootstrap_point = SnapshotMeta {
+            index: 1,
+            term: 1,
+            conf: conf.clone(),
+        };
+        let lease_config = LeaseConfig::default();
+        let recovered = recovery::recover(&data, 2, lease_config, Some(bootstrap_point.clone()));
+        let recovered = recovered.unwrap();
+        assert_eq!(recovered.meta_checkpoint_index, 40);
+        assert_eq!(recovered.next_index[2], 41, "the meta log goes on after I");
+        assert_eq!(recovered.current_rev, revision);
+        assert_eq!(recovered.compacted_rev, compacted);
+        assert!(recovered.meta_state.leases.contains_key(&lease));
+        assert_eq!(recovered.leases.list(), vec![lease]);
+        let records = ferrocd_engine::wal::read_dir(&recovery::meta_wal_dir(&data))
+            .unwrap()
+            .records;
+        let (base, entries) =
+            ferrocd_raft::wal_store::committed_entries(&records, bootstrap_point).unwrap();
+        let expected = SnapshotMeta {
+            index: 40,
+            term: 3,
+            conf,
+        };
+        assert_eq!((base, entries.len()), (expected, 0));
+    }
+
+    /// The follower's download against a leader's chunk answers over real peer connections:
+    /// the file arrives whole; a wrong checksum, an answer over the chunk bound and a missing
+    /// file are refused.
+    #[test]
+    fn chunks_travel_over_the_peer_port_and_bad_transfers_are_refused() {
+        use crate::peer::{PeerConfig, PeerMesh};
+        let dir = tempfile::tempdir().unwrap();
+        let transfers = Transfers::new(dir.path());
+        fs::create_dir_all(&transfers.dir).unwrap();
+        let content: Vec<u8> = (0..2 * CHUNK_BYTES + 10).map(|n| (n % 251) as u8).collect();
+        fs::write(transfers.file(5), &content).unwrap();
+        fs::write(transfers.file(6), &content).unwrap();
+        let sha256: [u8; 32] = ring::digest::digest(&SHA256, &content)
+            .as_ref()
+            .try_into()
+            .unwrap();
+        let offer = |id| Offer {
+            id,
+            size_bytes: content.len() as u64,
+            sha256,
+            point: offer().point,
+        };
+        let download = dir.path().join("download");
+        let (good, bad, oversize, missing) = (offer(5), offer(6), offer(7), offer(8));
+        let bad = Offer {
+            sha256: [0; 32],
+            ..bad
+        };
+        let path = download.clone();
+        let outcomes = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .spawn(move || async move {
+                let any = "127.0.0.1:0".parse().unwrap();
+                let leader_mesh = PeerMesh::new(PeerConfig::new(1, 1, any)).unwrap();
+                let member_mesh = PeerMesh::new(PeerConfig::new(2, 1, any)).unwrap();
+                let leader = leader_mesh.start_core(0).unwrap();
+                let member = member_mesh.start_core(0).unwrap();
+                leader.add_peer(2, member_mesh.local_addr());
+                member.add_peer(1, leader_mesh.local_addr());
+                let calls = leader.calls().clone();
+                glommio::spawn_local(async move {
+                    while let Ok(call) = calls.recv().await {
+                        let body = &call.payload[1..];
+                        let answer = match parse_chunk_request(body) {
+                            // A leader that breaks the bound.
+                            Some((7, _)) => Ok(vec![0; CHUNK_BYTES + 1]),
+                            _ => chunk(&transfers, body),
+                        };
+                        call.reply.send(&encode_answer(answer));
+                    }
+                })
+                .detach();
+                let installer = Installer {
+                    peer: member,
+                    data_dir: PathBuf::new(),
+                    shards: 1,
+                    member_id: 2,
+                    term: 0,
+                    vote: 0,
+                };
+                let mut outcomes = Vec::new();
+                for (n, offer) in [good, bad, oversize, missing].into_iter().enumerate() {
+                    let file = File::create(path.with_extension(n.to_string())).unwrap();
+                    outcomes.push(installer.download(1, &offer, file).await);
+                }
+                outcomes
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(outcomes[0], Ok(()));
+        let downloaded = fs::read(download.with_extension("0")).unwrap();
+        assert!(downloaded == content, "the download differs");
+        let error = |n: usize| outcomes[n].clone().unwrap_err();
+        assert!(error(1).contains("checksum mismatch"), "{}", error(1));
+        assert!(error(2).contains("a chunk of"), "{}", error(2));
+        assert!(error(3).contains("No such file"), "{}", error(3));
     }
 
     /// Every crash point of a swap converges on one complete data dir.
