@@ -3,7 +3,8 @@
 //! member compacts its log and deletes the segments; a follower stopped (SIGSTOP) for a few
 //! hundred writes still catches up from the leader's log after SIGCONT (the leader does not
 //! compact past it); a member killed after compactions recovers from its compacted log.
-//! Every check ends with HashKV equal on all members.
+//! Every check ends with HashKV equal on all members. A follower stopped while the leader
+//! compacts past it installs a snapshot (`net/src/node/install.rs`) when it resumes.
 //!
 //! ferrocd only: the flags are ferrocd's hidden test flags.
 
@@ -15,7 +16,9 @@ use std::time::Duration;
 
 use common::cluster::Cluster;
 use common::Flavor;
-use etcd_client::{Client, ConnectOptions};
+use etcd_client::{
+    Client, ConnectOptions, GetOptions, LeaseTimeToLiveOptions as TimeToLiveOptions, PutOptions,
+};
 
 const ARGS: &[&str] = &[
     "--shards",
@@ -44,8 +47,7 @@ const TIMEOUT_MS: u64 = 20_000;
 const POLL_MS: u64 = 20;
 const REQUEST_TIMEOUT_MS: u64 = 5_000;
 /// The leader's error when it compacts past a member (`replica.rs`).
-const LEFT_BEHIND: &str = "compacting the meta log past a lagging member: it needs a snapshot, \
-                           which is not built yet, and cannot catch up";
+const LEFT_BEHIND: &str = "compacting the meta log past a lagging member: it needs a snapshot";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn meta_log_is_compacted_on_every_member_and_lagging_members_catch_up() {
@@ -93,6 +95,89 @@ async fn meta_log_is_compacted_on_every_member_and_lagging_members_catch_up() {
     put_many(&cluster, leader, "down", STALLED_WRITES).await;
     cluster.restart(follower).await;
     put_many(&cluster, leader, "after", WRITERS).await;
+    hashes_agree(&cluster).await;
+}
+
+/// Writes while a follower is stopped that take the leader's log past the retention bound
+/// (20 catch-up margins of 100 entries: `replica.rs`), so it compacts past the follower.
+const LEFT_BEHIND_WRITES: usize = 2_600;
+/// The installing member's log lines (`replica.rs`, `install.rs`).
+const INSTALLING: &str = "this member fell behind the meta log's compaction: installing a snapshot";
+const SWITCHED: &str = "switched to an installed snapshot";
+
+/// A follower stopped while the leader compacts past it gets a snapshot when it resumes: it
+/// installs the leader's state (download, new data dir, restart into it), catches up, answers
+/// the same HashKV as every member, and takes later writes; the compaction and the lease it
+/// missed are in its state (it refuses compacted reads, and leads with the lease).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_left_behind_installs_a_snapshot() {
+    if Flavor::subject(&[]) == Flavor::Etcd {
+        return; // ferrocd's hidden flags
+    }
+    let mut cluster = Cluster::start_flavor(Flavor::subject(ARGS), 3).await;
+    let leader = cluster.leader().await;
+    put_many(&cluster, leader, "before", WRITERS).await;
+    let follower = (leader + 1) % cluster.size();
+    let follower_pid = cluster.member(follower).pid();
+    cluster.member(follower).pause();
+    put_many(&cluster, leader, "behind", LEFT_BEHIND_WRITES).await;
+    // Meta state the follower learns from the snapshot only: a compaction and a lease.
+    let mut on_leader = cluster.client(leader).await;
+    let compacted = on_leader.put("compact-mark", "v", None).await.expect("put");
+    let compacted = compacted.header().unwrap().revision();
+    on_leader.compact(compacted, None).await.expect("compact");
+    let lease = on_leader.lease_grant(600, None).await.expect("grant").id();
+    let with_lease = PutOptions::new().with_lease(lease);
+    on_leader
+        .put("leased", "v", Some(with_lease))
+        .await
+        .expect("put");
+    eventually("the leader compacts past the stopped member", || {
+        let compacted = cluster.member(leader).logged(LEFT_BEHIND, &[]);
+        async move { compacted.then_some(()) }
+    })
+    .await;
+    cluster.member(follower).resume();
+    hashes_agree(&cluster).await;
+    let member = cluster.member(follower);
+    assert!(
+        member.logged(INSTALLING, &[]) && member.logged(SWITCHED, &[]),
+        "the follower caught up without installing a snapshot:\n{}",
+        member.log()
+    );
+    assert_eq!(member.pid(), follower_pid, "restarted in place (exec)");
+    assert!(
+        !member.data_dir().with_extension("install").exists(),
+        "the old data dir is gone"
+    );
+    put_many(&cluster, leader, "after", WRITERS).await;
+    hashes_agree(&cluster).await;
+    let mut on_follower = cluster.client(follower).await;
+    let old = GetOptions::new()
+        .with_revision(compacted - 1)
+        .with_serializable();
+    let error = on_follower.get("before/0", Some(old)).await.unwrap_err();
+    assert!(error.to_string().contains("compacted"), "{error}");
+    // The follower leads with the lease table it installed: the lease and its key.
+    let target = cluster.member_id(follower);
+    on_leader.move_leader(target).await.expect("move leader");
+    let endpoint = cluster.member(follower).endpoint();
+    eventually("the follower leads", || {
+        let endpoint = endpoint.clone();
+        async move {
+            let status = client(&endpoint).await?.status().await.ok()?;
+            (status.header()?.member_id() == target && status.leader() == target).then_some(())
+        }
+    })
+    .await;
+    let keys = TimeToLiveOptions::new().with_keys();
+    let ttl = on_follower.lease_time_to_live(lease, Some(keys)).await;
+    let ttl = ttl.expect("the lease lives on the new leader");
+    assert_eq!(ttl.keys(), [b"leased".to_vec()]);
+    on_follower.lease_revoke(lease).await.expect("revoke");
+    hashes_agree(&cluster).await;
+    cluster.kill9(follower);
+    cluster.restart(follower).await;
     hashes_agree(&cluster).await;
 }
 

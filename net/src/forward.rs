@@ -34,6 +34,7 @@ use prost::Message;
 use crate::auth::state::AdminOp;
 use crate::auth::{AuthError, Caller};
 use crate::node::errors::KvError;
+use crate::node::install::{self, Transfers};
 use crate::node::{Node, Shared};
 use crate::peer::{CallError, IncomingCall, PeerCore};
 
@@ -515,13 +516,19 @@ pub async fn serve(node: &Node, request: Forward) -> Result<Reply, KvError> {
 /// (and beyond it are refused, `Busy`).
 pub const MAX_SERVING_CALLS: usize = 256;
 
-/// Serves the calls that reach this core, until the transport closes the queue. A request
-/// that does not decode is answered with `Stopped` (a member of another version).
-pub async fn serve_calls(node: Node, calls: Receiver<IncomingCall>) {
+/// Serves the calls that reach this core, until the transport closes the queue: snapshot
+/// transfers (`node::install`) and forwarded requests. A request that does not decode is
+/// answered with `Stopped` (a member of another version).
+pub async fn serve_calls(node: Node, calls: Receiver<IncomingCall>, transfers: Transfers) {
     calls
         .for_each_concurrent(MAX_SERVING_CALLS, |call| {
-            let node = node.clone();
+            let (node, transfers) = (node.clone(), transfers.clone());
             async move {
+                if install::is_install_call(&call.payload) {
+                    let answer = install::serve(node.shared(), &transfers, &call.payload).await;
+                    call.reply.send(&answer);
+                    return;
+                }
                 let outcome = match Forward::decode(&call.payload) {
                     Some(request) => serve(&node, request).await,
                     None => Err(KvError::Stopped),

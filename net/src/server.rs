@@ -168,6 +168,8 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
         .and_then(|()| config.data_dir.canonicalize())
         .map(|dir| config.data_dir = dir)
         .map_err(|e| format!("cannot use data dir {}: {e}", config.data_dir.display()))?;
+    // A snapshot install left a new data dir beside this one (before anything opens it).
+    crate::node::install::finish_pending(&config.data_dir)?;
     log_start(&config);
     let tokens = token_provider(&config)?;
     // TLS files are read now, so a bad one stops the start before anything else (as etcd).
@@ -513,7 +515,8 @@ impl CoreSetup {
             let timeout = self.config.raft_timing.request_timeout();
             crate::forward::install(peer_core.clone(), timeout.as_millis() as u64);
             let (node, calls) = (Node::new(self.shared.clone()), peer_core.calls().clone());
-            glommio::spawn_local(crate::forward::serve_calls(node, calls)).detach();
+            let transfers = crate::node::install::Transfers::new(data_dir);
+            glommio::spawn_local(crate::forward::serve_calls(node, calls, transfers)).detach();
         }
         for owned in self.shards {
             let wal_dir = recovery::shard_wal_dir(data_dir, owned.id);
@@ -546,6 +549,7 @@ impl CoreSetup {
                         timing: self.config.raft_timing.clone(),
                         requests: raft.requests,
                         catchup_entries: self.config.snapshot_catchup_entries,
+                        data_dir: data_dir.clone(),
                     };
                     let peer_core = peer_core.clone().expect("a cluster member serves peers");
                     MetaLog::Replicated(Replica::start(self.shared.clone(), peer_core, start))

@@ -277,6 +277,12 @@ impl WalLogStore {
         async move { wal.release_before(before).await }
     }
 
+    /// The term of the entry at `index` (the snapshot point's at its index); `None` outside
+    /// the log.
+    pub fn term_at(&self, index: u64) -> Option<u64> {
+        self.state.term_at(index)
+    }
+
     /// Number of entries held in memory (those after the snapshot point).
     pub fn entries_in_memory(&self) -> usize {
         self.state.log.len()
@@ -435,6 +441,17 @@ fn single_voter_hard_state(state: &LogState) -> HardState {
         vote: 0,
         commit: state.last_index(),
     }
+}
+
+/// The records of a log that starts after `base` with no entries and `hard_state` (an
+/// installed snapshot's new log: `base` is its point, the hard state commits it). Replay takes
+/// the first Snapshot record as the log's base, so this WAL describes itself.
+pub fn fresh_log_records(base: &SnapshotMeta, hard_state: HardState) -> [Record; 2] {
+    assert!(
+        hard_state.commit == base.index && hard_state.term >= base.term,
+        "a fresh log commits exactly its base, in a term at least the base's"
+    );
+    [snapshot_record(base), hard_state_record(hard_state)]
 }
 
 fn entry_record(entry: &Entry) -> Record {

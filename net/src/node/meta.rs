@@ -80,6 +80,11 @@ pub enum MetaMsg {
     Snapshot {
         reply: oneshot::Sender<super::snapshot::SnapshotStart>,
     },
+    /// A snapshot for a lagging member (`super::install`): the state at the last applied
+    /// index; `None` when this member does not lead the meta group.
+    InstallSnapshot {
+        reply: oneshot::Sender<Option<super::install::Captured>>,
+    },
     /// Change users, roles or the enabled flag (`crate::auth::ops`).
     Auth {
         op: AdminOp,
@@ -262,6 +267,23 @@ impl Meta {
             }
             MetaMsg::Snapshot { reply } => {
                 let _ = reply.send(super::snapshot::capture(&self.shared));
+            }
+            MetaMsg::InstallSnapshot { reply } => {
+                let captured = match &self.log {
+                    MetaLog::Replicated(replica) if self.shared.role.is_serving() => {
+                        let index = self.last_index();
+                        let (term, conf) = replica.log_point(index);
+                        let checkpoint = self.state.checkpoint(index);
+                        Some(super::install::capture(
+                            &self.shared,
+                            checkpoint,
+                            term,
+                            conf,
+                        ))
+                    }
+                    _ => None,
+                };
+                let _ = reply.send(captured);
             }
             MetaMsg::Alarm {
                 action,

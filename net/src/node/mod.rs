@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod compactor;
 pub mod errors;
 mod hash;
+pub mod install;
 pub mod meta;
 pub mod meta_checkpoint;
 pub mod recovery;

@@ -52,6 +52,11 @@ pub struct Identity {
     pub member_id: u64,
 }
 
+/// The identity and membership file.
+pub fn conf_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(CONF_FILE)
+}
+
 pub fn shard_wal_dir(data_dir: &Path, shard: usize) -> PathBuf {
     data_dir.join("wal").join(format!("shard-{shard:03}"))
 }

@@ -35,6 +35,7 @@ use futures::channel::oneshot;
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
+use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
@@ -172,6 +173,8 @@ pub struct ReplicaStart {
     pub requests: async_channel::Receiver<DriverRequest>,
     /// Entries kept below each compaction point (`DEFAULT_SNAPSHOT_CATCHUP_ENTRIES`).
     pub catchup_entries: u64,
+    /// The data dir a snapshot install replaces (`install.rs`).
+    pub data_dir: PathBuf,
 }
 
 /// Where to compact the log, and the members whose matched index that passes.
@@ -245,6 +248,10 @@ pub struct Replica {
     /// Ticks since leadership last changed (see `UNANSWERED_GRACE_ELECTIONS`).
     ticks_since_election: Cell<u64>,
     catchup_entries: u64,
+    data_dir: PathBuf,
+    /// A snapshot install is under way: the driver is silent and writes nothing to its log
+    /// (`install.rs`).
+    installing: Cell<bool>,
 }
 
 impl Replica {
@@ -293,6 +300,8 @@ impl Replica {
             seen: Cell::new((None, 0)),
             ticks_since_election: Cell::new(0),
             catchup_entries: start.catchup_entries,
+            data_dir: start.data_dir,
+            installing: Cell::new(false),
         });
         if let Some(reads) = &replica.shared.read_barrier {
             reads.set_applied(raft_applied);
@@ -317,6 +326,9 @@ impl Replica {
         let tick = Duration::from_millis(self.timing.tick_ms);
         loop {
             glommio::timer::sleep(tick).await;
+            if self.installing.get() {
+                return;
+            }
             self.raft.borrow_mut().tick();
             let ticks = self.ticks_since_election.get();
             self.ticks_since_election.set(ticks.saturating_add(1));
@@ -327,6 +339,9 @@ impl Replica {
     async fn inbound(self: Rc<Self>) {
         let me = self.member_id();
         while let Ok(delivery) = self.peer.inbox().recv().await {
+            if self.installing.get() {
+                continue; // silent until the restart
+            }
             let envelope = Envelope {
                 from: delivery.from,
                 to: me,
@@ -367,20 +382,22 @@ impl Replica {
 
     /// One round: read requests, readies, envelopes, leadership.
     fn step(self: &Rc<Self>) {
+        if self.installing.get() {
+            return;
+        }
         self.ask_read_point();
         let readies = self.raft.borrow_mut().ready();
         for (group, ready) in readies {
             assert_eq!(group, META_GROUP, "the replica holds the meta group only");
+            if let Some(snapshot) = ready.snapshot {
+                // The leader compacted its log past this member's (it logged naming it). Raft
+                // replaced the in-memory log by the snapshot point; nothing of this ready may
+                // reach the WAL without the state behind it, so it is not persisted.
+                self.install(snapshot.meta);
+                return;
+            }
             if let Some(number) = ready.persist {
                 self.persist(number);
-            }
-            if ready.snapshot.is_some() {
-                // The leader compacted its log past this member's (it logged an error naming
-                // it): the member cannot catch up from the log any more.
-                super::shard::fatal(
-                    "this member fell too far behind the meta log's leader, which sent a \
-                     snapshot: snapshot install is not built yet (replace the member's data dir)",
-                );
             }
             for entry in ready.committed {
                 self.committed(entry);
@@ -409,6 +426,49 @@ impl Replica {
             self.raft.borrow_mut().on_applied(META_GROUP, report);
         }
         self.shared.role.set_indexes(commit, applied);
+    }
+
+    /// Goes silent and fetches the leader's state at or above `point` (`install.rs`), which
+    /// restarts the process into it; a member that cannot get it stops, naming the cause.
+    fn install(&self, point: ferrocd_raft::storage::SnapshotMeta) {
+        self.installing.set(true);
+        crate::warn!(
+            "this member fell behind the meta log's compaction: installing a snapshot",
+            index = point.index,
+            term = point.term
+        );
+        let hard_state = {
+            let raft = self.raft.borrow();
+            raft.group(META_GROUP)
+                .expect("meta group")
+                .store()
+                .hard_state()
+        };
+        let installer = super::install::Installer {
+            peer: self.peer.clone(),
+            data_dir: self.data_dir.clone(),
+            shards: self.shared.shards.len(),
+            member_id: self.member_id(),
+            term: hard_state.term,
+            vote: hard_state.vote,
+        };
+        glommio::spawn_local(async move {
+            let error = installer.run(point).await;
+            super::shard::fatal(&format!("snapshot install failed: {error}"));
+        })
+        .detach();
+    }
+
+    /// The term of `index` (applied, so in the log or its snapshot point) and the membership:
+    /// the point a snapshot at `index` stands for.
+    pub fn log_point(&self, index: u64) -> (u64, ferrocd_raft::storage::ConfState) {
+        let raft = self.raft.borrow();
+        let store = raft.group(META_GROUP).expect("meta group").store();
+        let term = store
+            .term_at(index)
+            .unwrap_or_else(|| panic!("applied index {index} outside the meta log"));
+        // No membership change is ever proposed in a cluster yet (see `compact_in_memory`).
+        (term, store.snapshot().meta.conf.clone())
     }
 
     fn persist(self: &Rc<Self>, number: u64) {
@@ -529,6 +589,9 @@ impl Replica {
         &self,
         safe_index: u64,
     ) -> Option<impl Future<Output = Result<(), ferrocd_engine::wal::WalError>> + 'static> {
+        if self.installing.get() {
+            return None; // the log is not written while a snapshot is installed
+        }
         let mut raft = self.raft.borrow_mut();
         let group = raft.group_mut(META_GROUP).expect("meta group");
         let base = group.store().snapshot().meta.clone();
@@ -548,8 +611,7 @@ impl Replica {
         }
         for peer in point.left_behind.iter().filter(|p| p.matched >= base.index) {
             crate::error!(
-                "compacting the meta log past a lagging member: it needs a snapshot, which is \
-                 not built yet, and cannot catch up",
+                "compacting the meta log past a lagging member: it needs a snapshot",
                 member = format!("{:x}", peer.member),
                 matched_index = peer.matched,
                 compact_index = point.index,

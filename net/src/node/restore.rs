@@ -108,26 +108,38 @@ pub fn restore(config: &RestoreConfig) -> Result<SnapshotStatus, String> {
             dir.display().to_string()
         ));
     }
-    let (mut reader, mut status) = open_verified(&config.snapshot)?;
+    let (status, per_shard, meta_records) = read_snapshot(&config.snapshot, config.shards)?;
+    write_data_dir(config, status, per_shard, meta_records)
+        .map_err(|e| format!("restoring into {}: {e}", dir.display()))?;
+    Ok(status)
+}
+
+/// A key's changes placed on `shards` shards, as checkpoints take them.
+pub type PerShard = Vec<Vec<SavedVersion>>;
+
+/// Reads a snapshot file whole (checksum first, then every record): its status, the retained
+/// changes placed on `shards` shards (compacted at its compacted revision) and its meta records.
+pub fn read_snapshot(
+    path: &Path,
+    shards: usize,
+) -> Result<(SnapshotStatus, PerShard, Vec<LogPayload>), String> {
+    let (mut reader, mut status) = open_verified(path)?;
     // A key's changes are adjacent in the file (each source shard lists its keys in order).
-    let mut per_shard: Vec<Vec<SavedVersion>> = vec![Vec::new(); config.shards];
+    let mut per_shard: PerShard = vec![Vec::new(); shards];
     let mut meta_records = Vec::new();
     let end = read_all(
         &mut reader,
-        &config.snapshot,
-        |c| per_shard[shard_of(&c.key, config.shards)].push(c),
+        path,
+        |c| per_shard[shard_of(&c.key, shards)].push(c),
         |m| meta_records.push(m),
     )?;
     status.compacted_revision = end.compacted_revision;
     status.total_keys = end.changes;
-    check_revisions(&per_shard, status)
-        .map_err(|e| format!("snapshot {}: {e}", config.snapshot.display()))?;
+    check_revisions(&per_shard, status).map_err(|e| format!("snapshot {}: {e}", path.display()))?;
     for versions in &mut per_shard {
         *versions = compact(std::mem::take(versions), end.compacted_revision);
     }
-    write_data_dir(config, status, per_shard, meta_records)
-        .map_err(|e| format!("restoring into {}: {e}", dir.display()))?;
-    Ok(status)
+    Ok((status, per_shard, meta_records))
 }
 
 /// The checkpoint writer asserts what a store can hold; a file that passed its checksum but
@@ -187,6 +199,16 @@ fn write_data_dir(
         .data_dir
         .canonicalize()
         .map_err(|e| format!("{}: {e}", config.data_dir.display()))?;
+    write_shards(dir, status, per_shard)?;
+    write_meta_log(&meta_wal_dir(dir), meta_records)?;
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| format!("{}: {e}", dir.display()))
+}
+
+/// Writes each shard's checkpoint file in `dir` (a data dir): the shard's changes, covering the
+/// snapshot's revision, compacted at its compacted revision; files are synced by the writer.
+pub fn write_shards(dir: &Path, status: SnapshotStatus, per_shard: PerShard) -> Result<(), String> {
     let db_dir = shard_db_path(dir, 0);
     let db_dir = db_dir.parent().expect("a shard file is in the db dir");
     fs::create_dir_all(db_dir).map_err(|e| format!("cannot create {}: {e}", db_dir.display()))?;
@@ -205,14 +227,24 @@ fn write_data_dir(
             .write(&unsaved, status.revision, 0)
             .map_err(|e| format!("{}: {e}", path.display()))?;
     }
-    write_meta_log(&meta_wal_dir(dir), meta_records)?;
-    fs::File::open(dir)
+    fs::File::open(db_dir)
         .and_then(|d| d.sync_all())
-        .map_err(|e| format!("{}: {e}", dir.display()))
+        .map_err(|e| format!("{}: {e}", db_dir.display()))
 }
 
-/// Appends the meta records to a new meta WAL (the WAL writer runs on a glommio executor).
+/// Appends the meta records to a new meta WAL, as a single member's entries.
 fn write_meta_log(wal_dir: &Path, records: Vec<LogPayload>) -> Result<(), String> {
+    let records: Vec<Record> = records
+        .iter()
+        .zip(1..)
+        .map(|(payload, index)| Record::entry(SINGLE_VOTER_TERM, index, encode(payload)))
+        .collect();
+    write_wal(wal_dir, records)
+}
+
+/// Writes `records` to a new WAL in `wal_dir`, durably (the WAL writer runs on a glommio
+/// executor, started here for the call).
+pub fn write_wal(wal_dir: &Path, records: Vec<Record>) -> Result<(), String> {
     let wal_dir = wal_dir.to_path_buf();
     LocalExecutorBuilder::new(Placement::Unbound)
         .name("ferrocd-restore")
@@ -221,11 +253,6 @@ fn write_meta_log(wal_dir: &Path, records: Vec<LogPayload>) -> Result<(), String
             let (wal, _) = Wal::open(&wal_dir, WalOptions::default())
                 .await
                 .map_err(|e| fail(&e))?;
-            let records: Vec<Record> = records
-                .iter()
-                .zip(1..)
-                .map(|(payload, index)| Record::entry(SINGLE_VOTER_TERM, index, encode(payload)))
-                .collect();
             wal.append(&records).await.map_err(|e| fail(&e))?;
             wal.close().await.map_err(|e| fail(&e))
         })

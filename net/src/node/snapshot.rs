@@ -115,22 +115,28 @@ impl Node {
             .await
             .map_err(|_| KvError::Stopped)?;
         let start = start.await.map_err(|_| KvError::Stopped)?;
-        let (tx, rx) = async_channel::bounded(STREAM_BUFFER_MESSAGES);
-        glommio::spawn_local(async move {
-            let mut stream = Chunker {
-                shared: shared.clone(),
-                revision: start.revision,
-                tx,
-                pending: Vec::new(),
-            };
-            if let Err(e) = stream.produce(&start).await {
-                // The client may be gone already; then nobody is left to tell.
-                let _ = stream.tx.send(Err(e)).await;
-            }
-        })
-        .detach();
-        Ok(rx)
+        Ok(stream(shared, start))
     }
+}
+
+/// Streams the snapshot `start` begins (captured by the meta group): the receiver yields its
+/// messages, then ends (after an error, if one ended it). Dropping it stops the producer.
+pub fn stream(shared: Arc<Shared>, start: SnapshotStart) -> async_channel::Receiver<SnapshotItem> {
+    let (tx, rx) = async_channel::bounded(STREAM_BUFFER_MESSAGES);
+    glommio::spawn_local(async move {
+        let mut stream = Chunker {
+            shared: shared.clone(),
+            revision: start.revision,
+            tx,
+            pending: Vec::new(),
+        };
+        if let Err(e) = stream.produce(&start).await {
+            // The client may be gone already; then nobody is left to tell.
+            let _ = stream.tx.send(Err(e)).await;
+        }
+    })
+    .detach();
+    rx
 }
 
 /// Encodes the snapshot and cuts it into messages.
