@@ -3,11 +3,17 @@
 //! `--initial-cluster`, and the cluster counts as up once every running member reports the
 //! same leader (Maintenance Status on each). Members are `Server`s, so they are killed when
 //! the cluster is dropped, and their logs are printed when a test fails.
+//!
+//! `start_proxied` puts every member behind a fault-injecting proxy (proxy.rs): it listens on
+//! its real peer port and advertises its proxy's, so that every peer connection to it passes
+//! the proxy, and `isolate`, `partition`, `fault_member` and `heal` cut or slow the links
+//! between members (the same flags for etcd and ferrocd, so the same faults run on both).
 
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, ConnectOptions, StatusResponse};
 
+use super::proxy::{Mode, PeerProxy};
 use super::{pick_free_ports, Flavor, Membership, Server};
 
 /// How long the members may take to agree on a leader (start-up, or after a kill: several
@@ -28,6 +34,8 @@ pub struct Cluster {
     members: Vec<Server>,
     /// Each member's id, as its Status header reports it (stable across restarts).
     ids: Vec<u64>,
+    /// Each member's peer proxy, in member order; empty unless `start_proxied`.
+    proxies: Vec<PeerProxy>,
 }
 
 impl Cluster {
@@ -38,6 +46,16 @@ impl Cluster {
 
     /// `size` members of `flavor`, started together; returns once they agree on a leader.
     pub async fn start_flavor(flavor: Flavor, size: usize) -> Cluster {
+        Cluster::start_members(flavor, size, None).await
+    }
+
+    /// `size` members of `flavor`, each behind its own peer proxy (in `Pass` mode; `seed`
+    /// seeds their random draws); returns once they agree on a leader.
+    pub async fn start_proxied(flavor: Flavor, size: usize, seed: u64) -> Cluster {
+        Cluster::start_members(flavor, size, Some(seed)).await
+    }
+
+    async fn start_members(flavor: Flavor, size: usize, proxy_seed: Option<u64>) -> Cluster {
         assert!(size >= 1, "a cluster has at least one member");
         let ports = pick_free_ports(2 * size);
         let mut members: Vec<Server> = (0..size)
@@ -48,10 +66,22 @@ impl Cluster {
                 member
             })
             .collect();
-        let initial_cluster = members
+        let proxies: Vec<PeerProxy> = match proxy_seed {
+            Some(seed) => (0..size)
+                .map(|index| PeerProxy::start(members[index].peer_port, seed ^ index as u64))
+                .collect(),
+            None => Vec::new(),
+        };
+        let advertised: Vec<String> = (0..size)
+            .map(|index| match proxies.get(index) {
+                Some(proxy) => proxy.url(),
+                None => members[index].peer_url(),
+            })
+            .collect();
+        let initial_cluster = advertised
             .iter()
             .enumerate()
-            .map(|(index, member)| format!("{}={}", member_name(index), member.peer_url()))
+            .map(|(index, url)| format!("{}={url}", member_name(index)))
             .collect::<Vec<_>>()
             .join(",");
         for (index, member) in members.iter_mut().enumerate() {
@@ -59,6 +89,7 @@ impl Cluster {
                 name: member_name(index),
                 initial_cluster: initial_cluster.clone(),
                 token: CLUSTER_TOKEN.to_string(),
+                advertise_peer_url: advertised[index].clone(),
             });
             member.spawn_child();
         }
@@ -76,6 +107,7 @@ impl Cluster {
         let mut cluster = Cluster {
             members,
             ids: Vec::new(),
+            proxies,
         };
         for index in 0..size {
             let status = cluster.status(index).await;
@@ -185,6 +217,49 @@ impl Cluster {
             hashes.iter().all(|&hash| hash == hashes[0]),
             "HashKV at revision {revision} differs between members: {hashes:?}"
         );
+    }
+
+    /// The peer proxy in front of one member (`start_proxied` only).
+    pub fn proxy(&self, index: usize) -> &PeerProxy {
+        assert!(
+            !self.proxies.is_empty(),
+            "a network fault on a cluster started without peer proxies"
+        );
+        &self.proxies[index]
+    }
+
+    /// Every link between members `a` and `b` gets `mode`, both ways: on each one's proxy,
+    /// for the connections the other dialed.
+    pub fn fault_link(&self, a: usize, b: usize, mode: Mode) {
+        assert_ne!(a, b, "a link joins two members");
+        self.proxy(a).set_sender_mode(self.ids[b], mode);
+        self.proxy(b).set_sender_mode(self.ids[a], mode);
+    }
+
+    /// Every link of member `index` gets `mode`, both ways (its proxy's own connections
+    /// included, those whose sender it could not tell).
+    pub fn fault_member(&self, index: usize, mode: Mode) {
+        self.proxy(index).set_mode(mode);
+        for other in (0..self.size()).filter(|&other| other != index) {
+            self.fault_link(index, other, mode);
+        }
+    }
+
+    /// Cuts member `index` off from the others (its client port still answers).
+    pub fn isolate(&self, index: usize) {
+        self.fault_member(index, Mode::Blackhole);
+    }
+
+    /// Cuts the link between members `a` and `b` only.
+    pub fn partition(&self, a: usize, b: usize) {
+        self.fault_link(a, b, Mode::Blackhole);
+    }
+
+    /// Every proxy back to `Pass`.
+    pub fn heal(&self) {
+        for proxy in &self.proxies {
+            proxy.heal();
+        }
     }
 
     /// Graceful stop of every member.
