@@ -255,6 +255,11 @@ impl Cluster {
         self.fault_link(a, b, Mode::Blackhole);
     }
 
+    /// Connections the proxies reset so far (`Mode::Drop`).
+    pub fn peer_resets(&self) -> u64 {
+        self.proxies.iter().map(PeerProxy::resets).sum()
+    }
+
     /// Every proxy back to `Pass`.
     pub fn heal(&self) {
         for proxy in &self.proxies {
