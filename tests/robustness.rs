@@ -171,6 +171,9 @@ enum Fault {
     PartitionLeader,
     /// The same for a random follower.
     PartitionFollower,
+    /// Only the link between the leader and a random follower is cut for
+    /// `PAST_ELECTION_MS`: each still reaches the third member.
+    PartitionLink,
     /// Every peer link of a random member gets `PEER_LATENCY_MS` each way for
     /// `NETWORK_FAULT_MS`.
     PeerDelay,
@@ -192,6 +195,7 @@ impl Fault {
             Fault::PauseLeader => "leader_sigstop",
             Fault::PartitionLeader => "leader_partition",
             Fault::PartitionFollower => "follower_partition",
+            Fault::PartitionLink => "link_partition",
             Fault::PeerDelay => "peer_delay",
             Fault::PeerReset => "peer_reset",
         }
@@ -218,7 +222,11 @@ impl Fault {
     fn network(self) -> bool {
         matches!(
             self,
-            Fault::PartitionLeader | Fault::PartitionFollower | Fault::PeerDelay | Fault::PeerReset
+            Fault::PartitionLeader
+                | Fault::PartitionFollower
+                | Fault::PartitionLink
+                | Fault::PeerDelay
+                | Fault::PeerReset
         )
     }
 
@@ -291,6 +299,11 @@ async fn cluster_partition_linearizable_across_an_isolated_leader() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_partition_linearizable_across_an_isolated_follower() {
     run_fault_kind(Fault::PartitionFollower).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_partition_linearizable_across_a_cut_link() {
+    run_fault_kind(Fault::PartitionLink).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -978,6 +991,7 @@ async fn inject_faults(
         | Fault::PauseLeader
         | Fault::PartitionLeader
         | Fault::PartitionFollower
+        | Fault::PartitionLink
         | Fault::PeerDelay
         | Fault::PeerReset => CLUSTER_FAULT_INTERVAL_MS,
     };
@@ -1034,16 +1048,17 @@ async fn inject_faults(
                 tokio::time::sleep(Duration::from_millis(length_ms)).await;
                 cluster.resume(leader);
             }
-            Fault::PartitionLeader | Fault::PartitionFollower => {
+            Fault::PartitionLeader | Fault::PartitionFollower | Fault::PartitionLink => {
                 let cluster = subject.cluster();
                 let leader = cluster.leader().await;
-                let victim = match fault {
-                    Fault::PartitionLeader => leader,
-                    _ => (leader + rng.gen_range(1..cluster.size())) % cluster.size(),
-                };
-                cluster.isolate(victim);
-                if victim == leader {
-                    log.leader_faults_ns.push(nanos_since(origin));
+                let follower = (leader + rng.gen_range(1..cluster.size())) % cluster.size();
+                match fault {
+                    Fault::PartitionLeader => {
+                        cluster.isolate(leader);
+                        log.leader_faults_ns.push(nanos_since(origin));
+                    }
+                    Fault::PartitionFollower => cluster.isolate(follower),
+                    _ => cluster.partition(leader, follower),
                 }
                 let length_ms = rng.gen_range(PAST_ELECTION_MS);
                 tokio::time::sleep(Duration::from_millis(length_ms)).await;
