@@ -29,9 +29,10 @@
 //!
 //! Network faults run on a cluster whose members sit behind peer proxies
 //! (tests/common/proxy.rs, `Cluster::start_proxied`): the leader or a follower cut off from
-//! the others for longer than an election timeout, then healed (a leader's recovery time is
-//! measured from the cut); latency added to every peer link of one member; connections of
-//! every member reset at random for a while.
+//! the others, or only the link between the leader and a follower cut, for longer than an
+//! election timeout, then healed (a leader's recovery time is measured from the cut); latency
+//! added to every peer link of one member; connections of every member reset at random for a
+//! while.
 
 mod common;
 mod linearizability;
