@@ -26,6 +26,13 @@
 //! longer than an election timeout. After each cluster round every member must report the
 //! same HashKV at the same revision, and after each leader kill a write must be acknowledged
 //! again: the time from the kill to the first one is the recovery time it prints.
+//!
+//! Network faults run on a cluster whose members sit behind peer proxies
+//! (tests/common/proxy.rs, `Cluster::start_proxied`): the leader or a follower cut off from
+//! the others, or only the link between the leader and a follower cut, for longer than an
+//! election timeout, then healed (a leader's recovery time is measured from the cut); latency
+//! added to every peer link of one member; connections of every member reset at random for a
+//! while.
 
 mod common;
 mod linearizability;
@@ -38,6 +45,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use common::cluster::Cluster;
+use common::proxy::Mode;
 use common::{Flavor, Server};
 use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchFilterType, WatchOptions};
 use ferrocd_engine::fault::ARMED_LOG_LINE;
@@ -122,9 +130,19 @@ const CLUSTER_FAULT_INTERVAL_MS: Range<u64> = 300..1_000;
 const MEMBER_DOWN_MS: Range<u64> = 200..1_000;
 /// etcd's default election timeout, which both servers run with.
 const ELECTION_TIMEOUT_MS: u64 = 1_000;
-/// A paused leader stays frozen for longer than an election timeout (the others elect a new
-/// one) but shorter than `REQUEST_TIMEOUT_MS` (its clients' requests wait it out).
-const LEADER_PAUSE_MS: Range<u64> = ELECTION_TIMEOUT_MS + 500..2_500;
+/// A paused or cut off member stays so for longer than an election timeout (the others
+/// elect a new leader) but shorter than `REQUEST_TIMEOUT_MS` (its clients' requests wait it
+/// out).
+const PAST_ELECTION_MS: Range<u64> = ELECTION_TIMEOUT_MS + 500..2_500;
+/// How long latency or connection resets last.
+const NETWORK_FAULT_MS: Range<u64> = 1_000..2_500;
+/// Latency added to each chunk of a delayed member's peer links, each way, and its jitter:
+/// from below etcd's 100 ms heartbeat interval to a few of them.
+const PEER_LATENCY_MS: Range<u64> = 20..300;
+const PEER_JITTER_MS: u64 = 50;
+/// While connections are reset, each chunk a proxy forwards cuts its connection with this
+/// chance (1 in N).
+const RESET_ONE_IN_CHUNKS: u32 = 32;
 
 /// The checker gives up (and the round fails) past these.
 const CHECK_BUDGET: Budget = Budget {
@@ -148,8 +166,20 @@ enum Fault {
     KillLeader,
     /// A cluster's follower is killed, and restarted after `MEMBER_DOWN_MS`.
     KillFollower,
-    /// A cluster's leader is frozen for `LEADER_PAUSE_MS`.
+    /// A cluster's leader is frozen for `PAST_ELECTION_MS`.
     PauseLeader,
+    /// A cluster's leader is cut off from the others for `PAST_ELECTION_MS`, then healed.
+    PartitionLeader,
+    /// The same for a random follower.
+    PartitionFollower,
+    /// Only the link between the leader and a random follower is cut for
+    /// `PAST_ELECTION_MS`: each still reaches the third member.
+    PartitionLink,
+    /// Every peer link of a random member gets `PEER_LATENCY_MS` each way for
+    /// `NETWORK_FAULT_MS`.
+    PeerDelay,
+    /// Every peer connection may be reset (`RESET_ONE_IN_CHUNKS`) for `NETWORK_FAULT_MS`.
+    PeerReset,
 }
 
 impl Fault {
@@ -164,6 +194,11 @@ impl Fault {
             Fault::KillLeader => "leader_kill9",
             Fault::KillFollower => "follower_kill9",
             Fault::PauseLeader => "leader_sigstop",
+            Fault::PartitionLeader => "leader_partition",
+            Fault::PartitionFollower => "follower_partition",
+            Fault::PartitionLink => "link_partition",
+            Fault::PeerDelay => "peer_delay",
+            Fault::PeerReset => "peer_reset",
         }
     }
 
@@ -177,9 +212,22 @@ impl Fault {
 
     /// Faults of a 3-member cluster (the others run on a single server).
     fn clustered(self) -> bool {
+        self.network()
+            || matches!(
+                self,
+                Fault::KillLeader | Fault::KillFollower | Fault::PauseLeader
+            )
+    }
+
+    /// Faults of the network between a cluster's members (members behind peer proxies).
+    fn network(self) -> bool {
         matches!(
             self,
-            Fault::KillLeader | Fault::KillFollower | Fault::PauseLeader
+            Fault::PartitionLeader
+                | Fault::PartitionFollower
+                | Fault::PartitionLink
+                | Fault::PeerDelay
+                | Fault::PeerReset
         )
     }
 
@@ -242,6 +290,31 @@ async fn cluster_linearizable_across_follower_kill9_and_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_linearizable_across_a_leader_paused_past_an_election() {
     run_fault_kind(Fault::PauseLeader).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_partition_linearizable_across_an_isolated_leader() {
+    run_fault_kind(Fault::PartitionLeader).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_partition_linearizable_across_an_isolated_follower() {
+    run_fault_kind(Fault::PartitionFollower).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_partition_linearizable_across_a_cut_link() {
+    run_fault_kind(Fault::PartitionLink).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_delay_linearizable_across_peer_latency() {
+    run_fault_kind(Fault::PeerDelay).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_drop_linearizable_across_peer_connection_resets() {
+    run_fault_kind(Fault::PeerReset).await;
 }
 
 /// The pipeline can fail: a real history, recorded from the server under test, is accepted
@@ -347,7 +420,9 @@ async fn run_fault_kind(fault: Fault) {
         );
         return;
     }
-    let mut subject = if fault.clustered() {
+    let mut subject = if fault.network() {
+        Subject::Cluster(Cluster::start_proxied(flavor, CLUSTER_MEMBERS, base_seed).await)
+    } else if fault.clustered() {
         Subject::Cluster(Cluster::start_flavor(flavor, CLUSTER_MEMBERS).await)
     } else {
         Subject::Single(Box::new(Server::subject_flavor(flavor).await))
@@ -422,10 +497,13 @@ struct Figures {
     watch_resumptions: u64,
     /// Watches from a compacted revision that ended with `compact_revision` set.
     compacted_watches: u64,
-    /// Leader kills, and the time from each to the first write acknowledged after it.
-    leader_kills: u64,
+    /// Leader kills or partitions, and the time from each to the first write acknowledged
+    /// after it.
+    leader_faults: u64,
     max_recovery_ms: u64,
     sum_recovery_ms: u64,
+    /// Peer connections reset by the proxies.
+    peer_resets: u64,
 }
 
 impl Figures {
@@ -443,9 +521,10 @@ impl Figures {
         self.watch_events += other.watch_events;
         self.watch_resumptions += other.watch_resumptions;
         self.compacted_watches += other.compacted_watches;
-        self.leader_kills += other.leader_kills;
+        self.leader_faults += other.leader_faults;
         self.max_recovery_ms = self.max_recovery_ms.max(other.max_recovery_ms);
         self.sum_recovery_ms += other.sum_recovery_ms;
+        self.peer_resets += other.peer_resets;
     }
 }
 
@@ -471,14 +550,17 @@ impl std::fmt::Display for Figures {
             self.watch_resumptions,
             self.compacted_watches
         )?;
-        if self.leader_kills > 0 {
+        if self.leader_faults > 0 {
             write!(
                 f,
-                ", leader kills {} (recovery max {} ms, mean {} ms)",
-                self.leader_kills,
+                ", leader faults {} (recovery max {} ms, mean {} ms)",
+                self.leader_faults,
                 self.max_recovery_ms,
-                self.sum_recovery_ms / self.leader_kills
+                self.sum_recovery_ms / self.leader_faults
             )?;
+        }
+        if self.peer_resets > 0 {
+            write!(f, ", peer connections reset {}", self.peer_resets)?;
         }
         Ok(())
     }
@@ -581,13 +663,10 @@ async fn run_round(
     if let Subject::Cluster(cluster) = subject {
         cluster.assert_converged(cluster.leader().await).await;
     }
-    let leader_kills = match fault {
-        Fault::KillLeader => recorded.kills_ns.as_slice(),
-        _ => &[],
-    };
-    let recoveries_ms: Vec<u64> = leader_kills
+    let recoveries_ms: Vec<u64> = recorded
+        .leader_faults_ns
         .iter()
-        .map(|&kill_ns| recovery_ms(history, kill_ns, context))
+        .map(|&fault_ns| recovery_ms(history, fault_ns, context))
         .collect();
     Figures {
         histories: 1,
@@ -603,28 +682,29 @@ async fn run_round(
         watch_events: watches.events,
         watch_resumptions: watches.resumptions,
         compacted_watches,
-        leader_kills: recoveries_ms.len() as u64,
+        leader_faults: recoveries_ms.len() as u64,
         max_recovery_ms: recoveries_ms.iter().copied().max().unwrap_or(0),
         sum_recovery_ms: recoveries_ms.iter().sum(),
+        peer_resets: recorded.peer_resets,
     }
 }
 
-/// The time from a leader kill to the first write acknowledged after it (sent after it:
-/// one in flight at the kill may have been committed before). Panics if none was: the
-/// round leaves `CLUSTER_FAULT_ROOM_MS` of traffic after its last fault.
-fn recovery_ms(history: &[Op], kill_ns: u64, context: &str) -> u64 {
+/// The time from a leader kill or partition to the first write acknowledged after it (sent
+/// after it: one in flight at the fault may have been committed before). Panics if none
+/// was: the round leaves `CLUSTER_FAULT_ROOM_MS` of traffic after its last fault.
+fn recovery_ms(history: &[Op], fault_ns: u64, context: &str) -> u64 {
     let first_ack_ns = history
         .iter()
-        .filter(|op| op.call_ns >= kill_ns && !acknowledged_writes(op).is_empty())
+        .filter(|op| op.call_ns >= fault_ns && !acknowledged_writes(op).is_empty())
         .map(|op| op.return_ns)
         .min()
         .unwrap_or_else(|| {
             panic!(
-                "{context}: no write acknowledged after the leader kill at {} ms",
-                kill_ns / 1_000_000
+                "{context}: no write acknowledged after the leader fault at {} ms",
+                fault_ns / 1_000_000
             )
         });
-    (first_ack_ns - kill_ns) / 1_000_000
+    (first_ack_ns - fault_ns) / 1_000_000
 }
 
 /// Checks the reference events against the key space before and after the round, then every
@@ -663,8 +743,9 @@ struct Recorded {
     init: State,
     history: Vec<Op>,
     faults: u64,
-    /// When each killed process was dead, in ns since the round's origin.
-    kills_ns: Vec<u64>,
+    /// When each leader kill or partition struck, in ns since the round's origin.
+    leader_faults_ns: Vec<u64>,
+    peer_resets: u64,
     definite_failures: u64,
     /// The reference watch's events, from the round's first revision to the final read's.
     reference: Vec<Event>,
@@ -769,7 +850,8 @@ async fn record_round(
         init,
         history,
         faults: faults.count,
-        kills_ns: faults.kills_ns,
+        leader_faults_ns: faults.leader_faults_ns,
+        peer_resets: faults.peer_resets,
         definite_failures,
         reference,
         watches,
@@ -871,6 +953,10 @@ struct FaultLog {
     /// Each disk fault: when it was in effect and when the server was dead, in ns since the
     /// round's origin.
     disk_faults_ns: Vec<(u64, u64)>,
+    /// When each leader kill or partition struck, in ns since the round's origin.
+    leader_faults_ns: Vec<u64>,
+    /// Peer connections the proxies reset.
+    peer_resets: u64,
 }
 
 /// The fault task: injects `fault` at random intervals until `deadline` (a cluster fault
@@ -901,7 +987,14 @@ async fn inject_faults(
             log.count += 1;
             return log;
         }
-        Fault::KillLeader | Fault::KillFollower | Fault::PauseLeader => CLUSTER_FAULT_INTERVAL_MS,
+        Fault::KillLeader
+        | Fault::KillFollower
+        | Fault::PauseLeader
+        | Fault::PartitionLeader
+        | Fault::PartitionFollower
+        | Fault::PartitionLink
+        | Fault::PeerDelay
+        | Fault::PeerReset => CLUSTER_FAULT_INTERVAL_MS,
     };
     let last_start = if fault.clustered() {
         deadline - Duration::from_millis(CLUSTER_FAULT_ROOM_MS)
@@ -942,15 +1035,60 @@ async fn inject_faults(
                 };
                 let down_ms = rng.gen_range(MEMBER_DOWN_MS);
                 let kill = kill_member_and_restart(cluster, victim, down_ms, shared, origin);
-                log.kills_ns.push(kill.await);
+                let kill_ns = kill.await;
+                log.kills_ns.push(kill_ns);
+                if victim == leader {
+                    log.leader_faults_ns.push(kill_ns);
+                }
             }
             Fault::PauseLeader => {
                 let cluster = subject.cluster();
                 let leader = cluster.leader().await;
                 cluster.pause(leader);
-                let length_ms = rng.gen_range(LEADER_PAUSE_MS);
+                let length_ms = rng.gen_range(PAST_ELECTION_MS);
                 tokio::time::sleep(Duration::from_millis(length_ms)).await;
                 cluster.resume(leader);
+            }
+            Fault::PartitionLeader | Fault::PartitionFollower | Fault::PartitionLink => {
+                let cluster = subject.cluster();
+                let leader = cluster.leader().await;
+                let follower = (leader + rng.gen_range(1..cluster.size())) % cluster.size();
+                match fault {
+                    Fault::PartitionLeader => {
+                        cluster.isolate(leader);
+                        log.leader_faults_ns.push(nanos_since(origin));
+                    }
+                    Fault::PartitionFollower => cluster.isolate(follower),
+                    _ => cluster.partition(leader, follower),
+                }
+                let length_ms = rng.gen_range(PAST_ELECTION_MS);
+                tokio::time::sleep(Duration::from_millis(length_ms)).await;
+                cluster.heal();
+            }
+            Fault::PeerDelay | Fault::PeerReset => {
+                let cluster = subject.cluster();
+                match fault {
+                    Fault::PeerDelay => {
+                        let mode = Mode::Delay {
+                            latency_ms: rng.gen_range(PEER_LATENCY_MS),
+                            jitter_ms: PEER_JITTER_MS,
+                        };
+                        cluster.fault_member(rng.gen_range(0..cluster.size()), mode);
+                    }
+                    _ => {
+                        let mode = Mode::Drop {
+                            one_in_chunks: RESET_ONE_IN_CHUNKS,
+                        };
+                        for member in 0..cluster.size() {
+                            cluster.fault_member(member, mode);
+                        }
+                    }
+                }
+                let resets_before = cluster.peer_resets();
+                let length_ms = rng.gen_range(NETWORK_FAULT_MS);
+                tokio::time::sleep(Duration::from_millis(length_ms)).await;
+                cluster.heal();
+                log.peer_resets += cluster.peer_resets() - resets_before;
             }
             Fault::None | Fault::FsyncError | Fault::DiskFull => {
                 unreachable!("no repeated faults to inject")

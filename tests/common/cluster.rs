@@ -3,11 +3,17 @@
 //! `--initial-cluster`, and the cluster counts as up once every running member reports the
 //! same leader (Maintenance Status on each). Members are `Server`s, so they are killed when
 //! the cluster is dropped, and their logs are printed when a test fails.
+//!
+//! `start_proxied` puts every member behind a fault-injecting proxy (proxy.rs): it listens on
+//! its real peer port and advertises its proxy's, so that every peer connection to it passes
+//! the proxy, and `isolate`, `partition`, `fault_member` and `heal` cut or slow the links
+//! between members (the same flags for etcd and ferrocd, so the same faults run on both).
 
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, ConnectOptions, StatusResponse};
 
+use super::proxy::{Mode, PeerProxy};
 use super::{pick_free_ports, Flavor, Membership, Server};
 
 /// How long the members may take to agree on a leader (start-up, or after a kill: several
@@ -28,6 +34,8 @@ pub struct Cluster {
     members: Vec<Server>,
     /// Each member's id, as its Status header reports it (stable across restarts).
     ids: Vec<u64>,
+    /// Each member's peer proxy, in member order; empty unless `start_proxied`.
+    proxies: Vec<PeerProxy>,
 }
 
 impl Cluster {
@@ -38,7 +46,13 @@ impl Cluster {
 
     /// `size` members of `flavor`, started together; returns once they agree on a leader.
     pub async fn start_flavor(flavor: Flavor, size: usize) -> Cluster {
-        Cluster::start_configured(flavor, size, |_| {}).await
+        Cluster::start_members(flavor, size, None, |_| {}).await
+    }
+
+    /// `size` members of `flavor`, each behind its own peer proxy (in `Pass` mode; `seed`
+    /// seeds their random draws); returns once they agree on a leader.
+    pub async fn start_proxied(flavor: Flavor, size: usize, seed: u64) -> Cluster {
+        Cluster::start_members(flavor, size, Some(seed), |_| {}).await
     }
 
     /// As `start_flavor`, with peer TLS: `https://` peer URLs and `peer_tls_args` (the
@@ -49,13 +63,15 @@ impl Cluster {
         peer_tls_args: &[String],
     ) -> Cluster {
         let configure = |member: &mut Server| member.peer_tls_args = Some(peer_tls_args.to_vec());
-        Cluster::start_configured(flavor, size, configure).await
+        Cluster::start_members(flavor, size, None, configure).await
     }
 
-    /// As `start_flavor`, with `configure` applied to each member before any starts.
-    async fn start_configured(
+    /// Starts the members (behind proxies with `proxy_seed`), `configure` applied to each
+    /// before any starts.
+    async fn start_members(
         flavor: Flavor,
         size: usize,
+        proxy_seed: Option<u64>,
         configure: impl Fn(&mut Server),
     ) -> Cluster {
         assert!(size >= 1, "a cluster has at least one member");
@@ -69,10 +85,22 @@ impl Cluster {
                 member
             })
             .collect();
-        let initial_cluster = members
+        let proxies: Vec<PeerProxy> = match proxy_seed {
+            Some(seed) => (0..size)
+                .map(|index| PeerProxy::start(members[index].peer_port, seed ^ index as u64))
+                .collect(),
+            None => Vec::new(),
+        };
+        let advertised: Vec<String> = (0..size)
+            .map(|index| match proxies.get(index) {
+                Some(proxy) => proxy.url(),
+                None => members[index].peer_url(),
+            })
+            .collect();
+        let initial_cluster = advertised
             .iter()
             .enumerate()
-            .map(|(index, member)| format!("{}={}", member_name(index), member.peer_url()))
+            .map(|(index, url)| format!("{}={url}", member_name(index)))
             .collect::<Vec<_>>()
             .join(",");
         for (index, member) in members.iter_mut().enumerate() {
@@ -80,6 +108,7 @@ impl Cluster {
                 name: member_name(index),
                 initial_cluster: initial_cluster.clone(),
                 token: CLUSTER_TOKEN.to_string(),
+                advertise_peer_url: advertised[index].clone(),
             });
             member.spawn_child();
         }
@@ -97,6 +126,7 @@ impl Cluster {
         let mut cluster = Cluster {
             members,
             ids: Vec::new(),
+            proxies,
         };
         for index in 0..size {
             let status = cluster.status(index).await;
@@ -206,6 +236,54 @@ impl Cluster {
             hashes.iter().all(|&hash| hash == hashes[0]),
             "HashKV at revision {revision} differs between members: {hashes:?}"
         );
+    }
+
+    /// The peer proxy in front of one member (`start_proxied` only).
+    pub fn proxy(&self, index: usize) -> &PeerProxy {
+        assert!(
+            !self.proxies.is_empty(),
+            "a network fault on a cluster started without peer proxies"
+        );
+        &self.proxies[index]
+    }
+
+    /// Every link between members `a` and `b` gets `mode`, both ways: on each one's proxy,
+    /// for the connections the other dialed.
+    pub fn fault_link(&self, a: usize, b: usize, mode: Mode) {
+        assert_ne!(a, b, "a link joins two members");
+        self.proxy(a).set_sender_mode(self.ids[b], mode);
+        self.proxy(b).set_sender_mode(self.ids[a], mode);
+    }
+
+    /// Every link of member `index` gets `mode`, both ways (its proxy's own connections
+    /// included, those whose sender it could not tell).
+    pub fn fault_member(&self, index: usize, mode: Mode) {
+        self.proxy(index).set_mode(mode);
+        for other in (0..self.size()).filter(|&other| other != index) {
+            self.fault_link(index, other, mode);
+        }
+    }
+
+    /// Cuts member `index` off from the others (its client port still answers).
+    pub fn isolate(&self, index: usize) {
+        self.fault_member(index, Mode::Blackhole);
+    }
+
+    /// Cuts the link between members `a` and `b` only.
+    pub fn partition(&self, a: usize, b: usize) {
+        self.fault_link(a, b, Mode::Blackhole);
+    }
+
+    /// Connections the proxies reset so far (`Mode::Drop`).
+    pub fn peer_resets(&self) -> u64 {
+        self.proxies.iter().map(PeerProxy::resets).sum()
+    }
+
+    /// Every proxy back to `Pass`.
+    pub fn heal(&self) {
+        for proxy in &self.proxies {
+            proxy.heal();
+        }
     }
 
     /// Graceful stop of every member.

@@ -16,6 +16,7 @@ use etcd_client::{Client, ConnectOptions, KvClient, TlsOptions};
 use tempfile::TempDir;
 
 pub mod cluster;
+pub mod proxy;
 
 /// Environment variable that picks the server under test: `etcd` or `ferrocd` (the default).
 /// `FERROCD_TEST_SERVER=etcd` runs every comparison etcd against etcd, which validates the
@@ -113,9 +114,11 @@ pub struct Server {
 #[derive(Debug, Clone)]
 struct Membership {
     name: String,
-    /// `n1=http://127.0.0.1:P1,n2=...`: every member's name and peer URL.
+    /// `n1=http://127.0.0.1:P1,n2=...`: every member's name and advertised peer URL.
     initial_cluster: String,
     token: String,
+    /// The peer URL the others reach it at: its own, or its proxy's (cluster.rs).
+    advertise_peer_url: String,
 }
 
 impl Server {
@@ -403,9 +406,17 @@ impl Server {
     fn args(&self) -> Vec<String> {
         let client_url = self.endpoint();
         let peer_url = self.peer_url();
-        let (name, initial_cluster) = match &self.membership {
-            Some(member) => (member.name.clone(), member.initial_cluster.clone()),
-            None => ("node1".to_string(), format!("node1={peer_url}")),
+        let (name, initial_cluster, advertise_peer_url) = match &self.membership {
+            Some(member) => (
+                member.name.clone(),
+                member.initial_cluster.clone(),
+                member.advertise_peer_url.clone(),
+            ),
+            None => (
+                "node1".to_string(),
+                format!("node1={peer_url}"),
+                peer_url.clone(),
+            ),
         };
         let mut args: Vec<String> = vec![
             "--name".into(),
@@ -417,9 +428,9 @@ impl Server {
             "--advertise-client-urls".into(),
             client_url,
             "--listen-peer-urls".into(),
-            peer_url.clone(),
+            peer_url,
             "--initial-advertise-peer-urls".into(),
-            peer_url.clone(),
+            advertise_peer_url,
             "--initial-cluster".into(),
             initial_cluster,
         ];

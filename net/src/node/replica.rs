@@ -687,6 +687,10 @@ impl Replica {
         if before.0 == me {
             self.step_down();
         }
+        // Read points asked of the previous leader may never come (it may be cut off or
+        // gone): their readers fail now with `LeaderChanged`, as etcd's, instead of waiting for
+        // the request timeout, and may retry at once.
+        self.reads_asked.borrow_mut().clear();
         self.shared.role.set_leader(now.0, now.1);
         self.progress.notify(usize::MAX);
     }
@@ -695,8 +699,6 @@ impl Replica {
         for (_, (_, proposed)) in std::mem::take(&mut *self.proposed.borrow_mut()) {
             let _ = proposed.send(Err(KvError::LeaderChanged));
         }
-        // Read points asked as leader may never come: their readers time out or retry.
-        self.reads_asked.borrow_mut().clear();
         self.shared.seq.abandon();
     }
 
