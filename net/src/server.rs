@@ -49,6 +49,8 @@ use ferrocd_raft::sequencer::Sequencer;
 use ferrocd_raft::storage::{ConfState, SnapshotMeta};
 use ferrocd_raft::wal_store::WalLogStore;
 use glommio::{LocalExecutorBuilder, Placement};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -181,9 +183,9 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
         token: config.initial_cluster_token.clone(),
         advertise_peer_urls: config.advertise_peer_urls.clone(),
     };
-    let (identity, members) = recovery::open_identity(&config.data_dir, config.shards, &bootstrap)?;
+    let (identity, initial) = recovery::open_identity(&config.data_dir, config.shards, &bootstrap)?;
     // Several members: the meta log is a Raft log whose first membership is all of them.
-    let raft_initial = (members.len() > 1).then(|| bootstrap_point(&members));
+    let raft_initial = (initial.len() > 1).then(|| bootstrap_point(&initial));
     let Recovered {
         stores,
         checkpointers,
@@ -195,11 +197,18 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
         meta_state,
         meta_touched,
         meta_checkpoint_index,
+        membership_changes,
     } = recovery::recover(
         &config.data_dir,
         config.shards,
         config.lease,
         raft_initial.clone(),
+    )?;
+    let members = crate::members::recover_current(
+        &config.data_dir,
+        identity.member_id,
+        initial,
+        &membership_changes,
     )?;
     // Bind every address once here so a busy port is reported before anything starts.
     for url in &config.listen_client {
@@ -275,6 +284,7 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
             path: recovery::meta_checkpoint_path(&config.data_dir),
             bounds: config.checkpoint,
         },
+        data_dir: config.data_dir.clone(),
     };
     let raft = raft_initial.map(|initial| RaftMeta {
         initial,
@@ -468,19 +478,66 @@ async fn publish_in_cluster(shared: &Arc<Shared>, config: &NodeConfig) {
     }
 }
 
-impl CoreSetup {
-    /// Clustered: this core connects to the same core of every other member.
-    fn dial_members(&self, peer_core: &PeerCore) -> Result<(), String> {
-        let me = self.shared.identity.member_id;
-        for member in self.shared.members.list() {
-            if member.id == me {
-                continue;
-            }
+/// Every other member's peer address (its first peer URL), by id.
+fn peer_addrs(shared: &Shared) -> Result<BTreeMap<u64, SocketAddr>, String> {
+    let me = shared.identity.member_id;
+    let others = shared.members.list().into_iter().filter(|m| m.id != me);
+    others
+        .map(|member| {
             let url = member.peer_urls.first().ok_or_else(|| {
                 format!("member {:x} ({}) has no peer URL", member.id, member.name)
             })?;
-            peer_core.add_peer(member.id, parse_peer_url(url)?);
+            Ok((member.id, parse_peer_url(url)?))
+        })
+        .collect()
+}
+
+/// Keeps this core's peer connections to the members in the table: a member added is dialed,
+/// a member removed is dropped, one whose peer URL changed is dialed again there.
+async fn follow_members(
+    shared: Arc<Shared>,
+    peer: PeerCore,
+    mut dialed: BTreeMap<u64, SocketAddr>,
+) {
+    let table = &shared.members;
+    let mut seen = table.version();
+    loop {
+        wait_until(table.changed(), || table.version() != seen).await;
+        seen = table.version();
+        let wanted = match peer_addrs(&shared) {
+            Ok(wanted) => wanted,
+            Err(e) => {
+                crate::warn!("a member's peer URL is not usable", error = e);
+                continue;
+            }
+        };
+        for gone in dialed.keys().filter(|id| !wanted.contains_key(id)) {
+            peer.remove_peer(*gone);
         }
+        for (&member, &addr) in &wanted {
+            if dialed.get(&member) != Some(&addr) {
+                peer.add_peer(member, addr);
+            }
+        }
+        dialed = wanted;
+    }
+}
+
+impl CoreSetup {
+    /// Clustered: this core connects to the same core of every other member.
+    /// Dials every member now, then follows the member table (membership changes) until
+    /// shutdown.
+    fn dial_members(&self, peer_core: &PeerCore) -> Result<(), String> {
+        let dialed = peer_addrs(&self.shared)?;
+        for (&member, &addr) in &dialed {
+            peer_core.add_peer(member, addr);
+        }
+        let follow = follow_members(self.shared.clone(), peer_core.clone(), dialed);
+        let shutdown = self.shutdown.clone();
+        glommio::spawn_local(
+            async move { futures_lite::future::or(follow, shutdown.wait()).await },
+        )
+        .detach();
         Ok(())
     }
 

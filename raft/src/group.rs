@@ -14,8 +14,8 @@ use raft::eraftpb::{self, ConfChangeSingle, ConfChangeType, ConfChangeV2, Messag
 use raft::{RawNode, ReadOnlyOption, StateRole};
 
 use crate::storage::{
-    conf_at, conf_from_raft, entry_from_raft, hard_state_from_raft, snapshot_from_raft, ConfState, Entry,
-    EntryKind, LogStore, RaftStore, Snapshot,
+    conf_at, conf_from_raft, entry_from_raft, hard_state_from_raft, snapshot_from_raft, ConfState,
+    Entry, EntryKind, LogStore, RaftStore, Snapshot,
 };
 
 /// Timing and flow-control settings of a group; one tick is the owner's clock period.
@@ -79,7 +79,9 @@ pub struct GroupReady {
 pub struct PeerProgress {
     pub member: u64,
     pub matched: u64,
-    /// Heard from within the last election timeout (raft-rs's check-quorum activity).
+    /// Heard from within the last election timeout (raft-rs's check-quorum activity) and
+    /// answered an append of this leader: raft-rs counts a member it just added as active
+    /// before it ever answered.
     pub active: bool,
 }
 
@@ -186,7 +188,7 @@ impl<S: LogStore> Group<S> {
             .map(|(&member, pr)| PeerProgress {
                 member,
                 matched: pr.matched,
-                active: pr.recent_active,
+                active: pr.recent_active && pr.matched > 0,
             })
             .collect();
         progress.sort_by_key(|p| p.member);

@@ -133,7 +133,8 @@ impl<S: LogStore> Node<S> {
         change: MembershipChange,
         context: Vec<u8>,
     ) -> Result<u64, ProposeError> {
-        self.group_or_panic(group).propose_membership(change, context)
+        self.group_or_panic(group)
+            .propose_membership(change, context)
     }
 
     pub fn read_index(&mut self, group: GroupId, context: Vec<u8>) {

@@ -30,7 +30,7 @@ use ferrocd_engine::mvcc::codec::{decode, LogPayload};
 use ferrocd_engine::mvcc::Store;
 use ferrocd_engine::replay::{Origin, Replay};
 use ferrocd_engine::wal::{read_dir, RecordKind, Recovered as WalRecovered};
-use ferrocd_raft::storage::{EntryKind, SnapshotMeta};
+use ferrocd_raft::storage::{Entry, EntryKind, SnapshotMeta};
 use ferrocd_raft::wal_store::committed_entries;
 use std::collections::BTreeMap;
 use std::fs;
@@ -293,11 +293,15 @@ pub struct Recovered {
     pub meta_touched: Vec<i64>,
     /// The meta WAL index the meta checkpoint covers (0: no checkpoint).
     pub meta_checkpoint_index: u64,
+    /// The committed membership changes still in the meta log, in order (a cluster member).
+    pub membership_changes: Vec<Entry>,
 }
 
 /// One log's entries with their indexes.
 struct LogContents {
     payloads: Vec<(u64, LogPayload)>,
+    /// A Raft log's committed membership changes, in order.
+    membership: Vec<Entry>,
     next_index: u64,
     wal: WalRecovered,
 }
@@ -325,6 +329,7 @@ fn read_log(dir: &Path) -> Result<LogContents, String> {
     let next_index = payloads.last().map_or(1, |(index, _)| index + 1);
     Ok(LogContents {
         payloads,
+        membership: Vec::new(),
         next_index,
         wal,
     })
@@ -343,8 +348,10 @@ fn read_raft_log(dir: &Path, initial: SnapshotMeta) -> Result<LogContents, Strin
         .iter()
         .filter(|e| e.kind == EntryKind::Normal && !e.data.is_empty());
     let payloads = decode_entries(dir, ours.map(|e| (e.index, e.data.as_slice())))?;
+    let membership = entries.iter().filter(|e| e.kind == EntryKind::ConfChange);
     Ok(LogContents {
         payloads,
+        membership: membership.cloned().collect(),
         next_index,
         wal,
     })
@@ -440,6 +447,7 @@ pub fn recover(
         .map(|c| c.meta().covered_revision)
         .min();
     let mut last_logged_rev = 0;
+    let membership_changes = meta.membership;
     for (index, payload) in meta.payloads {
         // Non-KV effects from above the checkpoint only: it holds those of the others.
         if index > checkpoint_index {
@@ -485,6 +493,7 @@ pub fn recover(
         meta_state,
         meta_touched,
         meta_checkpoint_index: checkpoint_index,
+        membership_changes,
     })
 }
 
