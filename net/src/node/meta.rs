@@ -851,13 +851,14 @@ impl Meta {
 /// etcd's message for a member that learns it was removed.
 pub const REMOVED: &str = "the member has been permanently removed from the cluster";
 
-/// etcd's end for a removed member: the process stops (its data dir cannot serve again). It
-/// waits `grace` first, so that a leader's answer to its own removal leaves.
+/// etcd's end for a removed member: the process stops, with status 0 as etcd's (its data dir
+/// cannot serve again: start-up refuses it). It waits `grace` first, so that a leader's answer
+/// to its own removal leaves.
 fn stop_removed(grace: Duration) {
     glommio::spawn_local(async move {
         glommio::timer::sleep(grace).await;
-        crate::fatal!("stopping the process", error = REMOVED);
-        std::process::exit(1);
+        crate::error!("stopping the process", error = REMOVED);
+        std::process::exit(0);
     })
     .detach();
 }

@@ -1,0 +1,188 @@
+//! Membership changes of a 3-member cluster of the server under test (`FERROCD_TEST_SERVER`,
+//! default ferrocd; `etcd` runs the same checks on a real etcd cluster): etcdctl's member
+//! commands and etcd's errors (`etcdctl_members.sh`), a member removed under load (it stops,
+//! the others keep serving), and the membership kept across a restart of every member.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::cluster::{eventually, member_name, Cluster};
+use common::{run_script, Flavor};
+use etcd_client::{Client, ConnectOptions, MemberAddOptions};
+
+const MEMBERS: usize = 3;
+const SCRIPT_TIMEOUT_S: u32 = 90;
+/// The load while a member is removed: at most this many puts, or this long.
+const LOAD_MAX_PUTS: usize = 2_000;
+const LOAD_MAX_DURATION_MS: u64 = 20_000;
+/// Acknowledged puts before the removal, and after it (the rest keep serving).
+const PUTS_BEFORE_REMOVAL: usize = 20;
+const PUTS_AFTER_REMOVAL: usize = 20;
+/// Bound on anything the cluster does by itself (a removed member stopping, load progress).
+const SETTLE_TIMEOUT_MS: u64 = 15_000;
+const POLL_MS: u64 = 50;
+/// etcd's message for a member that learns it was removed.
+const REMOVED: &str = "the member has been permanently removed from the cluster";
+
+/// `count` peer URLs on ports nothing listens on: members that are added but never started.
+fn spare_peer_urls(count: usize) -> Vec<String> {
+    let listeners: Vec<std::net::TcpListener> = (0..count)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
+        .collect();
+    let port = |l: &std::net::TcpListener| l.local_addr().expect("bound").port();
+    listeners
+        .iter()
+        .map(|l| format!("http://127.0.0.1:{}", port(l)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_member_commands() {
+    const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/etcdctl_members.sh");
+    let cluster = Cluster::start(MEMBERS).await;
+    let members = cluster.endpoints().into_iter().enumerate();
+    let mut args = vec![spare_peer_urls(3).join(",")];
+    args.extend(members.map(|(index, endpoint)| format!("{}={endpoint}", member_name(index))));
+    run_script(SCRIPT, &args, cluster.flavor(), SCRIPT_TIMEOUT_S);
+}
+
+/// Each member as (id, peer URLs, learner), by id.
+async fn membership(client: &mut Client) -> Vec<(u64, Vec<String>, bool)> {
+    let list = client.member_list().await.expect("member list");
+    let mut members: Vec<_> = list
+        .members()
+        .iter()
+        .map(|m| (m.id(), m.peer_urls().to_vec(), m.is_learner()))
+        .collect();
+    members.sort();
+    members
+}
+
+/// Puts through `endpoint` until `stop` (bounded in count and time), counting acknowledgements.
+async fn load(endpoint: String, stop: Arc<AtomicBool>, acked: Arc<AtomicUsize>) {
+    let options = ConnectOptions::new().with_timeout(Duration::from_millis(5_000));
+    let mut client = Client::connect([endpoint], Some(options))
+        .await
+        .expect("load client");
+    let started = Instant::now();
+    for i in 0..LOAD_MAX_PUTS {
+        let elapsed = started.elapsed() > Duration::from_millis(LOAD_MAX_DURATION_MS);
+        if stop.load(Ordering::SeqCst) || elapsed {
+            return;
+        }
+        if client.put(format!("load/{i}"), "v", None).await.is_ok() {
+            acked.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+async fn wait_acked(acked: &AtomicUsize, at_least: usize) {
+    eventually("acknowledged puts", SETTLE_TIMEOUT_MS, POLL_MS, || async {
+        (acked.load(Ordering::SeqCst) >= at_least).then_some(())
+    })
+    .await;
+}
+
+/// MemberRemove, retried while the leader calls the cluster unhealthy (etcd wants every voter
+/// connected for 5 s first).
+async fn remove_when_healthy(client: &mut Client, id: u64) -> etcd_client::MemberRemoveResponse {
+    let deadline = Instant::now() + Duration::from_millis(SETTLE_TIMEOUT_MS);
+    loop {
+        match client.member_remove(id).await {
+            Ok(answer) => return answer,
+            Err(e) if e.to_string().contains("unhealthy cluster") && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(POLL_MS)).await
+            }
+            Err(e) => panic!("member remove: {e}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_removed_under_load_stops_and_the_membership_survives_restarts() {
+    let mut cluster = Cluster::start(MEMBERS).await;
+    let leader = cluster.leader().await;
+    let removed = (leader + 1) % MEMBERS;
+    let writer = (leader + 2) % MEMBERS;
+    let (stop, acked) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let endpoint = cluster.member(writer).endpoint();
+    let load = tokio::spawn(load(endpoint, stop.clone(), acked.clone()));
+    wait_acked(&acked, PUTS_BEFORE_REMOVAL).await;
+
+    let mut client = cluster.client(leader).await;
+    let removed_id = cluster.member_id(removed);
+    let answer = remove_when_healthy(&mut client, removed_id).await;
+    let mut left: Vec<u64> = answer.members().iter().map(|m| m.id()).collect();
+    left.sort();
+    let mut expected = vec![cluster.member_id(leader), cluster.member_id(writer)];
+    expected.sort();
+    assert_eq!(left, expected, "the answer lists the members left");
+
+    // The removed member learns it from the log and stops serving.
+    let removed_endpoint = cluster.member(removed).endpoint();
+    eventually(
+        "the removed member stops",
+        SETTLE_TIMEOUT_MS,
+        POLL_MS,
+        || {
+            let endpoint = removed_endpoint.clone();
+            async move {
+                let options = ConnectOptions::new()
+                    .with_connect_timeout(Duration::from_millis(500))
+                    .with_timeout(Duration::from_millis(500));
+                let client = Client::connect([endpoint], Some(options)).await;
+                let serving = match client {
+                    Ok(mut client) => client.status().await.is_ok(),
+                    Err(_) => false,
+                };
+                (!serving).then_some(())
+            }
+        },
+    )
+    .await;
+    if matches!(cluster.flavor(), Flavor::Ferrocd(_)) {
+        let log = cluster.member(removed).log();
+        assert!(log.contains(REMOVED), "the removed member's log:\n{log}");
+    }
+    cluster.kill9(removed); // reaps the exited process
+    let before = acked.load(Ordering::SeqCst);
+    wait_acked(&acked, before + PUTS_AFTER_REMOVAL).await;
+    stop.store(true, Ordering::SeqCst);
+    load.await.expect("load task");
+
+    // A learner added, then moved: then every member left restarts.
+    let spare = spare_peer_urls(2);
+    let learner = MemberAddOptions::new().with_is_learner();
+    let added = client.member_add([spare[0].as_str()], Some(learner)).await;
+    let added = added.expect("member add --learner");
+    let learner_id = added.member().expect("the added member").id();
+    client
+        .member_update(learner_id, vec![spare[1].clone()])
+        .await
+        .expect("member update");
+    let before_restart = membership(&mut client).await;
+    assert_eq!(before_restart.len(), 3);
+    let moved = before_restart.iter().find(|(id, _, _)| *id == learner_id);
+    assert_eq!(moved.map(|m| &m.1), Some(&vec![spare[1].clone()]));
+    drop(client);
+    for index in [leader, writer] {
+        cluster.restart(index).await;
+    }
+    cluster.leader().await;
+    for index in [leader, writer] {
+        let mut client = cluster.client(index).await;
+        assert_eq!(
+            membership(&mut client).await,
+            before_restart,
+            "member {index} after the restarts"
+        );
+        let put = client.put("after/restart", "v", None).await;
+        put.unwrap_or_else(|e| panic!("put through member {index} after the restarts: {e}"));
+    }
+}
