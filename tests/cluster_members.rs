@@ -1,10 +1,12 @@
 //! Membership changes of a 3-member cluster of the server under test (`FERROCD_TEST_SERVER`,
 //! default ferrocd; `etcd` runs the same checks on a real etcd cluster): etcdctl's member
 //! commands and etcd's errors (`etcdctl_members.sh`), a member removed under load (it stops,
-//! the others keep serving), and the membership kept across a restart of every member.
+//! the others keep serving), the membership kept across a restart of every member, and a
+//! fourth member that joins as a learner under load, is promoted once in sync and converges.
 
 mod common;
 
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,15 +29,22 @@ const POLL_MS: u64 = 50;
 /// etcd's message for a member that learns it was removed.
 const REMOVED: &str = "the member has been permanently removed from the cluster";
 
-/// `count` peer URLs on ports nothing listens on: members that are added but never started.
-fn spare_peer_urls(count: usize) -> Vec<String> {
+/// Bound on a joining learner catching up (its promotion is refused until then).
+const CATCH_UP_TIMEOUT_MS: u64 = 20_000;
+
+/// `count` free ports on 127.0.0.1.
+fn free_ports(count: usize) -> Vec<u16> {
     let listeners: Vec<std::net::TcpListener> = (0..count)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
         .collect();
     let port = |l: &std::net::TcpListener| l.local_addr().expect("bound").port();
-    listeners
-        .iter()
-        .map(|l| format!("http://127.0.0.1:{}", port(l)))
+    listeners.iter().map(port).collect()
+}
+
+/// `count` peer URLs on ports nothing listens on: members that are added but never started.
+fn spare_peer_urls(count: usize) -> Vec<String> {
+    let urls = free_ports(count).into_iter();
+    urls.map(|port| format!("http://127.0.0.1:{port}"))
         .collect()
 }
 
@@ -185,4 +194,160 @@ async fn a_member_removed_under_load_stops_and_the_membership_survives_restarts(
         let put = client.put("after/restart", "v", None).await;
         put.unwrap_or_else(|e| panic!("put through member {index} after the restarts: {e}"));
     }
+}
+
+/// A member started here (the cluster harness starts members of a new cluster only): killed,
+/// by its PID, when dropped.
+struct Joiner {
+    child: Child,
+    log: std::path::PathBuf,
+    endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Joiner {
+    /// Starts `name` with `--initial-cluster-state existing` on a new data dir.
+    fn start(flavor: &Flavor, name: &str, initial_cluster: &str, ports: [u16; 2]) -> Joiner {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (client, peer) = (
+            format!("http://127.0.0.1:{}", ports[0]),
+            format!("http://127.0.0.1:{}", ports[1]),
+        );
+        let log = dir.path().join("joiner.log");
+        let log_file = std::fs::File::create(&log).expect("joiner log");
+        let (program, extra) = match flavor {
+            Flavor::Etcd => ("etcd", Vec::new()),
+            Flavor::Ferrocd(args) => (env!("CARGO_BIN_EXE_ferrocd"), args.clone()),
+        };
+        let data_dir = dir.path().join("data");
+        let child = Command::new(program)
+            .args(["--name", name, "--data-dir"])
+            .arg(&data_dir)
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", initial_cluster])
+            .args(["--initial-cluster-state", "existing"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("start the joining member");
+        Joiner {
+            child,
+            log,
+            endpoint: client,
+            _dir: dir,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Joiner {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every endpoint's HashKV at `revision`, each polled until it has applied it.
+async fn hashes_at(endpoints: &[String], revision: i64) -> Vec<u32> {
+    let mut hashes = Vec::new();
+    for endpoint in endpoints {
+        let hash = eventually(
+            "HashKV at the revision",
+            CATCH_UP_TIMEOUT_MS,
+            POLL_MS,
+            || {
+                let endpoint = endpoint.clone();
+                async move {
+                    let mut client = Client::connect([endpoint], None).await.ok()?;
+                    Some(client.hash_kv(revision).await.ok()?.hash())
+                }
+            },
+        )
+        .await;
+        hashes.push(hash);
+    }
+    hashes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fourth_member_joins_as_a_learner_under_load_and_is_promoted() {
+    let cluster = Cluster::start(MEMBERS).await;
+    let leader = cluster.leader().await;
+    let (stop, acked) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let endpoint = cluster.member((leader + 1) % MEMBERS).endpoint();
+    let load = tokio::spawn(load(endpoint, stop.clone(), acked.clone()));
+    wait_acked(&acked, PUTS_BEFORE_REMOVAL).await;
+
+    let ports = free_ports(2);
+    let peer_url = format!("http://127.0.0.1:{}", ports[1]);
+    let mut client = cluster.client(leader).await;
+    let learner = MemberAddOptions::new().with_is_learner();
+    let added = eventually("member add --learner", SETTLE_TIMEOUT_MS, POLL_MS, || {
+        let (mut client, url, options) = (client.clone(), peer_url.clone(), learner.clone());
+        async move { client.member_add([url], Some(options)).await.ok() }
+    })
+    .await;
+    let id = added.member().expect("the added member").id();
+    let mut initial_cluster: Vec<String> = (0..MEMBERS)
+        .map(|i| format!("{}={}", member_name(i), cluster.member(i).peer_url()))
+        .collect();
+    initial_cluster.push(format!("{}={peer_url}", member_name(MEMBERS)));
+    let joiner = Joiner::start(
+        cluster.flavor(),
+        &member_name(MEMBERS),
+        &initial_cluster.join(","),
+        [ports[0], ports[1]],
+    );
+    // Refused while the learner is behind; accepted once it caught up from the log.
+    let promoted = eventually(
+        "promotion of the learner",
+        CATCH_UP_TIMEOUT_MS,
+        POLL_MS,
+        || {
+            let mut client = client.clone();
+            async move { client.member_promote(id).await.ok() }
+        },
+    )
+    .await;
+    assert!(promoted.members().iter().all(|m| !m.is_learner()));
+    let before = acked.load(Ordering::SeqCst);
+    wait_acked(&acked, before + PUTS_AFTER_REMOVAL).await;
+    stop.store(true, Ordering::SeqCst);
+    load.await.expect("load task");
+
+    let put = client
+        .put("joined", "4", None)
+        .await
+        .expect("put after the join");
+    let revision = put.header().expect("a header").revision();
+    let mut endpoints = cluster.endpoints();
+    endpoints.push(joiner.endpoint.clone());
+    let hashes = hashes_at(&endpoints, revision).await;
+    assert!(
+        hashes.iter().all(|&hash| hash == hashes[0]),
+        "HashKV at {revision} differs: {hashes:?}\njoiner log:\n{}",
+        joiner.log()
+    );
+    let mut through_joiner = Client::connect([joiner.endpoint.clone()], None)
+        .await
+        .expect("client of the joined member");
+    assert_eq!(membership(&mut through_joiner).await.len(), MEMBERS + 1);
 }

@@ -12,7 +12,7 @@
 //! log order (`Members::apply`). The table as of the last applied change is kept in the data
 //! dir (`save_current`), because the entries that made it are compacted away from the log.
 
-use ferrocd_api::etcdserverpb::Member;
+use ferrocd_api::etcdserverpb::{Member, MemberListResponse, ResponseHeader};
 use ferrocd_engine::mvcc::codec::MemberAttributes;
 use ferrocd_raft::group::{MembershipChange, PeerProgress};
 use prost::Message;
@@ -589,6 +589,118 @@ pub fn recover_current(
     }
     Ok(table.list())
 }
+
+/// What a running member tells a member about to join (`crate::peer::join`): the cluster id,
+/// the initial membership (the Raft log's bootstrap point) and the members now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JoinAnswer {
+    pub cluster_id: u64,
+    pub initial: Vec<MemberEntry>,
+    pub current: Vec<MemberEntry>,
+}
+
+impl JoinAnswer {
+    /// Two `MemberListResponse`s (initial, with the cluster id in its header; current), each
+    /// behind its length (u32 LE).
+    pub fn encode(&self) -> Vec<u8> {
+        let list = |members: &[MemberEntry], cluster_id| MemberListResponse {
+            header: Some(ResponseHeader {
+                cluster_id,
+                ..ResponseHeader::default()
+            }),
+            members: members.iter().map(to_api).collect(),
+        };
+        let mut out = Vec::new();
+        for part in [list(&self.initial, self.cluster_id), list(&self.current, 0)] {
+            let bytes = part.encode_to_vec();
+            out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+            out.extend_from_slice(&bytes);
+        }
+        out
+    }
+
+    pub fn decode(mut bytes: &[u8]) -> Option<JoinAnswer> {
+        let mut parts = Vec::new();
+        for _ in 0..2 {
+            let (len, rest) = bytes.split_first_chunk::<4>()?;
+            let len = u32::from_le_bytes(*len) as usize;
+            let part = rest.get(..len)?;
+            parts.push(MemberListResponse::decode(part).ok()?);
+            bytes = &rest[len..];
+        }
+        let entries = |list: &MemberListResponse| list.members.iter().map(from_api).collect();
+        Some(JoinAnswer {
+            cluster_id: parts[0].header.as_ref()?.cluster_id,
+            initial: entries(&parts[0]),
+            current: entries(&parts[1]),
+        })
+    }
+}
+
+fn from_api(m: &Member) -> MemberEntry {
+    MemberEntry {
+        id: m.id,
+        name: m.name.clone(),
+        peer_urls: m.peer_ur_ls.clone(),
+        client_urls: m.client_ur_ls.clone(),
+        is_learner: m.is_learner,
+    }
+}
+
+/// How long a joining member waits for one running member's answer.
+const JOIN_ASK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// etcd's join (`--initial-cluster-state existing` on a new data dir): asks the other members
+/// of `--initial-cluster` over their peer URLs for the membership (the first that answers),
+/// and finds this member in it by its advertised peer URLs (it was added with MemberAdd). The
+/// data dir is then made from the answer: the cluster id, this member's id, the initial
+/// membership, and the members now as the membership saved at index 0 (the log's changes
+/// from the start are applied again over it as they arrive).
+pub fn join(
+    data_dir: &Path,
+    shards: usize,
+    name: &str,
+    advertise_peer_urls: &[String],
+    initial_cluster: &[InitialMember],
+) -> Result<(), String> {
+    verify_bootstrap(name, advertise_peer_urls, initial_cluster)?;
+    let mut advertised = advertise_peer_urls.to_vec();
+    advertised.sort();
+    let others = initial_cluster.iter().filter(|m| m.name != name);
+    let answer = others
+        .flat_map(|m| &m.peer_urls)
+        .find_map(|url| {
+            let addr = crate::peer::parse_peer_url(url).ok()?;
+            let bytes = crate::peer::join::ask(addr, JOIN_ASK_TIMEOUT, JOIN_ANSWER_MAX_BYTES);
+            JoinAnswer::decode(&bytes.ok()?)
+        })
+        .ok_or(
+            "cannot fetch cluster info from peer urls: could not retrieve cluster \
+                information from the given URLs",
+        )?;
+    let me = answer.current.iter().find(|m| {
+        let mut urls = m.peer_urls.clone();
+        urls.sort();
+        urls == advertised
+    });
+    let Some(me) = me else {
+        return Err(format!(
+            "error validating peerURLs {}: member count is unequal",
+            urls_map_string(initial_cluster)
+        ));
+    };
+    let identity = crate::node::recovery::Identity {
+        shards,
+        cluster_id: answer.cluster_id,
+        member_id: me.id,
+    };
+    crate::node::recovery::create_joined(data_dir, &identity, &answer.initial)?;
+    save_current(data_dir, 0, &answer.current)
+        .map_err(|e| format!("cannot save the membership: {e}"))
+}
+
+/// Bound on an answer's size (a membership of hundreds of members fits).
+const JOIN_ANSWER_MAX_BYTES: usize = 1 << 20;
 
 /// The file holding the membership as of the last applied change (absent until one).
 const CURRENT_FILE: &str = "members.current";

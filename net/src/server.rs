@@ -183,6 +183,17 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
         token: config.initial_cluster_token.clone(),
         advertise_peer_urls: config.advertise_peer_urls.clone(),
     };
+    if config.initial_cluster_state == ClusterState::Existing
+        && !recovery::has_identity(&config.data_dir)
+    {
+        crate::members::join(
+            &config.data_dir,
+            config.shards,
+            &config.name,
+            &config.advertise_peer_urls,
+            &config.initial_cluster,
+        )?;
+    }
     let (identity, initial) = recovery::open_identity(&config.data_dir, config.shards, &bootstrap)?;
     // Several members: the meta log is a Raft log whose first membership is all of them.
     let raft_initial = (initial.len() > 1).then(|| bootstrap_point(&initial));
@@ -204,6 +215,8 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
         config.lease,
         raft_initial.clone(),
     )?;
+    // What a joining member is told is the log's bootstrap point.
+    let bootstrap_members = initial.clone();
     let members = crate::members::recover_current(
         &config.data_dir,
         identity.member_id,
@@ -246,6 +259,17 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
         .with_members(Members::new(members))
         .clustered_with(read_barrier),
     );
+    if let Some(mesh) = &peers {
+        let (table, cluster_id) = (shared.clone(), identity.cluster_id);
+        mesh.answer_joins(move || {
+            let answer = crate::members::JoinAnswer {
+                cluster_id,
+                initial: bootstrap_members.clone(),
+                current: table.members.list(),
+            };
+            answer.encode()
+        });
+    }
     shared.space.restore(meta_state.alarms.iter().copied());
     meta_state
         .published

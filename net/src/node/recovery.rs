@@ -85,13 +85,10 @@ pub struct Bootstrap {
 impl Bootstrap {
     /// etcd's checks of the flags for a new member.
     pub fn verify(&self) -> Result<(), String> {
+        // A joining member's data dir is made by the join, which asks the running members
+        // first (`members::join`, before this is reached); it never bootstraps a cluster.
         if self.state == ClusterState::Existing {
-            return Err(
-                "--initial-cluster-state existing: joining a running cluster (MemberAdd) is \
-                 not supported yet; start the member from its data dir, or bootstrap a new \
-                 cluster with --initial-cluster-state new"
-                    .into(),
-            );
+            return Err("--initial-cluster-state existing: no data dir was made by joining".into());
         }
         members::verify_bootstrap(&self.name, &self.advertise_peer_urls, &self.initial_cluster)
     }
@@ -168,7 +165,7 @@ pub fn open_identity(
             client_urls: Vec::new(),
             is_learner: false,
         }];
-        write_conf(data_dir, &identity, &members)
+        write_conf(data_dir, &identity, &members, false)
             .map_err(|e| format!("cannot write {}: {e}", conf.display()))?;
         return Ok((identity, members));
     }
@@ -186,9 +183,28 @@ pub fn open_identity(
         cluster_id: cluster_id(&ids),
         member_id: local.id,
     };
-    write_conf(data_dir, &identity, &members)
+    write_conf(data_dir, &identity, &members, false)
         .map_err(|e| format!("cannot write {}: {e}", conf.display()))?;
     Ok((identity, members))
+}
+
+/// Creates the data dir of a member joining a running cluster (`--initial-cluster-state
+/// existing`, `crate::members::join`): its identity, and the cluster's initial membership as
+/// a running member told it (the Raft log's bootstrap point, the same on every member).
+pub fn create_joined(
+    data_dir: &Path,
+    identity: &Identity,
+    initial: &[MemberEntry],
+) -> Result<(), String> {
+    fs::create_dir_all(data_dir)
+        .map_err(|e| format!("cannot create data dir {}: {e}", data_dir.display()))?;
+    write_conf(data_dir, identity, initial, true)
+        .map_err(|e| format!("cannot write {}: {e}", data_dir.join(CONF_FILE).display()))
+}
+
+/// Whether `data_dir` holds a member already (its identity file).
+pub fn has_identity(data_dir: &Path) -> bool {
+    data_dir.join(CONF_FILE).exists()
 }
 
 /// The identity, and the initial membership when the file records it (format 2).
@@ -225,7 +241,9 @@ fn read_conf(conf: &Path) -> Result<(Identity, Option<Vec<MemberEntry>>), String
     let members = values("member")
         .map(|line| parse_member_line(line).ok_or_else(|| bad("member")))
         .collect::<Result<Vec<_>, _>>()?;
-    if !members.iter().any(|m| m.id == identity.member_id) {
+    // A member that joined later is not among the initial members (the log's bootstrap point).
+    let joined = values("joined").next() == Some("1");
+    if !joined && !members.iter().any(|m| m.id == identity.member_id) {
         return Err(format!(
             "{}: member {:016x} is not among its members",
             conf.display(),
@@ -251,11 +269,19 @@ fn parse_member_line(line: &str) -> Option<MemberEntry> {
 
 /// Writes the identity and membership to a temporary file, syncs it, renames it into place,
 /// syncs the dir.
-fn write_conf(data_dir: &Path, id: &Identity, members: &[MemberEntry]) -> std::io::Result<()> {
+fn write_conf(
+    data_dir: &Path,
+    id: &Identity,
+    members: &[MemberEntry],
+    joined: bool,
+) -> std::io::Result<()> {
     let mut text = format!(
         "format={FORMAT_VERSION}\nshards={}\ncluster_id={:016x}\nmember_id={:016x}\n",
         id.shards, id.cluster_id, id.member_id
     );
+    if joined {
+        text += "joined=1\n";
+    }
     for member in members {
         // One line per member: a URL holds no space or comma, a name no line break.
         if member.name.contains('\n') {
@@ -637,7 +663,7 @@ mod tests {
         let mut existing = bootstrap("a", "a=http://h:1", "http://h:1");
         existing.state = ClusterState::Existing;
         let error = open_identity(&path, 1, &existing).unwrap_err();
-        assert!(error.contains("not supported"), "{error}");
+        assert!(error.contains("made by joining"), "{error}");
         assert!(!path.join(CONF_FILE).exists(), "nothing written");
     }
 }
