@@ -429,7 +429,7 @@ pub fn plan(
                 return Err(MemberError::LearnerNotReady);
             }
             let started = view.started_voters(None) + usize::from(!member.name.is_empty());
-            if started < (view.voters().count() + 1) / 2 + 1 {
+            if started < quorum(view.voters().count() + 1) {
                 return Err(MemberError::NotEnoughStarted);
             }
             let promoted = MemberEntry {
@@ -465,7 +465,7 @@ fn plan_add(
     now_unix_s: u64,
 ) -> Result<(MembershipChange, MemberEntry), MemberError> {
     let peer_urls = checked_urls(peer_urls)?;
-    if !is_learner && view.started_voters(None) < (view.voters().count() + 1) / 2 + 1 {
+    if !is_learner && view.started_voters(None) < quorum(view.voters().count() + 1) {
         return Err(MemberError::NotEnoughStarted);
     }
     if !view.all_voters_active() {
@@ -497,17 +497,22 @@ fn plan_add(
     Ok((change, member))
 }
 
+/// A majority of `voters` (etcd's `nquorum`).
+fn quorum(voters: usize) -> usize {
+    voters / 2 + 1
+}
+
 /// etcd's `isReadyToRemoveVotingMember` and the active-quorum check of `mayRemoveMember`.
 fn check_remove_voter(id: u64, view: &LeaderView) -> Result<(), MemberError> {
     let voters = view.voters().count();
-    if view.started_voters(Some(id)) < (voters - 1) / 2 + 1 {
+    if view.started_voters(Some(id)) < quorum(voters - 1) {
         return Err(MemberError::NotEnoughStarted);
     }
     // A member that is down is not part of the active quorum: removing it is safe.
     if id != view.me && !view.is_active(id) {
         return Ok(());
     }
-    if view.active_voters() - 1 < 1 + (voters - 1) / 2 {
+    if view.active_voters() - 1 < quorum(voters - 1) {
         return Err(MemberError::Unhealthy);
     }
     Ok(())
@@ -954,7 +959,7 @@ mod change_tests {
     fn promote_remove_update_check_as_etcd() {
         let mut members = trio();
         members.push(member(4, "", "http://h:4", true));
-        let behind = vec![
+        let behind = [
             active(&[2, 3], 100),
             vec![PeerProgress {
                 member: 4,
