@@ -1,7 +1,8 @@
 //! Membership changes of a 3-member cluster of the server under test (`FERROCD_TEST_SERVER`,
 //! default ferrocd; `etcd` runs the same checks on a real etcd cluster): etcdctl's member
 //! commands and etcd's errors (`etcdctl_members.sh`), a member removed under load (it stops,
-//! the others keep serving), the membership kept across a restart of every member, and a
+//! the others keep serving), the membership kept across log compaction and a restart of every
+//! member, and a
 //! fourth member that joins as a learner under load, is promoted once in sync and converges.
 
 mod common;
@@ -17,9 +18,11 @@ use etcd_client::{Client, ConnectOptions, MemberAddOptions};
 
 const MEMBERS: usize = 3;
 const SCRIPT_TIMEOUT_S: u32 = 90;
-/// The load while a member is removed: at most this many puts, or this long.
-const LOAD_MAX_PUTS: usize = 2_000;
+/// The light load while a member is removed or joins: a put every `LOAD_PAUSE_MS`, at most
+/// this many, or this long.
+const LOAD_MAX_PUTS: usize = 5_000;
 const LOAD_MAX_DURATION_MS: u64 = 20_000;
+const LOAD_PAUSE_MS: u64 = 5;
 /// Acknowledged puts before the removal, and after it (the rest keep serving).
 const PUTS_BEFORE_REMOVAL: usize = 20;
 const PUTS_AFTER_REMOVAL: usize = 20;
@@ -28,6 +31,22 @@ const SETTLE_TIMEOUT_MS: u64 = 15_000;
 const POLL_MS: u64 = 50;
 /// etcd's message for a member that learns it was removed.
 const REMOVED: &str = "the member has been permanently removed from the cluster";
+
+/// ferrocd's hidden test flags that make the meta log compact soon (as tests/cluster_log.rs):
+/// small WAL segments, frequent checkpoints, a small catch-up margin.
+const COMPACTING: &[&str] = &[
+    "--max-request-bytes",
+    "32768",
+    "--experimental-wal-segment-size-bytes",
+    "131072",
+    "--experimental-checkpoint-interval-ms",
+    "20",
+    "--experimental-snapshot-catchup-entries",
+    "10",
+];
+/// Puts of `FILL_VALUE_BYTES` that fill several 128 KiB segments, so the first is released.
+const FILL_PUTS: usize = 400;
+const FILL_VALUE_BYTES: usize = 1000;
 
 /// Bound on a joining learner catching up (its promotion is refused until then).
 const CATCH_UP_TIMEOUT_MS: u64 = 20_000;
@@ -70,6 +89,15 @@ async fn membership(client: &mut Client) -> Vec<(u64, Vec<String>, bool)> {
     members
 }
 
+/// Whether the WAL dir still holds its first segment (`<seq:016x>-<first index:016x>.wal`).
+fn first_segment_present(wal_dir: &std::path::Path) -> bool {
+    let names = std::fs::read_dir(wal_dir).expect("list the WAL dir");
+    let first = format!("{:016x}-", 0);
+    names
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .any(|name| name.starts_with(&first) && name.ends_with(".wal"))
+}
+
 /// Puts through `endpoint` until `stop` (bounded in count and time), counting acknowledgements.
 async fn load(endpoint: String, stop: Arc<AtomicBool>, acked: Arc<AtomicUsize>) {
     let options = ConnectOptions::new().with_timeout(Duration::from_millis(5_000));
@@ -85,14 +113,20 @@ async fn load(endpoint: String, stop: Arc<AtomicBool>, acked: Arc<AtomicUsize>) 
         if client.put(format!("load/{i}"), "v", None).await.is_ok() {
             acked.fetch_add(1, Ordering::SeqCst);
         }
+        tokio::time::sleep(Duration::from_millis(LOAD_PAUSE_MS)).await;
     }
 }
 
 async fn wait_acked(acked: &AtomicUsize, at_least: usize) {
-    eventually("acknowledged puts", SETTLE_TIMEOUT_MS, POLL_MS, || async {
-        (acked.load(Ordering::SeqCst) >= at_least).then_some(())
-    })
-    .await;
+    let deadline = Instant::now() + Duration::from_millis(SETTLE_TIMEOUT_MS);
+    while acked.load(Ordering::SeqCst) < at_least {
+        let now = acked.load(Ordering::SeqCst);
+        assert!(
+            Instant::now() < deadline,
+            "{now} puts acknowledged, not {at_least}, within {SETTLE_TIMEOUT_MS} ms"
+        );
+        tokio::time::sleep(Duration::from_millis(POLL_MS)).await;
+    }
 }
 
 /// MemberRemove, retried while the leader calls the cluster unhealthy (etcd wants every voter
@@ -112,7 +146,7 @@ async fn remove_when_healthy(client: &mut Client, id: u64) -> etcd_client::Membe
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_removed_under_load_stops_and_the_membership_survives_restarts() {
-    let mut cluster = Cluster::start(MEMBERS).await;
+    let mut cluster = Cluster::start_flavor(Flavor::subject(COMPACTING), MEMBERS).await;
     let leader = cluster.leader().await;
     let removed = (leader + 1) % MEMBERS;
     let writer = (leader + 2) % MEMBERS;
@@ -175,6 +209,30 @@ async fn a_member_removed_under_load_stops_and_the_membership_survives_restarts(
         .member_update(learner_id, vec![spare[1].clone()])
         .await
         .expect("member update");
+    // Every change is then behind the log's compaction point: the first meta WAL segment,
+    // which held them, is released on both members (ferrocd; etcd has no such flags).
+    for i in 0..FILL_PUTS {
+        let value = "x".repeat(FILL_VALUE_BYTES);
+        client
+            .put(format!("fill/{i}"), value, None)
+            .await
+            .expect("fill put");
+    }
+    if matches!(cluster.flavor(), Flavor::Ferrocd(_)) {
+        for index in [leader, writer] {
+            let dir = cluster.member(index).data_dir().join("wal").join("meta");
+            eventually(
+                "the first meta segment released",
+                SETTLE_TIMEOUT_MS,
+                POLL_MS,
+                || {
+                    let dir = dir.clone();
+                    async move { (!first_segment_present(&dir)).then_some(()) }
+                },
+            )
+            .await;
+        }
+    }
     let before_restart = membership(&mut client).await;
     assert_eq!(before_restart.len(), 3);
     let moved = before_restart.iter().find(|(id, _, _)| *id == learner_id);
