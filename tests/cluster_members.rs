@@ -158,9 +158,10 @@ async fn a_member_removed_under_load_stops_and_the_membership_survives_restarts(
     let load = tokio::spawn(load(endpoint, stop.clone(), acked.clone()));
     wait_acked(&acked, PUTS_BEFORE_REMOVAL).await;
 
-    let mut client = cluster.client(leader).await;
+    // Through a follower, which forwards it to the leader.
+    let mut through_follower = cluster.client(writer).await;
     let removed_id = cluster.member_id(removed);
-    let answer = remove_when_healthy(&mut client, removed_id).await;
+    let answer = remove_when_healthy(&mut through_follower, removed_id).await;
     let mut left: Vec<u64> = answer.members().iter().map(|m| m.id()).collect();
     left.sort();
     let mut expected = vec![cluster.member_id(leader), cluster.member_id(writer)];
@@ -200,6 +201,7 @@ async fn a_member_removed_under_load_stops_and_the_membership_survives_restarts(
     load.await.expect("load task");
 
     // A learner added, then moved: then every member left restarts.
+    let mut client = cluster.client(leader).await;
     let spare = spare_peer_urls(2);
     let learner = MemberAddOptions::new().with_is_learner();
     let added = client.member_add([spare[0].as_str()], Some(learner)).await;
