@@ -705,9 +705,16 @@ pub async fn change_members(
         other => return mismatch(other),
     };
     let table = &shared.members;
-    let ids: Vec<u64> = response.members.iter().map(|m| m.id).collect();
+    // What a change decides: ids, peer URLs, learner flags (names and client URLs are
+    // published separately).
+    let decided = |m: &Member| (m.id, m.peer_ur_ls.clone(), m.is_learner);
+    let wanted: Vec<_> = response.members.iter().map(decided).collect();
     let applied = ferrocd_raft::notify::wait_until(table.changed(), || {
-        table.list().iter().map(|m| m.id).eq(ids.iter().copied())
+        let here = table.list();
+        here.iter()
+            .map(crate::members::to_api)
+            .map(|m| decided(&m))
+            .eq(wanted.iter().cloned())
     });
     let timeout_ms = PEER.with(|slot| slot.borrow().as_ref().map_or(0, |(_, t)| *t));
     let wait = send_wrapper::SendWrapper::new(sleep_ms(timeout_ms));
