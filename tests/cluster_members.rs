@@ -411,3 +411,25 @@ async fn a_fourth_member_joins_as_a_learner_under_load_and_is_promoted() {
         .expect("client of the joined member");
     assert_eq!(membership(&mut through_joiner).await.len(), MEMBERS + 1);
 }
+
+/// A single member runs without Raft: membership changes are refused, saying so (etcd, always
+/// Raft, would take them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_member_refuses_membership_changes() {
+    let server = common::Server::ferrocd(&[]).await;
+    let mut client = server.client().await;
+    let refused = client
+        .member_add(["http://127.0.0.1:1"], None)
+        .await
+        .expect_err("a single member refuses MemberAdd");
+    let etcd_client::Error::GRpcStatus(status) = refused else {
+        panic!("not a gRPC status: {refused}");
+    };
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        status.message().contains("single member runs without Raft"),
+        "{status:?}"
+    );
+    let list = client.member_list().await.expect("member list");
+    assert_eq!(list.members().len(), 1);
+}
