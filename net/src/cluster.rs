@@ -1,17 +1,21 @@
 //! The `Cluster` and `Maintenance` services, as far as a single member answers them today:
 //! `MemberList` (from the member table, `crate::members`), `Status`, `HashKV`, `Hash`, `Defragment`, `Alarm` (with the space quota),
-//! `Snapshot` (`node/snapshot.rs`) and `MoveLeader`. Member changes answer UNIMPLEMENTED
-//! until clustering lands.
+//! `Snapshot` (`node/snapshot.rs`) and `MoveLeader`; member changes (`MemberAdd`, `Remove`,
+//! `Update`, `Promote`) in a cluster, served by the leader (`crate::members` plans them, the
+//! meta log replicates them); a single member without Raft refuses them.
 
 use crate::auth::AuthError;
 use crate::http::SERVER_VERSION;
+use crate::members::MemberRequest;
 use crate::node::{space, Node};
 use ferrocd_api::etcdserverpb::alarm_request::AlarmAction;
 use ferrocd_api::etcdserverpb::cluster_server::Cluster;
 use ferrocd_api::etcdserverpb::maintenance_server::Maintenance;
 use ferrocd_api::etcdserverpb::{
     AlarmRequest, AlarmResponse, DefragmentRequest, DefragmentResponse, HashKvRequest,
-    HashKvResponse, HashRequest, HashResponse, Member, MemberListRequest, MemberListResponse,
+    HashKvResponse, HashRequest, HashResponse, Member, MemberAddRequest, MemberAddResponse,
+    MemberListRequest, MemberListResponse, MemberPromoteRequest, MemberPromoteResponse,
+    MemberRemoveRequest, MemberRemoveResponse, MemberUpdateRequest, MemberUpdateResponse,
     MoveLeaderRequest, MoveLeaderResponse, SnapshotRequest, SnapshotResponse, StatusRequest,
     StatusResponse,
 };
@@ -57,6 +61,64 @@ impl Cluster for ClusterService {
             // etcd's cluster service fills no revision in its headers.
             header: Some(shared.header(0)),
             members: members.collect(),
+        }))
+    }
+
+    async fn member_add(
+        &self,
+        request: Request<MemberAddRequest>,
+    ) -> Result<Response<MemberAddResponse>, Status> {
+        let request = request.into_inner();
+        let request = MemberRequest::Add {
+            peer_urls: request.peer_ur_ls,
+            is_learner: request.is_learner,
+        };
+        Ok(Response::new(self.node.change_members(request).await?))
+    }
+
+    async fn member_remove(
+        &self,
+        request: Request<MemberRemoveRequest>,
+    ) -> Result<Response<MemberRemoveResponse>, Status> {
+        let id = request.into_inner().id;
+        let done = self
+            .node
+            .change_members(MemberRequest::Remove { id })
+            .await?;
+        Ok(Response::new(MemberRemoveResponse {
+            header: done.header,
+            members: done.members,
+        }))
+    }
+
+    async fn member_update(
+        &self,
+        request: Request<MemberUpdateRequest>,
+    ) -> Result<Response<MemberUpdateResponse>, Status> {
+        let request = request.into_inner();
+        let request = MemberRequest::Update {
+            id: request.id,
+            peer_urls: request.peer_ur_ls,
+        };
+        let done = self.node.change_members(request).await?;
+        Ok(Response::new(MemberUpdateResponse {
+            header: done.header,
+            members: done.members,
+        }))
+    }
+
+    async fn member_promote(
+        &self,
+        request: Request<MemberPromoteRequest>,
+    ) -> Result<Response<MemberPromoteResponse>, Status> {
+        let id = request.into_inner().id;
+        let done = self
+            .node
+            .change_members(MemberRequest::Promote { id })
+            .await?;
+        Ok(Response::new(MemberPromoteResponse {
+            header: done.header,
+            members: done.members,
         }))
     }
 }

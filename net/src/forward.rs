@@ -24,7 +24,8 @@ use ferrocd_api::etcdserverpb::{
     CompactionRequest, CompactionResponse, LeaseGrantRequest, LeaseGrantResponse,
     LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseLeasesRequest, LeaseLeasesResponse,
     LeaseRevokeRequest, LeaseRevokeResponse, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
-    Member, ResponseHeader, TxnRequest, TxnResponse,
+    Member, MemberAddRequest, MemberAddResponse, MemberPromoteRequest, MemberRemoveRequest,
+    MemberUpdateRequest, ResponseHeader, TxnRequest, TxnResponse,
 };
 use ferrocd_engine::mvcc::codec::{Alarm, AuthPermission};
 use futures::StreamExt;
@@ -33,6 +34,7 @@ use prost::Message;
 
 use crate::auth::state::AdminOp;
 use crate::auth::{AuthError, Caller};
+use crate::members::{MemberError, MemberRequest};
 use crate::node::errors::KvError;
 use crate::node::install::{self, Transfers};
 use crate::node::{Node, Shared};
@@ -60,6 +62,10 @@ pub enum Forward {
     /// A member's name and client URLs, published through the log (`id`, `name`,
     /// `client_ur_ls` are used).
     Publish(Member),
+    MemberAdd(MemberAddRequest),
+    MemberRemove(MemberRemoveRequest),
+    MemberUpdate(MemberUpdateRequest),
+    MemberPromote(MemberPromoteRequest),
 }
 
 /// The leader's answer. Headers are the leader's; the follower stamps its own.
@@ -76,6 +82,8 @@ pub enum Reply {
     Authenticate(AuthenticateResponse),
     Alarm(AlarmResponse),
     Compact(CompactionResponse),
+    /// A membership change: the member it made (MemberAdd) and the members after it.
+    Members(MemberAddResponse),
 }
 
 // ---- encoding ----
@@ -255,6 +263,10 @@ impl Forward {
             Forward::Authenticate(r) => tagged(9, r),
             Forward::Alarm(r) => tagged(10, r),
             Forward::Publish(r) => tagged(11, r),
+            Forward::MemberAdd(r) => tagged(12, r),
+            Forward::MemberRemove(r) => tagged(13, r),
+            Forward::MemberUpdate(r) => tagged(14, r),
+            Forward::MemberPromote(r) => tagged(15, r),
         }
     }
 
@@ -288,6 +300,10 @@ impl Forward {
             9 => Forward::Authenticate(Message::decode(body).ok()?),
             10 => Forward::Alarm(Message::decode(body).ok()?),
             11 => Forward::Publish(Message::decode(body).ok()?),
+            12 => Forward::MemberAdd(Message::decode(body).ok()?),
+            13 => Forward::MemberRemove(Message::decode(body).ok()?),
+            14 => Forward::MemberUpdate(Message::decode(body).ok()?),
+            15 => Forward::MemberPromote(Message::decode(body).ok()?),
             _ => return None,
         })
     }
@@ -306,6 +322,7 @@ impl Reply {
             Reply::Authenticate(r) => (8, r.encode_to_vec()),
             Reply::Alarm(r) => (9, r.encode_to_vec()),
             Reply::Compact(r) => (10, r.encode_to_vec()),
+            Reply::Members(r) => (11, r.encode_to_vec()),
         };
         out.push(tag);
         out.extend_from_slice(&body);
@@ -324,6 +341,7 @@ impl Reply {
             8 => Reply::Authenticate(Message::decode(body).ok()?),
             9 => Reply::Alarm(Message::decode(body).ok()?),
             10 => Reply::Compact(Message::decode(body).ok()?),
+            11 => Reply::Members(Message::decode(body).ok()?),
             _ => return None,
         })
     }
@@ -381,6 +399,8 @@ fn auth_of_code(code: u8) -> Option<AuthError> {
 
 /// The code of an error that is not an auth error; `AUTH_CODE` is followed by the auth code.
 const AUTH_CODE: u8 = 100;
+/// Followed by the membership error's place in `MemberError::ALL`.
+const MEMBER_CODE: u8 = 101;
 
 fn error_code(e: KvError) -> u8 {
     use KvError::*;
@@ -403,6 +423,7 @@ fn error_code(e: KvError) -> u8 {
         LeaderChanged => 16,
         Timeout => 17,
         Auth(_) => AUTH_CODE,
+        Member(_) => MEMBER_CODE,
     }
 }
 
@@ -444,6 +465,10 @@ pub fn encode_outcome(outcome: &Result<Reply, KvError>) -> Vec<u8> {
             if let KvError::Auth(auth) = e {
                 out.push(auth_code(*auth));
             }
+            if let KvError::Member(member) = e {
+                let place = MemberError::ALL.iter().position(|m| m == member);
+                out.push(place.expect("every member error is in ALL") as u8);
+            }
         }
     }
     out
@@ -455,6 +480,9 @@ pub fn decode_outcome(bytes: &[u8]) -> Option<Result<Reply, KvError>> {
     match (status, body) {
         (0, reply) => Some(Ok(Reply::decode(reply)?)),
         (1, [AUTH_CODE, auth]) => Some(Err(KvError::Auth(auth_of_code(*auth)?))),
+        (1, [MEMBER_CODE, place]) => Some(Err(KvError::Member(
+            *MemberError::ALL.get(*place as usize)?,
+        ))),
         (1, [code]) => Some(Err(error_of_code(*code)?)),
         _ => None,
     }
@@ -509,6 +537,28 @@ pub async fn serve(node: &Node, request: Forward) -> Result<Reply, KvError> {
             node.publish_member(m.id, m.name, m.client_ur_ls).await?;
             Reply::Done
         }
+        Forward::MemberAdd(r) => {
+            let request = MemberRequest::Add {
+                peer_urls: r.peer_ur_ls,
+                is_learner: r.is_learner,
+            };
+            Reply::Members(node.change_members(request).await?)
+        }
+        Forward::MemberRemove(r) => Reply::Members(
+            node.change_members(MemberRequest::Remove { id: r.id })
+                .await?,
+        ),
+        Forward::MemberUpdate(r) => {
+            let request = MemberRequest::Update {
+                id: r.id,
+                peer_urls: r.peer_ur_ls,
+            };
+            Reply::Members(node.change_members(request).await?)
+        }
+        Forward::MemberPromote(r) => Reply::Members(
+            node.change_members(MemberRequest::Promote { id: r.id })
+                .await?,
+        ),
     })
 }
 
@@ -638,6 +688,53 @@ pub async fn write(
     };
     response.header = local_header(shared, response.header).await;
     Ok(response)
+}
+
+/// A membership change at the leader. The answer is given once this member's table shows it
+/// too (bounded by the forwarding timeout), so a MemberList here right after agrees with it.
+pub async fn change_members(
+    shared: &Shared,
+    leader: u64,
+    request: &MemberRequest,
+) -> Result<MemberAddResponse, KvError> {
+    let forward = match request.clone() {
+        MemberRequest::Add {
+            peer_urls,
+            is_learner,
+        } => Forward::MemberAdd(MemberAddRequest {
+            peer_ur_ls: peer_urls,
+            is_learner,
+        }),
+        MemberRequest::Remove { id } => Forward::MemberRemove(MemberRemoveRequest { id }),
+        MemberRequest::Update { id, peer_urls } => Forward::MemberUpdate(MemberUpdateRequest {
+            id,
+            peer_ur_ls: peer_urls,
+        }),
+        MemberRequest::Promote { id } => Forward::MemberPromote(MemberPromoteRequest { id }),
+    };
+    let response = match call(leader, &forward).await? {
+        Reply::Members(response) => response,
+        other => return mismatch(other),
+    };
+    let table = &shared.members;
+    // What a change decides: ids, peer URLs, learner flags (names and client URLs are
+    // published separately).
+    let decided = |m: &Member| (m.id, m.peer_ur_ls.clone(), m.is_learner);
+    let wanted: Vec<_> = response.members.iter().map(decided).collect();
+    let applied = ferrocd_raft::notify::wait_until(table.changed(), || {
+        let here = table.list();
+        here.iter()
+            .map(crate::members::to_api)
+            .map(|m| decided(&m))
+            .eq(wanted.iter().cloned())
+    });
+    let timeout_ms = PEER.with(|slot| slot.borrow().as_ref().map_or(0, |(_, t)| *t));
+    let wait = send_wrapper::SendWrapper::new(sleep_ms(timeout_ms));
+    or(applied, wait).await;
+    Ok(MemberAddResponse {
+        header: Some(shared.header(0)),
+        ..response
+    })
 }
 
 pub async fn publish(leader: u64, member: Member) -> Result<(), KvError> {

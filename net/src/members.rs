@@ -5,10 +5,24 @@
 //! `node/recovery.rs`): ids, names and peer URLs. Client URLs are not known then: each member
 //! publishes its name and client URLs through the meta log (`LogPayload::MemberPublish`, as
 //! etcd's publish request goes through Raft), and the meta group applies them here.
+//!
+//! Membership changes (MemberAdd, Remove, Promote, Update) are planned by the leader against
+//! this table (`plan`, with etcd's checks and errors), replicated as one Raft conf-change entry
+//! whose context is the member's record (`encode_record`), and applied here by every member in
+//! log order (`Members::apply`). The table as of the last applied change is kept in the data
+//! dir (`save_current`), because the entries that made it are compacted away from the log.
 
+use ferrocd_api::etcdserverpb::{Member, MemberListResponse, ResponseHeader};
 use ferrocd_engine::mvcc::codec::MemberAttributes;
+use ferrocd_raft::group::{MembershipChange, PeerProgress};
+use prost::Message;
 use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::RwLock;
+use tonic::Code;
 
 /// One member of `--initial-cluster`: a name and its peer URLs (sorted, as etcd sorts them).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -162,11 +176,15 @@ pub struct MemberEntry {
     pub is_learner: bool,
 }
 
-/// The member table, readable from any core. Written only by the meta group (publish) and at
-/// start-up, so a lock is no contention.
+/// The member table, readable from any core. Written only by the meta group (publish, member
+/// changes) and at start-up, so a lock is no contention.
 #[derive(Debug, Default)]
 pub struct Members {
     by_id: RwLock<BTreeMap<u64, MemberEntry>>,
+    /// Bumped (and `changed` notified) by every applied membership change: each core's peer
+    /// transport follows the table (`server.rs`, `follow_members`).
+    version: AtomicU64,
+    changed: event_listener::Event,
 }
 
 impl Members {
@@ -174,7 +192,43 @@ impl Members {
         let by_id = entries.into_iter().map(|m| (m.id, m)).collect();
         Members {
             by_id: RwLock::new(by_id),
+            ..Members::default()
         }
+    }
+
+    pub fn get(&self, id: u64) -> Option<MemberEntry> {
+        self.by_id.read().expect("members lock").get(&id).cloned()
+    }
+
+    /// Applies a committed membership change: `record` is the member as the change leaves it
+    /// (a removed member's last record). A known member keeps its published name and client
+    /// URLs.
+    pub fn apply(&self, change: MembershipChange, record: &MemberEntry) {
+        {
+            let mut by_id = self.by_id.write().expect("members lock");
+            match change {
+                MembershipChange::Remove(id) => {
+                    by_id.remove(&id);
+                }
+                MembershipChange::AddLearner(_) | MembershipChange::Promote(_) => {
+                    let member = by_id.entry(record.id).or_insert_with(|| record.clone());
+                    member.peer_urls = record.peer_urls.clone();
+                    member.is_learner = record.is_learner;
+                }
+            }
+        }
+        self.version.fetch_add(1, SeqCst);
+        self.changed.notify(usize::MAX);
+    }
+
+    /// Counts applied changes (starts at 0); see `changed`.
+    pub fn version(&self) -> u64 {
+        self.version.load(SeqCst)
+    }
+
+    /// Notified after every applied change.
+    pub fn changed(&self) -> &event_listener::Event {
+        &self.changed
     }
 
     /// Every member, by id (etcd's `MembersByID` order).
@@ -200,6 +254,520 @@ impl Members {
             member.client_urls = attributes.client_urls.clone();
         }
     }
+}
+
+/// What a client asks of the membership (the Cluster service's requests).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MemberRequest {
+    Add {
+        peer_urls: Vec<String>,
+        is_learner: bool,
+    },
+    Remove {
+        id: u64,
+    },
+    Update {
+        id: u64,
+        peer_urls: Vec<String>,
+    },
+    Promote {
+        id: u64,
+    },
+}
+
+/// A membership change refused, with etcd 3.4.23's answers (read from the real server).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemberError {
+    NotFound,
+    IdExists,
+    PeerUrlExists,
+    BadUrls,
+    NotLearner,
+    LearnerNotReady,
+    TooManyLearners,
+    NotEnoughStarted,
+    Unhealthy,
+    /// Another change is proposed and not applied yet (etcd's changes are one at a time
+    /// too: its raft drops the second proposal, and the request times out).
+    InProgress,
+    /// This member runs alone, without Raft (no `--initial-cluster` peers).
+    NotClustered,
+}
+
+impl MemberError {
+    pub const ALL: [MemberError; 11] = [
+        MemberError::NotFound,
+        MemberError::IdExists,
+        MemberError::PeerUrlExists,
+        MemberError::BadUrls,
+        MemberError::NotLearner,
+        MemberError::LearnerNotReady,
+        MemberError::TooManyLearners,
+        MemberError::NotEnoughStarted,
+        MemberError::Unhealthy,
+        MemberError::InProgress,
+        MemberError::NotClustered,
+    ];
+
+    pub fn code_and_message(self) -> (Code, &'static str) {
+        use MemberError::*;
+        let pre = Code::FailedPrecondition;
+        match self {
+            NotFound => (Code::NotFound, "etcdserver: member not found"),
+            IdExists => (pre, "etcdserver: member ID already exist"),
+            PeerUrlExists => (pre, "etcdserver: Peer URLs already exists"),
+            BadUrls => (
+                Code::InvalidArgument,
+                "etcdserver: given member URLs are invalid",
+            ),
+            NotLearner => (pre, "etcdserver: can only promote a learner member"),
+            LearnerNotReady => (
+                pre,
+                "etcdserver: can only promote a learner member which is in sync with leader",
+            ),
+            TooManyLearners => (pre, "etcdserver: too many learner members in cluster"),
+            NotEnoughStarted => (
+                pre,
+                "etcdserver: re-configuration failed due to not enough started members",
+            ),
+            Unhealthy => (Code::Unavailable, "etcdserver: unhealthy cluster"),
+            InProgress => (
+                Code::Unavailable,
+                "etcdserver: another membership change is in progress",
+            ),
+            NotClustered => (
+                Code::FailedPrecondition,
+                "etcdserver: membership changes need a member started in a cluster \
+                 (--initial-cluster with several members); a single member runs without Raft",
+            ),
+        }
+    }
+}
+
+/// etcd 3.4's `maxLearners`.
+const MAX_LEARNERS: usize = 1;
+/// etcd's `readyPercent`: a learner is promoted once its log is within 10% of the leader's.
+const LEARNER_READY_PERCENT: u64 = 90;
+
+/// What the leader plans a change against: the table, its view of the other members' logs,
+/// its own last index and id.
+pub struct LeaderView<'a> {
+    pub members: &'a [MemberEntry],
+    pub progress: &'a [PeerProgress],
+    pub last_index: u64,
+    pub me: u64,
+}
+
+impl LeaderView<'_> {
+    fn member(&self, id: u64) -> Result<&MemberEntry, MemberError> {
+        self.members
+            .iter()
+            .find(|m| m.id == id)
+            .ok_or(MemberError::NotFound)
+    }
+
+    fn voters(&self) -> impl Iterator<Item = &MemberEntry> {
+        self.members.iter().filter(|m| !m.is_learner)
+    }
+
+    /// etcd's "started": the member published its name.
+    fn started_voters(&self, except: Option<u64>) -> usize {
+        let started = |m: &&MemberEntry| !m.name.is_empty() && Some(m.id) != except;
+        self.voters().filter(started).count()
+    }
+
+    /// This member, or one the leader heard from within an election timeout.
+    fn is_active(&self, id: u64) -> bool {
+        id == self.me || self.progress.iter().any(|p| p.member == id && p.active)
+    }
+
+    fn active_voters(&self) -> usize {
+        self.voters().filter(|m| self.is_active(m.id)).count()
+    }
+
+    /// etcd's `isConnectedFullySince` over the voters.
+    fn all_voters_active(&self) -> bool {
+        self.active_voters() == self.voters().count()
+    }
+
+    fn url_taken(&self, urls: &[String], except: u64) -> bool {
+        let others = self.members.iter().filter(|m| m.id != except);
+        others
+            .flat_map(|m| &m.peer_urls)
+            .any(|url| urls.contains(url))
+    }
+}
+
+/// Plans `request` as etcd's leader checks it (`mayAddMember`, `mayRemoveMember`,
+/// `mayPromoteMember`, `ValidateConfigurationChange`): the Raft change and the member's record
+/// after it. A new member's id is etcd's: SHA-1 over its sorted peer URLs and `now_unix_s`.
+pub fn plan(
+    request: &MemberRequest,
+    view: &LeaderView,
+    now_unix_s: u64,
+) -> Result<(MembershipChange, MemberEntry), MemberError> {
+    match request {
+        MemberRequest::Add {
+            peer_urls,
+            is_learner,
+        } => plan_add(peer_urls, *is_learner, view, now_unix_s),
+        MemberRequest::Remove { id } => {
+            let member = view.member(*id)?;
+            if !member.is_learner {
+                check_remove_voter(*id, view)?;
+            }
+            Ok((MembershipChange::Remove(*id), member.clone()))
+        }
+        MemberRequest::Promote { id } => {
+            let member = view.member(*id)?;
+            if !member.is_learner {
+                return Err(MemberError::NotLearner);
+            }
+            let matched = view.progress.iter().find(|p| p.member == *id);
+            let matched = matched.map_or(0, |p| p.matched);
+            if matched * 100 < view.last_index * LEARNER_READY_PERCENT {
+                return Err(MemberError::LearnerNotReady);
+            }
+            let started = view.started_voters(None) + usize::from(!member.name.is_empty());
+            if started < quorum(view.voters().count() + 1) {
+                return Err(MemberError::NotEnoughStarted);
+            }
+            let promoted = MemberEntry {
+                is_learner: false,
+                ..member.clone()
+            };
+            Ok((MembershipChange::Promote(*id), promoted))
+        }
+        MemberRequest::Update { id, peer_urls } => {
+            let member = view.member(*id)?;
+            let peer_urls = checked_urls(peer_urls)?;
+            if view.url_taken(&peer_urls, *id) {
+                return Err(MemberError::PeerUrlExists);
+            }
+            // raft-rs has no "update": re-adding the member as what it is changes nothing there.
+            let change = match member.is_learner {
+                true => MembershipChange::AddLearner(*id),
+                false => MembershipChange::Promote(*id),
+            };
+            let updated = MemberEntry {
+                peer_urls,
+                ..member.clone()
+            };
+            Ok((change, updated))
+        }
+    }
+}
+
+fn plan_add(
+    peer_urls: &[String],
+    is_learner: bool,
+    view: &LeaderView,
+    now_unix_s: u64,
+) -> Result<(MembershipChange, MemberEntry), MemberError> {
+    let peer_urls = checked_urls(peer_urls)?;
+    if !is_learner && view.started_voters(None) < quorum(view.voters().count() + 1) {
+        return Err(MemberError::NotEnoughStarted);
+    }
+    if !view.all_voters_active() {
+        return Err(MemberError::Unhealthy);
+    }
+    let id = crate::node::recovery::member_id(&peer_urls, &now_unix_s.to_string());
+    if view.members.iter().any(|m| m.id == id) {
+        return Err(MemberError::IdExists);
+    }
+    if view.url_taken(&peer_urls, id) {
+        return Err(MemberError::PeerUrlExists);
+    }
+    let learners = view.members.iter().filter(|m| m.is_learner).count();
+    if is_learner && learners >= MAX_LEARNERS {
+        return Err(MemberError::TooManyLearners);
+    }
+    let change = match is_learner {
+        true => MembershipChange::AddLearner(id),
+        // One step, as etcd's ConfChangeAddNode: the new voter counts in the quorum at once.
+        false => MembershipChange::Promote(id),
+    };
+    let member = MemberEntry {
+        id,
+        name: String::new(),
+        peer_urls,
+        client_urls: Vec::new(),
+        is_learner,
+    };
+    Ok((change, member))
+}
+
+/// A majority of `voters` (etcd's `nquorum`).
+fn quorum(voters: usize) -> usize {
+    voters / 2 + 1
+}
+
+/// etcd's `isReadyToRemoveVotingMember` and the active-quorum check of `mayRemoveMember`.
+fn check_remove_voter(id: u64, view: &LeaderView) -> Result<(), MemberError> {
+    let voters = view.voters().count();
+    if view.started_voters(Some(id)) < quorum(voters - 1) {
+        return Err(MemberError::NotEnoughStarted);
+    }
+    // A member that is down is not part of the active quorum: removing it is safe.
+    if id != view.me && !view.is_active(id) {
+        return Ok(());
+    }
+    if view.active_voters() - 1 < quorum(voters - 1) {
+        return Err(MemberError::Unhealthy);
+    }
+    Ok(())
+}
+
+/// Peer URLs as etcd's `types.NewURLs` takes them: valid, sorted.
+fn checked_urls(urls: &[String]) -> Result<Vec<String>, MemberError> {
+    if urls.is_empty() || urls.iter().any(|url| check_url(url).is_err()) {
+        return Err(MemberError::BadUrls);
+    }
+    let mut urls = urls.to_vec();
+    urls.sort();
+    Ok(urls)
+}
+
+/// A table row as the Cluster service answers it.
+pub fn to_api(m: &MemberEntry) -> Member {
+    Member {
+        id: m.id,
+        name: m.name.clone(),
+        peer_ur_ls: m.peer_urls.clone(),
+        client_ur_ls: m.client_urls.clone(),
+        is_learner: m.is_learner,
+    }
+}
+
+/// A member's record as a conf-change context: the API's `Member` message (id, peer URLs,
+/// learner; names and client URLs travel in publish entries).
+pub fn encode_record(member: &MemberEntry) -> Vec<u8> {
+    let record = Member {
+        id: member.id,
+        peer_ur_ls: member.peer_urls.clone(),
+        is_learner: member.is_learner,
+        ..Member::default()
+    };
+    record.encode_to_vec()
+}
+
+pub fn decode_record(bytes: &[u8]) -> Result<MemberEntry, String> {
+    let record = Member::decode(bytes).map_err(|e| format!("member record: {e}"))?;
+    Ok(MemberEntry {
+        id: record.id,
+        name: String::new(),
+        peer_urls: record.peer_ur_ls,
+        client_urls: Vec::new(),
+        is_learner: record.is_learner,
+    })
+}
+
+/// The membership at start-up: the initial one, or the one saved with the last applied change
+/// (names from the initial list; published names come later), with the committed changes the
+/// log still holds after it applied (and saved, so the log may drop them). A member no longer
+/// in it was removed: it refuses to start, with etcd's message.
+pub fn recover_current(
+    data_dir: &Path,
+    me: u64,
+    initial: Vec<MemberEntry>,
+    changes: &[ferrocd_raft::storage::Entry],
+) -> Result<Vec<MemberEntry>, String> {
+    let (saved_index, saved) = load_current(data_dir)?.unwrap_or((0, initial.clone()));
+    let name_of = |id: u64| initial.iter().find(|m| m.id == id).map(|m| m.name.clone());
+    let table = Members::new(saved.into_iter().map(|m| MemberEntry {
+        name: name_of(m.id).unwrap_or_default(),
+        ..m
+    }));
+    let mut last_applied = None;
+    for entry in changes.iter().filter(|e| e.index > saved_index) {
+        let (change, context) = ferrocd_raft::group::decode_membership(entry)
+            .ok_or_else(|| format!("meta log entry {} is no membership change", entry.index))?;
+        table.apply(change, &decode_record(&context)?);
+        last_applied = Some(entry.index);
+    }
+    if let Some(index) = last_applied {
+        save_current(data_dir, index, &table.list())
+            .map_err(|e| format!("cannot save the membership: {e}"))?;
+    }
+    if table.get(me).is_none() {
+        return Err(crate::node::meta::REMOVED.to_string());
+    }
+    Ok(table.list())
+}
+
+/// What a running member tells a member about to join (`crate::peer::join`): the cluster id,
+/// the initial membership (the Raft log's bootstrap point) and the members now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JoinAnswer {
+    pub cluster_id: u64,
+    pub initial: Vec<MemberEntry>,
+    pub current: Vec<MemberEntry>,
+}
+
+impl JoinAnswer {
+    /// Two `MemberListResponse`s (initial, with the cluster id in its header; current), each
+    /// behind its length (u32 LE).
+    pub fn encode(&self) -> Vec<u8> {
+        let list = |members: &[MemberEntry], cluster_id| MemberListResponse {
+            header: Some(ResponseHeader {
+                cluster_id,
+                ..ResponseHeader::default()
+            }),
+            members: members.iter().map(to_api).collect(),
+        };
+        let mut out = Vec::new();
+        for part in [list(&self.initial, self.cluster_id), list(&self.current, 0)] {
+            let bytes = part.encode_to_vec();
+            out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+            out.extend_from_slice(&bytes);
+        }
+        out
+    }
+
+    pub fn decode(mut bytes: &[u8]) -> Option<JoinAnswer> {
+        let mut parts = Vec::new();
+        for _ in 0..2 {
+            let (len, rest) = bytes.split_first_chunk::<4>()?;
+            let len = u32::from_le_bytes(*len) as usize;
+            let part = rest.get(..len)?;
+            parts.push(MemberListResponse::decode(part).ok()?);
+            bytes = &rest[len..];
+        }
+        let entries = |list: &MemberListResponse| list.members.iter().map(from_api).collect();
+        Some(JoinAnswer {
+            cluster_id: parts[0].header.as_ref()?.cluster_id,
+            initial: entries(&parts[0]),
+            current: entries(&parts[1]),
+        })
+    }
+}
+
+fn from_api(m: &Member) -> MemberEntry {
+    MemberEntry {
+        id: m.id,
+        name: m.name.clone(),
+        peer_urls: m.peer_ur_ls.clone(),
+        client_urls: m.client_ur_ls.clone(),
+        is_learner: m.is_learner,
+    }
+}
+
+/// How long a joining member waits for one running member's answer.
+const JOIN_ASK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// etcd's join (`--initial-cluster-state existing` on a new data dir): asks the other members
+/// of `--initial-cluster` over their peer URLs for the membership (the first that answers),
+/// and finds this member in it by its advertised peer URLs (it was added with MemberAdd). The
+/// data dir is then made from the answer: the cluster id, this member's id, the initial
+/// membership, and the members now as the membership saved at index 0 (the log's changes
+/// from the start are applied again over it as they arrive).
+pub fn join(
+    data_dir: &Path,
+    shards: usize,
+    name: &str,
+    advertise_peer_urls: &[String],
+    initial_cluster: &[InitialMember],
+) -> Result<(), String> {
+    verify_bootstrap(name, advertise_peer_urls, initial_cluster)?;
+    let mut advertised = advertise_peer_urls.to_vec();
+    advertised.sort();
+    let others = initial_cluster.iter().filter(|m| m.name != name);
+    let answer = others
+        .flat_map(|m| &m.peer_urls)
+        .find_map(|url| {
+            // In plain text even to an https:// peer: the answer is the membership (ids and
+            // URLs), asked before this member has a place in the cluster.
+            let addr = crate::peer::parse_peer_url(url).ok()?.addr;
+            let bytes = crate::peer::join::ask(addr, JOIN_ASK_TIMEOUT, JOIN_ANSWER_MAX_BYTES);
+            JoinAnswer::decode(&bytes.ok()?)
+        })
+        .ok_or(
+            "cannot fetch cluster info from peer urls: could not retrieve cluster \
+                information from the given URLs",
+        )?;
+    let me = answer.current.iter().find(|m| {
+        let mut urls = m.peer_urls.clone();
+        urls.sort();
+        urls == advertised
+    });
+    let Some(me) = me else {
+        return Err(format!(
+            "error validating peerURLs {}: member count is unequal",
+            urls_map_string(initial_cluster)
+        ));
+    };
+    let identity = crate::node::recovery::Identity {
+        shards,
+        cluster_id: answer.cluster_id,
+        member_id: me.id,
+    };
+    crate::node::recovery::create_joined(data_dir, &identity, &answer.initial)?;
+    save_current(data_dir, 0, &answer.current)
+        .map_err(|e| format!("cannot save the membership: {e}"))
+}
+
+/// Bound on an answer's size (a membership of hundreds of members fits).
+const JOIN_ANSWER_MAX_BYTES: usize = 1 << 20;
+
+/// The file holding the membership as of the last applied change (absent until one).
+const CURRENT_FILE: &str = "members.current";
+
+/// Writes the table as of the change at log index `index`: to a temporary file, synced,
+/// renamed into place, the dir synced, so a crash leaves the old file or the new one.
+///
+/// Why a file of its own rather than the meta checkpoint: a change is rare, the file is tiny,
+/// and written before the change counts as applied it is never behind the log's compaction
+/// point (the meta checkpoint is written later, in the background); `member.conf` keeps the
+/// initial membership, which is the Raft log's bootstrap point and must not change.
+pub fn save_current(data_dir: &Path, index: u64, members: &[MemberEntry]) -> std::io::Result<()> {
+    let mut text = format!("index={index}\n");
+    for m in members {
+        let learner = u8::from(m.is_learner);
+        text += &format!("member={:016x} {learner} {}\n", m.id, m.peer_urls.join(","));
+    }
+    let tmp = data_dir.join(format!("{CURRENT_FILE}.tmp"));
+    let mut file = fs::File::create(&tmp)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    fs::rename(&tmp, data_dir.join(CURRENT_FILE))?;
+    fs::File::open(data_dir)?.sync_all()
+}
+
+/// The table `save_current` wrote last and the index of its change, if any change was applied.
+/// Names and client URLs are not in it (publish entries carry them).
+pub fn load_current(data_dir: &Path) -> Result<Option<(u64, Vec<MemberEntry>)>, String> {
+    let path = data_dir.join(CURRENT_FILE);
+    let text = match fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let bad = || format!("{}: malformed", path.display());
+    let mut lines = text.lines();
+    let index = lines.next().and_then(|l| l.strip_prefix("index="));
+    let index = index.and_then(|i| i.parse().ok()).ok_or_else(bad)?;
+    let members = lines
+        .map(|line| parse_current_line(line).ok_or_else(bad))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Some((index, members)))
+}
+
+fn parse_current_line(line: &str) -> Option<MemberEntry> {
+    let mut parts = line.strip_prefix("member=")?.splitn(3, ' ');
+    let id = u64::from_str_radix(parts.next()?, 16).ok()?;
+    let is_learner = match parts.next()? {
+        "0" => false,
+        "1" => true,
+        _ => return None,
+    };
+    let peer_urls = parts.next()?.split(',').map(str::to_string).collect();
+    Some(MemberEntry {
+        id,
+        name: String::new(),
+        peer_urls,
+        client_urls: Vec::new(),
+        is_learner,
+    })
 }
 
 #[cfg(test)]
@@ -310,5 +878,163 @@ mod tests {
         assert_eq!(list[1].name, "nine");
         assert_eq!(list[1].client_urls, urls(&["http://h:2379"]));
         assert!(list[0].client_urls.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod change_tests {
+    use super::*;
+
+    fn member(id: u64, name: &str, url: &str, is_learner: bool) -> MemberEntry {
+        MemberEntry {
+            id,
+            name: name.into(),
+            peer_urls: vec![url.into()],
+            client_urls: Vec::new(),
+            is_learner,
+        }
+    }
+
+    fn active(members: &[u64], matched: u64) -> Vec<PeerProgress> {
+        let progress = |&member| PeerProgress {
+            member,
+            matched,
+            active: true,
+        };
+        members.iter().map(progress).collect()
+    }
+
+    fn trio() -> Vec<MemberEntry> {
+        vec![
+            member(1, "a", "http://h:1", false),
+            member(2, "b", "http://h:2", false),
+            member(3, "c", "http://h:3", false),
+        ]
+    }
+
+    fn view<'a>(members: &'a [MemberEntry], progress: &'a [PeerProgress]) -> LeaderView<'a> {
+        LeaderView {
+            members,
+            progress,
+            last_index: 100,
+            me: 1,
+        }
+    }
+
+    fn add(url: &str, is_learner: bool) -> MemberRequest {
+        MemberRequest::Add {
+            peer_urls: vec![url.into()],
+            is_learner,
+        }
+    }
+
+    #[test]
+    fn add_checks_as_etcd() {
+        let members = trio();
+        let progress = active(&[2, 3], 100);
+        let (change, learner) =
+            plan(&add("http://h:4", true), &view(&members, &progress), 7).expect("a learner joins");
+        // etcd's id: SHA-1 over the sorted peer URLs and the time in seconds.
+        assert_eq!(
+            learner.id,
+            crate::node::recovery::member_id(&learner.peer_urls, "7")
+        );
+        assert_eq!(change, MembershipChange::AddLearner(learner.id));
+        let taken = plan(&add("http://h:2", false), &view(&members, &progress), 7);
+        assert_eq!(taken.unwrap_err(), MemberError::PeerUrlExists);
+        let bad = plan(&add("h:2", false), &view(&members, &progress), 7);
+        assert_eq!(bad.unwrap_err(), MemberError::BadUrls);
+
+        let mut with_learner = members.clone();
+        with_learner.push(learner.clone());
+        let again = plan(&add("http://h:4", true), &view(&with_learner, &progress), 7);
+        assert_eq!(again.unwrap_err(), MemberError::IdExists);
+        let second = plan(&add("http://h:5", true), &view(&with_learner, &progress), 7);
+        assert_eq!(second.unwrap_err(), MemberError::TooManyLearners);
+
+        let silent = active(&[2], 100);
+        let unhealthy = plan(&add("http://h:5", false), &view(&members, &silent), 7);
+        assert_eq!(unhealthy.unwrap_err(), MemberError::Unhealthy);
+    }
+
+    #[test]
+    fn promote_remove_update_check_as_etcd() {
+        let mut members = trio();
+        members.push(member(4, "", "http://h:4", true));
+        let behind = [
+            active(&[2, 3], 100),
+            vec![PeerProgress {
+                member: 4,
+                matched: 50,
+                active: true,
+            }],
+        ]
+        .concat();
+        let promote = |id| MemberRequest::Promote { id };
+        let v = view(&members, &behind);
+        assert_eq!(plan(&promote(9), &v, 0).unwrap_err(), MemberError::NotFound);
+        assert_eq!(
+            plan(&promote(2), &v, 0).unwrap_err(),
+            MemberError::NotLearner
+        );
+        assert_eq!(
+            plan(&promote(4), &v, 0).unwrap_err(),
+            MemberError::LearnerNotReady
+        );
+        let caught_up = active(&[2, 3, 4], 95);
+        let (change, promoted) = plan(&promote(4), &view(&members, &caught_up), 0).unwrap();
+        assert_eq!(change, MembershipChange::Promote(4));
+        assert!(!promoted.is_learner);
+
+        let remove = |id| MemberRequest::Remove { id };
+        let (change, _) = plan(&remove(4), &v, 0).unwrap();
+        assert_eq!(change, MembershipChange::Remove(4));
+        // Member 3 is down: removing 2 would leave one active voter of two.
+        let one_down = active(&[2], 100);
+        let v = view(&members, &one_down);
+        assert_eq!(plan(&remove(2), &v, 0).unwrap_err(), MemberError::Unhealthy);
+        assert!(
+            plan(&remove(3), &v, 0).is_ok(),
+            "a member that is down goes"
+        );
+
+        let update = |id, url: &str| MemberRequest::Update {
+            id,
+            peer_urls: vec![url.into()],
+        };
+        let v = view(&members, &caught_up);
+        let (change, moved) = plan(&update(4, "http://h:9"), &v, 0).unwrap();
+        assert_eq!(
+            change,
+            MembershipChange::AddLearner(4),
+            "a learner stays one"
+        );
+        assert_eq!(moved.peer_urls, vec!["http://h:9".to_string()]);
+        assert_eq!(
+            plan(&update(4, "http://h:1"), &v, 0).unwrap_err(),
+            MemberError::PeerUrlExists
+        );
+    }
+
+    #[test]
+    fn records_and_the_saved_table_round_trip() {
+        let learner = member(4, "", "http://h:4", true);
+        assert_eq!(decode_record(&encode_record(&learner)).unwrap(), learner);
+        let dir = std::env::temp_dir().join(format!("ferrocd-members-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        assert_eq!(load_current(&dir).unwrap(), None);
+        let mut table = trio();
+        table.push(learner);
+        save_current(&dir, 42, &table).unwrap();
+        let (index, loaded) = load_current(&dir).unwrap().unwrap();
+        let unnamed: Vec<MemberEntry> = table
+            .into_iter()
+            .map(|m| MemberEntry {
+                name: String::new(),
+                ..m
+            })
+            .collect();
+        assert_eq!((index, loaded), (42, unnamed));
+        fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -25,7 +25,7 @@ use crate::node::recovery::{self, Bootstrap, Recovered};
 use crate::node::replica::{DriverRequest, RaftTiming, ReadBarrier, Replica, ReplicaStart};
 use crate::node::shard::{Shard, ShardMsg};
 use crate::node::{Limits, Node, Shared, INBOX_CAPACITY};
-use crate::peer::{parse_peer_url, PeerConfig, PeerCore, PeerMesh};
+use crate::peer::{parse_peer_url, PeerAddr, PeerConfig, PeerCore, PeerMesh};
 use crate::tls::{self, ListenUrl, PeerTls, ServerTls, TlsFiles};
 use crate::transport::{self, max_grpc_message_bytes, Routes, ServerConfig};
 use crate::watch::deletion::Deletions;
@@ -49,6 +49,7 @@ use ferrocd_raft::sequencer::Sequencer;
 use ferrocd_raft::storage::{ConfState, SnapshotMeta};
 use ferrocd_raft::wal_store::WalLogStore;
 use glommio::{LocalExecutorBuilder, Placement};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -184,9 +185,20 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
         token: config.initial_cluster_token.clone(),
         advertise_peer_urls: config.advertise_peer_urls.clone(),
     };
-    let (identity, members) = recovery::open_identity(&config.data_dir, config.shards, &bootstrap)?;
+    if config.initial_cluster_state == ClusterState::Existing
+        && !recovery::has_identity(&config.data_dir)
+    {
+        crate::members::join(
+            &config.data_dir,
+            config.shards,
+            &config.name,
+            &config.advertise_peer_urls,
+            &config.initial_cluster,
+        )?;
+    }
+    let (identity, initial) = recovery::open_identity(&config.data_dir, config.shards, &bootstrap)?;
     // Several members: the meta log is a Raft log whose first membership is all of them.
-    let raft_initial = (members.len() > 1).then(|| bootstrap_point(&members));
+    let raft_initial = (initial.len() > 1).then(|| bootstrap_point(&initial));
     let Recovered {
         stores,
         checkpointers,
@@ -198,11 +210,20 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
         meta_state,
         meta_touched,
         meta_checkpoint_index,
+        membership_changes,
     } = recovery::recover(
         &config.data_dir,
         config.shards,
         config.lease,
         raft_initial.clone(),
+    )?;
+    // What a joining member is told is the log's bootstrap point.
+    let bootstrap_members = initial.clone();
+    let members = crate::members::recover_current(
+        &config.data_dir,
+        identity.member_id,
+        initial,
+        &membership_changes,
     )?;
     // Bind every address once here so a busy port is reported before anything starts.
     for url in &config.listen_client {
@@ -240,6 +261,17 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
         .with_members(Members::new(members))
         .clustered_with(read_barrier),
     );
+    if let Some(mesh) = &peers {
+        let (table, cluster_id) = (shared.clone(), identity.cluster_id);
+        mesh.answer_joins(move || {
+            let answer = crate::members::JoinAnswer {
+                cluster_id,
+                initial: bootstrap_members.clone(),
+                current: table.members.list(),
+            };
+            answer.encode()
+        });
+    }
     shared.space.restore(meta_state.alarms.iter().copied());
     meta_state
         .published
@@ -278,6 +310,7 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
             path: recovery::meta_checkpoint_path(&config.data_dir),
             bounds: config.checkpoint,
         },
+        data_dir: config.data_dir.clone(),
     };
     let raft = raft_initial.map(|initial| RaftMeta {
         initial,
@@ -470,19 +503,62 @@ async fn publish_in_cluster(shared: &Arc<Shared>, config: &NodeConfig) {
     }
 }
 
-impl CoreSetup {
-    /// Clustered: this core connects to the same core of every other member.
-    fn dial_members(&self, peer_core: &PeerCore) -> Result<(), String> {
-        let me = self.shared.identity.member_id;
-        for member in self.shared.members.list() {
-            if member.id == me {
-                continue;
-            }
+/// Every other member's peer address (its first peer URL), by id.
+fn peer_addrs(shared: &Shared) -> Result<BTreeMap<u64, PeerAddr>, String> {
+    let me = shared.identity.member_id;
+    let others = shared.members.list().into_iter().filter(|m| m.id != me);
+    others
+        .map(|member| {
             let url = member.peer_urls.first().ok_or_else(|| {
                 format!("member {:x} ({}) has no peer URL", member.id, member.name)
             })?;
-            peer_core.add_peer(member.id, parse_peer_url(url)?);
+            Ok((member.id, parse_peer_url(url)?))
+        })
+        .collect()
+}
+
+/// Keeps this core's peer connections to the members in the table: a member added is dialed,
+/// a member removed is dropped, one whose peer URL changed is dialed again there.
+async fn follow_members(shared: Arc<Shared>, peer: PeerCore, mut dialed: BTreeMap<u64, PeerAddr>) {
+    let table = &shared.members;
+    let mut seen = table.version();
+    loop {
+        wait_until(table.changed(), || table.version() != seen).await;
+        seen = table.version();
+        let wanted = match peer_addrs(&shared) {
+            Ok(wanted) => wanted,
+            Err(e) => {
+                crate::warn!("a member's peer URL is not usable", error = e);
+                continue;
+            }
+        };
+        for gone in dialed.keys().filter(|id| !wanted.contains_key(id)) {
+            peer.remove_peer(*gone);
         }
+        for (&member, addr) in &wanted {
+            if dialed.get(&member) != Some(addr) {
+                peer.add_peer(member, addr.clone());
+            }
+        }
+        dialed = wanted;
+    }
+}
+
+impl CoreSetup {
+    /// Clustered: this core connects to the same core of every other member.
+    /// Dials every member now, then follows the member table (membership changes) until
+    /// shutdown.
+    fn dial_members(&self, peer_core: &PeerCore) -> Result<(), String> {
+        let dialed = peer_addrs(&self.shared)?;
+        for (&member, addr) in &dialed {
+            peer_core.add_peer(member, addr.clone());
+        }
+        let follow = follow_members(self.shared.clone(), peer_core.clone(), dialed);
+        let shutdown = self.shutdown.clone();
+        glommio::spawn_local(
+            async move { futures_lite::future::or(follow, shutdown.wait()).await },
+        )
+        .detach();
         Ok(())
     }
 

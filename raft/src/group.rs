@@ -14,8 +14,8 @@ use raft::eraftpb::{self, ConfChangeSingle, ConfChangeType, ConfChangeV2, Messag
 use raft::{RawNode, ReadOnlyOption, StateRole};
 
 use crate::storage::{
-    conf_from_raft, entry_from_raft, hard_state_from_raft, snapshot_from_raft, ConfState, Entry,
-    EntryKind, LogStore, RaftStore, Snapshot,
+    conf_at, conf_from_raft, entry_from_raft, hard_state_from_raft, snapshot_from_raft, ConfState,
+    Entry, EntryKind, LogStore, RaftStore, Snapshot,
 };
 
 /// Timing and flow-control settings of a group; one tick is the owner's clock period.
@@ -79,6 +79,10 @@ pub struct GroupReady {
 pub struct PeerProgress {
     pub member: u64,
     pub matched: u64,
+    /// Heard from within the last election timeout (raft-rs's check-quorum activity) and
+    /// answered an append of this leader: raft-rs counts a member it just added as active
+    /// before it ever answered.
+    pub active: bool,
 }
 
 #[derive(Debug)]
@@ -87,6 +91,8 @@ pub enum ProposeError {
     NotLeader { leader: u64 },
     /// raft-rs refused it (a leader transfer or another membership change is in progress).
     Dropped,
+    /// A membership change is proposed and not applied yet: one at a time.
+    MembershipPending,
 }
 
 pub struct Group<S: LogStore> {
@@ -120,6 +126,7 @@ impl<S: LogStore> Group<S> {
         let raw = RawNode::new(
             &raft_config,
             RaftStore {
+                initial_conf: conf_at(&store, initial_applied(config, &store)),
                 store,
                 snapshot_wanted: Default::default(),
             },
@@ -181,6 +188,7 @@ impl<S: LogStore> Group<S> {
             .map(|(&member, pr)| PeerProgress {
                 member,
                 matched: pr.matched,
+                active: pr.recent_active && pr.matched > 0,
             })
             .collect();
         progress.sort_by_key(|p| p.member);
@@ -215,8 +223,19 @@ impl<S: LogStore> Group<S> {
         Ok(self.raw.raft.raft_log.last_index())
     }
 
-    pub fn propose_membership(&mut self, change: MembershipChange) -> Result<(), ProposeError> {
+    /// Proposes one membership change carrying `context` (the owner's record of the member,
+    /// handed back with the committed entry: `decode_membership`); returns its index. Refused
+    /// while an earlier change is not applied: raft-rs would turn this one into an empty entry
+    /// silently, and the owner would take that entry for its change.
+    pub fn propose_membership(
+        &mut self,
+        change: MembershipChange,
+        context: Vec<u8>,
+    ) -> Result<u64, ProposeError> {
         self.check_leader()?;
+        if self.raw.raft.has_pending_conf() {
+            return Err(ProposeError::MembershipPending);
+        }
         let (member, change_type) = match change {
             MembershipChange::AddLearner(id) => (id, ConfChangeType::AddLearnerNode),
             MembershipChange::Promote(id) => (id, ConfChangeType::AddNode),
@@ -229,11 +248,13 @@ impl<S: LogStore> Group<S> {
         single.set_change_type(change_type);
         let cc = ConfChangeV2 {
             changes: vec![single],
+            context,
             ..Default::default()
         };
         self.raw
             .propose_conf_change(Vec::new(), cc)
-            .map_err(|_| ProposeError::Dropped)
+            .map_err(|_| ProposeError::Dropped)?;
+        Ok(self.raw.raft.raft_log.last_index())
     }
 
     /// Asks for a read point; it arrives in a later `GroupReady::reads` with `context`
@@ -371,6 +392,33 @@ impl<S: LogStore> Group<S> {
     }
 }
 
+/// Where raft-rs starts applying: the configured applied index, within the store's log.
+fn initial_applied<S: LogStore>(config: &GroupConfig, store: &S) -> u64 {
+    let snapshot = store.snapshot().meta.index;
+    config
+        .applied_index
+        .clamp(snapshot, store.last_index().max(snapshot))
+}
+
+/// The change and context of a membership-change entry (`None` for a normal entry). Panics on
+/// an undecodable one: the group itself has applied it, so it is no corruption of the log.
+pub fn decode_membership(entry: &Entry) -> Option<(MembershipChange, Vec<u8>)> {
+    if entry.kind != EntryKind::ConfChange {
+        return None;
+    }
+    let cc = ConfChangeV2::decode(entry.data.as_slice())
+        .unwrap_or_else(|e| panic!("conf change at {} undecodable: {e}", entry.index));
+    let [single] = cc.changes.as_slice() else {
+        panic!("conf change at {} is not a single change", entry.index);
+    };
+    let change = match single.change_type() {
+        ConfChangeType::AddLearnerNode => MembershipChange::AddLearner(single.node_id),
+        ConfChangeType::AddNode => MembershipChange::Promote(single.node_id),
+        ConfChangeType::RemoveNode => MembershipChange::Remove(single.node_id),
+    };
+    Some((change, cc.context))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -425,8 +473,11 @@ mod tests {
                 if messages.is_empty() {
                     return;
                 }
+                // A member added by a test but not running hears nothing, like `down`.
                 for message in messages.into_iter().filter(|m| Some(m.to) != self.down) {
-                    self.groups.get_mut(&message.to).unwrap().step(message);
+                    if let Some(group) = self.groups.get_mut(&message.to) {
+                        group.step(message);
+                    }
                 }
             }
             panic!("the trio did not settle in {MAX_ROUNDS} rounds");
@@ -446,6 +497,46 @@ mod tests {
 
     fn matched(progress: &[PeerProgress]) -> Vec<(u64, u64)> {
         progress.iter().map(|p| (p.member, p.matched)).collect()
+    }
+
+    /// A change carries its context through the log, a second waits for the first to apply, and
+    /// a group restarted past the change starts from the membership the change made (raft-rs
+    /// does not hand applied entries out again).
+    #[test]
+    fn membership_changes_survive_a_restart_past_them() {
+        let mut trio = Trio::new();
+        trio.tick(12);
+        let index = trio
+            .leader()
+            .propose_membership(MembershipChange::AddLearner(4), b"four".to_vec())
+            .unwrap();
+        assert!(matches!(
+            trio.leader()
+                .propose_membership(MembershipChange::Remove(3), Vec::new()),
+            Err(ProposeError::MembershipPending)
+        ));
+        trio.settle();
+        let entry = trio.groups[&2].store().entries(index, index + 1, u64::MAX)[0].clone();
+        assert_eq!(
+            decode_membership(&entry),
+            Some((MembershipChange::AddLearner(4), b"four".to_vec()))
+        );
+        let store = trio.groups[&2].store().clone();
+        let conf = conf_at(&store, index);
+        assert_eq!((conf.voters, conf.learners), (vec![1, 2, 3], vec![4]));
+        assert_eq!(conf_at(&store, index - 1).learners, Vec::<u64>::new());
+        let config = GroupConfig {
+            member_id: 2,
+            election_ticks: 20,
+            max_election_ticks: 21,
+            heartbeat_ticks: 1,
+            max_size_per_msg_bytes: 1 << 20,
+            max_inflight_msgs: 16,
+            applied_index: store.hard_state().commit,
+        };
+        let restarted = Group::new(&config, store);
+        assert!(restarted.raw.raft.prs().conf().learners().contains(&4));
+        assert!(restarted.is_voter(3));
     }
 
     #[test]

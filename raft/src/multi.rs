@@ -131,8 +131,10 @@ impl<S: LogStore> Node<S> {
         &mut self,
         group: GroupId,
         change: MembershipChange,
-    ) -> Result<(), ProposeError> {
-        self.group_or_panic(group).propose_membership(change)
+        context: Vec<u8>,
+    ) -> Result<u64, ProposeError> {
+        self.group_or_panic(group)
+            .propose_membership(change, context)
     }
 
     pub fn read_index(&mut self, group: GroupId, context: Vec<u8>) {

@@ -13,6 +13,8 @@ use std::collections::VecDeque;
 use raft::eraftpb;
 use raft::{GetEntriesContext, RaftState, StorageError};
 
+use crate::group::MembershipChange;
+
 /// One log entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
@@ -300,9 +302,59 @@ impl LogStore for MemLogStore {
     }
 }
 
+/// The membership after applying `change` to `conf` (single-step changes, as raft-rs applies
+/// them: promoting a voter or adding a learner that is one already changes nothing).
+pub fn apply_membership(conf: &mut ConfState, change: MembershipChange) {
+    let remove = |ids: &mut Vec<u64>, id: u64| ids.retain(|other| *other != id);
+    let insert = |ids: &mut Vec<u64>, id: u64| {
+        if !ids.contains(&id) {
+            ids.push(id);
+            ids.sort_unstable();
+        }
+    };
+    match change {
+        MembershipChange::AddLearner(id) if !conf.voters.contains(&id) => {
+            insert(&mut conf.learners, id)
+        }
+        // raft-rs keeps a voter a voter when it is "added as a learner" in one step.
+        MembershipChange::AddLearner(_) => {}
+        MembershipChange::Promote(id) => {
+            remove(&mut conf.learners, id);
+            insert(&mut conf.voters, id);
+        }
+        MembershipChange::Remove(id) => {
+            remove(&mut conf.learners, id);
+            remove(&mut conf.voters, id);
+        }
+    }
+}
+
+/// The membership as of `index` (`store.snapshot()`'s index up to its last entry): the
+/// snapshot's, with every membership change in the log up to `index` applied. A compaction
+/// point records it, and a group restarted with entries up to `index` applied starts from it
+/// (raft-rs does not hand those entries out again, so it would never see their changes).
+pub fn conf_at<S: LogStore>(store: &S, index: u64) -> ConfState {
+    let base = &store.snapshot().meta;
+    assert!(
+        index >= base.index && index <= store.last_index(),
+        "membership asked at {index}, outside the log [{}, {}]",
+        base.index,
+        store.last_index()
+    );
+    let mut conf = base.conf.clone();
+    for entry in store.entries(base.index + 1, index + 1, u64::MAX) {
+        if let Some((change, _)) = crate::group::decode_membership(&entry) {
+            apply_membership(&mut conf, change);
+        }
+    }
+    conf
+}
+
 /// raft-rs's view of a `LogStore`: converts at the edge.
 pub(crate) struct RaftStore<S> {
     pub(crate) store: S,
+    /// The membership raft-rs starts from: the one as of the applied index it is given.
+    pub(crate) initial_conf: ConfState,
     /// Set when a leader needed a snapshot the store does not have: the owner should
     /// checkpoint (compact the log into a fresh snapshot); raft retries on its own.
     pub(crate) snapshot_wanted: std::cell::Cell<bool>,
@@ -328,7 +380,7 @@ impl<S: LogStore> raft::Storage for RaftStore<S> {
     fn initial_state(&self) -> raft::Result<RaftState> {
         Ok(RaftState::new(
             hard_state_to_raft(self.store.hard_state()),
-            conf_to_raft(&self.store.snapshot().meta.conf),
+            conf_to_raft(&self.initial_conf),
         ))
     }
 
@@ -518,6 +570,7 @@ mod tests {
         });
         assert_eq!(store.entries(4, 5, u64::MAX), vec![entry(4, 1)]);
         let raft = RaftStore {
+            initial_conf: store.snapshot().meta.conf.clone(),
             store,
             snapshot_wanted: Default::default(),
         };

@@ -660,7 +660,7 @@ impl Sim {
                     .as_mut()
                     .unwrap();
                 for group in pending {
-                    let _ = node.propose_membership(group, change);
+                    let _ = node.propose_membership(group, change, Vec::new());
                 }
             }
         }

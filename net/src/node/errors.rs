@@ -1,6 +1,7 @@
 //! The errors a KV request can end with, as etcd reports them (gRPC code and message).
 
 use crate::auth::AuthError;
+use crate::members::MemberError;
 use std::fmt;
 use tonic::{Code, Status};
 
@@ -31,6 +32,8 @@ pub enum KvError {
     Timeout,
     /// Refused by auth (invalid token, permission denied, ...) or an auth management error.
     Auth(AuthError),
+    /// A membership change refused.
+    Member(MemberError),
 }
 
 impl KvError {
@@ -71,6 +74,7 @@ impl KvError {
             LeaderChanged => (Code::Unavailable, "etcdserver: leader changed"),
             Timeout => (Code::Unavailable, "etcdserver: request timed out"),
             Auth(e) => e.code_and_message(),
+            Member(e) => e.code_and_message(),
         }
     }
 }
@@ -86,6 +90,12 @@ impl std::error::Error for KvError {}
 impl From<AuthError> for KvError {
     fn from(e: AuthError) -> KvError {
         KvError::Auth(e)
+    }
+}
+
+impl From<MemberError> for KvError {
+    fn from(e: MemberError) -> KvError {
+        KvError::Member(e)
     }
 }
 

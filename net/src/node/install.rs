@@ -17,12 +17,14 @@
 //!    writes the `Maintenance.Snapshot` stream at `R` (`snapshot.rs`, file format
 //!    `ferrocd_engine::snapshot`, which carries its own checksum) with the meta checkpoint's
 //!    records as its meta records to `<data-dir>/snap/<id>.snap`, and answers the file's id,
-//!    size and SHA-256 with `I`, its term, the membership and the auth revision.
+//!    size and SHA-256 with `I`, its term, the membership (Raft's and the member table at
+//!    `I`) and the auth revision.
 //! 2. The follower pulls the file by offset, `CHUNK_BYTES` per call (one chunk held at a time),
 //!    into a staging directory and refuses it unless size and SHA-256 match the offer.
 //! 3. It builds a complete data dir in the staging directory `<data-dir>.install` (a sibling:
 //!    same file system, so the swap below is a rename): its own `member.conf` (cluster id,
-//!    member id and members stay), each shard's checkpoint at `R` (`restore::write_shards`,
+//!    member id and the initial membership stay), the member table at `I` as
+//!    `members.current`, each shard's checkpoint at `R` (`restore::write_shards`,
 //!    the code `ferrocd snapshot restore` uses), the meta checkpoint at `I`, and a meta WAL
 //!    that starts after `(I, term, membership)` with the hard state `{term, vote, commit: I}`
 //!    (term and vote as this member last knew them, at least `I`'s term: a member never votes
@@ -60,6 +62,7 @@
 use super::meta::MetaMsg;
 use super::snapshot::{stream, SnapshotStart};
 use super::{recovery, restore, Shared};
+use crate::members::{self, MemberEntry};
 use crate::peer::PeerCore;
 use ferrocd_engine::meta_checkpoint::{self, MetaCheckpoint};
 use ferrocd_raft::storage::{ConfState, HardState, SnapshotMeta};
@@ -105,6 +108,10 @@ pub struct LogPoint {
     pub conf: ConfState,
     /// The meta checkpoint's auth revision.
     pub auth_revision: u64,
+    /// The member table at `index` (ids, peer URLs, learner flags; names and client URLs are
+    /// in the meta records): the installed data dir's `members.current`, since the changes up
+    /// to `index` are not in its log.
+    pub members: Vec<MemberEntry>,
 }
 
 /// What the leader's meta group captures (see the module doc).
@@ -126,6 +133,9 @@ pub fn capture(
         term,
         conf,
         auth_revision: checkpoint.auth_revision,
+        // The meta group applies membership changes in log order: between two of its
+        // operations the table is the one at its last applied index.
+        members: shared.members.list(),
     };
     let start = SnapshotStart {
         revision: shared.seq.visible(),
@@ -160,31 +170,32 @@ impl Offer {
             ids.iter()
                 .for_each(|id| out.extend_from_slice(&id.to_le_bytes()));
         }
+        out.extend_from_slice(&(p.members.len() as u64).to_le_bytes());
+        for member in &p.members {
+            let record = members::encode_record(member);
+            out.extend_from_slice(&(record.len() as u64).to_le_bytes());
+            out.extend_from_slice(&record);
+        }
         out
     }
 
     /// `None` for bytes that are not an offer of this version.
-    fn decode(mut bytes: &[u8]) -> Option<Offer> {
-        let mut u64 = || {
-            let (n, rest) = bytes.split_first_chunk::<8>()?;
-            bytes = rest;
-            Some(u64::from_le_bytes(*n))
-        };
-        let (id, size_bytes) = (u64()?, u64()?);
+    fn decode(bytes: &[u8]) -> Option<Offer> {
+        let mut r = OfferReader(bytes);
+        let (id, size_bytes) = (r.u64()?, r.u64()?);
         let mut sha256 = [0; 32];
-        for chunk in sha256.chunks_mut(8) {
-            chunk.copy_from_slice(&u64()?.to_le_bytes());
-        }
-        let (index, term, auth_revision) = (u64()?, u64()?, u64()?);
-        let mut ids = || -> Option<Vec<u64>> {
-            let count = u64()?;
-            // Each id takes 8 bytes: a count beyond what is left is malformed.
-            (0..count).map(|_| u64()).collect()
-        };
+        sha256.copy_from_slice(r.take(32)?);
+        let (index, term, auth_revision) = (r.u64()?, r.u64()?, r.u64()?);
         let conf = ConfState {
-            voters: ids()?,
-            learners: ids()?,
+            voters: r.ids()?,
+            learners: r.ids()?,
         };
+        let mut members = Vec::new();
+        for _ in 0..r.u64()? {
+            let size_bytes = usize::try_from(r.u64()?).ok()?;
+            members.push(members::decode_record(r.take(size_bytes)?).ok()?);
+        }
+        let bytes = r.0;
         bytes.is_empty().then_some(Offer {
             id,
             size_bytes,
@@ -194,6 +205,7 @@ impl Offer {
                 term,
                 conf,
                 auth_revision,
+                members,
             },
         })
     }
@@ -536,6 +548,9 @@ impl Build {
             &recovery::conf_path(&self.data_dir),
             &recovery::conf_path(staging),
         )?;
+        // Written synced (temporary file, rename, directory fsync).
+        members::save_current(staging, self.point.index, &self.point.members)
+            .map_err(|e| format!("{}: members: {e}", staging.display()))?;
         fs::remove_file(&self.snapshot).map_err(|e| format!("{}: {e}", self.snapshot.display()))?;
         for dir in [
             wal_dir.as_path(),
@@ -652,6 +667,26 @@ fn exchange(a: &Path, b: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// The fields of an encoded offer, front to back; `None` past the end.
+struct OfferReader<'a>(&'a [u8]);
+
+impl<'a> OfferReader<'a> {
+    fn take(&mut self, size_bytes: usize) -> Option<&'a [u8]> {
+        let (taken, rest) = self.0.split_at_checked(size_bytes)?;
+        self.0 = rest;
+        Some(taken)
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+
+    /// A count and that many ids (a count beyond what is left is malformed).
+    fn ids(&mut self) -> Option<Vec<u64>> {
+        (0..self.u64()?).map(|_| self.u64()).collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -669,7 +704,18 @@ mod tests {
                     learners: vec![],
                 },
                 auth_revision: 4,
+                members: (1..=3).map(test_member).collect(),
             },
+        }
+    }
+
+    fn test_member(id: u64) -> MemberEntry {
+        MemberEntry {
+            id,
+            name: String::new(),
+            peer_urls: vec![format!("http://127.0.0.1:{}", 2380 + id)],
+            client_urls: Vec::new(),
+            is_learner: id == 3,
         }
     }
 
@@ -681,7 +727,16 @@ mod tests {
         let mut longer = bytes.clone();
         longer.push(0);
         assert_eq!(Offer::decode(&longer), None);
-        let mut huge_count = bytes[..bytes.len() - 8 * 4].to_vec();
+        let mut huge_count = offer().encode();
+        let members_at = huge_count.len()
+            - offer()
+                .point
+                .members
+                .iter()
+                .map(|m| 8 + members::encode_record(m).len())
+                .sum::<usize>()
+            - 8;
+        huge_count.truncate(members_at);
         huge_count.extend_from_slice(&u64::MAX.to_le_bytes());
         assert_eq!(Offer::decode(&huge_count), None, "a count past the bytes");
     }
@@ -806,6 +861,7 @@ mod tests {
             term: 3,
             conf: conf.clone(),
             auth_revision: 0,
+            members: conf.voters.iter().map(|&id| test_member(id)).collect(),
         };
         let hard_state = HardState {
             term: 4,
@@ -835,6 +891,9 @@ mod tests {
         let recovered = recovery::recover(&data, 2, lease_config, Some(bootstrap_point.clone()));
         let recovered = recovered.unwrap();
         assert_eq!(recovered.meta_checkpoint_index, 40);
+        let table = members::load_current(&data).unwrap();
+        let expected_table = conf.voters.iter().map(|&id| test_member(id)).collect();
+        assert_eq!(table, Some((40, expected_table)), "the member table at I");
         assert_eq!(recovered.next_index[2], 41, "the meta log goes on after I");
         assert_eq!(recovered.current_rev, revision);
         assert_eq!(recovered.compacted_rev, compacted);

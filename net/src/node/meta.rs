@@ -26,6 +26,7 @@ use super::shard::{fatal, Gathered, ShardMsg, Span, SINGLE_VOTER_TERM};
 use super::Shared;
 use crate::auth::state::AdminOp;
 use crate::lease::ops::{LeaseDone, LeaseOp};
+use crate::members::{self, MemberEntry, MemberRequest};
 use ferrocd_api::etcdserverpb::alarm_request::AlarmAction;
 use ferrocd_api::etcdserverpb::AlarmMember;
 use ferrocd_api::etcdserverpb::{TxnRequest, TxnResponse};
@@ -36,7 +37,7 @@ use futures::channel::oneshot;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Writes handled together, at most: one hold of their shards, one gather, one log append (a
 /// single fdatasync, or one Raft round in a cluster) for all of them.
@@ -104,6 +105,12 @@ pub enum MetaMsg {
         client_urls: Vec<String>,
         reply: oneshot::Sender<Result<(), KvError>>,
     },
+    /// A membership change (this member leads): answered with the member's record after it,
+    /// once the change is committed and applied here.
+    Member {
+        request: MemberRequest,
+        reply: oneshot::Sender<Result<MemberEntry, KvError>>,
+    },
 }
 
 /// What recovery hands the meta group besides its WAL.
@@ -116,6 +123,8 @@ pub struct MetaStart {
     /// The meta WAL index the checkpoint file covers (0: none).
     pub checkpoint_index: u64,
     pub checkpoint: MetaCheckpointConfig,
+    /// Where the membership as of the last applied change is kept (`members::save_current`).
+    pub data_dir: std::path::PathBuf,
 }
 
 /// Where the meta log goes: the member's own WAL (a single member: durable is committed), or a
@@ -135,6 +144,7 @@ pub struct Meta {
     checkpoint: MetaCheckpointConfig,
     /// The meta WAL index the checkpoint file found at start covers (0: none).
     recovered_index: u64,
+    data_dir: std::path::PathBuf,
 }
 
 impl Meta {
@@ -153,6 +163,7 @@ impl Meta {
             ),
             checkpoint: start.checkpoint,
             recovered_index: start.checkpoint_index,
+            data_dir: start.data_dir,
         }
     }
 
@@ -305,6 +316,61 @@ impl Meta {
                 };
                 let _ = reply.send(self.publish(attributes).await);
             }
+            MetaMsg::Member { request, reply } => {
+                let _ = reply.send(self.change_members(request).await);
+            }
+        }
+    }
+
+    /// Plans, proposes and waits for one membership change (this member leads), then applies
+    /// it here as followers do when they reach it in the log. The meta group serves one
+    /// message at a time, so no other change of this leader is in flight meanwhile.
+    async fn change_members(&mut self, request: MemberRequest) -> Result<MemberEntry, KvError> {
+        let MetaLog::Replicated(replica) = &self.log else {
+            return Err(members::MemberError::NotClustered.into());
+        };
+        let replica = replica.clone();
+        self.lead().await?;
+        let (change, record, index, committed) = replica.propose_membership(&request)?;
+        committed.await.map_err(|_| KvError::LeaderChanged)??;
+        self.apply_member_change(index, change, &record);
+        self.next_index = index + 1;
+        replica.set_applied(index);
+        Ok(record)
+    }
+
+    /// A committed membership change, on every member in log order: the table (which every
+    /// core's peer transport follows), its durable copy (written before the change counts as
+    /// applied, so the log is never compacted past a change the copy lacks), and, for the
+    /// member removed, the end of serving.
+    fn apply_member_change(
+        &mut self,
+        index: u64,
+        change: ferrocd_raft::group::MembershipChange,
+        record: &MemberEntry,
+    ) {
+        let table = &self.shared.members;
+        table.apply(change, record);
+        if let Err(e) = members::save_current(&self.data_dir, index, &table.list()) {
+            fatal(&format!(
+                "cannot save the membership after entry {index}: {e}"
+            ));
+        }
+        crate::info!(
+            "membership changed",
+            change = format!("{change:?}"),
+            member = format!("{:x}", record.id),
+            peer_urls = record.peer_urls.join(","),
+            index = index
+        );
+        let removed = ferrocd_raft::group::MembershipChange::Remove(self.shared.identity.member_id);
+        if change == removed {
+            if let MetaLog::Replicated(replica) = &self.log {
+                let timing = replica.timing();
+                stop_removed(Duration::from_millis(
+                    timing.tick_ms * timing.election_ticks as u64,
+                ));
+            }
         }
     }
 
@@ -391,7 +457,12 @@ impl Meta {
         };
         let replica = replica.clone();
         while let Some(entry) = replica.take_followed() {
-            if !entry.data.is_empty() {
+            if let Some((change, context)) = ferrocd_raft::group::decode_membership(&entry) {
+                let record = members::decode_record(&context).unwrap_or_else(|e| {
+                    fatal(&format!("committed meta entry {}: {e}", entry.index))
+                });
+                self.apply_member_change(entry.index, change, &record);
+            } else if !entry.data.is_empty() {
                 let payload = decode(&entry.data).unwrap_or_else(|e| {
                     fatal(&format!(
                         "committed meta entry {} undecodable: {e}",
@@ -408,7 +479,7 @@ impl Meta {
                     self.follow(payload).await;
                 }
             }
-            // Empty entries (a new leader's first) and membership changes have no effect here.
+            // Empty entries (a new leader's first) have no effect here.
             self.next_index = self.next_index.max(entry.index + 1);
             replica.set_applied(entry.index);
         }
@@ -798,6 +869,21 @@ impl Meta {
             self.shared.members.publish(attributes);
         }
     }
+}
+
+/// etcd's message for a member that learns it was removed.
+pub const REMOVED: &str = "the member has been permanently removed from the cluster";
+
+/// etcd's end for a removed member: the process stops, with status 0 as etcd's (its data dir
+/// cannot serve again: start-up refuses it). It waits `grace` first, so that a leader's answer
+/// to its own removal leaves.
+fn stop_removed(grace: Duration) {
+    glommio::spawn_local(async move {
+        glommio::timer::sleep(grace).await;
+        crate::error!("stopping the process", error = REMOVED);
+        std::process::exit(0);
+    })
+    .detach();
 }
 
 /// The alarms as `Space` reports them, unchanged.

@@ -579,6 +579,39 @@ impl Node {
         self.publish_member(member_id, name, client_urls).await
     }
 
+    /// A membership change, served by the leader (a follower forwards it): the member it made
+    /// or changed, and the members after it.
+    pub async fn change_members(
+        &self,
+        request: crate::members::MemberRequest,
+    ) -> Result<ferrocd_api::etcdserverpb::MemberAddResponse, KvError> {
+        if !self.shared.role.is_clustered() {
+            return Err(crate::members::MemberError::NotClustered.into());
+        }
+        if let Some(leader) = self.shared.role.remote_leader()? {
+            return crate::forward::change_members(&self.shared, leader, &request).await;
+        }
+        let (reply, answer) = oneshot::channel();
+        let sent = self
+            .shared
+            .meta
+            .send(MetaMsg::Member { request, reply })
+            .await;
+        sent.map_err(|_| KvError::Stopped)?;
+        let member = answer.await.map_err(|_| KvError::Stopped)??;
+        Ok(ferrocd_api::etcdserverpb::MemberAddResponse {
+            header: Some(self.shared.header(0)),
+            member: Some(crate::members::to_api(&member)),
+            members: self
+                .shared
+                .members
+                .list()
+                .iter()
+                .map(crate::members::to_api)
+                .collect(),
+        })
+    }
+
     /// Logs `member_id`'s attributes (this member leads: its own, or a follower's forwarded).
     pub async fn publish_member(
         &self,

@@ -30,7 +30,7 @@ use ferrocd_engine::mvcc::codec::{decode, LogPayload};
 use ferrocd_engine::mvcc::Store;
 use ferrocd_engine::replay::{Origin, Replay};
 use ferrocd_engine::wal::{read_dir, RecordKind, Recovered as WalRecovered};
-use ferrocd_raft::storage::{EntryKind, SnapshotMeta};
+use ferrocd_raft::storage::{Entry, EntryKind, SnapshotMeta};
 use ferrocd_raft::wal_store::committed_entries;
 use std::collections::BTreeMap;
 use std::fs;
@@ -90,13 +90,10 @@ pub struct Bootstrap {
 impl Bootstrap {
     /// etcd's checks of the flags for a new member.
     pub fn verify(&self) -> Result<(), String> {
+        // A joining member's data dir is made by the join, which asks the running members
+        // first (`members::join`, before this is reached); it never bootstraps a cluster.
         if self.state == ClusterState::Existing {
-            return Err(
-                "--initial-cluster-state existing: joining a running cluster (MemberAdd) is \
-                 not supported yet; start the member from its data dir, or bootstrap a new \
-                 cluster with --initial-cluster-state new"
-                    .into(),
-            );
+            return Err("--initial-cluster-state existing: no data dir was made by joining".into());
         }
         members::verify_bootstrap(&self.name, &self.advertise_peer_urls, &self.initial_cluster)
     }
@@ -173,7 +170,7 @@ pub fn open_identity(
             client_urls: Vec::new(),
             is_learner: false,
         }];
-        write_conf(data_dir, &identity, &members)
+        write_conf(data_dir, &identity, &members, false)
             .map_err(|e| format!("cannot write {}: {e}", conf.display()))?;
         return Ok((identity, members));
     }
@@ -191,9 +188,28 @@ pub fn open_identity(
         cluster_id: cluster_id(&ids),
         member_id: local.id,
     };
-    write_conf(data_dir, &identity, &members)
+    write_conf(data_dir, &identity, &members, false)
         .map_err(|e| format!("cannot write {}: {e}", conf.display()))?;
     Ok((identity, members))
+}
+
+/// Creates the data dir of a member joining a running cluster (`--initial-cluster-state
+/// existing`, `crate::members::join`): its identity, and the cluster's initial membership as
+/// a running member told it (the Raft log's bootstrap point, the same on every member).
+pub fn create_joined(
+    data_dir: &Path,
+    identity: &Identity,
+    initial: &[MemberEntry],
+) -> Result<(), String> {
+    fs::create_dir_all(data_dir)
+        .map_err(|e| format!("cannot create data dir {}: {e}", data_dir.display()))?;
+    write_conf(data_dir, identity, initial, true)
+        .map_err(|e| format!("cannot write {}: {e}", data_dir.join(CONF_FILE).display()))
+}
+
+/// Whether `data_dir` holds a member already (its identity file).
+pub fn has_identity(data_dir: &Path) -> bool {
+    data_dir.join(CONF_FILE).exists()
 }
 
 /// The identity, and the initial membership when the file records it (format 2).
@@ -230,7 +246,9 @@ fn read_conf(conf: &Path) -> Result<(Identity, Option<Vec<MemberEntry>>), String
     let members = values("member")
         .map(|line| parse_member_line(line).ok_or_else(|| bad("member")))
         .collect::<Result<Vec<_>, _>>()?;
-    if !members.iter().any(|m| m.id == identity.member_id) {
+    // A member that joined later is not among the initial members (the log's bootstrap point).
+    let joined = values("joined").next() == Some("1");
+    if !joined && !members.iter().any(|m| m.id == identity.member_id) {
         return Err(format!(
             "{}: member {:016x} is not among its members",
             conf.display(),
@@ -256,11 +274,19 @@ fn parse_member_line(line: &str) -> Option<MemberEntry> {
 
 /// Writes the identity and membership to a temporary file, syncs it, renames it into place,
 /// syncs the dir.
-fn write_conf(data_dir: &Path, id: &Identity, members: &[MemberEntry]) -> std::io::Result<()> {
+fn write_conf(
+    data_dir: &Path,
+    id: &Identity,
+    members: &[MemberEntry],
+    joined: bool,
+) -> std::io::Result<()> {
     let mut text = format!(
         "format={FORMAT_VERSION}\nshards={}\ncluster_id={:016x}\nmember_id={:016x}\n",
         id.shards, id.cluster_id, id.member_id
     );
+    if joined {
+        text += "joined=1\n";
+    }
     for member in members {
         // One line per member: a URL holds no space or comma, a name no line break.
         if member.name.contains('\n') {
@@ -298,11 +324,15 @@ pub struct Recovered {
     pub meta_touched: Vec<i64>,
     /// The meta WAL index the meta checkpoint covers (0: no checkpoint).
     pub meta_checkpoint_index: u64,
+    /// The committed membership changes still in the meta log, in order (a cluster member).
+    pub membership_changes: Vec<Entry>,
 }
 
 /// One log's entries with their indexes.
 struct LogContents {
     payloads: Vec<(u64, LogPayload)>,
+    /// A Raft log's committed membership changes, in order.
+    membership: Vec<Entry>,
     next_index: u64,
     wal: WalRecovered,
 }
@@ -330,6 +360,7 @@ fn read_log(dir: &Path) -> Result<LogContents, String> {
     let next_index = payloads.last().map_or(1, |(index, _)| index + 1);
     Ok(LogContents {
         payloads,
+        membership: Vec::new(),
         next_index,
         wal,
     })
@@ -348,8 +379,10 @@ fn read_raft_log(dir: &Path, initial: SnapshotMeta) -> Result<LogContents, Strin
         .iter()
         .filter(|e| e.kind == EntryKind::Normal && !e.data.is_empty());
     let payloads = decode_entries(dir, ours.map(|e| (e.index, e.data.as_slice())))?;
+    let membership = entries.iter().filter(|e| e.kind == EntryKind::ConfChange);
     Ok(LogContents {
         payloads,
+        membership: membership.cloned().collect(),
         next_index,
         wal,
     })
@@ -445,6 +478,7 @@ pub fn recover(
         .map(|c| c.meta().covered_revision)
         .min();
     let mut last_logged_rev = 0;
+    let membership_changes = meta.membership;
     for (index, payload) in meta.payloads {
         // Non-KV effects from above the checkpoint only: it holds those of the others.
         if index > checkpoint_index {
@@ -490,6 +524,7 @@ pub fn recover(
         meta_state,
         meta_touched,
         meta_checkpoint_index: checkpoint_index,
+        membership_changes,
     })
 }
 
@@ -634,7 +669,7 @@ mod tests {
         let mut existing = bootstrap("a", "a=http://h:1", "http://h:1");
         existing.state = ClusterState::Existing;
         let error = open_identity(&path, 1, &existing).unwrap_err();
-        assert!(error.contains("not supported"), "{error}");
+        assert!(error.contains("made by joining"), "{error}");
         assert!(!path.join(CONF_FILE).exists(), "nothing written");
     }
 }

@@ -24,12 +24,13 @@
 
 use super::errors::KvError;
 use super::Shared;
+use crate::members::{self, LeaderView, MemberEntry, MemberError, MemberRequest};
 use crate::peer::PeerCore;
 use event_listener::Event;
-use ferrocd_raft::group::{GroupConfig, PeerProgress};
+use ferrocd_raft::group::{GroupConfig, MembershipChange, PeerProgress, ProposeError};
 use ferrocd_raft::multi::{Envelope, Node as RaftNode, NodeConfig as RaftNodeConfig, META_GROUP};
 use ferrocd_raft::notify::wait_until;
-use ferrocd_raft::storage::{Entry, LogStore};
+use ferrocd_raft::storage::{conf_at, Entry, LogStore};
 use ferrocd_raft::wal_store::WalLogStore;
 use futures::channel::oneshot;
 use std::cell::{Cell, RefCell};
@@ -217,6 +218,8 @@ pub fn compaction_point(
 }
 
 type Proposed = oneshot::Sender<Result<(), KvError>>;
+/// Resolves once a proposal is committed (or failed, see `Replica::await_commit`).
+pub type Committed = oneshot::Receiver<Result<(), KvError>>;
 
 pub struct Replica {
     shared: Arc<Shared>,
@@ -412,20 +415,22 @@ impl Replica {
         }
         self.observe_leadership();
         self.try_take_over();
-        let applied = self.applied.get();
-        let commit = self
-            .raft
-            .borrow()
-            .group(META_GROUP)
-            .expect("meta group")
-            .commit_index();
-        // Never ahead of what raft knows is committed (see `start`).
-        let report = applied.min(commit);
+        let commit = self.report_applied();
+        self.shared.role.set_indexes(commit, self.applied.get());
+    }
+
+    /// Tells raft what the meta group applied, never ahead of what raft knows is committed
+    /// (see `start`); returns the commit index.
+    fn report_applied(&self) -> u64 {
+        let mut raft = self.raft.borrow_mut();
+        let group = raft.group_mut(META_GROUP).expect("meta group");
+        let commit = group.commit_index();
+        let report = self.applied.get().min(commit);
         if report > self.reported_applied.get() {
             self.reported_applied.set(report);
-            self.raft.borrow_mut().on_applied(META_GROUP, report);
+            group.on_applied(report);
         }
-        self.shared.role.set_indexes(commit, applied);
+        commit
     }
 
     /// Goes silent and fetches the leader's state at or above `point` (`install.rs`), which
@@ -467,8 +472,7 @@ impl Replica {
         let term = store
             .term_at(index)
             .unwrap_or_else(|| panic!("applied index {index} outside the meta log"));
-        // No membership change is ever proposed in a cluster yet (see `compact_in_memory`).
-        (term, store.snapshot().meta.conf.clone())
+        (term, conf_at(store, index))
     }
 
     fn persist(self: &Rc<Self>, number: u64) {
@@ -510,10 +514,7 @@ impl Replica {
     }
 
     /// Appends `data` to the log (leader only); the receiver resolves once it is committed.
-    pub fn propose(
-        &self,
-        data: Vec<u8>,
-    ) -> Result<(u64, oneshot::Receiver<Result<(), KvError>>), KvError> {
+    pub fn propose(&self, data: Vec<u8>) -> Result<(u64, Committed), KvError> {
         let mut raft = self.raft.borrow_mut();
         let group = raft.group_mut(META_GROUP).expect("meta group");
         let term = group.term();
@@ -521,12 +522,54 @@ impl Replica {
             ferrocd_raft::group::ProposeError::NotLeader { leader: 0 } => KvError::NoLeader,
             _ => KvError::LeaderChanged,
         })?;
+        drop(raft);
+        Ok((index, self.await_commit(index, term)))
+    }
+
+    /// Plans `request` against the member table and this leader's view of the other members
+    /// (`members::plan`) and proposes it; returns the change, the member's record after it, its
+    /// index, and a receiver that resolves once it is committed (as `propose`). A change whose
+    /// predecessor is not applied yet is refused (`InProgress`).
+    pub fn propose_membership(
+        &self,
+        request: &MemberRequest,
+    ) -> Result<(MembershipChange, MemberEntry, u64, Committed), KvError> {
+        // raft-rs counts an earlier change as pending until it hears it applied.
+        self.report_applied();
+        let mut raft = self.raft.borrow_mut();
+        let group = raft.group_mut(META_GROUP).expect("meta group");
+        let progress = group.peer_progress().ok_or(KvError::LeaderChanged)?;
+        let members = self.shared.members.list();
+        let view = LeaderView {
+            members: &members,
+            progress: &progress,
+            last_index: group.store().last_index(),
+            me: self.member_id(),
+        };
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+        let now_unix_s = now.map_or(0, |d| d.as_secs());
+        let (change, record) = members::plan(request, &view, now_unix_s)?;
+        let term = group.term();
+        let index = group
+            .propose_membership(change, members::encode_record(&record))
+            .map_err(|e| match e {
+                ProposeError::MembershipPending => MemberError::InProgress.into(),
+                ProposeError::NotLeader { leader: 0 } => KvError::NoLeader,
+                _ => KvError::LeaderChanged,
+            })?;
+        drop(raft);
+        let committed = self.await_commit(index, term);
+        Ok((change, record, index, committed))
+    }
+
+    /// Registers a proposal at `index` in `term`: the receiver resolves when that index
+    /// commits, with an error if another leader's entry took it.
+    fn await_commit(&self, index: u64, term: u64) -> Committed {
         let (done, committed) = oneshot::channel();
         let previous = self.proposed.borrow_mut().insert(index, (term, done));
         assert!(previous.is_none(), "two proposals at index {index}");
-        drop(raft);
         self.poke();
-        Ok((index, committed))
+        committed
     }
 
     /// The next committed entry the meta group must follow.
@@ -617,9 +660,9 @@ impl Replica {
                 compact_index = point.index,
             );
         }
-        // The membership at the point: no membership change is ever proposed in a cluster
-        // yet, so it is the one at the previous point.
-        group.store_mut().compact(point.index, base.conf);
+        // The membership at the point, changes since the previous point included.
+        let conf = conf_at(group.store(), point.index);
+        group.store_mut().compact(point.index, conf);
         let durable = group.store_mut().sync();
         Some(durable.unwrap_or_else(|e| super::shard::fatal(&format!("meta raft log: {e}"))))
     }
@@ -728,7 +771,11 @@ mod tests {
     use super::*;
 
     fn peers(matched: &[(u64, u64)]) -> Vec<PeerProgress> {
-        let peer = |&(member, matched)| PeerProgress { member, matched };
+        let peer = |&(member, matched)| PeerProgress {
+            member,
+            matched,
+            active: true,
+        };
         matched.iter().map(peer).collect()
     }
 

@@ -32,6 +32,7 @@
 
 pub mod call;
 pub mod frame;
+pub mod join;
 pub mod stats;
 
 use std::cell::{Cell, RefCell};
@@ -178,7 +179,11 @@ pub struct PeerMesh {
     sockets: Vec<Mutex<Option<socket2::Socket>>>,
     handoffs: Vec<(Sender<Handoff>, Receiver<Handoff>)>,
     stats: Arc<PeerStats>,
+    /// What a member about to join is told (`join.rs`); set once the member table exists.
+    join_answer: std::sync::OnceLock<JoinAnswer>,
 }
+
+type JoinAnswer = Box<dyn Fn() -> Vec<u8> + Send + Sync>;
 
 /// Accepted connections waiting to reach their core; more are closed (the dialer retries).
 const HANDOFF_LIMIT: usize = 64;
@@ -208,7 +213,14 @@ impl PeerMesh {
             config,
             local_addr,
             sockets,
+            join_answer: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// What a membership question (`join::ask`) is answered with, from now on.
+    pub fn answer_joins(&self, answer: impl Fn() -> Vec<u8> + Send + Sync + 'static) {
+        let set = self.join_answer.set(Box::new(answer));
+        assert!(set.is_ok(), "join answer set twice");
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -683,6 +695,9 @@ async fn handshake(ctx: Rc<CoreCtx>, mut stream: TcpStream) {
     let Some(Ok((from, core))) = hello else {
         return;
     };
+    if from == join::ASKER {
+        return join::answer(&ctx, stream).await;
+    }
     if core == ctx.core {
         return serve_inbound(ctx, stream, from).await;
     }
@@ -717,7 +732,8 @@ async fn read_hello(ctx: &CoreCtx, stream: &mut TcpStream) -> io::Result<(u64, u
     if version != PROTOCOL_VERSION {
         return Err(unexpected(format!("protocol version {version}")));
     }
-    if hello.to != config.member_id || hello.from == config.member_id {
+    let asks_membership = hello.from == join::ASKER && hello.to == join::ASKER;
+    if !asks_membership && (hello.to != config.member_id || hello.from == config.member_id) {
         return Err(unexpected(format!(
             "hello from {:x} to {:x}",
             hello.from, hello.to

@@ -1,0 +1,435 @@
+//! Membership changes of a 3-member cluster of the server under test (`FERROCD_TEST_SERVER`,
+//! default ferrocd; `etcd` runs the same checks on a real etcd cluster): etcdctl's member
+//! commands and etcd's errors (`etcdctl_members.sh`), a member removed under load (it stops,
+//! the others keep serving), the membership kept across log compaction and a restart of every
+//! member, and a
+//! fourth member that joins as a learner under load, is promoted once in sync and converges.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::cluster::{eventually, member_name, Cluster};
+use common::{run_script, Flavor};
+use etcd_client::{Client, ConnectOptions, MemberAddOptions};
+
+const MEMBERS: usize = 3;
+const SCRIPT_TIMEOUT_S: u32 = 90;
+/// The light load while a member is removed or joins: a put every `LOAD_PAUSE_MS`, at most
+/// this many, or this long.
+const LOAD_MAX_PUTS: usize = 5_000;
+const LOAD_MAX_DURATION_MS: u64 = 20_000;
+const LOAD_PAUSE_MS: u64 = 5;
+/// Acknowledged puts before the removal, and after it (the rest keep serving).
+const PUTS_BEFORE_REMOVAL: usize = 20;
+const PUTS_AFTER_REMOVAL: usize = 20;
+/// Bound on anything the cluster does by itself (a removed member stopping, load progress).
+const SETTLE_TIMEOUT_MS: u64 = 15_000;
+const POLL_MS: u64 = 50;
+/// etcd's message for a member that learns it was removed.
+const REMOVED: &str = "the member has been permanently removed from the cluster";
+
+/// ferrocd's hidden test flags that make the meta log compact soon (as tests/cluster_log.rs):
+/// small WAL segments, frequent checkpoints, a small catch-up margin.
+const COMPACTING: &[&str] = &[
+    "--max-request-bytes",
+    "32768",
+    "--experimental-wal-segment-size-bytes",
+    "131072",
+    "--experimental-checkpoint-interval-ms",
+    "20",
+    "--experimental-snapshot-catchup-entries",
+    "10",
+];
+/// Puts of `FILL_VALUE_BYTES` that fill several 128 KiB segments, so the first is released.
+const FILL_PUTS: usize = 400;
+const FILL_VALUE_BYTES: usize = 1000;
+
+/// Bound on a joining learner catching up (its promotion is refused until then).
+const CATCH_UP_TIMEOUT_MS: u64 = 20_000;
+
+/// `count` free ports on 127.0.0.1.
+fn free_ports(count: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> = (0..count)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
+        .collect();
+    let port = |l: &std::net::TcpListener| l.local_addr().expect("bound").port();
+    listeners.iter().map(port).collect()
+}
+
+/// `count` peer URLs on ports nothing listens on: members that are added but never started.
+fn spare_peer_urls(count: usize) -> Vec<String> {
+    let urls = free_ports(count).into_iter();
+    urls.map(|port| format!("http://127.0.0.1:{port}"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_member_commands() {
+    const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/etcdctl_members.sh");
+    let cluster = Cluster::start(MEMBERS).await;
+    let members = cluster.endpoints().into_iter().enumerate();
+    let mut args = vec![spare_peer_urls(3).join(",")];
+    args.extend(members.map(|(index, endpoint)| format!("{}={endpoint}", member_name(index))));
+    run_script(SCRIPT, &args, cluster.flavor(), SCRIPT_TIMEOUT_S);
+}
+
+/// Each member as (id, peer URLs, learner), by id.
+async fn membership(client: &mut Client) -> Vec<(u64, Vec<String>, bool)> {
+    let list = client.member_list().await.expect("member list");
+    let mut members: Vec<_> = list
+        .members()
+        .iter()
+        .map(|m| (m.id(), m.peer_urls().to_vec(), m.is_learner()))
+        .collect();
+    members.sort();
+    members
+}
+
+/// Whether the WAL dir still holds its first segment (`<seq:016x>-<first index:016x>.wal`).
+fn first_segment_present(wal_dir: &std::path::Path) -> bool {
+    let names = std::fs::read_dir(wal_dir).expect("list the WAL dir");
+    let first = format!("{:016x}-", 0);
+    names
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .any(|name| name.starts_with(&first) && name.ends_with(".wal"))
+}
+
+/// Puts through `endpoint` until `stop` (bounded in count and time), counting acknowledgements.
+async fn load(endpoint: String, stop: Arc<AtomicBool>, acked: Arc<AtomicUsize>) {
+    let options = ConnectOptions::new().with_timeout(Duration::from_millis(5_000));
+    let mut client = Client::connect([endpoint], Some(options))
+        .await
+        .expect("load client");
+    let started = Instant::now();
+    for i in 0..LOAD_MAX_PUTS {
+        let elapsed = started.elapsed() > Duration::from_millis(LOAD_MAX_DURATION_MS);
+        if stop.load(Ordering::SeqCst) || elapsed {
+            return;
+        }
+        if client.put(format!("load/{i}"), "v", None).await.is_ok() {
+            acked.fetch_add(1, Ordering::SeqCst);
+        }
+        tokio::time::sleep(Duration::from_millis(LOAD_PAUSE_MS)).await;
+    }
+}
+
+async fn wait_acked(acked: &AtomicUsize, at_least: usize) {
+    let deadline = Instant::now() + Duration::from_millis(SETTLE_TIMEOUT_MS);
+    while acked.load(Ordering::SeqCst) < at_least {
+        let now = acked.load(Ordering::SeqCst);
+        assert!(
+            Instant::now() < deadline,
+            "{now} puts acknowledged, not {at_least}, within {SETTLE_TIMEOUT_MS} ms"
+        );
+        tokio::time::sleep(Duration::from_millis(POLL_MS)).await;
+    }
+}
+
+/// MemberRemove, retried while the leader calls the cluster unhealthy (etcd wants every voter
+/// connected for 5 s first).
+async fn remove_when_healthy(client: &mut Client, id: u64) -> etcd_client::MemberRemoveResponse {
+    let deadline = Instant::now() + Duration::from_millis(SETTLE_TIMEOUT_MS);
+    loop {
+        match client.member_remove(id).await {
+            Ok(answer) => return answer,
+            Err(e) if e.to_string().contains("unhealthy cluster") && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(POLL_MS)).await
+            }
+            Err(e) => panic!("member remove: {e}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_removed_under_load_stops_and_the_membership_survives_restarts() {
+    let mut cluster = Cluster::start_flavor(Flavor::subject(COMPACTING), MEMBERS).await;
+    let leader = cluster.leader().await;
+    let removed = (leader + 1) % MEMBERS;
+    let writer = (leader + 2) % MEMBERS;
+    let (stop, acked) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let endpoint = cluster.member(writer).endpoint();
+    let load = tokio::spawn(load(endpoint, stop.clone(), acked.clone()));
+    wait_acked(&acked, PUTS_BEFORE_REMOVAL).await;
+
+    // Through a follower, which forwards it to the leader.
+    let mut through_follower = cluster.client(writer).await;
+    let removed_id = cluster.member_id(removed);
+    let answer = remove_when_healthy(&mut through_follower, removed_id).await;
+    let mut left: Vec<u64> = answer.members().iter().map(|m| m.id()).collect();
+    left.sort();
+    let mut expected = vec![cluster.member_id(leader), cluster.member_id(writer)];
+    expected.sort();
+    assert_eq!(left, expected, "the answer lists the members left");
+
+    // The removed member learns it from the log and stops serving.
+    let removed_endpoint = cluster.member(removed).endpoint();
+    eventually(
+        "the removed member stops",
+        SETTLE_TIMEOUT_MS,
+        POLL_MS,
+        || {
+            let endpoint = removed_endpoint.clone();
+            async move {
+                let options = ConnectOptions::new()
+                    .with_connect_timeout(Duration::from_millis(500))
+                    .with_timeout(Duration::from_millis(500));
+                let client = Client::connect([endpoint], Some(options)).await;
+                let serving = match client {
+                    Ok(mut client) => client.status().await.is_ok(),
+                    Err(_) => false,
+                };
+                (!serving).then_some(())
+            }
+        },
+    )
+    .await;
+    if matches!(cluster.flavor(), Flavor::Ferrocd(_)) {
+        let log = cluster.member(removed).log();
+        assert!(log.contains(REMOVED), "the removed member's log:\n{log}");
+    }
+    cluster.kill9(removed); // reaps the exited process
+    let before = acked.load(Ordering::SeqCst);
+    wait_acked(&acked, before + PUTS_AFTER_REMOVAL).await;
+    stop.store(true, Ordering::SeqCst);
+    load.await.expect("load task");
+
+    // A learner added, then moved: then every member left restarts.
+    let mut client = cluster.client(leader).await;
+    let spare = spare_peer_urls(2);
+    let learner = MemberAddOptions::new().with_is_learner();
+    let added = client.member_add([spare[0].as_str()], Some(learner)).await;
+    let added = added.expect("member add --learner");
+    let learner_id = added.member().expect("the added member").id();
+    client
+        .member_update(learner_id, vec![spare[1].clone()])
+        .await
+        .expect("member update");
+    // Every change is then behind the log's compaction point: the first meta WAL segment,
+    // which held them, is released on both members (ferrocd; etcd has no such flags).
+    for i in 0..FILL_PUTS {
+        let value = "x".repeat(FILL_VALUE_BYTES);
+        client
+            .put(format!("fill/{i}"), value, None)
+            .await
+            .expect("fill put");
+    }
+    if matches!(cluster.flavor(), Flavor::Ferrocd(_)) {
+        for index in [leader, writer] {
+            let dir = cluster.member(index).data_dir().join("wal").join("meta");
+            eventually(
+                "the first meta segment released",
+                SETTLE_TIMEOUT_MS,
+                POLL_MS,
+                || {
+                    let dir = dir.clone();
+                    async move { (!first_segment_present(&dir)).then_some(()) }
+                },
+            )
+            .await;
+        }
+    }
+    let before_restart = membership(&mut client).await;
+    assert_eq!(before_restart.len(), 3);
+    let moved = before_restart.iter().find(|(id, _, _)| *id == learner_id);
+    assert_eq!(moved.map(|m| &m.1), Some(&vec![spare[1].clone()]));
+    drop(client);
+    for index in [leader, writer] {
+        cluster.restart(index).await;
+    }
+    cluster.leader().await;
+    for index in [leader, writer] {
+        let mut client = cluster.client(index).await;
+        assert_eq!(
+            membership(&mut client).await,
+            before_restart,
+            "member {index} after the restarts"
+        );
+        let put = client.put("after/restart", "v", None).await;
+        put.unwrap_or_else(|e| panic!("put through member {index} after the restarts: {e}"));
+    }
+}
+
+/// A member started here (the cluster harness starts members of a new cluster only): killed,
+/// by its PID, when dropped.
+struct Joiner {
+    child: Child,
+    log: std::path::PathBuf,
+    endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Joiner {
+    /// Starts `name` with `--initial-cluster-state existing` on a new data dir.
+    fn start(flavor: &Flavor, name: &str, initial_cluster: &str, ports: [u16; 2]) -> Joiner {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (client, peer) = (
+            format!("http://127.0.0.1:{}", ports[0]),
+            format!("http://127.0.0.1:{}", ports[1]),
+        );
+        let log = dir.path().join("joiner.log");
+        let log_file = std::fs::File::create(&log).expect("joiner log");
+        let (program, extra) = match flavor {
+            Flavor::Etcd => ("etcd", Vec::new()),
+            Flavor::Ferrocd(args) => (env!("CARGO_BIN_EXE_ferrocd"), args.clone()),
+        };
+        let data_dir = dir.path().join("data");
+        let child = Command::new(program)
+            .args(["--name", name, "--data-dir"])
+            .arg(&data_dir)
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", initial_cluster])
+            .args(["--initial-cluster-state", "existing"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("start the joining member");
+        Joiner {
+            child,
+            log,
+            endpoint: client,
+            _dir: dir,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Joiner {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every endpoint's HashKV at `revision`, each polled until it has applied it.
+async fn hashes_at(endpoints: &[String], revision: i64) -> Vec<u32> {
+    let mut hashes = Vec::new();
+    for endpoint in endpoints {
+        let hash = eventually(
+            "HashKV at the revision",
+            CATCH_UP_TIMEOUT_MS,
+            POLL_MS,
+            || {
+                let endpoint = endpoint.clone();
+                async move {
+                    let mut client = Client::connect([endpoint], None).await.ok()?;
+                    Some(client.hash_kv(revision).await.ok()?.hash())
+                }
+            },
+        )
+        .await;
+        hashes.push(hash);
+    }
+    hashes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fourth_member_joins_as_a_learner_under_load_and_is_promoted() {
+    let cluster = Cluster::start(MEMBERS).await;
+    let leader = cluster.leader().await;
+    let (stop, acked) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let endpoint = cluster.member((leader + 1) % MEMBERS).endpoint();
+    let load = tokio::spawn(load(endpoint, stop.clone(), acked.clone()));
+    wait_acked(&acked, PUTS_BEFORE_REMOVAL).await;
+
+    let ports = free_ports(2);
+    let peer_url = format!("http://127.0.0.1:{}", ports[1]);
+    let mut client = cluster.client(leader).await;
+    let learner = MemberAddOptions::new().with_is_learner();
+    let added = eventually("member add --learner", SETTLE_TIMEOUT_MS, POLL_MS, || {
+        let (mut client, url, options) = (client.clone(), peer_url.clone(), learner.clone());
+        async move { client.member_add([url], Some(options)).await.ok() }
+    })
+    .await;
+    let id = added.member().expect("the added member").id();
+    let mut initial_cluster: Vec<String> = (0..MEMBERS)
+        .map(|i| format!("{}={}", member_name(i), cluster.member(i).peer_url()))
+        .collect();
+    initial_cluster.push(format!("{}={peer_url}", member_name(MEMBERS)));
+    let joiner = Joiner::start(
+        cluster.flavor(),
+        &member_name(MEMBERS),
+        &initial_cluster.join(","),
+        [ports[0], ports[1]],
+    );
+    // Refused while the learner is behind; accepted once it caught up from the log.
+    let promoted = eventually(
+        "promotion of the learner",
+        CATCH_UP_TIMEOUT_MS,
+        POLL_MS,
+        || {
+            let mut client = client.clone();
+            async move { client.member_promote(id).await.ok() }
+        },
+    )
+    .await;
+    assert!(promoted.members().iter().all(|m| !m.is_learner()));
+    let before = acked.load(Ordering::SeqCst);
+    wait_acked(&acked, before + PUTS_AFTER_REMOVAL).await;
+    stop.store(true, Ordering::SeqCst);
+    load.await.expect("load task");
+
+    let put = client
+        .put("joined", "4", None)
+        .await
+        .expect("put after the join");
+    let revision = put.header().expect("a header").revision();
+    let mut endpoints = cluster.endpoints();
+    endpoints.push(joiner.endpoint.clone());
+    let hashes = hashes_at(&endpoints, revision).await;
+    assert!(
+        hashes.iter().all(|&hash| hash == hashes[0]),
+        "HashKV at {revision} differs: {hashes:?}\njoiner log:\n{}",
+        joiner.log()
+    );
+    let mut through_joiner = Client::connect([joiner.endpoint.clone()], None)
+        .await
+        .expect("client of the joined member");
+    assert_eq!(membership(&mut through_joiner).await.len(), MEMBERS + 1);
+}
+
+/// A single member runs without Raft: membership changes are refused, saying so (etcd, always
+/// Raft, would take them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_member_refuses_membership_changes() {
+    let server = common::Server::ferrocd(&[]).await;
+    let mut client = server.client().await;
+    let refused = client
+        .member_add(["http://127.0.0.1:1"], None)
+        .await
+        .expect_err("a single member refuses MemberAdd");
+    let etcd_client::Error::GRpcStatus(status) = refused else {
+        panic!("not a gRPC status: {refused}");
+    };
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        status.message().contains("single member runs without Raft"),
+        "{status:?}"
+    );
+    let list = client.member_list().await.expect("member list");
+    assert_eq!(list.members().len(), 1);
+}
