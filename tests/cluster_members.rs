@@ -51,18 +51,9 @@ const FILL_VALUE_BYTES: usize = 1000;
 /// Bound on a joining learner catching up (its promotion is refused until then).
 const CATCH_UP_TIMEOUT_MS: u64 = 20_000;
 
-/// `count` free ports on 127.0.0.1.
-fn free_ports(count: usize) -> Vec<u16> {
-    let listeners: Vec<std::net::TcpListener> = (0..count)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
-        .collect();
-    let port = |l: &std::net::TcpListener| l.local_addr().expect("bound").port();
-    listeners.iter().map(port).collect()
-}
-
 /// `count` peer URLs on ports nothing listens on: members that are added but never started.
 fn spare_peer_urls(count: usize) -> Vec<String> {
-    let urls = free_ports(count).into_iter();
+    let urls = common::pick_free_ports(count).into_iter();
     urls.map(|port| format!("http://127.0.0.1:{port}"))
         .collect()
 }
@@ -356,7 +347,7 @@ async fn a_fourth_member_joins_as_a_learner_under_load_and_is_promoted() {
     let load = tokio::spawn(load(endpoint, stop.clone(), acked.clone()));
     wait_acked(&acked, PUTS_BEFORE_REMOVAL).await;
 
-    let ports = free_ports(2);
+    let ports = common::pick_free_ports(2);
     let peer_url = format!("http://127.0.0.1:{}", ports[1]);
     let mut client = cluster.client(leader).await;
     let learner = MemberAddOptions::new().with_is_learner();

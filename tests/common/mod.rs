@@ -580,8 +580,8 @@ fn pick_two_free_ports() -> (u16, u16) {
     (ports[0], ports[1])
 }
 
-/// `count` distinct free ports: every listener is held until every port is known.
-fn pick_free_ports(count: usize) -> Vec<u16> {
+/// `count` distinct free ports on 127.0.0.1: every listener is held until every port is known.
+pub fn pick_free_ports(count: usize) -> Vec<u16> {
     let listeners: Vec<TcpListener> = (0..count)
         .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
         .collect();
