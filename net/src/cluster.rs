@@ -1,6 +1,6 @@
-//! The `Cluster` and `Maintenance` services, as far as a single member answers them today:
-//! `MemberList` (from the member table, `crate::members`), `Status`, `HashKV`, `Hash`, `Defragment`, `Alarm` (with the space quota),
-//! `Snapshot` (`node/snapshot.rs`) and `MoveLeader`; member changes (`MemberAdd`, `Remove`,
+//! The `Cluster` and `Maintenance` services: `MemberList` (from the member table,
+//! `crate::members`), `Status`, `HashKV`, `Hash`, `Defragment`, `Alarm` (with the space
+//! quota), `Snapshot` (`node/snapshot.rs`) and `MoveLeader`; member changes (`MemberAdd`, `Remove`,
 //! `Update`, `Promote`) in a cluster, served by the leader (`crate::members` plans them, the
 //! meta log replicates them); a single member without Raft refuses them.
 
@@ -13,7 +13,7 @@ use ferrocd_api::etcdserverpb::cluster_server::Cluster;
 use ferrocd_api::etcdserverpb::maintenance_server::Maintenance;
 use ferrocd_api::etcdserverpb::{
     AlarmRequest, AlarmResponse, DefragmentRequest, DefragmentResponse, HashKvRequest,
-    HashKvResponse, HashRequest, HashResponse, Member, MemberAddRequest, MemberAddResponse,
+    HashKvResponse, HashRequest, HashResponse, MemberAddRequest, MemberAddResponse,
     MemberListRequest, MemberListResponse, MemberPromoteRequest, MemberPromoteResponse,
     MemberRemoveRequest, MemberRemoveResponse, MemberUpdateRequest, MemberUpdateResponse,
     MoveLeaderRequest, MoveLeaderResponse, SnapshotRequest, SnapshotResponse, StatusRequest,
@@ -50,17 +50,11 @@ impl Cluster for ClusterService {
     ) -> Result<Response<MemberListResponse>, Status> {
         let shared = self.node.shared();
         // By id, as etcd lists them; a member that has not published yet shows no client URLs.
-        let members = shared.members.list().into_iter().map(|m| Member {
-            id: m.id,
-            name: m.name,
-            peer_ur_ls: m.peer_urls,
-            client_ur_ls: m.client_urls,
-            is_learner: m.is_learner,
-        });
+        let members = shared.members.list();
         Ok(Response::new(MemberListResponse {
             // etcd's cluster service fills no revision in its headers.
             header: Some(shared.header(0)),
-            members: members.collect(),
+            members: members.iter().map(crate::members::to_api).collect(),
         }))
     }
 

@@ -18,7 +18,6 @@ use ferrocd_raft::group::{MembershipChange, PeerProgress};
 use prost::Message;
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::RwLock;
@@ -725,12 +724,7 @@ pub fn save_current(data_dir: &Path, index: u64, members: &[MemberEntry]) -> std
         let learner = u8::from(m.is_learner);
         text += &format!("member={:016x} {learner} {}\n", m.id, m.peer_urls.join(","));
     }
-    let tmp = data_dir.join(format!("{CURRENT_FILE}.tmp"));
-    let mut file = fs::File::create(&tmp)?;
-    file.write_all(text.as_bytes())?;
-    file.sync_all()?;
-    fs::rename(&tmp, data_dir.join(CURRENT_FILE))?;
-    fs::File::open(data_dir)?.sync_all()
+    crate::node::recovery::replace_file(data_dir, CURRENT_FILE, &text)
 }
 
 /// The table `save_current` wrote last and the index of its change, if any change was applied.

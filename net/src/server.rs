@@ -232,7 +232,7 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
     }
     let peers = bind_peers(&config, identity.member_id, peer_tls)?;
     if raft_initial.is_some() && peers.is_none() {
-        return Err("a member of a cluster needs an http:// --listen-peer-urls".to_string());
+        return Err("a member of a cluster needs a --listen-peer-urls".to_string());
     }
     let (read_barrier, read_requests) = match raft_initial {
         Some(_) => {

@@ -574,9 +574,7 @@ fn copy_synced(from: &Path, to: &Path) -> Result<(), String> {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), String> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| format!("{}: {e}", dir.display()))
+    recovery::sync_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))
 }
 
 fn remove_dir_if_present(dir: &Path) -> Result<(), String> {

@@ -295,12 +295,23 @@ fn write_conf(
         let urls = member.peer_urls.join(",");
         text += &format!("member={:016x} {urls} {}\n", member.id, member.name);
     }
-    let tmp = data_dir.join(format!("{CONF_FILE}.tmp"));
+    replace_file(data_dir, CONF_FILE, &text)
+}
+
+/// Replaces `data_dir/name` by `text` durably: a temporary file, synced, renamed into place,
+/// the dir synced, so a crash leaves the old file or the new one.
+pub fn replace_file(data_dir: &Path, name: &str, text: &str) -> std::io::Result<()> {
+    let tmp = data_dir.join(format!("{name}.tmp"));
     let mut file = fs::File::create(&tmp)?;
     file.write_all(text.as_bytes())?;
     file.sync_all()?;
-    fs::rename(&tmp, data_dir.join(CONF_FILE))?;
-    fs::File::open(data_dir)?.sync_all()
+    fs::rename(&tmp, data_dir.join(name))?;
+    sync_dir(data_dir)
+}
+
+/// Makes a directory's entries (files created, renamed or removed in it) durable.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    fs::File::open(dir)?.sync_all()
 }
 
 /// The state rebuilt from the checkpoints and the logs.
@@ -407,7 +418,7 @@ fn open_checkpoints(data_dir: &Path, shards: usize) -> Result<Vec<(Checkpointer,
     let db_dir = data_dir.join(DB_DIR);
     if !db_dir.exists() {
         fs::create_dir_all(&db_dir)
-            .and_then(|()| fs::File::open(data_dir)?.sync_all())
+            .and_then(|()| sync_dir(data_dir))
             .map_err(|e| format!("cannot create {}: {e}", db_dir.display()))?;
     }
     (0..shards)

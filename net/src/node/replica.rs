@@ -178,6 +178,16 @@ pub struct ReplicaStart {
     pub data_dir: PathBuf,
 }
 
+/// What a refused proposal tells the client: no leader known, a membership change still
+/// pending, or leadership moving (dropped, or another member leads).
+fn propose_error(error: ProposeError) -> KvError {
+    match error {
+        ProposeError::NotLeader { leader: 0 } => KvError::NoLeader,
+        ProposeError::MembershipPending => MemberError::InProgress.into(),
+        _ => KvError::LeaderChanged,
+    }
+}
+
 /// Where to compact the log, and the members whose matched index that passes.
 #[derive(Debug, PartialEq, Eq)]
 pub struct CompactionPoint {
@@ -518,10 +528,7 @@ impl Replica {
         let mut raft = self.raft.borrow_mut();
         let group = raft.group_mut(META_GROUP).expect("meta group");
         let term = group.term();
-        let index = group.propose(data).map_err(|e| match e {
-            ferrocd_raft::group::ProposeError::NotLeader { leader: 0 } => KvError::NoLeader,
-            _ => KvError::LeaderChanged,
-        })?;
+        let index = group.propose(data).map_err(propose_error)?;
         drop(raft);
         Ok((index, self.await_commit(index, term)))
     }
@@ -552,11 +559,7 @@ impl Replica {
         let term = group.term();
         let index = group
             .propose_membership(change, members::encode_record(&record))
-            .map_err(|e| match e {
-                ProposeError::MembershipPending => MemberError::InProgress.into(),
-                ProposeError::NotLeader { leader: 0 } => KvError::NoLeader,
-                _ => KvError::LeaderChanged,
-            })?;
+            .map_err(propose_error)?;
         drop(raft);
         let committed = self.await_commit(index, term);
         Ok((change, record, index, committed))

@@ -15,7 +15,7 @@
 //! Memory: the whole history is held while the checkpoint files are written (one B+tree
 //! commit per shard); restore is an offline tool.
 
-use super::recovery::{meta_wal_dir, open_identity, shard_db_path, Bootstrap};
+use super::recovery::{self, meta_wal_dir, open_identity, shard_db_path, Bootstrap};
 use super::shard::SINGLE_VOTER_TERM;
 use ferrocd_engine::checkpoint::Checkpointer;
 use ferrocd_engine::mvcc::codec::{encode, LogPayload};
@@ -201,9 +201,7 @@ fn write_data_dir(
         .map_err(|e| format!("{}: {e}", config.data_dir.display()))?;
     write_shards(dir, status, per_shard)?;
     write_meta_log(&meta_wal_dir(dir), meta_records)?;
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| format!("{}: {e}", dir.display()))
+    recovery::sync_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))
 }
 
 /// Writes each shard's checkpoint file in `dir` (a data dir): the shard's changes, covering the
@@ -227,9 +225,7 @@ pub fn write_shards(dir: &Path, status: SnapshotStatus, per_shard: PerShard) -> 
             .write(&unsaved, status.revision, 0)
             .map_err(|e| format!("{}: {e}", path.display()))?;
     }
-    fs::File::open(db_dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| format!("{}: {e}", db_dir.display()))
+    recovery::sync_dir(db_dir).map_err(|e| format!("{}: {e}", db_dir.display()))
 }
 
 /// Appends the meta records to a new meta WAL, as a single member's entries.
