@@ -16,7 +16,7 @@ use ferrocd_api::etcdserverpb::{Member, MemberListResponse, ResponseHeader};
 use ferrocd_engine::mvcc::codec::MemberAttributes;
 use ferrocd_raft::group::{MembershipChange, PeerProgress};
 use prost::Message;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
@@ -179,38 +179,66 @@ pub struct MemberEntry {
 /// changes) and at start-up, so a lock is no contention.
 #[derive(Debug, Default)]
 pub struct Members {
-    by_id: RwLock<BTreeMap<u64, MemberEntry>>,
+    table: RwLock<Table>,
     /// Bumped (and `changed` notified) by every applied membership change: each core's peer
     /// transport follows the table (`server.rs`, `follow_members`).
     version: AtomicU64,
     changed: event_listener::Event,
 }
 
+#[derive(Debug, Default)]
+struct Table {
+    by_id: BTreeMap<u64, MemberEntry>,
+    /// Every id removed so far, as etcd's `RaftCluster.removed`: never a member again (a
+    /// MemberAdd that would make one is refused), and peers refuse its connections.
+    removed: BTreeSet<u64>,
+}
+
 impl Members {
     pub fn new(entries: impl IntoIterator<Item = MemberEntry>) -> Members {
-        let by_id = entries.into_iter().map(|m| (m.id, m)).collect();
+        Members::with_removed(entries, BTreeSet::new())
+    }
+
+    /// A table whose `removed` ids were removed before (`members.current`).
+    pub fn with_removed(
+        entries: impl IntoIterator<Item = MemberEntry>,
+        removed: BTreeSet<u64>,
+    ) -> Members {
+        let by_id: BTreeMap<u64, MemberEntry> = entries.into_iter().map(|m| (m.id, m)).collect();
+        assert!(
+            by_id.keys().all(|id| !removed.contains(id)),
+            "a removed id is never a member"
+        );
         Members {
-            by_id: RwLock::new(by_id),
+            table: RwLock::new(Table { by_id, removed }),
             ..Members::default()
         }
     }
 
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Table> {
+        self.table.read().expect("members lock")
+    }
+
     pub fn get(&self, id: u64) -> Option<MemberEntry> {
-        self.by_id.read().expect("members lock").get(&id).cloned()
+        self.read().by_id.get(&id).cloned()
     }
 
     /// Applies a committed membership change: `record` is the member as the change leaves it
     /// (a removed member's last record). A known member keeps its published name and client
-    /// URLs.
+    /// URLs; a removed one is remembered.
     pub fn apply(&self, change: MembershipChange, record: &MemberEntry) {
         {
-            let mut by_id = self.by_id.write().expect("members lock");
+            let mut table = self.table.write().expect("members lock");
             match change {
                 MembershipChange::Remove(id) => {
-                    by_id.remove(&id);
+                    table.by_id.remove(&id);
+                    table.removed.insert(id);
                 }
                 MembershipChange::AddLearner(_) | MembershipChange::Promote(_) => {
-                    let member = by_id.entry(record.id).or_insert_with(|| record.clone());
+                    let member = table
+                        .by_id
+                        .entry(record.id)
+                        .or_insert_with(|| record.clone());
                     member.peer_urls = record.peer_urls.clone();
                     member.is_learner = record.is_learner;
                 }
@@ -232,23 +260,38 @@ impl Members {
 
     /// Every member, by id (etcd's `MembersByID` order).
     pub fn list(&self) -> Vec<MemberEntry> {
-        let by_id = self.by_id.read().expect("members lock");
-        by_id.values().cloned().collect()
+        self.read().by_id.values().cloned().collect()
+    }
+
+    /// Every id removed so far.
+    pub fn removed(&self) -> BTreeSet<u64> {
+        self.read().removed.clone()
+    }
+
+    pub fn is_removed(&self, id: u64) -> bool {
+        self.read().removed.contains(&id)
     }
 
     pub fn len(&self) -> usize {
-        self.by_id.read().expect("members lock").len()
+        self.read().by_id.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
+    /// Writes the table as of the change at log index `index` (`save_current`).
+    pub fn save(&self, data_dir: &Path, index: u64) -> std::io::Result<()> {
+        let table = self.read();
+        let members: Vec<MemberEntry> = table.by_id.values().cloned().collect();
+        save_current(data_dir, index, &members, &table.removed)
+    }
+
     /// Applies a member's published name and client URLs; a record for a member not in the
     /// table (removed since) is ignored, as etcd ignores attributes of a removed member.
     pub fn publish(&self, attributes: &MemberAttributes) {
-        let mut by_id = self.by_id.write().expect("members lock");
-        if let Some(member) = by_id.get_mut(&attributes.member_id) {
+        let mut table = self.table.write().expect("members lock");
+        if let Some(member) = table.by_id.get_mut(&attributes.member_id) {
             member.name = attributes.name.clone();
             member.client_urls = attributes.client_urls.clone();
         }
@@ -352,6 +395,8 @@ const LEARNER_READY_PERCENT: u64 = 90;
 /// its own last index and id.
 pub struct LeaderView<'a> {
     pub members: &'a [MemberEntry],
+    /// Ids removed so far (`Members::removed`): never members again.
+    pub removed: &'a BTreeSet<u64>,
     pub progress: &'a [PeerProgress],
     pub last_index: u64,
     pub me: u64,
@@ -471,6 +516,12 @@ fn plan_add(
         return Err(MemberError::Unhealthy);
     }
     let id = crate::node::recovery::member_id(&peer_urls, &now_unix_s.to_string());
+    // etcd refuses a removed id with `membership: ID removed`, which its gRPC layer answers
+    // as `member not found` (`toGRPCErrorMap`). A removed id is no member, so Remove, Update
+    // and Promote of one answer `member not found` already.
+    if view.removed.contains(&id) {
+        return Err(MemberError::NotFound);
+    }
     if view.members.iter().any(|m| m.id == id) {
         return Err(MemberError::IdExists);
     }
@@ -563,35 +614,43 @@ pub fn decode_record(bytes: &[u8]) -> Result<MemberEntry, String> {
 
 /// The membership at start-up: the initial one, or the one saved with the last applied change
 /// (names from the initial list; published names come later), with the committed changes the
-/// log still holds after it applied (and saved, so the log may drop them). A member no longer
-/// in it was removed: it refuses to start, with etcd's message.
+/// log still holds after it applied (and saved, so the log may drop them), and the ids removed
+/// so far. A member no longer in it was removed: it refuses to start, with etcd's message.
 pub fn recover_current(
     data_dir: &Path,
     me: u64,
     initial: Vec<MemberEntry>,
     changes: &[ferrocd_raft::storage::Entry],
-) -> Result<Vec<MemberEntry>, String> {
-    let (saved_index, saved) = load_current(data_dir)?.unwrap_or((0, initial.clone()));
+) -> Result<Members, String> {
+    let saved = load_current(data_dir)?.unwrap_or_else(|| SavedTable {
+        index: 0,
+        members: initial.clone(),
+        removed: BTreeSet::new(),
+    });
     let name_of = |id: u64| initial.iter().find(|m| m.id == id).map(|m| m.name.clone());
-    let table = Members::new(saved.into_iter().map(|m| MemberEntry {
+    let named = saved.members.into_iter().map(|m| MemberEntry {
         name: name_of(m.id).unwrap_or_default(),
         ..m
-    }));
+    });
+    let table = Members::with_removed(named, saved.removed);
     let mut last_applied = None;
-    for entry in changes.iter().filter(|e| e.index > saved_index) {
+    for entry in changes.iter().filter(|e| e.index > saved.index) {
         let (change, context) = ferrocd_raft::group::decode_membership(entry)
             .ok_or_else(|| format!("meta log entry {} is no membership change", entry.index))?;
         table.apply(change, &decode_record(&context)?);
         last_applied = Some(entry.index);
     }
     if let Some(index) = last_applied {
-        save_current(data_dir, index, &table.list())
+        table
+            .save(data_dir, index)
             .map_err(|e| format!("cannot save the membership: {e}"))?;
     }
-    if table.get(me).is_none() {
+    // Either mark of a removal: applied (no longer a member), or told by a peer (a removed
+    // id; the log may still hold the change that added this member, applied again above).
+    if table.get(me).is_none() || table.is_removed(me) {
         return Err(crate::node::meta::REMOVED.to_string());
     }
-    Ok(table.list())
+    Ok(table)
 }
 
 /// What a running member tells a member about to join (`crate::peer::join`): the cluster id,
@@ -701,7 +760,9 @@ pub fn join(
         member_id: me.id,
     };
     crate::node::recovery::create_joined(data_dir, &identity, &answer.initial)?;
-    save_current(data_dir, 0, &answer.current)
+    // No removed ids: the joining member applies the whole log over this table, and learns
+    // every removal from it.
+    save_current(data_dir, 0, &answer.current, &BTreeSet::new())
         .map_err(|e| format!("cannot save the membership: {e}"))
 }
 
@@ -711,25 +772,47 @@ const JOIN_ANSWER_MAX_BYTES: usize = 1 << 20;
 /// The file holding the membership as of the last applied change (absent until one).
 const CURRENT_FILE: &str = "members.current";
 
-/// Writes the table as of the change at log index `index`: to a temporary file, synced,
-/// renamed into place, the dir synced, so a crash leaves the old file or the new one.
+/// Writes the table as of the change at log index `index` and the ids removed so far: to a
+/// temporary file, synced, renamed into place, the dir synced, so a crash leaves the old file
+/// or the new one.
 ///
 /// Why a file of its own rather than the meta checkpoint: a change is rare, the file is tiny,
 /// and written before the change counts as applied it is never behind the log's compaction
 /// point (the meta checkpoint is written later, in the background); `member.conf` keeps the
 /// initial membership, which is the Raft log's bootstrap point and must not change.
-pub fn save_current(data_dir: &Path, index: u64, members: &[MemberEntry]) -> std::io::Result<()> {
+///
+/// Format: `index=<n>`, then one `member=<id hex> <learner 0|1> <peer URLs>` line per member,
+/// then one `removed=<id hex>` line per removed id (files written before removed ids were kept
+/// have none, and still open).
+pub fn save_current(
+    data_dir: &Path,
+    index: u64,
+    members: &[MemberEntry],
+    removed: &BTreeSet<u64>,
+) -> std::io::Result<()> {
     let mut text = format!("index={index}\n");
     for m in members {
         let learner = u8::from(m.is_learner);
         text += &format!("member={:016x} {learner} {}\n", m.id, m.peer_urls.join(","));
     }
+    for id in removed {
+        text += &format!("removed={id:016x}\n");
+    }
     crate::node::recovery::replace_file(data_dir, CURRENT_FILE, &text)
 }
 
-/// The table `save_current` wrote last and the index of its change, if any change was applied.
-/// Names and client URLs are not in it (publish entries carry them).
-pub fn load_current(data_dir: &Path) -> Result<Option<(u64, Vec<MemberEntry>)>, String> {
+/// What `save_current` wrote last.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SavedTable {
+    /// The log index of the last change it holds (0: made by a join, before any).
+    pub index: u64,
+    /// Without names and client URLs (publish entries carry them).
+    pub members: Vec<MemberEntry>,
+    pub removed: BTreeSet<u64>,
+}
+
+/// The table `save_current` wrote last, if any change was applied (or the member joined).
+pub fn load_current(data_dir: &Path) -> Result<Option<SavedTable>, String> {
     let path = data_dir.join(CURRENT_FILE);
     let text = match fs::read_to_string(&path) {
         Ok(text) => text,
@@ -740,10 +823,22 @@ pub fn load_current(data_dir: &Path) -> Result<Option<(u64, Vec<MemberEntry>)>, 
     let mut lines = text.lines();
     let index = lines.next().and_then(|l| l.strip_prefix("index="));
     let index = index.and_then(|i| i.parse().ok()).ok_or_else(bad)?;
-    let members = lines
-        .map(|line| parse_current_line(line).ok_or_else(bad))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Some((index, members)))
+    let mut saved = SavedTable {
+        index,
+        members: Vec::new(),
+        removed: BTreeSet::new(),
+    };
+    for line in lines {
+        if let Some(id) = line.strip_prefix("removed=") {
+            let id = u64::from_str_radix(id, 16).map_err(|_| bad())?;
+            saved.removed.insert(id);
+        } else {
+            saved
+                .members
+                .push(parse_current_line(line).ok_or_else(bad)?);
+        }
+    }
+    Ok(Some(saved))
 }
 
 fn parse_current_line(line: &str) -> Option<MemberEntry> {
@@ -762,6 +857,37 @@ fn parse_current_line(line: &str) -> Option<MemberEntry> {
         client_urls: Vec::new(),
         is_learner,
     })
+}
+
+/// A peer told this member it was removed (it was down when its removal was applied, so it
+/// never applied it): the same durable marker as applying it (`mark_removed`), then etcd's
+/// end (`stop_removed`: exit status 0). Without the marker (a failed write, logged) a restart
+/// is refused by the peers again.
+pub fn stop_as_told_removed(data_dir: &Path, me: u64, table: &Members) {
+    if let Err(e) = mark_removed(data_dir, me, table) {
+        crate::error!("cannot mark this member removed in its data dir", error = e);
+    }
+    crate::node::meta::stop_removed(std::time::Duration::ZERO);
+}
+
+/// Saves `members.current` without member `me`, its id among the removed, so start-up refuses
+/// the data dir (`recover_current`). The saved index stays: the changes the log holds after
+/// it are applied again over the file at start-up, and none of them adds a removed id back.
+fn mark_removed(data_dir: &Path, me: u64, table: &Members) -> Result<(), String> {
+    let saved = load_current(data_dir)?.unwrap_or_else(|| SavedTable {
+        // No change applied yet: the table is the initial one.
+        index: 0,
+        members: table.list(),
+        removed: table.removed(),
+    });
+    let SavedTable {
+        index,
+        mut members,
+        mut removed,
+    } = saved;
+    members.retain(|m| m.id != me);
+    removed.insert(me);
+    save_current(data_dir, index, &members, &removed).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -906,9 +1032,12 @@ mod change_tests {
         ]
     }
 
+    const NONE_REMOVED: &BTreeSet<u64> = &BTreeSet::new();
+
     fn view<'a>(members: &'a [MemberEntry], progress: &'a [PeerProgress]) -> LeaderView<'a> {
         LeaderView {
             members,
+            removed: NONE_REMOVED,
             progress,
             last_index: 100,
             me: 1,
@@ -1010,25 +1139,137 @@ mod change_tests {
         );
     }
 
+    /// Removing a member makes its id a removed one; an id that MemberAdd would make again
+    /// is refused as etcd answers it (`membership: ID removed` reaches the client as
+    /// `member not found`), and so are Remove, Update and Promote of a removed id.
+    #[test]
+    fn a_removed_id_is_never_a_member_again() {
+        let table = Members::new(trio());
+        let learner = member(4, "", "http://h:4", true);
+        table.apply(MembershipChange::AddLearner(4), &learner);
+        table.apply(MembershipChange::Remove(4), &learner);
+        assert!(table.is_removed(4) && table.get(4).is_none());
+        assert_eq!(table.removed(), BTreeSet::from([4]));
+
+        let progress = active(&[2, 3], 100);
+        let members = table.list();
+        let (_, fresh) = plan(&add("http://h:4", true), &view(&members, &progress), 7).unwrap();
+        let removed = BTreeSet::from([fresh.id]);
+        let v = LeaderView {
+            removed: &removed,
+            ..view(&members, &progress)
+        };
+        let again = plan(&add("http://h:4", true), &v, 7);
+        assert_eq!(again.unwrap_err(), MemberError::NotFound);
+        let (code, message) = MemberError::NotFound.code_and_message();
+        assert_eq!(
+            (code, message),
+            (Code::NotFound, "etcdserver: member not found")
+        );
+        assert!(
+            plan(&add("http://h:4", true), &v, 8).is_ok(),
+            "another second, another id"
+        );
+
+        let removed = BTreeSet::from([4]);
+        let v = LeaderView {
+            removed: &removed,
+            ..view(&members, &progress)
+        };
+        for request in [
+            MemberRequest::Remove { id: 4 },
+            MemberRequest::Promote { id: 4 },
+            MemberRequest::Update {
+                id: 4,
+                peer_urls: vec!["http://h:9".into()],
+            },
+        ] {
+            assert_eq!(plan(&request, &v, 7).unwrap_err(), MemberError::NotFound);
+        }
+    }
+
+    fn temp_dir(name: &str) -> std::path::PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("ferrocd-members-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn unnamed(members: Vec<MemberEntry>) -> Vec<MemberEntry> {
+        let unnamed = |m| MemberEntry {
+            name: String::new(),
+            ..m
+        };
+        members.into_iter().map(unnamed).collect()
+    }
+
     #[test]
     fn records_and_the_saved_table_round_trip() {
         let learner = member(4, "", "http://h:4", true);
         assert_eq!(decode_record(&encode_record(&learner)).unwrap(), learner);
-        let dir = std::env::temp_dir().join(format!("ferrocd-members-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
+        let dir = temp_dir("round-trip");
         assert_eq!(load_current(&dir).unwrap(), None);
-        let mut table = trio();
-        table.push(learner);
-        save_current(&dir, 42, &table).unwrap();
-        let (index, loaded) = load_current(&dir).unwrap().unwrap();
-        let unnamed: Vec<MemberEntry> = table
-            .into_iter()
-            .map(|m| MemberEntry {
-                name: String::new(),
-                ..m
-            })
-            .collect();
-        assert_eq!((index, loaded), (42, unnamed));
+        let table = Members::with_removed(trio(), BTreeSet::from([9, 7]));
+        table.apply(MembershipChange::AddLearner(4), &learner);
+        table.save(&dir, 42).unwrap();
+        let saved = load_current(&dir).unwrap().unwrap();
+        let mut members = trio();
+        members.push(learner);
+        let expected = SavedTable {
+            index: 42,
+            members: unnamed(members),
+            removed: BTreeSet::from([7, 9]),
+        };
+        assert_eq!(saved, expected);
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A file written before removed ids were kept (no `removed=` lines) still opens.
+    #[test]
+    fn a_saved_table_without_removed_ids_opens() {
+        let dir = temp_dir("old-format");
+        let text = "index=7\nmember=0000000000000001 0 http://h:1\n\
+                    member=0000000000000002 1 http://h:2,http://h:3\n";
+        fs::write(dir.join(CURRENT_FILE), text).unwrap();
+        let saved = load_current(&dir).unwrap().unwrap();
+        assert_eq!(saved.index, 7);
+        assert_eq!(saved.removed, BTreeSet::new());
+        let ids: Vec<(u64, bool)> = saved.members.iter().map(|m| (m.id, m.is_learner)).collect();
+        assert_eq!(ids, vec![(1, false), (2, true)]);
+        assert_eq!(
+            saved.members[1].peer_urls,
+            urls(&["http://h:2", "http://h:3"])
+        );
+        fs::write(dir.join(CURRENT_FILE), "index=7\nremoved=zz\n").unwrap();
+        assert!(load_current(&dir).unwrap_err().contains("malformed"));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn urls(list: &[&str]) -> Vec<String> {
+        list.iter().map(|u| u.to_string()).collect()
+    }
+
+    /// Told by a peer, a member leaves the same mark as applying its removal: start-up
+    /// refuses its data dir with etcd's message, with or without a saved table before.
+    #[test]
+    fn a_member_told_removed_cannot_start_again() {
+        let removed = crate::node::meta::REMOVED.to_string();
+        for saved_before in [false, true] {
+            let dir = temp_dir(&format!("told-{saved_before}"));
+            let table = Members::new(trio());
+            if saved_before {
+                table.save(&dir, 5).unwrap();
+            }
+            assert!(recover_current(&dir, 2, trio(), &[]).is_ok());
+            mark_removed(&dir, 2, &table).unwrap();
+            let saved = load_current(&dir).unwrap().unwrap();
+            assert_eq!(saved.index, if saved_before { 5 } else { 0 });
+            assert_eq!(saved.removed, BTreeSet::from([2]));
+            assert_eq!(recover_current(&dir, 2, trio(), &[]).unwrap_err(), removed);
+            let other = recover_current(&dir, 1, trio(), &[]).expect("member 1 is still one");
+            assert!(other.is_removed(2) && other.get(2).is_none());
+            fs::remove_dir_all(&dir).unwrap();
+        }
     }
 }

@@ -14,7 +14,7 @@ use crate::kv::KvService;
 use crate::lease::service::LeaseService;
 use crate::lease::{lessor, LeaseConfig};
 use crate::lock::LockService;
-use crate::members::{ClusterState, InitialMember, MemberEntry, Members};
+use crate::members::{ClusterState, InitialMember, MemberEntry};
 use crate::metrics::{metrics_handler, GrpcMetrics, PATH_METRICS};
 use crate::node::checkpoint::CheckpointConfig;
 use crate::node::compactor::{self, AutoCompaction};
@@ -258,7 +258,7 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
         )
         .with_auth(AuthStore::new(meta_state.auth.clone(), tokens))
         .with_readers(seed_readers(&stores, &checkpointers))
-        .with_members(Members::new(members))
+        .with_members(members)
         .clustered_with(read_barrier),
     );
     if let Some(mesh) = &peers {
@@ -271,6 +271,12 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
             };
             answer.encode()
         });
+        let (table, told, me) = (shared.clone(), shared.clone(), identity.member_id);
+        let data_dir = config.data_dir.clone();
+        mesh.watch_removals(
+            move |member| table.members.is_removed(member),
+            move || crate::members::stop_as_told_removed(&data_dir, me, &told.members),
+        );
     }
     shared.space.restore(meta_state.alarms.iter().copied());
     meta_state

@@ -549,7 +549,11 @@ impl Build {
             &recovery::conf_path(staging),
         )?;
         // Written synced (temporary file, rename, directory fsync).
-        members::save_current(staging, self.point.index, &self.point.members)
+        // A snapshot does not carry the removed ids: keep those this member knows (a member
+        // removed between its last applied change and the snapshot is forgotten).
+        let saved = members::load_current(&self.data_dir)?;
+        let removed = saved.map(|saved| saved.removed).unwrap_or_default();
+        members::save_current(staging, self.point.index, &self.point.members, &removed)
             .map_err(|e| format!("{}: members: {e}", staging.display()))?;
         fs::remove_file(&self.snapshot).map_err(|e| format!("{}: {e}", self.snapshot.display()))?;
         for dir in [
@@ -890,6 +894,7 @@ mod tests {
         let recovered = recovered.unwrap();
         assert_eq!(recovered.meta_checkpoint_index, 40);
         let table = members::load_current(&data).unwrap();
+        let table = table.map(|saved| (saved.index, saved.members));
         let expected_table = conf.voters.iter().map(|&id| test_member(id)).collect();
         assert_eq!(table, Some((40, expected_table)), "the member table at I");
         assert_eq!(recovered.next_index[2], 41, "the meta log goes on after I");

@@ -351,7 +351,7 @@ impl Meta {
     ) {
         let table = &self.shared.members;
         table.apply(change, record);
-        if let Err(e) = members::save_current(&self.data_dir, index, &table.list()) {
+        if let Err(e) = table.save(&self.data_dir, index) {
             fatal(&format!(
                 "cannot save the membership after entry {index}: {e}"
             ));
@@ -877,7 +877,7 @@ pub const REMOVED: &str = "the member has been permanently removed from the clus
 /// etcd's end for a removed member: the process stops, with status 0 as etcd's (its data dir
 /// cannot serve again: start-up refuses it). It waits `grace` first, so that a leader's answer
 /// to its own removal leaves.
-fn stop_removed(grace: Duration) {
+pub(crate) fn stop_removed(grace: Duration) {
     glommio::spawn_local(async move {
         glommio::timer::sleep(grace).await;
         crate::error!("stopping the process", error = REMOVED);

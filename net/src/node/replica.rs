@@ -547,8 +547,10 @@ impl Replica {
         let group = raft.group_mut(META_GROUP).expect("meta group");
         let progress = group.peer_progress().ok_or(KvError::LeaderChanged)?;
         let members = self.shared.members.list();
+        let removed = self.shared.members.removed();
         let view = LeaderView {
             members: &members,
+            removed: &removed,
             progress: &progress,
             last_index: group.store().last_index(),
             me: self.member_id(),

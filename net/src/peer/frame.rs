@@ -37,6 +37,10 @@ pub enum Kind {
     /// The answer to a `Request`, callee to caller on the same connection: payload = call id,
     /// a status byte (`CallStatus`), then the reply bytes.
     Response = 6,
+    /// Listener to dialer, instead of a pong (or as the first frame of a connection): the
+    /// dialing member was removed from the cluster (etcd's `410 Gone` "removed member"). The
+    /// dialer stops (`PeerMesh::watch_removals`). Empty payload.
+    Removed = 7,
 }
 
 impl Kind {
@@ -48,6 +52,7 @@ impl Kind {
             4 => Some(Kind::Pong),
             5 => Some(Kind::Request),
             6 => Some(Kind::Response),
+            7 => Some(Kind::Removed),
             _ => None,
         }
     }

@@ -181,9 +181,19 @@ pub struct PeerMesh {
     stats: Arc<PeerStats>,
     /// What a member about to join is told (`join.rs`); set once the member table exists.
     join_answer: std::sync::OnceLock<JoinAnswer>,
+    /// Which members were removed, and what this member does when told it is one.
+    removals: std::sync::OnceLock<Removals>,
+    /// Set by the first peer that says this member was removed: it acts on that once.
+    told_removed: std::sync::atomic::AtomicBool,
 }
 
 type JoinAnswer = Box<dyn Fn() -> Vec<u8> + Send + Sync>;
+
+/// See [`PeerMesh::watch_removals`].
+struct Removals {
+    is_removed: Box<dyn Fn(u64) -> bool + Send + Sync>,
+    on_told: Box<dyn Fn() + Send + Sync>,
+}
 
 /// Accepted connections waiting to reach their core; more are closed (the dialer retries).
 const HANDOFF_LIMIT: usize = 64;
@@ -214,6 +224,8 @@ impl PeerMesh {
             local_addr,
             sockets,
             join_answer: std::sync::OnceLock::new(),
+            removals: std::sync::OnceLock::new(),
+            told_removed: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -221,6 +233,42 @@ impl PeerMesh {
     pub fn answer_joins(&self, answer: impl Fn() -> Vec<u8> + Send + Sync + 'static) {
         let set = self.join_answer.set(Box::new(answer));
         assert!(set.is_ok(), "join answer set twice");
+    }
+
+    /// From now on, a connection from a member `is_removed` names is answered with
+    /// `Kind::Removed` (at its start and at every ping, so one open before the removal hears
+    /// it too; etcd answers a removed member's streams with "removed member"), and the first
+    /// such answer this member gets runs `on_told` (on the core that got it).
+    pub fn watch_removals(
+        &self,
+        is_removed: impl Fn(u64) -> bool + Send + Sync + 'static,
+        on_told: impl Fn() + Send + Sync + 'static,
+    ) {
+        let removals = Removals {
+            is_removed: Box::new(is_removed),
+            on_told: Box::new(on_told),
+        };
+        let set = self.removals.set(removals);
+        assert!(set.is_ok(), "removals watched twice");
+    }
+
+    fn is_removed(&self, member: u64) -> bool {
+        let removals = self.removals.get();
+        removals.is_some_and(|removals| (removals.is_removed)(member))
+    }
+
+    /// Peer `by` answered this member's connection with `Kind::Removed`.
+    fn told_removed(&self, by: u64) {
+        let first = !self
+            .told_removed
+            .swap(true, std::sync::atomic::Ordering::SeqCst);
+        if let (true, Some(removals)) = (first, self.removals.get()) {
+            crate::warn!(
+                "a peer says this member was removed from the cluster",
+                peer = format!("{by:x}")
+            );
+            (removals.on_told)();
+        }
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -645,6 +693,10 @@ async fn read_answers(
         let frame =
             with_timeout(config.silence_timeout_ms, "peer", frames.next(&mut reader)).await?;
         ctx.count(peer, |c| c.received_bytes += frames.take_read_bytes());
+        if frame.kind == Kind::Removed && frame.from == peer {
+            ctx.mesh.told_removed(peer);
+            return Err(io::Error::other("the peer says this member was removed"));
+        }
         if frame.kind == Kind::Response && frame.from == peer {
             let (id, result) = call::split_response(&frame.payload)
                 .ok_or_else(|| FrameError::Unexpected("short or unknown call response".into()))?;
@@ -781,6 +833,9 @@ async fn serve_frames(
     stream: impl AsyncRead + AsyncWrite + Unpin,
     from: u64,
 ) -> io::Result<()> {
+    if ctx.mesh.is_removed(from) {
+        return refuse_removed(ctx, stream, from).await;
+    }
     let (reader, writer) = futures_lite::io::split(stream);
     let (back_tx, back) = async_channel::bounded(ctx.config().max_inflight_calls);
     or(
@@ -862,20 +917,21 @@ async fn read_inbound(
                 }
             }
             Kind::Ping => {
-                let mut pong = Vec::new();
-                frame::encode(
-                    &mut pong,
-                    Kind::Pong,
-                    frame.core,
-                    config.member_id,
-                    from,
-                    &frame.payload,
-                );
-                if back.send(pong).await.is_err() {
+                // Removed since the connection opened: the dialer closes it on this answer.
+                let answer = match ctx.mesh.is_removed(from) {
+                    true => removed_frame(ctx, frame.core, from),
+                    false => {
+                        let mut pong = Vec::new();
+                        let me = config.member_id;
+                        frame::encode(&mut pong, Kind::Pong, frame.core, me, from, &frame.payload);
+                        pong
+                    }
+                };
+                if back.send(answer).await.is_err() {
                     return Ok(());
                 }
             }
-            Kind::Hello | Kind::Pong | Kind::Response => {
+            Kind::Hello | Kind::Pong | Kind::Response | Kind::Removed => {
                 return Err(FrameError::Unexpected(format!(
                     "{:?} on an inbound connection",
                     frame.kind
@@ -884,6 +940,44 @@ async fn read_inbound(
             }
         }
     }
+}
+
+/// Tells a removed member so, then reads (and drops) what it sent until it closes, at most
+/// `hello_timeout_ms`: closing first, with its frames unread, would send it a reset, which
+/// may discard the answer before it is read.
+async fn refuse_removed(
+    ctx: &CoreCtx,
+    mut stream: impl AsyncRead + AsyncWrite + Unpin,
+    from: u64,
+) -> io::Result<()> {
+    crate::warn!(
+        "refused the connection of a removed member",
+        peer = format!("{from:x}")
+    );
+    stream
+        .write_all(&removed_frame(ctx, ctx.core as u16, from))
+        .await?;
+    stream.flush().await?;
+    let drain = async {
+        let mut sink = [0; 4096];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok(())
+    };
+    with_timeout(ctx.config().hello_timeout_ms, "removed member", drain).await
+}
+
+/// The answer to a removed member's connection (`Kind::Removed`).
+fn removed_frame(ctx: &CoreCtx, core: u16, to: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    frame::encode(
+        &mut out,
+        Kind::Removed,
+        core,
+        ctx.config().member_id,
+        to,
+        &[],
+    );
+    out
 }
 
 /// Reads frames from a stream in large reads, decoding every frame they hold.
