@@ -601,6 +601,12 @@ fn main() -> ExitCode {
     watch_signals(shutdown.clone());
     match server::run(config, shutdown) {
         Ok(()) => ExitCode::SUCCESS,
+        // As etcd, whose removed member exits 0 each time it is started: a supervisor that
+        // restarts failed servers does not start it again and again.
+        Err(e) if e == ferrocd_net::node::meta::REMOVED => {
+            error!("ferrocd stopped", error = e);
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             error!("ferrocd stopped", error = e);
             ExitCode::FAILURE

@@ -717,3 +717,52 @@ async fn peer_tls_admits_only_certificates_of_the_trusted_ca() {
         member.stop();
     }
 }
+
+/// A member removed while its connection is open hears it at its next ping, and each new
+/// connection of a removed member is refused before any of its frames is delivered; the
+/// member acts on it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_removed_member_is_told_at_its_next_ping_and_on_every_new_connection() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+    let a = Member::start(config(1, 1, localhost()));
+    let b = Member::start(config(2, 1, localhost()));
+    let (removed, told) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let b_removed = removed.clone();
+    a.mesh
+        .watch_removals(move |id| id == 2 && b_removed.load(SeqCst), || {});
+    let b_told = told.clone();
+    b.mesh.watch_removals(
+        |_| false,
+        move || {
+            b_told.fetch_add(1, SeqCst);
+        },
+    );
+    b.add_peer(&a).await;
+    send_range(&b, 1, 0..10).await;
+    assert_eq!(
+        receive_seqs(&a.inboxes[0], 10).await,
+        (0..10).collect::<Vec<_>>()
+    );
+    assert_eq!(told.load(SeqCst), 0);
+
+    removed.store(true, SeqCst);
+    eventually("told at the next ping", || told.load(SeqCst) == 1).await;
+    let stats = b.mesh.stats().clone();
+    send_range(&b, 1, 10..20).await;
+    // Two more connections: the frames went out on one of them, refused at its start.
+    let failures = stats.peer(1).connection_failures;
+    eventually("dialled again and refused", || {
+        stats.peer(1).connection_failures >= failures + 2
+    })
+    .await;
+    assert!(
+        a.inboxes[0].is_empty(),
+        "nothing of a removed member delivered"
+    );
+    assert_eq!(told.load(SeqCst), 1, "acted on once");
+    a.stop();
+    b.stop();
+}

@@ -146,6 +146,11 @@ impl Cluster {
         &self.members[index]
     }
 
+    /// The member's process, to launch it or poll its exit.
+    pub fn member_mut(&mut self, index: usize) -> &mut Server {
+        &mut self.members[index]
+    }
+
     /// The member's id (the `member_id` of its response headers).
     pub fn member_id(&self, index: usize) -> u64 {
         self.ids[index]

@@ -361,6 +361,13 @@ impl Server {
         assert_eq!(rc, 0, "signal {signal} to server pid {pid}");
     }
 
+    /// Starts the stopped server on its data dir without waiting for it to serve: for a
+    /// server expected to exit by itself (poll `exited`).
+    pub fn launch(&mut self) {
+        assert!(!self.is_running(), "launch of a running server");
+        self.spawn_child();
+    }
+
     /// Graceful stop, then start on the same data dir.
     pub async fn restart(&mut self) {
         self.stop();
