@@ -6,8 +6,8 @@
 //! fourth member that joins as a learner under load, is promoted once in sync and converges.
 
 mod common;
+mod joiner;
 
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use common::cluster::{eventually, member_name, Cluster};
 use common::{run_script, Flavor};
 use etcd_client::{Client, ConnectOptions, MemberAddOptions};
+use joiner::Joiner;
 
 const MEMBERS: usize = 3;
 const SCRIPT_TIMEOUT_S: u32 = 90;
@@ -330,72 +331,6 @@ async fn a_member_removed_while_down_is_told_when_it_comes_back() {
     assert_eq!(left, expected);
 }
 
-/// A member started here (the cluster harness starts members of a new cluster only): killed,
-/// by its PID, when dropped.
-struct Joiner {
-    child: Child,
-    log: std::path::PathBuf,
-    endpoint: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Joiner {
-    /// Starts `name` with `--initial-cluster-state existing` on a new data dir.
-    fn start(flavor: &Flavor, name: &str, initial_cluster: &str, ports: [u16; 2]) -> Joiner {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let (client, peer) = (
-            format!("http://127.0.0.1:{}", ports[0]),
-            format!("http://127.0.0.1:{}", ports[1]),
-        );
-        let log = dir.path().join("joiner.log");
-        let log_file = std::fs::File::create(&log).expect("joiner log");
-        let (program, extra) = match flavor {
-            Flavor::Etcd => ("etcd", Vec::new()),
-            Flavor::Ferrocd(args) => (env!("CARGO_BIN_EXE_ferrocd"), args.clone()),
-        };
-        let data_dir = dir.path().join("data");
-        let child = Command::new(program)
-            .args(["--name", name, "--data-dir"])
-            .arg(&data_dir)
-            .args([
-                "--listen-client-urls",
-                &client,
-                "--advertise-client-urls",
-                &client,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-            ])
-            .args(["--initial-cluster", initial_cluster])
-            .args(["--initial-cluster-state", "existing"])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .expect("start the joining member");
-        Joiner {
-            child,
-            log,
-            endpoint: client,
-            _dir: dir,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Joiner {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Every endpoint's HashKV at `revision`, each polled until it has applied it.
 async fn hashes_at(endpoints: &[String], revision: i64) -> Vec<u32> {
     let mut hashes = Vec::new();
@@ -449,6 +384,7 @@ async fn a_fourth_member_joins_as_a_learner_under_load_and_is_promoted() {
         &member_name(MEMBERS),
         &initial_cluster.join(","),
         [ports[0], ports[1]],
+        &[],
     );
     // Refused while the learner is behind; accepted once it caught up from the log.
     let promoted = eventually(

@@ -5,6 +5,7 @@
 //! `--auto-tls`.
 
 mod common;
+mod joiner;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -12,9 +13,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::cluster::Cluster;
+use common::cluster::{eventually, member_name, Cluster};
 use common::{ClientTls, Flavor, Server};
-use etcd_client::{Certificate, Identity, TlsOptions};
+use etcd_client::{Certificate, Identity, MemberAddOptions, TlsOptions};
+use joiner::Joiner;
 use tempfile::TempDir;
 
 /// Bound on one etcdctl or curl run; a hang fails the test instead.
@@ -275,18 +277,7 @@ async fn grpc_and_http_share_a_tls_port() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_over_peer_tls_replicates() {
     let certs = Certs::generate();
-    let peer_args: Vec<String> = [
-        "--peer-cert-file",
-        &certs.path("server.pem"),
-        "--peer-key-file",
-        &certs.path("server.key"),
-        "--peer-trusted-ca-file",
-        &certs.path("ca.pem"),
-        "--peer-client-cert-auth",
-    ]
-    .iter()
-    .map(|arg| arg.to_string())
-    .collect();
+    let peer_args = peer_tls_args(&certs);
     for flavor in flavors() {
         let mut cluster = Cluster::start_with_peer_tls(flavor, 3, &peer_args).await;
         let follower = (cluster.leader().await + 1) % cluster.size();
@@ -297,6 +288,95 @@ async fn a_cluster_over_peer_tls_replicates() {
             .expect("put through a follower");
         cluster.assert_converged(follower).await;
         cluster.stop();
+    }
+}
+
+/// The `--peer-*` flags of members that verify each other's certificates against the CA,
+/// both ways.
+fn peer_tls_args(certs: &Certs) -> Vec<String> {
+    [
+        "--peer-cert-file",
+        &certs.path("server.pem"),
+        "--peer-key-file",
+        &certs.path("server.key"),
+        "--peer-trusted-ca-file",
+        &certs.path("ca.pem"),
+        "--peer-client-cert-auth",
+    ]
+    .iter()
+    .map(|arg| arg.to_string())
+    .collect()
+}
+
+/// Bound on a joining member catching up (its promotion is refused until then), and on the
+/// leader taking a MemberAdd (etcd wants every voter connected for a while first).
+const JOIN_TIMEOUT_MS: u64 = 20_000;
+const JOIN_POLL_MS: u64 = 50;
+
+/// Peer TLS: a fourth member joins a cluster of 3 over `https://` peer URLs (certificates
+/// verified both ways): it asks the members for the membership over TLS with its peer
+/// certificate, catches up as a learner, is promoted, and serves a write; real etcd first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_joins_a_cluster_over_peer_tls() {
+    const MEMBERS: usize = 3;
+    let certs = Certs::generate();
+    let peer_args = peer_tls_args(&certs);
+    for flavor in flavors() {
+        let cluster = Cluster::start_with_peer_tls(flavor.clone(), MEMBERS, &peer_args).await;
+        let client = cluster.client(cluster.leader().await).await;
+        let ports = common::pick_free_ports(2);
+        let peer_url = format!("https://127.0.0.1:{}", ports[1]);
+        let learner = MemberAddOptions::new().with_is_learner();
+        let added = eventually(
+            "member add --learner",
+            JOIN_TIMEOUT_MS,
+            JOIN_POLL_MS,
+            || {
+                let (mut client, url, options) =
+                    (client.clone(), peer_url.clone(), learner.clone());
+                async move { client.member_add([url], Some(options)).await.ok() }
+            },
+        )
+        .await;
+        let id = added.member().expect("the added member").id();
+        let mut initial_cluster: Vec<String> = (0..MEMBERS)
+            .map(|i| format!("{}={}", member_name(i), cluster.member(i).peer_url()))
+            .collect();
+        initial_cluster.push(format!("{}={peer_url}", member_name(MEMBERS)));
+        let name = member_name(MEMBERS);
+        let joiner = Joiner::start(
+            &flavor,
+            &name,
+            &initial_cluster.join(","),
+            [ports[0], ports[1]],
+            &peer_args,
+        );
+        let promoted = eventually("promotion", JOIN_TIMEOUT_MS, JOIN_POLL_MS, || {
+            let mut client = client.clone();
+            async move { client.member_promote(id).await.ok() }
+        })
+        .await;
+        assert!(
+            promoted.members().iter().all(|m| !m.is_learner()),
+            "{flavor:?}: joiner log:\n{}",
+            joiner.log()
+        );
+        let mut through_joiner = etcd_client::Client::connect([joiner.endpoint.clone()], None)
+            .await
+            .expect("client of the joined member");
+        // Served once the joiner has applied its promotion too.
+        eventually(
+            "a put through the joiner",
+            JOIN_TIMEOUT_MS,
+            JOIN_POLL_MS,
+            || {
+                let mut client = through_joiner.clone();
+                async move { client.put("joined-over-tls", "v", None).await.ok() }
+            },
+        )
+        .await;
+        let list = through_joiner.member_list().await.expect("member list");
+        assert_eq!(list.members().len(), MEMBERS + 1);
     }
 }
 

@@ -725,6 +725,7 @@ pub fn join(
     name: &str,
     advertise_peer_urls: &[String],
     initial_cluster: &[InitialMember],
+    peer_tls: Option<&crate::tls::PeerTls>,
 ) -> Result<(), String> {
     verify_bootstrap(name, advertise_peer_urls, initial_cluster)?;
     let mut advertised = advertise_peer_urls.to_vec();
@@ -733,10 +734,10 @@ pub fn join(
     let answer = others
         .flat_map(|m| &m.peer_urls)
         .find_map(|url| {
-            // In plain text even to an https:// peer: the answer is the membership (ids and
-            // URLs), asked before this member has a place in the cluster.
-            let addr = crate::peer::parse_peer_url(url).ok()?.addr;
-            let bytes = crate::peer::join::ask(addr, JOIN_ASK_TIMEOUT, JOIN_ANSWER_MAX_BYTES);
+            // Over TLS to an https:// peer, with this member's peer certificate.
+            let addr = crate::peer::parse_peer_url(url).ok()?;
+            let bytes =
+                crate::peer::join::ask(&addr, peer_tls, JOIN_ASK_TIMEOUT, JOIN_ANSWER_MAX_BYTES);
             JoinAnswer::decode(&bytes.ok()?)
         })
         .ok_or(

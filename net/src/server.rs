@@ -194,6 +194,7 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
             &config.name,
             &config.advertise_peer_urls,
             &config.initial_cluster,
+            peer_tls.as_ref(),
         )?;
     }
     let (identity, initial) = recovery::open_identity(&config.data_dir, config.shards, &bootstrap)?;

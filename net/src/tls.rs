@@ -226,6 +226,8 @@ pub fn refuse_named_certificates_on_gateway(
 pub struct PeerTls {
     acceptor: TlsAcceptor,
     connector: TlsConnector,
+    /// The connector's configuration, for the blocking client (`connect_blocking`).
+    client: Arc<ClientConfig>,
 }
 
 impl fmt::Debug for PeerTls {
@@ -266,10 +268,11 @@ impl PeerTls {
         let mut server = server_config(&files).map_err(|e| format!("peer TLS: {e}"))?;
         // The peer protocol is ours, not HTTP: no ALPN.
         server.alpn_protocols.clear();
-        let client = peer_client_config(&files).map_err(|e| format!("peer TLS: {e}"))?;
+        let client = Arc::new(peer_client_config(&files).map_err(|e| format!("peer TLS: {e}"))?);
         Ok(Some(PeerTls {
             acceptor: TlsAcceptor::from(Arc::new(server)),
-            connector: TlsConnector::from(Arc::new(client)),
+            connector: TlsConnector::from(client.clone()),
+            client,
         }))
     }
 
@@ -291,10 +294,28 @@ impl PeerTls {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let name = ServerName::try_from(host.to_string())
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{host}: {e}")))?;
-        self.connector.connect(name, stream).await
+        self.connector.connect(server_name(host)?, stream).await
     }
+
+    /// `connect` on a blocking socket (a joining member asks before its server runs): the
+    /// handshake completes here, with the socket's timeouts.
+    pub fn connect_blocking(
+        &self,
+        host: &str,
+        mut stream: std::net::TcpStream,
+    ) -> io::Result<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>> {
+        let mut connection = rustls::ClientConnection::new(self.client.clone(), server_name(host)?)
+            .map_err(io::Error::other)?;
+        while connection.is_handshaking() {
+            connection.complete_io(&mut stream)?;
+        }
+        Ok(rustls::StreamOwned::new(connection, stream))
+    }
+}
+
+fn server_name(host: &str) -> io::Result<ServerName<'static>> {
+    ServerName::try_from(host.to_string())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{host}: {e}")))
 }
 
 /// The dialing side of the peer port: the member's own certificate as its client certificate,

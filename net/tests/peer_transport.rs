@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use async_channel::Receiver;
 use ferrocd_net::peer::frame::{encode, Kind, PROTOCOL_VERSION};
 use ferrocd_net::peer::{
-    CallError, Delivery, IncomingCall, PeerAddr, PeerConfig, PeerCore, PeerMesh, SendError,
+    join, CallError, Delivery, IncomingCall, PeerAddr, PeerConfig, PeerCore, PeerMesh, SendError,
 };
 use ferrocd_net::tls::{ListenUrl, PeerTls, TlsFiles};
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
@@ -656,12 +656,16 @@ impl TestCa {
     }
 }
 
-fn tls_config(id: u64, files: &TlsFiles, dir: &std::path::Path) -> PeerConfig {
+/// A member's peer TLS (an `https://` peer URL) from `files`.
+fn peer_tls(files: &TlsFiles, dir: &std::path::Path) -> PeerTls {
     let url = ListenUrl::parse("https://127.0.0.1:0").unwrap();
     let tls = PeerTls::for_peers(files, &[url], dir).expect("peer TLS from the files");
+    tls.expect("an https URL has TLS")
+}
+
+fn tls_config(id: u64, files: &TlsFiles, dir: &std::path::Path) -> PeerConfig {
     let mut config = config(id, 1, localhost());
-    config.tls = tls;
-    assert!(config.tls.is_some(), "an https URL has TLS");
+    config.tls = Some(peer_tls(files, dir));
     config
 }
 
@@ -765,4 +769,41 @@ async fn a_removed_member_is_told_at_its_next_ping_and_on_every_new_connection()
     assert_eq!(told.load(SeqCst), 1, "acted on once");
     a.stop();
     b.stop();
+}
+
+/// A joining member's membership question to a TLS peer port goes over TLS with its peer
+/// certificate: answered to a holder of a certificate of the trusted CA; a certificate of
+/// another CA, or the question in plain text, gets no answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_membership_question_to_a_tls_peer_port_goes_over_tls() {
+    const ASK_TIMEOUT: Duration = Duration::from_millis(1_000);
+    const ANSWER_MAX_BYTES: usize = 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, rogue_ca) = (TestCa::new("cluster ca"), TestCa::new("rogue ca"));
+    let a = Member::start(tls_config(
+        1,
+        &ca.peer_files(dir.path(), "a", &ca),
+        dir.path(),
+    ));
+    a.mesh.answer_joins(|| b"the members".to_vec());
+    let tls_addr = PeerAddr {
+        addr: a.addr(),
+        tls_host: Some("127.0.0.1".to_string()),
+    };
+    let plain_addr = PeerAddr::from(a.addr());
+    let trusted = peer_tls(&ca.peer_files(dir.path(), "j", &ca), dir.path());
+    let rogue = peer_tls(&rogue_ca.peer_files(dir.path(), "m", &rogue_ca), dir.path());
+    let answers = tokio::task::spawn_blocking(move || {
+        let ask = |addr: &PeerAddr, tls| join::ask(addr, tls, ASK_TIMEOUT, ANSWER_MAX_BYTES);
+        [
+            ask(&tls_addr, Some(&trusted)),
+            ask(&tls_addr, Some(&rogue)),
+            ask(&plain_addr, None),
+        ]
+    });
+    let [trusted, rogue, plain] = within("the questions", answers).await.unwrap();
+    assert_eq!(trusted.expect("answered over TLS"), b"the members");
+    assert!(rogue.is_err(), "another CA's certificate: {rogue:?}");
+    assert!(plain.is_err(), "plain text to a TLS port: {plain:?}");
+    a.stop();
 }
