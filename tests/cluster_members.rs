@@ -2,7 +2,7 @@
 //! default ferrocd; `etcd` runs the same checks on a real etcd cluster): etcdctl's member
 //! commands and etcd's errors (`etcdctl_members.sh`), a member removed under load (it stops,
 //! the others keep serving), the membership kept across log compaction and a restart of every
-//! member, and a
+//! member, a member removed while down that is told so by its peers when it comes back, and a
 //! fourth member that joins as a learner under load, is promoted once in sync and converges.
 
 mod common;

@@ -10,7 +10,9 @@
 //! this table (`plan`, with etcd's checks and errors), replicated as one Raft conf-change entry
 //! whose context is the member's record (`encode_record`), and applied here by every member in
 //! log order (`Members::apply`). The table as of the last applied change is kept in the data
-//! dir (`save_current`), because the entries that made it are compacted away from the log.
+//! dir (`save_current`), because the entries that made it are compacted away from the log,
+//! with the ids removed so far: as etcd, a removed id is never a member again, and peers
+//! refuse a removed member's connections (`crate::peer`), which then stops.
 
 use ferrocd_api::etcdserverpb::{Member, MemberListResponse, ResponseHeader};
 use ferrocd_engine::mvcc::codec::MemberAttributes;

@@ -29,6 +29,10 @@
 //! Calls ([`PeerCore::call`], `call.rs`): a request goes out on the outbound connection like
 //! a raft frame and its response comes back on that same connection; incoming calls reach
 //! the core on a bounded channel ([`PeerCore::calls`]).
+//!
+//! Removed members ([`PeerMesh::watch_removals`]): a connection from a member removed from the
+//! cluster is answered with a `Removed` frame, at its start and at each ping, and a member
+//! that gets one stops (etcd's "removed member" answer to a removed member's streams).
 
 pub mod call;
 pub mod frame;
