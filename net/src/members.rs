@@ -22,7 +22,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
+use std::time::Duration;
 use tonic::Code;
 
 /// One member of `--initial-cluster`: a name and its peer URLs (sorted, as etcd sorts them).
@@ -713,7 +714,7 @@ fn from_api(m: &Member) -> MemberEntry {
 }
 
 /// How long a joining member waits for one running member's answer.
-const JOIN_ASK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+const JOIN_ASK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// etcd's join (`--initial-cluster-state existing` on a new data dir): asks the other members
 /// of `--initial-cluster` over their peer URLs for the membership (the first that answers),
@@ -801,6 +802,12 @@ pub fn save_current(
     for id in removed {
         text += &format!("removed={id:016x}\n");
     }
+    // The meta group (applied changes) and a peer core (`stop_as_told_removed`) both write
+    // the file: one at a time, so they never share the temporary file.
+    static WRITES: Mutex<()> = Mutex::new(());
+    let _one_at_a_time = WRITES
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     crate::node::recovery::replace_file(data_dir, CURRENT_FILE, &text)
 }
 
@@ -864,13 +871,17 @@ fn parse_current_line(line: &str) -> Option<MemberEntry> {
 
 /// A peer told this member it was removed (it was down when its removal was applied, so it
 /// never applied it): the same durable marker as applying it (`mark_removed`), then etcd's
-/// end (`stop_removed`: exit status 0). Without the marker (a failed write, logged) a restart
-/// is refused by the peers again.
-pub fn stop_as_told_removed(data_dir: &Path, me: u64, table: &Members) {
+/// end (`stop_removed`: exit status 0, after `grace`, as when applying it: a leader that
+/// removed itself may hear it from a follower before its answer to the client left). Without
+/// the marker (a failed write, logged) a restart is refused by the peers again.
+pub fn stop_as_told_removed(data_dir: &Path, me: u64, table: &Members, grace: Duration) {
+    if table.is_removed(me) {
+        return; // applied already: the meta group marked it and stops the process
+    }
     if let Err(e) = mark_removed(data_dir, me, table) {
         crate::error!("cannot mark this member removed in its data dir", error = e);
     }
-    crate::node::meta::stop_removed(std::time::Duration::ZERO);
+    crate::node::meta::stop_removed(grace);
 }
 
 /// Saves `members.current` without member `me`, its id among the removed, so start-up refuses

@@ -273,10 +273,11 @@ pub fn run(mut config: NodeConfig, shutdown: Shutdown) -> Result<(), String> {
             answer.encode()
         });
         let (table, told, me) = (shared.clone(), shared.clone(), identity.member_id);
-        let data_dir = config.data_dir.clone();
+        let (data_dir, timing) = (config.data_dir.clone(), &config.raft_timing);
+        let grace = Duration::from_millis(timing.tick_ms * timing.election_ticks as u64);
         mesh.watch_removals(
             move |member| table.members.is_removed(member),
-            move || crate::members::stop_as_told_removed(&data_dir, me, &told.members),
+            move || crate::members::stop_as_told_removed(&data_dir, me, &told.members, grace),
         );
     }
     shared.space.restore(meta_state.alarms.iter().copied());
