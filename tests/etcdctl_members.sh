@@ -2,8 +2,9 @@
 # etcdctl's membership commands against a running 3-member cluster: SPARE_PEER_URL1,URL2,URL3
 # (peer URLs nobody listens on, for members that are added but never started), then the members as
 # NAME=CLIENT_URL arguments. `member add --learner`, `member list`, `member promote` (refused:
-# the learner never started, so it is not in sync), `member update`, `member remove`, a voter
-# added and removed, and etcd 3.4's errors for each refusal. The same script passes against
+# the learner never started, so it is not in sync), `member update`, `member remove` (then
+# remove and update of the removed id), a voter added and removed, and etcd 3.4's errors for
+# each refusal. The same script passes against
 # real etcd (tests/cluster_members.rs runs it against both).
 set -euo pipefail
 
@@ -82,6 +83,12 @@ expect_match "member list shows the new peer URL" "^$learner, unstarted, , $SPAR
 expect "member remove of the learner" "Member $(printf '%16s' "$learner") removed from cluster $cluster" \
     ctl member remove "$learner"
 [[ -z $(member_line "$SPARE2") ]] || fail "member list still shows the removed learner"
+# A removed id (etcd: "membership: ID removed", answered as not found). Not `member promote`:
+# etcd 3.4 lets that one time out, forwarding it to the leader again and again.
+expect_error "member remove of a removed id" "Error: etcdserver: member not found" \
+    ctl member remove "$learner"
+expect_error "member update of a removed id" "Error: etcdserver: member not found" \
+    ctl member update "$learner" --peer-urls="$SPARE1"
 
 # A voter that never starts: it is added, then a second voter is refused (the first is not
 # connected), then it is removed (being down, it is outside the active quorum). A URL of its
