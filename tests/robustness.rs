@@ -22,8 +22,12 @@
 //!
 //! The same traffic, recording and checks run on a 3-member cluster (`cluster_*` tests), with
 //! the clients and watchers spread over the members and one of these faults per test: kill -9
-//! of the leader or of a follower (restarted after a while), or SIGSTOP of the leader for
-//! longer than an election timeout. After each cluster round every member must report the
+//! of the leader or of a follower (restarted after a while), SIGSTOP of the leader for
+//! longer than an election timeout, a member replaced (MemberRemove, it exits, MemberAdd on a
+//! wiped data dir: etcd's robustness `MemberReplace`), or a disk fault on one member (it must
+//! stop by itself, acknowledging nothing sent to it after the fault, and restarts on its data
+//! dir); the last two strike the leader or a follower by turns, and the struck member's
+//! clients move to the others meanwhile. After each cluster round every member must report the
 //! same HashKV at the same revision, and after each leader kill a write must be acknowledged
 //! again: the time from the kill to the first one is the recovery time it prints.
 //!
@@ -180,12 +184,12 @@ enum Fault {
     PeerDelay,
     /// Every peer connection may be reset (`RESET_ONE_IN_CHUNKS`) for `NETWORK_FAULT_MS`.
     PeerReset,
-    /// One member per round (the leader in even rounds, a follower in odd ones) is removed
+    /// One member per round (the leader or a follower, by turns) is removed
     /// (MemberRemove through another member), exits, and is added back on a wiped data dir
     /// (MemberAdd, a new id), as etcd's robustness `MemberReplace`.
     MemberReplace,
-    /// `FsyncError` on one member of a cluster (the leader in even rounds, a follower in odd
-    /// ones), restarted on its data dir once it stopped.
+    /// `FsyncError` on one member of a cluster (the leader or a follower, by turns),
+    /// restarted on its data dir once it stopped.
     ClusterFsyncError,
     /// `DiskFull` the same way.
     ClusterDiskFull,
@@ -850,10 +854,7 @@ async fn record_round(
             tokio::spawn(worker.run())
         })
         .collect();
-    let faults = inject_faults(
-        subject, fault, seed, round, origin, deadline, &shared, context,
-    )
-    .await;
+    let faults = inject_faults(subject, fault, seed, origin, deadline, &shared, context).await;
 
     let mut history = Vec::new();
     let mut endpoints = Vec::new();
@@ -876,7 +877,12 @@ async fn record_round(
     };
     bound_unknown_outcomes(&mut history, bounding_kills);
     for struck in &faults.disk_faults {
-        check_nothing_acknowledged_after_fault(&history, &endpoints, struck, context);
+        let sent = check_nothing_acknowledged_after_fault(&history, &endpoints, struck, context);
+        println!(
+            "{context}: {sent} requests sent to {} between the disk fault and its death, none \
+             acknowledged",
+            struck.endpoint
+        );
     }
     history.push(final_read(subject, origin).await);
     let last_revision = final_state(&history).revision;
@@ -1017,12 +1023,10 @@ struct FaultLog {
 
 /// The fault task: injects `fault` at random intervals until `deadline` (a cluster fault
 /// until `CLUSTER_FAULT_ROOM_MS` before it), leaving every server running.
-#[allow(clippy::too_many_arguments)]
 async fn inject_faults(
     subject: &mut Subject,
     fault: Fault,
     seed: u64,
-    round: u64,
     origin: Instant,
     deadline: Instant,
     shared: &Shared,
@@ -1049,7 +1053,8 @@ async fn inject_faults(
             tokio::time::sleep_until(at.into()).await;
             let cluster = subject.cluster();
             let leader = cluster.leader().await;
-            let victim = match round % 2 {
+            // A round's seed is the base seed plus its number: its parity alternates.
+            let victim = match seed % 2 {
                 0 => leader,
                 _ => (leader + rng.gen_range(1..cluster.size())) % cluster.size(),
             };
@@ -1058,9 +1063,10 @@ async fn inject_faults(
                     replace_member(cluster, victim, shared, origin, context).await
                 }
                 _ => {
-                    let struck =
-                        member_disk_fault_and_restart(cluster, victim, fault, shared, origin, context)
-                            .await;
+                    let struck = member_disk_fault_and_restart(
+                        cluster, victim, fault, shared, origin, context,
+                    )
+                    .await;
                     let fault_ns = struck.fault_ns;
                     log.kills_ns.push(struck.death_ns);
                     log.disk_faults.push(struck);
@@ -1346,21 +1352,26 @@ async fn replace_member(
     let max_before = shared.max_revision.load(Ordering::SeqCst);
     shared.set_endpoints(endpoints_but(cluster, victim));
     let removed_ns = nanos_since(origin);
-    let exit = cluster.remove(victim, through).await;
-    let exited_ns = nanos_since(origin);
-    cluster.rejoin(victim, through).await;
     let context = format!("{context}: member {victim} replaced");
-    check_revision_not_back(&mut cluster.client(victim).await, max_before, &context).await;
-    shared.set_endpoints(cluster.endpoints());
     let ms = |ns: u64| (ns - removed_ns) / 1_000_000;
+    let exit = cluster.remove(victim, through).await;
     println!(
-        "{context}: exit {exit:?} after {} ms, serving again after {} ms",
-        ms(exited_ns),
+        "{context}: removed, exit {exit:?} after {} ms",
         ms(nanos_since(origin))
     );
     if let (Flavor::Ferrocd(_), Some(status)) = (cluster.flavor(), exit) {
-        assert!(status.success(), "{context}: the removed member exited with {status}");
+        assert!(
+            status.success(),
+            "{context}: the removed member exited with {status}"
+        );
     }
+    cluster.rejoin(victim, through).await;
+    check_revision_not_back(&mut cluster.client(victim).await, max_before, &context).await;
+    shared.set_endpoints(cluster.endpoints());
+    println!(
+        "{context}: serving again after {} ms",
+        ms(nanos_since(origin))
+    );
     removed_ns
 }
 
@@ -1580,20 +1591,23 @@ fn check_cut_logged(server: &Server, log_before: usize, tear: &Tear, context: &s
 
 /// No write sent to the struck server after the fault was in effect, and before it died, may
 /// be acknowledged: it could not have been made durable there. (`endpoints[i]` is where
-/// `history[i]` was sent.)
+/// `history[i]` was sent.) Returns how many were sent.
 fn check_nothing_acknowledged_after_fault(
     history: &[Op],
     endpoints: &[String],
     struck: &DiskFault,
     context: &str,
-) {
+) -> usize {
     assert_eq!(history.len(), endpoints.len(), "an endpoint per operation");
-    let acknowledged: Vec<_> = history
+    let sent: Vec<&Op> = history
         .iter()
         .zip(endpoints)
         .filter(|(_, endpoint)| **endpoint == struck.endpoint)
         .map(|(op, _)| op)
         .filter(|op| op.call_ns > struck.fault_ns && op.call_ns < struck.death_ns)
+        .collect();
+    let acknowledged: Vec<_> = sent
+        .iter()
         .filter(|op| {
             let lease_op = matches!(
                 (&op.input, &op.outcome),
@@ -1609,6 +1623,7 @@ fn check_nothing_acknowledged_after_fault(
         acknowledged.is_empty(),
         "{context}: writes acknowledged after the disk fault: {acknowledged:?}"
     );
+    sent.len()
 }
 
 /// The whole key space at one revision, or now with the leases, read when no client runs.

@@ -12,7 +12,7 @@
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, ConnectOptions, MemberRemoveResponse, StatusResponse};
+use etcd_client::{Client, ConnectOptions, Member, MemberRemoveResponse, StatusResponse};
 
 use super::proxy::{Mode, PeerProxy};
 use super::{pick_free_ports, Flavor, Membership, Server};
@@ -34,6 +34,9 @@ pub const CONVERGED_KEY: &str = "converged";
 /// connected for 5 s) and on a removed member exiting by itself.
 const RECONFIG_TIMEOUT_MS: u64 = 15_000;
 const RECONFIG_POLL_MS: u64 = 50;
+/// Per-request limit of a MemberAdd: etcd never answers one it forwarded to a leader that was
+/// just removed (the proposal is dropped), so it is retried after this.
+const RECONFIG_REQUEST_TIMEOUT_MS: u64 = 3_000;
 
 pub struct Cluster {
     members: Vec<Server>,
@@ -257,14 +260,7 @@ impl Cluster {
         let membership = member.membership.as_mut().expect("a cluster member");
         membership.existing = true;
         let peer_url = membership.advertise_peer_url.clone();
-        let client = self.members[through].client().await;
-        let added = eventually("member add", RECONFIG_TIMEOUT_MS, RECONFIG_POLL_MS, || {
-            let (mut client, url) = (client.clone(), peer_url.clone());
-            async move { client.member_add([url], None).await.ok() }
-        })
-        .await;
-        let id = added.member().expect("the added member").id();
-        assert_ne!(id, self.ids[index], "a member added back gets a new id");
+        let id = add_member(&self.members[through], &peer_url, self.ids[index]).await;
         self.ids[index] = id;
         self.members[index].start().await;
         let status = self.status(index).await;
@@ -431,6 +427,37 @@ pub async fn remove_when_healthy(client: &mut Client, id: u64) -> MemberRemoveRe
             Err(e) => panic!("member remove: {e}"),
         }
     }
+}
+
+/// MemberAdd of `peer_url` through `through`, retried (bounded by `RECONFIG_TIMEOUT_MS`) while
+/// it fails or gets no answer; an attempt whose answer was lost may have been applied, so the
+/// member list is read before each retry (`removed_id`, the member that had the URL before,
+/// does not count). Returns the new member's id.
+async fn add_member(through: &Server, peer_url: &str, removed_id: u64) -> u64 {
+    let options = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_millis(STATUS_CONNECT_TIMEOUT_MS))
+        .with_timeout(Duration::from_millis(RECONFIG_REQUEST_TIMEOUT_MS));
+    let deadline = Instant::now() + Duration::from_millis(RECONFIG_TIMEOUT_MS);
+    let mut last_error = String::new();
+    while Instant::now() < deadline {
+        if let Ok(mut client) = Client::connect([through.endpoint()], Some(options.clone())).await {
+            if let Ok(list) = client.member_list().await {
+                let added = |m: &&Member| m.peer_urls() == [peer_url] && m.id() != removed_id;
+                let listed = list.members().iter().find(added);
+                if let Some(member) = listed {
+                    return member.id();
+                }
+                match client.member_add([peer_url], None).await {
+                    Ok(added) => return added.member().expect("the added member").id(),
+                    Err(e) => last_error = e.to_string(),
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(RECONFIG_POLL_MS)).await;
+    }
+    panic!(
+        "member add of {peer_url}: not within {RECONFIG_TIMEOUT_MS} ms (last error: {last_error})"
+    );
 }
 
 /// Polls `attempt` every `poll_ms` until it gives a value; panics after `timeout_ms`.
