@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::cluster::{eventually, member_name, Cluster};
+use common::cluster::{eventually, member_name, remove_when_healthy, Cluster};
 use common::{run_script, Flavor};
 use etcd_client::{Client, ConnectOptions, MemberAddOptions};
 use joiner::Joiner;
@@ -118,21 +118,6 @@ async fn wait_acked(acked: &AtomicUsize, at_least: usize) {
             "{now} puts acknowledged, not {at_least}, within {SETTLE_TIMEOUT_MS} ms"
         );
         tokio::time::sleep(Duration::from_millis(POLL_MS)).await;
-    }
-}
-
-/// MemberRemove, retried while the leader calls the cluster unhealthy (etcd wants every voter
-/// connected for 5 s first).
-async fn remove_when_healthy(client: &mut Client, id: u64) -> etcd_client::MemberRemoveResponse {
-    let deadline = Instant::now() + Duration::from_millis(SETTLE_TIMEOUT_MS);
-    loop {
-        match client.member_remove(id).await {
-            Ok(answer) => return answer,
-            Err(e) if e.to_string().contains("unhealthy cluster") && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(POLL_MS)).await
-            }
-            Err(e) => panic!("member remove: {e}"),
-        }
     }
 }
 

@@ -22,8 +22,12 @@
 //!
 //! The same traffic, recording and checks run on a 3-member cluster (`cluster_*` tests), with
 //! the clients and watchers spread over the members and one of these faults per test: kill -9
-//! of the leader or of a follower (restarted after a while), or SIGSTOP of the leader for
-//! longer than an election timeout. After each cluster round every member must report the
+//! of the leader or of a follower (restarted after a while), SIGSTOP of the leader for
+//! longer than an election timeout, a member replaced (MemberRemove, it exits, MemberAdd on a
+//! wiped data dir: etcd's robustness `MemberReplace`), or a disk fault on one member (it must
+//! stop by itself, acknowledging nothing sent to it after the fault, and restarts on its data
+//! dir); the last two strike the leader or a follower by turns, and the struck member's
+//! clients move to the others meanwhile. After each cluster round every member must report the
 //! same HashKV at the same revision, and after each leader kill a write must be acknowledged
 //! again: the time from the kill to the first one is the recovery time it prints.
 //!
@@ -180,6 +184,15 @@ enum Fault {
     PeerDelay,
     /// Every peer connection may be reset (`RESET_ONE_IN_CHUNKS`) for `NETWORK_FAULT_MS`.
     PeerReset,
+    /// One member per round (the leader or a follower, by turns) is removed
+    /// (MemberRemove through another member), exits, and is added back on a wiped data dir
+    /// (MemberAdd, a new id), as etcd's robustness `MemberReplace`.
+    MemberReplace,
+    /// `FsyncError` on one member of a cluster (the leader or a follower, by turns),
+    /// restarted on its data dir once it stopped.
+    ClusterFsyncError,
+    /// `DiskFull` the same way.
+    ClusterDiskFull,
 }
 
 impl Fault {
@@ -199,6 +212,9 @@ impl Fault {
             Fault::PartitionLink => "link_partition",
             Fault::PeerDelay => "peer_delay",
             Fault::PeerReset => "peer_reset",
+            Fault::MemberReplace => "member_replace",
+            Fault::ClusterFsyncError => "cluster_fsync_error",
+            Fault::ClusterDiskFull => "cluster_disk_full",
         }
     }
 
@@ -213,10 +229,24 @@ impl Fault {
     /// Faults of a 3-member cluster (the others run on a single server).
     fn clustered(self) -> bool {
         self.network()
+            || self.once_per_round_on_a_member()
             || matches!(
                 self,
                 Fault::KillLeader | Fault::KillFollower | Fault::PauseLeader
             )
+    }
+
+    /// Cluster faults struck once per round, on the leader or a follower by turns.
+    fn once_per_round_on_a_member(self) -> bool {
+        matches!(
+            self,
+            Fault::MemberReplace | Fault::ClusterFsyncError | Fault::ClusterDiskFull
+        )
+    }
+
+    /// Faults armed with ferrocd's `--experimental-fault-injection` (etcd has no such flag).
+    fn fsync_error(self) -> bool {
+        matches!(self, Fault::FsyncError | Fault::ClusterFsyncError)
     }
 
     /// Faults of the network between a cluster's members (members behind peer proxies).
@@ -241,6 +271,9 @@ impl Fault {
                 | Fault::TornTail
                 | Fault::KillLeader
                 | Fault::KillFollower
+                | Fault::MemberReplace
+                | Fault::ClusterFsyncError
+                | Fault::ClusterDiskFull
         )
     }
 }
@@ -315,6 +348,22 @@ async fn cluster_delay_linearizable_across_peer_latency() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_drop_linearizable_across_peer_connection_resets() {
     run_fault_kind(Fault::PeerReset).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_linearizable_across_member_replacement() {
+    run_fault_kind(Fault::MemberReplace).await;
+}
+
+/// ferrocd only: etcd has no fault injection flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_linearizable_across_fsync_errors_on_one_member() {
+    run_fault_kind(Fault::ClusterFsyncError).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_linearizable_across_a_full_disk_on_one_member() {
+    run_fault_kind(Fault::ClusterDiskFull).await;
 }
 
 /// The pipeline can fail: a real history, recorded from the server under test, is accepted
@@ -409,11 +458,11 @@ fn assert_rejected(init: &State, history: &[Op], context: &str) {
 /// Runs every round of one fault kind on one server (or cluster) and prints the totals.
 async fn run_fault_kind(fault: Fault) {
     let base_seed = base_seed();
-    let flavor = match fault {
-        Fault::FsyncError => Flavor::subject(&[&SERVER_ARGS[..], &FSYNC_ERROR_ARGS[..]].concat()),
-        _ => Flavor::subject(&SERVER_ARGS),
+    let flavor = match fault.fsync_error() {
+        true => Flavor::subject(&[&SERVER_ARGS[..], &FSYNC_ERROR_ARGS[..]].concat()),
+        false => Flavor::subject(&SERVER_ARGS),
     };
-    if matches!(fault, Fault::FsyncError | Fault::TornTail) && flavor == Flavor::Etcd {
+    if (fault.fsync_error() || fault == Fault::TornTail) && flavor == Flavor::Etcd {
         println!(
             "robustness etcd fault {}: skipped (ferrocd's fault injection or WAL format)",
             fault.name()
@@ -808,6 +857,7 @@ async fn record_round(
     let faults = inject_faults(subject, fault, seed, origin, deadline, &shared, context).await;
 
     let mut history = Vec::new();
+    let mut endpoints = Vec::new();
     let mut definite_failures = 0;
     for client in clients {
         let join = tokio::time::timeout(Duration::from_millis(CLIENT_JOIN_TIMEOUT_MS), client);
@@ -816,6 +866,7 @@ async fn record_round(
             .unwrap_or_else(|_| panic!("{context}: a client hung"))
             .expect("client task");
         history.extend(log.ops);
+        endpoints.extend(log.endpoints);
         definite_failures += log.definite_failures;
     }
     // In a cluster an unknown write may still commit after its member died (it may sit in
@@ -825,8 +876,13 @@ async fn record_round(
         Subject::Cluster(_) => &[],
     };
     bound_unknown_outcomes(&mut history, bounding_kills);
-    for (fault_ns, death_ns) in &faults.disk_faults_ns {
-        check_nothing_acknowledged_after_fault(&history, *fault_ns, *death_ns, context);
+    for struck in &faults.disk_faults {
+        let sent = check_nothing_acknowledged_after_fault(&history, &endpoints, struck, context);
+        println!(
+            "{context}: {sent} requests sent to {} between the disk fault and its death, none \
+             acknowledged",
+            struck.endpoint
+        );
     }
     history.push(final_read(subject, origin).await);
     let last_revision = final_state(&history).revision;
@@ -944,15 +1000,21 @@ fn check_history(
     }
 }
 
+/// A disk fault: when it was in effect and when the struck server was dead, in ns since the
+/// round's origin, and the client URL it served on.
+struct DiskFault {
+    fault_ns: u64,
+    death_ns: u64,
+    endpoint: String,
+}
+
 /// What the fault task did.
 #[derive(Default)]
 struct FaultLog {
     count: u64,
     /// When each killed process was dead (reaped), in ns since the round's origin, ascending.
     kills_ns: Vec<u64>,
-    /// Each disk fault: when it was in effect and when the server was dead, in ns since the
-    /// round's origin.
-    disk_faults_ns: Vec<(u64, u64)>,
+    disk_faults: Vec<DiskFault>,
     /// When each leader kill or partition struck, in ns since the round's origin.
     leader_faults_ns: Vec<u64>,
     /// Peer connections the proxies reset.
@@ -980,10 +1042,40 @@ async fn inject_faults(
             let at = origin + Duration::from_millis(rng.gen_range(DISK_FAULT_AT_MS));
             tokio::time::sleep_until(at.into()).await;
             let server = subject.server();
-            let (fault_ns, death_ns) =
-                disk_fault_and_restart(server, fault, shared, origin, context).await;
-            log.kills_ns.push(death_ns);
-            log.disk_faults_ns.push((fault_ns, death_ns));
+            let struck = disk_fault_and_restart(server, fault, shared, origin, context).await;
+            log.kills_ns.push(struck.death_ns);
+            log.disk_faults.push(struck);
+            log.count += 1;
+            return log;
+        }
+        Fault::MemberReplace | Fault::ClusterFsyncError | Fault::ClusterDiskFull => {
+            let at = origin + Duration::from_millis(rng.gen_range(DISK_FAULT_AT_MS));
+            tokio::time::sleep_until(at.into()).await;
+            let cluster = subject.cluster();
+            let leader = cluster.leader().await;
+            // A round's seed is the base seed plus its number: its parity alternates.
+            let victim = match seed % 2 {
+                0 => leader,
+                _ => (leader + rng.gen_range(1..cluster.size())) % cluster.size(),
+            };
+            let struck_ns = match fault {
+                Fault::MemberReplace => {
+                    replace_member(cluster, victim, shared, origin, context).await
+                }
+                _ => {
+                    let struck = member_disk_fault_and_restart(
+                        cluster, victim, fault, shared, origin, context,
+                    )
+                    .await;
+                    let fault_ns = struck.fault_ns;
+                    log.kills_ns.push(struck.death_ns);
+                    log.disk_faults.push(struck);
+                    fault_ns
+                }
+            };
+            if victim == leader {
+                log.leader_faults_ns.push(struck_ns);
+            }
             log.count += 1;
             return log;
         }
@@ -1090,9 +1182,12 @@ async fn inject_faults(
                 cluster.heal();
                 log.peer_resets += cluster.peer_resets() - resets_before;
             }
-            Fault::None | Fault::FsyncError | Fault::DiskFull => {
-                unreachable!("no repeated faults to inject")
-            }
+            Fault::None
+            | Fault::FsyncError
+            | Fault::DiskFull
+            | Fault::MemberReplace
+            | Fault::ClusterFsyncError
+            | Fault::ClusterDiskFull => unreachable!("no repeated faults to inject"),
         }
         log.count += 1;
     }
@@ -1170,33 +1265,114 @@ async fn check_revision_not_back(client: &mut Client, max_before: i64, context: 
     );
 }
 
-/// Injects a disk fault into the running server, waits for it to stop by itself (it may not
-/// serve on with a disk that failed), checks how it stopped, and starts it again. Returns
-/// when the fault was in effect and when the process was dead, in ns since `origin`.
+/// Injects a disk fault into the running server, checks that it stops by itself, and starts
+/// it again.
 async fn disk_fault_and_restart(
     server: &mut Server,
     fault: Fault,
     shared: &Shared,
     origin: Instant,
     context: &str,
-) -> (u64, u64) {
+) -> DiskFault {
     let max_before = shared.max_revision.load(Ordering::SeqCst);
+    let struck = disk_fault_until_exit(server, fault, origin, context).await;
+    restart_and_check_revision(server, shared, max_before, context).await;
+    struck
+}
+
+/// A disk fault on one member of a cluster: its clients move to the others, which serve on
+/// (electing a new leader if it led); once it stopped by itself it restarts on its data dir,
+/// catches up, and may not answer with an older revision than any answer before.
+async fn member_disk_fault_and_restart(
+    cluster: &mut Cluster,
+    victim: usize,
+    fault: Fault,
+    shared: &Shared,
+    origin: Instant,
+    context: &str,
+) -> DiskFault {
+    let context = format!("{context}: {} on member {victim}", fault.name());
+    let max_before = shared.max_revision.load(Ordering::SeqCst);
+    shared.set_endpoints(endpoints_but(cluster, victim));
+    let member = cluster.member_mut(victim);
+    let struck = disk_fault_until_exit(member, fault, origin, &context).await;
+    cluster.restart(victim).await;
+    check_revision_not_back(&mut cluster.client(victim).await, max_before, &context).await;
+    shared.set_endpoints(cluster.endpoints());
+    struck
+}
+
+/// Every member's client URL but `excluded`'s: where clients go while it is down.
+fn endpoints_but(cluster: &Cluster, excluded: usize) -> Vec<String> {
+    let mut endpoints = cluster.endpoints();
+    endpoints.remove(excluded);
+    endpoints
+}
+
+/// Injects a disk fault into the running server, waits for it to stop by itself (it may not
+/// serve on with a disk that failed) and checks how it stopped.
+async fn disk_fault_until_exit(
+    server: &mut Server,
+    fault: Fault,
+    origin: Instant,
+    context: &str,
+) -> DiskFault {
     let log_before = server.log().len();
-    match fault {
-        Fault::FsyncError => {
-            server.signal(libc::SIGUSR2);
-            wait_for_log(server, log_before, ARMED_LOG_LINE.trim_end(), context).await;
-        }
-        Fault::DiskFull => limit_file_size(server.pid(), 0),
-        _ => unreachable!("{fault:?} is not a disk fault"),
+    if fault.fsync_error() {
+        server.signal(libc::SIGUSR2);
+        wait_for_log(server, log_before, ARMED_LOG_LINE.trim_end(), context).await;
+    } else {
+        assert!(matches!(fault, Fault::DiskFull | Fault::ClusterDiskFull));
+        limit_file_size(server.pid(), 0);
     }
     let fault_ns = nanos_since(origin);
     let status = wait_exit(server, context).await;
     let death_ns = nanos_since(origin);
     let new_log = server.log().split_off(log_before);
     check_fault_exit(server.flavor(), fault, status, &new_log, context);
-    restart_and_check_revision(server, shared, max_before, context).await;
-    (fault_ns, death_ns)
+    DiskFault {
+        fault_ns,
+        death_ns,
+        endpoint: server.endpoint(),
+    }
+}
+
+/// etcd's robustness `MemberReplace`: the victim's clients move to the others, which serve
+/// on; it is removed through another member, exits, and is added back on a wiped data dir;
+/// its first answer may not report an older revision than any answer before. Returns when
+/// the removal was sent, in ns since `origin`.
+async fn replace_member(
+    cluster: &mut Cluster,
+    victim: usize,
+    shared: &Shared,
+    origin: Instant,
+    context: &str,
+) -> u64 {
+    let through = (victim + 1) % cluster.size();
+    let max_before = shared.max_revision.load(Ordering::SeqCst);
+    shared.set_endpoints(endpoints_but(cluster, victim));
+    let removed_ns = nanos_since(origin);
+    let context = format!("{context}: member {victim} replaced");
+    let ms = |ns: u64| (ns - removed_ns) / 1_000_000;
+    let exit = cluster.remove(victim, through).await;
+    println!(
+        "{context}: removed, exit {exit:?} after {} ms",
+        ms(nanos_since(origin))
+    );
+    if let (Flavor::Ferrocd(_), Some(status)) = (cluster.flavor(), exit) {
+        assert!(
+            status.success(),
+            "{context}: the removed member exited with {status}"
+        );
+    }
+    cluster.rejoin(victim, through).await;
+    check_revision_not_back(&mut cluster.client(victim).await, max_before, &context).await;
+    shared.set_endpoints(cluster.endpoints());
+    println!(
+        "{context}: serving again after {} ms",
+        ms(nanos_since(origin))
+    );
+    removed_ns
 }
 
 /// Lowers the file size limit of process `pid` (prlimit(2)): every write past
@@ -1268,7 +1444,7 @@ fn check_fault_exit(
             "{context}: the server stopped with {status}\n{log}"
         ),
     }
-    if matches!(flavor, Flavor::Ferrocd(_)) && fault == Fault::FsyncError {
+    if matches!(flavor, Flavor::Ferrocd(_)) && fault.fsync_error() {
         assert!(
             fatal_line.is_some_and(|line| line.contains("Input/output error")),
             "{context}: no fatal EIO line in the log:\n{log}"
@@ -1413,17 +1589,25 @@ fn check_cut_logged(server: &Server, log_before: usize, tear: &Tear, context: &s
     );
 }
 
-/// No write sent after the fault was in effect, and before the server died, may be
-/// acknowledged: it could not have been made durable.
+/// No write sent to the struck server after the fault was in effect, and before it died, may
+/// be acknowledged: it could not have been made durable there. (`endpoints[i]` is where
+/// `history[i]` was sent.) Returns how many were sent.
 fn check_nothing_acknowledged_after_fault(
     history: &[Op],
-    fault_ns: u64,
-    death_ns: u64,
+    endpoints: &[String],
+    struck: &DiskFault,
     context: &str,
-) {
-    let acknowledged: Vec<_> = history
+) -> usize {
+    assert_eq!(history.len(), endpoints.len(), "an endpoint per operation");
+    let sent: Vec<&Op> = history
         .iter()
-        .filter(|op| op.call_ns > fault_ns && op.call_ns < death_ns)
+        .zip(endpoints)
+        .filter(|(_, endpoint)| **endpoint == struck.endpoint)
+        .map(|(op, _)| op)
+        .filter(|op| op.call_ns > struck.fault_ns && op.call_ns < struck.death_ns)
+        .collect();
+    let acknowledged: Vec<_> = sent
+        .iter()
         .filter(|op| {
             let lease_op = matches!(
                 (&op.input, &op.outcome),
@@ -1439,6 +1623,7 @@ fn check_nothing_acknowledged_after_fault(
         acknowledged.is_empty(),
         "{context}: writes acknowledged after the disk fault: {acknowledged:?}"
     );
+    sent.len()
 }
 
 /// The whole key space at one revision, or now with the leases, read when no client runs.
@@ -1596,6 +1781,8 @@ async fn revisions_without_change(client: &mut Client, init: &State, history: &[
 #[derive(Default)]
 struct ClientLog {
     ops: Vec<Op>,
+    /// The client URL each of `ops` was sent to.
+    endpoints: Vec<String>,
     definite_failures: u64,
 }
 
@@ -1620,7 +1807,8 @@ struct Worker {
 
 impl Worker {
     async fn run(mut self) -> ClientLog {
-        let mut client = connect(&self.shared, self.id, Some(REQUEST_TIMEOUT_MS)).await;
+        let (mut client, mut endpoint) =
+            connect(&self.shared, self.id, Some(REQUEST_TIMEOUT_MS)).await;
         let mut seen = Seen::new();
         let mut log = ClientLog::default();
         for seq in 0..MAX_OPS_PER_CLIENT {
@@ -1656,8 +1844,9 @@ impl Worker {
                 input: request,
                 outcome,
             });
+            log.endpoints.push(endpoint.clone());
             if lost_connection {
-                client = connect(&self.shared, self.id, Some(REQUEST_TIMEOUT_MS)).await;
+                (client, endpoint) = connect(&self.shared, self.id, Some(REQUEST_TIMEOUT_MS)).await;
             }
         }
         log
@@ -1872,27 +2061,32 @@ fn observe(seen: &mut Seen, request: &Request, response: &Response) {
     }
 }
 
-/// Connects to the member's current endpoint and polls a real request until it answers.
-/// Watch streams get no request timeout (it would bound the whole stream).
-async fn connect(shared: &Shared, member: usize, request_timeout_ms: Option<u64>) -> Client {
+/// Connects to the member's current endpoint and polls a real request until it answers;
+/// returns the client and the endpoint. Watch streams get no request timeout (it would bound
+/// the whole stream).
+async fn connect(
+    shared: &Shared,
+    member: usize,
+    request_timeout_ms: Option<u64>,
+) -> (Client, String) {
     let deadline = Instant::now() + Duration::from_millis(RECONNECT_DEADLINE_MS);
     loop {
+        let endpoint = shared.endpoint(member);
         let mut options =
             ConnectOptions::new().with_connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS));
         if let Some(timeout_ms) = request_timeout_ms {
             options = options.with_timeout(Duration::from_millis(timeout_ms));
         }
-        if let Ok(mut client) = Client::connect([shared.endpoint(member)], Some(options)).await {
+        if let Ok(mut client) = Client::connect([endpoint.as_str()], Some(options)).await {
             let probe = client.get("robustness-connect-probe", None);
             let answered = tokio::time::timeout(Duration::from_millis(REQUEST_TIMEOUT_MS), probe);
             if matches!(answered.await, Ok(Ok(_))) {
-                return client;
+                return (client, endpoint);
             }
         }
         assert!(
             Instant::now() < deadline,
-            "no answer from {} for {RECONNECT_DEADLINE_MS} ms",
-            shared.endpoint(member)
+            "no answer from {endpoint} for {RECONNECT_DEADLINE_MS} ms"
         );
         tokio::time::sleep(Duration::from_millis(RECONNECT_POLL_MS)).await;
     }
@@ -1974,7 +2168,7 @@ impl Watcher {
             if self.done(last_seen, &mut catch_up_deadline) {
                 return sessions;
             }
-            let mut client = connect(&self.shared, self.member, None).await;
+            let (mut client, _) = connect(&self.shared, self.member, None).await;
             let options = watch_options(&self.spec, last_seen + 1);
             let Ok(mut stream) = client.watch(self.spec.key.as_str(), Some(options)).await else {
                 continue;

@@ -9,9 +9,10 @@
 //! the proxy, and `isolate`, `partition`, `fault_member` and `heal` cut or slow the links
 //! between members (the same flags for etcd and ferrocd, so the same faults run on both).
 
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, ConnectOptions, StatusResponse};
+use etcd_client::{Client, ConnectOptions, Member, MemberRemoveResponse, StatusResponse};
 
 use super::proxy::{Mode, PeerProxy};
 use super::{pick_free_ports, Flavor, Membership, Server};
@@ -29,6 +30,13 @@ const CLUSTER_TOKEN: &str = "ferrocd-test-cluster";
 const CONVERGE_TIMEOUT_MS: u64 = 10_000;
 /// Written by `assert_converged`: the revision every member's HashKV is compared at.
 pub const CONVERGED_KEY: &str = "converged";
+/// Bound on a membership change being accepted (etcd refuses one until every voter has been
+/// connected for 5 s) and on a removed member exiting by itself.
+const RECONFIG_TIMEOUT_MS: u64 = 15_000;
+const RECONFIG_POLL_MS: u64 = 50;
+/// Per-request limit of a MemberAdd: etcd never answers one it forwarded to a leader that was
+/// just removed (the proposal is dropped), so it is retried after this.
+const RECONFIG_REQUEST_TIMEOUT_MS: u64 = 3_000;
 
 pub struct Cluster {
     members: Vec<Server>,
@@ -109,6 +117,7 @@ impl Cluster {
                 initial_cluster: initial_cluster.clone(),
                 token: CLUSTER_TOKEN.to_string(),
                 advertise_peer_url: advertised[index].clone(),
+                existing: false,
             });
             member.spawn_child();
         }
@@ -213,6 +222,59 @@ impl Cluster {
             member.stop();
         }
         member.start().await;
+    }
+
+    /// Removes member `index` (MemberRemove through member `through`) and waits until its
+    /// process exits by itself, as both servers do once they learn they were removed.
+    /// Returns its exit status; `None` where a real etcd kept running past
+    /// `RECONFIG_TIMEOUT_MS` and was stopped here (ferrocd must exit by itself).
+    pub async fn remove(&mut self, index: usize, through: usize) -> Option<ExitStatus> {
+        assert_ne!(index, through, "a member is removed through another one");
+        let mut client = self.client(through).await;
+        remove_when_healthy(&mut client, self.ids[index]).await;
+        let deadline = Instant::now() + Duration::from_millis(RECONFIG_TIMEOUT_MS);
+        let member = &mut self.members[index];
+        loop {
+            if let Some(status) = member.exited() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                assert_eq!(
+                    member.flavor(),
+                    &Flavor::Etcd,
+                    "removed member {index} still runs after {RECONFIG_TIMEOUT_MS} ms\n{}",
+                    member.log_tail()
+                );
+                member.stop();
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(RECONFIG_POLL_MS)).await;
+        }
+    }
+
+    /// Adds removed member `index` back as a new member (MemberAdd through member `through`:
+    /// same name and peer URL, a new id) on a wiped data dir, and starts it with
+    /// `--initial-cluster-state existing`; returns once it answers a linearizable read.
+    pub async fn rejoin(&mut self, index: usize, through: usize) {
+        let member = &mut self.members[index];
+        assert!(!member.is_running(), "member {index} rejoins once stopped");
+        let data_dir = member.data_dir();
+        if data_dir.exists() {
+            std::fs::remove_dir_all(&data_dir).expect("wipe the removed member's data dir");
+        }
+        let membership = member.membership.as_mut().expect("a cluster member");
+        membership.existing = true;
+        let peer_url = membership.advertise_peer_url.clone();
+        let id = add_member(&self.members[through], &peer_url, self.ids[index]).await;
+        self.ids[index] = id;
+        self.members[index].start().await;
+        let status = self.status(index).await;
+        assert_eq!(status.header().expect("a status header").member_id(), id);
+    }
+
+    /// The member's process, to signal or reap it.
+    pub fn member_mut(&mut self, index: usize) -> &mut Server {
+        &mut self.members[index]
     }
 
     /// SIGSTOP to one member: it freezes, its connections stay open, until `resume`.
@@ -355,6 +417,52 @@ async fn probe_client(member: &Server) -> Option<Client> {
 /// One Status request with short timeouts; `None` when the member does not answer.
 async fn probe_status(member: &Server) -> Option<StatusResponse> {
     probe_client(member).await?.status().await.ok()
+}
+
+/// MemberRemove, retried while the leader calls the cluster unhealthy (etcd wants every voter
+/// connected for 5 s first).
+pub async fn remove_when_healthy(client: &mut Client, id: u64) -> MemberRemoveResponse {
+    let deadline = Instant::now() + Duration::from_millis(RECONFIG_TIMEOUT_MS);
+    loop {
+        match client.member_remove(id).await {
+            Ok(answer) => return answer,
+            Err(e) if e.to_string().contains("unhealthy cluster") && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(RECONFIG_POLL_MS)).await
+            }
+            Err(e) => panic!("member remove: {e}"),
+        }
+    }
+}
+
+/// MemberAdd of `peer_url` through `through`, retried (bounded by `RECONFIG_TIMEOUT_MS`) while
+/// it fails or gets no answer; an attempt whose answer was lost may have been applied, so the
+/// member list is read before each retry (`removed_id`, the member that had the URL before,
+/// does not count). Returns the new member's id.
+async fn add_member(through: &Server, peer_url: &str, removed_id: u64) -> u64 {
+    let options = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_millis(STATUS_CONNECT_TIMEOUT_MS))
+        .with_timeout(Duration::from_millis(RECONFIG_REQUEST_TIMEOUT_MS));
+    let deadline = Instant::now() + Duration::from_millis(RECONFIG_TIMEOUT_MS);
+    let mut last_error = String::new();
+    while Instant::now() < deadline {
+        if let Ok(mut client) = Client::connect([through.endpoint()], Some(options.clone())).await {
+            if let Ok(list) = client.member_list().await {
+                let added = |m: &&Member| m.peer_urls() == [peer_url] && m.id() != removed_id;
+                let listed = list.members().iter().find(added);
+                if let Some(member) = listed {
+                    return member.id();
+                }
+                match client.member_add([peer_url], None).await {
+                    Ok(added) => return added.member().expect("the added member").id(),
+                    Err(e) => last_error = e.to_string(),
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(RECONFIG_POLL_MS)).await;
+    }
+    panic!(
+        "member add of {peer_url}: not within {RECONFIG_TIMEOUT_MS} ms (last error: {last_error})"
+    );
 }
 
 /// Polls `attempt` every `poll_ms` until it gives a value; panics after `timeout_ms`.

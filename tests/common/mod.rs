@@ -119,6 +119,9 @@ struct Membership {
     token: String,
     /// The peer URL the others reach it at: its own, or its proxy's (cluster.rs).
     advertise_peer_url: String,
+    /// Set once it was added to a running cluster (MemberAdd): it starts with
+    /// `--initial-cluster-state existing`.
+    existing: bool,
 }
 
 impl Server {
@@ -442,9 +445,10 @@ impl Server {
             initial_cluster,
         ];
         if let Some(member) = &self.membership {
+            let state = if member.existing { "existing" } else { "new" };
             args.extend([
                 "--initial-cluster-state".into(),
-                "new".into(),
+                state.into(),
                 "--initial-cluster-token".into(),
                 member.token.clone(),
             ]);
