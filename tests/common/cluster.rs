@@ -155,7 +155,7 @@ impl Cluster {
         &self.members[index]
     }
 
-    /// The member's process, to launch it or poll its exit.
+    /// The member's process, to launch, signal or reap it.
     pub fn member_mut(&mut self, index: usize) -> &mut Server {
         &mut self.members[index]
     }
@@ -270,11 +270,6 @@ impl Cluster {
         self.members[index].start().await;
         let status = self.status(index).await;
         assert_eq!(status.header().expect("a status header").member_id(), id);
-    }
-
-    /// The member's process, to signal or reap it.
-    pub fn member_mut(&mut self, index: usize) -> &mut Server {
-        &mut self.members[index]
     }
 
     /// SIGSTOP to one member: it freezes, its connections stay open, until `resume`.
