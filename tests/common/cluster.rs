@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use etcd_client::{Client, ConnectOptions, Member, MemberRemoveResponse, StatusResponse};
 
 use super::proxy::{Mode, PeerProxy};
-use super::{pick_free_ports, Flavor, Membership, Server};
+use super::{pick_free_ports, Flavor, Membership, Server, StartError, MAX_START_ATTEMPTS};
 
 /// How long the members may take to agree on a leader (start-up, or after a kill: several
 /// election timeouts of etcd's default 1000 ms, on a loaded 2-core machine).
@@ -75,13 +75,33 @@ impl Cluster {
     }
 
     /// Starts the members (behind proxies with `proxy_seed`), `configure` applied to each
-    /// before any starts.
+    /// before any starts. Ports are picked free and bound later by the members, so another
+    /// process may take one meanwhile: then the whole cluster starts again on fresh ports (a
+    /// member's peer URL is in every member's `--initial-cluster`).
     async fn start_members(
         flavor: Flavor,
         size: usize,
         proxy_seed: Option<u64>,
         configure: impl Fn(&mut Server),
     ) -> Cluster {
+        for _attempt in 1..MAX_START_ATTEMPTS {
+            let started = Cluster::try_start_members(&flavor, size, proxy_seed, &configure);
+            if let Some(cluster) = started.await {
+                return cluster;
+            }
+        }
+        let last = Cluster::try_start_members(&flavor, size, proxy_seed, &configure).await;
+        last.expect("the cluster's ports were taken on every attempt")
+    }
+
+    /// One attempt of `start_members`: `None` when a member found its port taken (every member
+    /// of the attempt is stopped).
+    async fn try_start_members(
+        flavor: &Flavor,
+        size: usize,
+        proxy_seed: Option<u64>,
+        configure: &impl Fn(&mut Server),
+    ) -> Option<Cluster> {
         assert!(size >= 1, "a cluster has at least one member");
         let ports = pick_free_ports(2 * size);
         let mut members: Vec<Server> = (0..size)
@@ -123,8 +143,14 @@ impl Cluster {
         }
         // A member answers a linearizable read only once a quorum runs: all are spawned
         // before the first wait.
-        for member in &mut members {
-            if let Err(error) = member.wait_ready().await {
+        for index in 0..members.len() {
+            let ready = members[index].wait_ready().await;
+            if let Err(StartError::AddressInUse) = ready {
+                members.iter_mut().for_each(Server::kill9);
+                return None;
+            }
+            if let Err(error) = ready {
+                let member = &members[index];
                 panic!(
                     "cluster member {} did not start: {error:?}\n{}",
                     member.endpoint(),
@@ -143,7 +169,7 @@ impl Cluster {
             cluster.ids.push(id);
         }
         cluster.leader().await;
-        cluster
+        Some(cluster)
     }
 
     pub fn size(&self) -> usize {
