@@ -350,27 +350,9 @@ async fn a_fourth_member_joins_as_a_learner_under_load_and_is_promoted() {
     let load = tokio::spawn(load(endpoint, stop.clone(), acked.clone()));
     wait_acked(&acked, PUTS_BEFORE_REMOVAL).await;
 
-    let ports = common::pick_free_ports(2);
-    let peer_url = format!("http://127.0.0.1:{}", ports[1]);
     let mut client = cluster.client(leader).await;
-    let learner = MemberAddOptions::new().with_is_learner();
-    let added = eventually("member add --learner", SETTLE_TIMEOUT_MS, POLL_MS, || {
-        let (mut client, url, options) = (client.clone(), peer_url.clone(), learner.clone());
-        async move { client.member_add([url], Some(options)).await.ok() }
-    })
-    .await;
-    let id = added.member().expect("the added member").id();
-    let mut initial_cluster: Vec<String> = (0..MEMBERS)
-        .map(|i| format!("{}={}", member_name(i), cluster.member(i).peer_url()))
-        .collect();
-    initial_cluster.push(format!("{}={peer_url}", member_name(MEMBERS)));
-    let joiner = Joiner::start(
-        cluster.flavor(),
-        &member_name(MEMBERS),
-        &initial_cluster.join(","),
-        [ports[0], ports[1]],
-        &[],
-    );
+    let (joiner, id) =
+        Joiner::add_learner(&cluster, &client, &[], SETTLE_TIMEOUT_MS, POLL_MS).await;
     // Refused while the learner is behind; accepted once it caught up from the log.
     let promoted = eventually(
         "promotion of the learner",

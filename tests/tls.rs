@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::cluster::{eventually, member_name, Cluster};
+use common::cluster::{eventually, Cluster};
 use common::{ClientTls, Flavor, Server};
-use etcd_client::{Certificate, Identity, MemberAddOptions, TlsOptions};
+use etcd_client::{Certificate, Identity, TlsOptions};
 use joiner::Joiner;
 use tempfile::TempDir;
 
@@ -324,33 +324,8 @@ async fn a_member_joins_a_cluster_over_peer_tls() {
     for flavor in flavors() {
         let cluster = Cluster::start_with_peer_tls(flavor.clone(), MEMBERS, &peer_args).await;
         let client = cluster.client(cluster.leader().await).await;
-        let ports = common::pick_free_ports(2);
-        let peer_url = format!("https://127.0.0.1:{}", ports[1]);
-        let learner = MemberAddOptions::new().with_is_learner();
-        let added = eventually(
-            "member add --learner",
-            JOIN_TIMEOUT_MS,
-            JOIN_POLL_MS,
-            || {
-                let (mut client, url, options) =
-                    (client.clone(), peer_url.clone(), learner.clone());
-                async move { client.member_add([url], Some(options)).await.ok() }
-            },
-        )
-        .await;
-        let id = added.member().expect("the added member").id();
-        let mut initial_cluster: Vec<String> = (0..MEMBERS)
-            .map(|i| format!("{}={}", member_name(i), cluster.member(i).peer_url()))
-            .collect();
-        initial_cluster.push(format!("{}={peer_url}", member_name(MEMBERS)));
-        let name = member_name(MEMBERS);
-        let joiner = Joiner::start(
-            &flavor,
-            &name,
-            &initial_cluster.join(","),
-            [ports[0], ports[1]],
-            &peer_args,
-        );
+        let (joiner, id) =
+            Joiner::add_learner(&cluster, &client, &peer_args, JOIN_TIMEOUT_MS, JOIN_POLL_MS).await;
         let promoted = eventually("promotion", JOIN_TIMEOUT_MS, JOIN_POLL_MS, || {
             let mut client = client.clone();
             async move { client.member_promote(id).await.ok() }

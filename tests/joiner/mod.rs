@@ -3,7 +3,10 @@
 
 use std::process::{Child, Command, Stdio};
 
-use crate::common::Flavor;
+use etcd_client::{Client, MemberAddOptions};
+
+use crate::common::cluster::{eventually, member_name, Cluster};
+use crate::common::{pick_free_ports, Flavor};
 
 pub struct Joiner {
     child: Child,
@@ -13,6 +16,41 @@ pub struct Joiner {
 }
 
 impl Joiner {
+    /// Adds a learner through `client` (retried for `timeout_ms`: a cluster refuses changes
+    /// until every member is started and connected) and starts it as the cluster's next
+    /// member, its peer URL `https://` with `peer_tls_args`; returns it and its member id.
+    pub async fn add_learner(
+        cluster: &Cluster,
+        client: &Client,
+        peer_tls_args: &[String],
+        timeout_ms: u64,
+        poll_ms: u64,
+    ) -> (Joiner, u64) {
+        let ports = pick_free_ports(2);
+        let scheme = peer_scheme(peer_tls_args);
+        let peer_url = format!("{scheme}://127.0.0.1:{}", ports[1]);
+        let learner = MemberAddOptions::new().with_is_learner();
+        let added = eventually("member add --learner", timeout_ms, poll_ms, || {
+            let (mut client, url, options) = (client.clone(), peer_url.clone(), learner.clone());
+            async move { client.member_add([url], Some(options)).await.ok() }
+        })
+        .await;
+        let id = added.member().expect("the added member").id();
+        let name = member_name(cluster.size());
+        let mut initial_cluster: Vec<String> = (0..cluster.size())
+            .map(|i| format!("{}={}", member_name(i), cluster.member(i).peer_url()))
+            .collect();
+        initial_cluster.push(format!("{name}={peer_url}"));
+        let joiner = Joiner::start(
+            cluster.flavor(),
+            &name,
+            &initial_cluster.join(","),
+            [ports[0], ports[1]],
+            peer_tls_args,
+        );
+        (joiner, id)
+    }
+
     /// Starts `name` listening on `ports` (client, peer); with `peer_tls_args` (the `--peer-*`
     /// flags) its peer URL is `https://`.
     pub fn start(
@@ -23,11 +61,7 @@ impl Joiner {
         peer_tls_args: &[String],
     ) -> Joiner {
         let dir = tempfile::tempdir().expect("temp dir");
-        let scheme = if peer_tls_args.is_empty() {
-            "http"
-        } else {
-            "https"
-        };
+        let scheme = peer_scheme(peer_tls_args);
         let (client, peer) = (
             format!("http://127.0.0.1:{}", ports[0]),
             format!("{scheme}://127.0.0.1:{}", ports[1]),
@@ -72,6 +106,14 @@ impl Joiner {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// A member's peer URL scheme: `https` when it has the `--peer-*` TLS flags.
+fn peer_scheme(peer_tls_args: &[String]) -> &'static str {
+    match peer_tls_args.is_empty() {
+        true => "http",
+        false => "https",
     }
 }
 
