@@ -656,15 +656,26 @@ async fn local_header(shared: &Shared, leader: Option<ResponseHeader>) -> Option
 }
 
 async fn catch_up(shared: &Shared, revision: i64) {
-    let timeout_ms = PEER.with(|slot| slot.borrow().as_ref().map_or(0, |(_, t)| *t));
-    let wait = send_wrapper::SendWrapper::new(async move {
-        sleep_ms(timeout_ms).await;
-    });
-    or(shared.seq.wait_visible(revision), wait).await;
+    within_call_timeout(shared.seq.wait_visible(revision)).await;
 }
 
-async fn sleep_ms(ms: u64) {
-    glommio::timer::sleep(Duration::from_millis(ms)).await;
+/// Waits for `done`, at most the forwarding timeout: whether it came.
+async fn within_call_timeout(done: impl std::future::Future<Output = ()>) -> bool {
+    let timeout_ms = PEER.with(|slot| slot.borrow().as_ref().map_or(0, |(_, t)| *t));
+    // `SendWrapper`: the glommio timer is polled only on the core that made it.
+    let timer =
+        send_wrapper::SendWrapper::new(glommio::timer::sleep(Duration::from_millis(timeout_ms)));
+    or(
+        async {
+            done.await;
+            true
+        },
+        async {
+            timer.await;
+            false
+        },
+    )
+    .await
 }
 
 /// A reply of the wrong kind for the request: a bug or another version; unavailable.
@@ -732,9 +743,7 @@ pub async fn change_members(
             .map(|m| decided(&m))
             .eq(wanted.iter().cloned())
     });
-    let timeout_ms = PEER.with(|slot| slot.borrow().as_ref().map_or(0, |(_, t)| *t));
-    let wait = send_wrapper::SendWrapper::new(sleep_ms(timeout_ms));
-    or(applied, wait).await;
+    within_call_timeout(applied).await;
     Ok(MemberAddResponse {
         header: Some(shared.header(0)),
         ..response
@@ -750,10 +759,7 @@ pub async fn change_members(
 async fn leader_removed_here(shared: &Shared, leader: u64) -> Result<MemberAddResponse, KvError> {
     let table = &shared.members;
     let removed = ferrocd_raft::notify::wait_until(table.changed(), || table.get(leader).is_none());
-    let timeout_ms = PEER.with(|slot| slot.borrow().as_ref().map_or(0, |(_, t)| *t));
-    let wait = send_wrapper::SendWrapper::new(sleep_ms(timeout_ms));
-    or(removed, wait).await;
-    if table.get(leader).is_some() {
+    if !within_call_timeout(removed).await {
         return Err(KvError::Timeout);
     }
     Ok(MemberAddResponse {
