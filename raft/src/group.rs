@@ -268,6 +268,17 @@ impl<S: LogStore> Group<S> {
         self.raw.transfer_leader(member);
     }
 
+    /// The member a leadership transfer in progress hands this group to: raft drops every
+    /// proposal until it ends (the target took over, or an election timeout passed).
+    pub fn transferring_to(&self) -> Option<u64> {
+        self.raw.raft.lead_transferee
+    }
+
+    /// Gives up a leadership transfer in progress; proposals are taken again.
+    pub fn abort_transfer(&mut self) {
+        self.raw.raft.abort_leader_transfer();
+    }
+
     /// A message from a peer. Messages from members outside the group are ignored by raft.
     pub(crate) fn step(&mut self, message: Message) {
         // raft-rs rejects only local message types and messages for unknown peers; neither

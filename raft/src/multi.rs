@@ -211,7 +211,18 @@ impl<S: LogStore> Node<S> {
 
     fn follow_meta_leader(&mut self) {
         let me = self.member_id();
-        let Some(target) = self.meta_leader().filter(|l| *l != me) else {
+        let meta_leader = self.meta_leader();
+        // A shard group's transfer toward a member that no longer leads the meta group (it was
+        // paused or cut off when the transfer began) would refuse proposals until it times out.
+        for (&id, group) in self.groups.iter_mut() {
+            let stale = group
+                .transferring_to()
+                .is_some_and(|t| Some(t) != meta_leader);
+            if id != META_GROUP && stale {
+                group.abort_transfer();
+            }
+        }
+        let Some(target) = meta_leader.filter(|l| *l != me) else {
             return;
         };
         for (&id, group) in self.groups.iter_mut() {

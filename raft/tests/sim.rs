@@ -148,6 +148,21 @@ fn groups() -> impl Iterator<Item = GroupId> {
     std::iter::once(META_GROUP).chain(1..=DATA_GROUPS)
 }
 
+/// Right after a tick, a data group transfers its leadership only toward the member this one
+/// sees leading the meta group (raft refuses every proposal while a transfer is on; one toward
+/// a member that lost the meta group, or never got there, must not keep the group refusing).
+fn check_transfers(node: &Node<MemLogStore>) {
+    let meta_leader = node.meta_leader();
+    for id in node.group_ids().filter(|&id| id != META_GROUP) {
+        let target = node.group(id).unwrap().transferring_to();
+        assert!(
+            target.is_none() || target == meta_leader,
+            "member {} group {id} transfers to {target:?} while the meta leader is {meta_leader:?}",
+            node.member_id()
+        );
+    }
+}
+
 impl Sim {
     fn new(seed: u64, member_count: u64) -> Sim {
         let voters: Vec<u64> = (1..=member_count).collect();
@@ -203,6 +218,7 @@ impl Sim {
         for member in self.members.values_mut() {
             if let Some(node) = member.node.as_mut() {
                 node.tick();
+                check_transfers(node);
             }
         }
         for _ in 0..ROUNDS_PER_TICK {
